@@ -1,0 +1,325 @@
+"""Readers for the Chinese-CLIP data layout, image preprocessing and tokenizing.
+
+Layout (MUGE / Flickr30K-CN / COCO-CN as distributed for Chinese-CLIP), per split:
+  {split}_imgs.tsv     image_id<TAB>base64(image bytes)     (urlsafe or standard alphabet)
+  {split}_texts.jsonl  {"text_id": 8428, "text": "...", "image_ids": [1076345, 517602]}
+
+Bad input never stops a run silently or with a traceback: every skipped line or image is
+counted with its file and line in a SkipLog, which the caller reports.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .models import ImagePreprocess
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Input data that cannot be used at all (missing file, empty split); names the file."""
+
+
+@dataclass
+class SkipLog:
+    """Counts of skipped items per reason, with the first few locations of each for the log."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < self.max_examples:
+            message = f"{where}: {reason}" + (f" ({detail})" if detail else "")
+            shown.append(message)
+            log.warning("skipped %s", message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> dict:
+        return {"total": self.total, "by_reason": dict(self.counts), "examples": self.examples}
+
+
+# ---------------------------------------------------------------- images (TSV)
+
+
+class ImageTSV:
+    """Random access into a `{split}_imgs.tsv` without holding the images in memory.
+
+    One pass records each image's byte range and hashes the content, so the cache key
+    changes whenever any image (or the id set) changes.
+    """
+
+    def __init__(self, path: str | Path, skips: SkipLog):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"image file not found: {self.path}")
+        self.offsets: dict[int, tuple[int, int]] = {}
+        digest = hashlib.blake2b(digest_size=16)
+        with open(self.path, "rb") as fh:
+            offset = 0
+            for lineno, line in enumerate(fh, start=1):
+                start = offset
+                offset += len(line)
+                body = line.rstrip(b"\r\n")
+                if not body.strip():
+                    continue
+                key, tab, payload = body.partition(b"\t")
+                where = f"{self.path}:{lineno}"
+                try:
+                    image_id = int(key)
+                except ValueError:
+                    skips.skip("malformed image line", where, "expected image_id<TAB>base64")
+                    continue
+                if not tab or not payload:
+                    skips.skip("malformed image line", where, "expected image_id<TAB>base64")
+                    continue
+                if image_id in self.offsets:
+                    skips.skip("duplicate image id", where, f"id {image_id} seen before; first kept")
+                    continue
+                self.offsets[image_id] = (start + len(key) + 1, len(payload))
+                digest.update(body)
+                digest.update(b"\n")
+        self.ids = list(self.offsets)
+        self.fingerprint = digest.hexdigest()
+        self._fh = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self.offsets
+
+    def read(self, image_id: int) -> bytes:
+        """The raw base64 payload of one image (decoding is the caller's, so it can be counted)."""
+        if self._fh is None:  # opened lazily: each DataLoader worker gets its own handle
+            self._fh = open(self.path, "rb")
+        start, length = self.offsets[image_id]
+        self._fh.seek(start)
+        return self._fh.read(length)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fh"] = None
+        return state
+
+
+def decode_base64_image(payload: bytes) -> Image.Image:
+    """Decode one TSV payload into an RGB image; raises ValueError with a short reason."""
+    try:
+        # urlsafe_b64decode also accepts the standard alphabet; plain b64decode would drop - and _.
+        raw = base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"invalid base64: {exc}") from None
+    return decode_image_bytes(raw)
+
+
+def decode_image_bytes(raw: bytes) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"undecodable image: {exc}") from None
+
+
+# ---------------------------------------------------------------- texts (JSONL)
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    text_id: int
+    text: str
+    image_ids: tuple[int, ...]
+
+
+def _valid_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_texts(path: str | Path, skips: SkipLog) -> list[TextRecord]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file not found: {path}")
+    records: list[TextRecord] = []
+    seen: set[int] = set()
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                skips.skip("malformed text line", where, "not UTF-8")
+                continue
+            except json.JSONDecodeError as exc:
+                skips.skip("malformed text line", where, f"invalid JSON: {exc.msg}")
+                continue
+            if not isinstance(obj, dict):
+                skips.skip("malformed text line", where, "not a JSON object")
+                continue
+            text_id, text, image_ids = obj.get("text_id"), obj.get("text"), obj.get("image_ids", [])
+            if not _valid_id(text_id):
+                skips.skip("malformed text line", where, "text_id must be an integer")
+            elif not isinstance(text, str) or not text.strip():
+                skips.skip("malformed text line", where, "text must be a non-empty string")
+            elif not isinstance(image_ids, list) or not all(_valid_id(i) for i in image_ids):
+                skips.skip("malformed text line", where, "image_ids must be a list of integers")
+            elif text_id in seen:
+                skips.skip("duplicate text id", where, f"text_id {text_id} seen before; first kept")
+            else:
+                seen.add(text_id)
+                records.append(TextRecord(text_id, text.strip(), tuple(dict.fromkeys(image_ids))))
+    return records
+
+
+@dataclass
+class Split:
+    """One split: its images (by id) and its texts, with dangling image ids removed and counted."""
+
+    name: str
+    images: ImageTSV
+    texts: list[TextRecord]
+    labelled: bool
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(text index, image id) for every positive pair: the training examples."""
+        return [(t, image_id) for t, rec in enumerate(self.texts) for image_id in rec.image_ids]
+
+
+def load_split(root: str | Path, split: str, skips: SkipLog) -> Split:
+    root = Path(root)
+    images = ImageTSV(root / f"{split}_imgs.tsv", skips)
+    texts_path = root / f"{split}_texts.jsonl"
+    texts = read_texts(texts_path, skips)
+    if not texts:
+        raise DataError(f"split '{split}' has no usable texts: {texts_path}")
+    if not images.ids:
+        raise DataError(f"split '{split}' has no images: {images.path}")
+    labelled = any(rec.image_ids for rec in texts)
+    kept = []
+    for rec in texts:
+        present = tuple(i for i in rec.image_ids if i in images)
+        for missing in (i for i in rec.image_ids if i not in images):
+            skips.skip("image id without image", f"{texts_path} text_id {rec.text_id}",
+                       f"image {missing} not in {images.path.name}")
+        if rec.image_ids and not present:
+            continue  # every image of this text is missing: the text is unusable (counted above)
+        kept.append(TextRecord(rec.text_id, rec.text, present))
+    if not kept:
+        raise DataError(f"split '{split}': no text refers to an image that exists in {images.path}")
+    return Split(split, images, kept, labelled)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+class ImageTransform:
+    """The checkpoint's image preprocessing, split into a per-image PIL part and a batched tensor part.
+
+    Equal to transformers' ChineseCLIPImageProcessor for the same preprocessor_config.json:
+    PIL resize with the configured filter, integer-offset centre crop, rescale, normalise.
+    """
+
+    def __init__(self, cfg: ImagePreprocess):
+        self.cfg = cfg
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def _target_size(self, width: int, height: int) -> tuple[int, int]:
+        c = self.cfg
+        if c.shortest_edge is None:
+            return c.resize_width, c.resize_height
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = c.shortest_edge, int(c.shortest_edge * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def pil_to_array(self, img: Image.Image) -> np.ndarray:
+        """uint8 HxWx3 after resize and crop: cheap to ship from DataLoader workers."""
+        img = img.convert("RGB")
+        img = img.resize(self._target_size(*img.size), resample=self.cfg.resample)
+        arr = np.asarray(img)
+        if self.cfg.do_center_crop:
+            h, w = arr.shape[:2]
+            ch, cw = self.cfg.crop_height, self.cfg.crop_width
+            if h < ch or w < cw:  # smaller than the crop: pad with zeros like transformers does
+                padded = np.zeros((max(h, ch), max(w, cw), 3), dtype=arr.dtype)
+                top, left = (padded.shape[0] - h + 1) // 2, (padded.shape[1] - w + 1) // 2
+                padded[top:top + h, left:left + w] = arr
+                arr, h, w = padded, *padded.shape[:2]
+            top, left = (h - ch) // 2, (w - cw) // 2
+            arr = arr[top:top + ch, left:left + cw]
+        return np.ascontiguousarray(arr)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 NxHxWx3 -> float32 Nx3xHxW, rescaled and normalised (works on any device)."""
+        x = batch.permute(0, 3, 1, 2).float() * self.cfg.rescale_factor
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.normalize(torch.from_numpy(np.stack([self.pil_to_array(i) for i in images])))
+
+
+class ImageArrays(torch.utils.data.Dataset):
+    """Decoded, resized images of a TSV for the embedding cache; a bad image yields None."""
+
+    def __init__(self, images: ImageTSV, ids: list[int], transform: ImageTransform):
+        self.images, self.ids, self.transform = images, ids, transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        image_id = self.ids[i]
+        try:
+            return image_id, self.transform.pil_to_array(decode_base64_image(self.images.read(image_id))), ""
+        except ValueError as exc:
+            return image_id, None, str(exc)
+
+
+def collate_image_arrays(items):
+    ids = [i for i, arr, _ in items if arr is not None]
+    arrays = [arr for _, arr, _ in items if arr is not None]
+    bad = [(i, err) for i, arr, err in items if arr is None]
+    batch = torch.from_numpy(np.stack(arrays)) if arrays else None
+    return ids, batch, bad
+
+
+# ---------------------------------------------------------------- text
+
+
+def tokenize(tokenizer, texts: list[str], context_length: int) -> dict[str, torch.Tensor]:
+    """Pad every caption to the same length once, so batches are plain row gathers."""
+    enc = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt"
+    )
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = enc["token_type_ids"]
+    return out
+
+
+def gather_tokens(tokens: dict[str, torch.Tensor], rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """Rows of the pre-tokenised captions, trimmed to the longest caption in this batch."""
+    batch = {k: v[rows] for k, v in tokens.items()}
+    length = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :length].to(device, non_blocking=True) for k, v in batch.items()}

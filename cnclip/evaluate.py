@@ -1,0 +1,212 @@
+"""Retrieval evaluation: text->image and image->text Recall@1/5/10 and mean recall.
+
+`python -m cnclip.evaluate RUN_OR_MODEL_DIR --data DIR --split valid` prints the numbers and writes
+files Chinese-CLIP's own evaluation accepts: top-10 predictions per query and a result JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import SkipLog, Split, gather_tokens, tokenize
+from .models import encode_texts
+
+log = logging.getLogger(__name__)
+
+KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def embed_texts(clip, tokens: dict[str, torch.Tensor], runtime, batch_size: int, progress: bool = False):
+    """Normalised text embeddings of pre-tokenised captions (fp32, on CPU)."""
+    n = tokens["input_ids"].shape[0]
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc="text embeddings", disable=not progress, leave=False):
+        batch = gather_tokens(tokens, torch.arange(start, min(start + batch_size, n)), runtime.device)
+        with runtime.autocast():
+            out.append(encode_texts(clip, **batch).float().cpu())
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Indices of the k most similar gallery rows per query, in chunks so memory stays bounded."""
+    k = min(k, gallery.shape[0])
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        sims = queries[start:start + chunk] @ gallery.t()
+        out.append(sims.topk(k, dim=1).indices)
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
+def recall_at(topk: torch.Tensor, positives: list[set[int]]) -> dict[str, float]:
+    """Percent of queries with at least one positive in their top k, for k in 1/5/10; queries
+    without positives are left out (they cannot be scored)."""
+    scored = [(row, pos) for row, pos in zip(topk.tolist(), positives) if pos]
+    result = {}
+    for k in KS:
+        hits = sum(1 for row, pos in scored if pos.intersection(row[:k]))
+        result[f"r{k}"] = 100.0 * hits / len(scored) if scored else 0.0
+    result["mean_recall"] = sum(result[f"r{k}"] for k in KS) / len(KS)
+    return result
+
+
+@dataclass
+class RetrievalResult:
+    metrics: dict | None  # None when the split has no labels
+    text_predictions: list[dict]
+    image_predictions: list[dict]
+
+
+def retrieve(text_emb: torch.Tensor, image_emb: torch.Tensor, text_ids: list[int], image_ids: list[int],
+             text_positives: list[set[int]]) -> RetrievalResult:
+    """Rank images per text and texts per image; score them when labels exist.
+
+    text_positives[t] holds the rows of `image_emb` that match text t.
+    """
+    t2i = topk_indices(text_emb, image_emb, max(KS))
+    i2t = topk_indices(image_emb, text_emb, max(KS))
+    text_predictions = [{"text_id": tid, "image_ids": [image_ids[j] for j in row]}
+                        for tid, row in zip(text_ids, t2i.tolist())]
+    image_predictions = [{"image_id": iid, "text_ids": [text_ids[j] for j in row]}
+                         for iid, row in zip(image_ids, i2t.tolist())]
+    if not any(text_positives):
+        return RetrievalResult(None, text_predictions, image_predictions)
+    image_positives: list[set[int]] = [set() for _ in image_ids]
+    for t, rows in enumerate(text_positives):
+        for r in rows:
+            image_positives[r].add(t)
+    t2i_metrics, i2t_metrics = recall_at(t2i, text_positives), recall_at(i2t, image_positives)
+    metrics = {
+        "text_to_image": t2i_metrics,
+        "image_to_text": i2t_metrics,
+        # Chinese-CLIP's overall "MR": the mean of all six recalls.
+        "mean_recall": (t2i_metrics["mean_recall"] + i2t_metrics["mean_recall"]) / 2,
+        "num_texts": sum(1 for p in text_positives if p),
+        "num_images": sum(1 for p in image_positives if p),
+    }
+    return RetrievalResult(metrics, text_predictions, image_predictions)
+
+
+def evaluate_split(clip, tokenizer, split: Split, features, runtime, context_length: int,
+                   batch_size: int) -> RetrievalResult:
+    """Score one split against its cached image embeddings (undecodable images are left out)."""
+    texts = [t for t in split.texts if not t.image_ids or any(i in features.row for i in t.image_ids)]
+    tokens = tokenize(tokenizer, [t.text for t in texts], context_length)
+    text_emb = embed_texts(clip, tokens, runtime, batch_size)
+    image_emb = F.normalize(features.embeddings, dim=-1)
+    positives = [{features.row[i] for i in t.image_ids if i in features.row} for t in texts]
+    return retrieve(text_emb, image_emb, [t.text_id for t in texts], features.ids, positives)
+
+
+def format_metrics(metrics: dict) -> str:
+    lines = [f"{'':16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MR':>8}"]
+    for name in ("text_to_image", "image_to_text"):
+        m = metrics[name]
+        lines.append(f"{name:16}{m['r1']:8.2f}{m['r5']:8.2f}{m['r10']:8.2f}{m['mean_recall']:8.2f}")
+    lines.append(f"mean recall (all six): {metrics['mean_recall']:.2f}")
+    return "\n".join(lines)
+
+
+def chinese_clip_result(m: dict) -> dict:
+    """The result JSON shape of Chinese-CLIP's evaluation scripts (percentages)."""
+    return {"success": True, "score": m["mean_recall"],
+            "scoreJson": {"score": m["mean_recall"], "mean_recall": m["mean_recall"],
+                          "r1": m["r1"], "r5": m["r5"], "r10": m["r10"]}}
+
+
+def write_outputs(result: RetrievalResult, out_dir: Path, split: str) -> list[Path]:
+    from .io import atomic_file, write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, rows in ((f"{split}_predictions.jsonl", result.text_predictions),
+                       (f"{split}_image_predictions.jsonl", result.image_predictions)):
+        with atomic_file(out_dir / name, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        written.append(out_dir / name)
+    if result.metrics is not None:
+        for name, key in ((f"{split}_text_to_image_result.json", "text_to_image"),
+                          (f"{split}_image_to_text_result.json", "image_to_text")):
+            write_json(out_dir / name, chinese_clip_result(result.metrics[key]))
+            written.append(out_dir / name)
+        write_json(out_dir / f"{split}_metrics.json", result.metrics)
+        written.append(out_dir / f"{split}_metrics.json")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cnclip.evaluate",
+        description="Retrieval Recall@1/5/10 and mean recall of a fine-tuned run or a model directory, "
+                    "plus Chinese-CLIP-compatible prediction and result files.",
+    )
+    parser.add_argument("model", help="a run directory written by cnclip.finetune (its best checkpoint is used), "
+                                      "or a model directory / hub id that ChineseCLIPModel.from_pretrained loads")
+    parser.add_argument("--data", help="data directory in the Chinese-CLIP layout (default: the run's data.root)")
+    parser.add_argument("--split", default=None, help="split to evaluate (default: the run's valid split, or 'valid')")
+    parser.add_argument("--out", help="where prediction and result files go (default: RUN/eval, or ./eval)")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="which checkpoint of a run directory to use")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="tokens per caption (default: the run's data.context_length, or 52)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache-dir", default=None, help="image-embedding cache (default: the run's, or ~/.cache)")
+    args = parser.parse_args(argv)
+
+    from .cli import run_cli
+
+    return run_cli(lambda: _evaluate(args))
+
+
+def _evaluate(args) -> int:
+    from .device import pick_runtime
+    from .data import ImageTransform, load_split
+    from .features import split_image_features
+    from .models import image_tower_fingerprint
+    from .trained import load_for_inference
+
+    loaded = load_for_inference(args.model, checkpoint=args.checkpoint)
+    recipe = loaded.recipe
+    data_root = args.data or (recipe.data.root if recipe else None)
+    if not data_root:
+        raise SystemExit("--data is required when evaluating a model directory")
+    split_name = args.split or (recipe.data.valid_split if recipe and recipe.data.valid_split else "valid")
+    context_length = args.context_length or (recipe.data.context_length if recipe else 52)
+    cache_dir = args.cache_dir or (recipe.cache.dir if recipe else None)
+    out_dir = Path(args.out) if args.out else (Path(args.model) / "eval" if recipe else Path("eval"))
+    runtime = pick_runtime(args.device, recipe.train.precision if recipe else "auto")
+    clip = loaded.clip.to(runtime.device).eval()
+
+    skips = SkipLog()
+    split = load_split(data_root, split_name, skips)
+    transform = ImageTransform(loaded.preprocess)
+    features = split_image_features(split.images, clip, transform, image_tower_fingerprint(clip), runtime,
+                                    cache_dir, args.batch_size, 0, skips)
+    result = evaluate_split(clip, loaded.tokenizer, split, features, runtime, context_length, args.batch_size)
+    written = write_outputs(result, out_dir, split_name)
+    if skips.total:
+        print(f"skipped {skips.total} bad items: {dict(skips.counts)} (details in the log above)")
+    if result.metrics is None:
+        print(f"split '{split_name}' has no labels (every image_ids list is empty): wrote predictions for "
+              f"submission, no recall computed")
+    else:
+        print(format_metrics(result.metrics))
+        print(json.dumps({"split": split_name, **result.metrics}, ensure_ascii=False))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

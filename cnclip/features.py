@@ -1,0 +1,177 @@
+"""Image-embedding cache for a locked image tower.
+
+With the image tower locked and no image augmentation, an image's embedding never changes
+during training: compute it once, keep it on disk, and train the text side against it. The
+cache key is a fingerprint of the image tower's weights, the preprocessing, the compute
+precision and the image set's content, so any change to one of them computes a fresh cache.
+
+Storage is plain safetensors parts written as they finish (no pre-allocated map file): a run
+killed while caching resumes from the last finished part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .data import ImageArrays, ImageTransform, ImageTSV, SkipLog, collate_image_arrays
+from .io import atomic_file, remove_stale_temporaries, write_json
+from .models import encode_images
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+PART_SIZE = 8192  # images per part file: the unit of resume
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cnclip" / "image_features"
+
+
+def cache_key(tower_fingerprint: str, preprocess: dict, images_fingerprint: str, precision: str) -> str:
+    blob = json.dumps(
+        {"v": CACHE_VERSION, "tower": tower_fingerprint, "pre": preprocess, "images": images_fingerprint,
+         "precision": precision},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass
+class ImageFeatures:
+    """Cached projected embeddings (float32, unnormalised), row i belongs to ids[i]."""
+
+    ids: list[int]
+    embeddings: torch.Tensor
+    bad: dict[int, str]  # images that could not be decoded, with why
+    computed: bool  # False when everything came from disk
+
+    def __post_init__(self):
+        self.row = {image_id: i for i, image_id in enumerate(self.ids)}
+
+
+class ImageFeatureCache:
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root else default_cache_dir()
+
+    def get(self, key: str) -> ImageFeatures | None:
+        entry = self.root / key
+        manifest = entry / "manifest.json"
+        if not manifest.is_file():
+            return None
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+        ids: list[int] = []
+        chunks = []
+        for part in meta["parts"]:
+            tensors = load_file(str(entry / part))
+            ids.extend(tensors["ids"].tolist())
+            chunks.append(tensors["embeddings"])
+        bad = {int(k): v for k, v in meta["bad"].items()}
+        embeddings = torch.cat(chunks) if chunks else torch.zeros(0, meta["dim"])
+        return ImageFeatures(ids, embeddings, bad, computed=False)
+
+    def get_or_compute(
+        self,
+        key: str,
+        clip,
+        images: ImageTSV,
+        transform: ImageTransform,
+        device: torch.device,
+        batch_size: int,
+        num_workers: int,
+        autocast_dtype: torch.dtype | None,
+        skips: SkipLog,
+        desc: str = "caching image embeddings",
+    ) -> ImageFeatures:
+        cached = self.get(key)
+        if cached is None:
+            self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc)
+            cached = self.get(key)
+            cached.computed = True
+        for image_id, why in cached.bad.items():
+            skips.skip("undecodable image", f"{images.path} image_id {image_id}", why)
+        return cached
+
+    @torch.no_grad()
+    def _compute(self, key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc):
+        entry = self.root / key
+        entry.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(entry)
+        ids = images.ids
+        parts, bad = [], {}
+        progress = tqdm(total=len(ids), desc=desc, unit="img", dynamic_ncols=True)
+        for start in range(0, len(ids), PART_SIZE):
+            name = f"part-{start // PART_SIZE:05d}.safetensors"
+            bad_file = entry / f"{name}.bad.json"
+            if (entry / name).is_file() and bad_file.is_file():  # finished by an earlier (killed) run
+                bad.update(json.loads(bad_file.read_text(encoding="utf-8")))
+                parts.append(name)
+                progress.update(min(PART_SIZE, len(ids) - start))
+                continue
+            part_ids, part_emb, part_bad = self._encode(
+                clip, images, ids[start:start + PART_SIZE], transform, device, batch_size, num_workers,
+                autocast_dtype, progress,
+            )
+            dim = clip.visual_projection.out_features
+            emb = torch.cat(part_emb) if part_emb else torch.zeros(0, dim)
+            with atomic_file(entry / bad_file.name, "w", encoding="utf-8") as fh:
+                json.dump({str(k): v for k, v in part_bad.items()}, fh)
+            tmp = entry / f".{name}.tmp-{os.getpid()}"
+            save_file({"ids": torch.tensor(part_ids, dtype=torch.int64), "embeddings": emb.contiguous()}, str(tmp))
+            os.replace(tmp, entry / name)
+            bad.update({str(k): v for k, v in part_bad.items()})
+            parts.append(name)
+        progress.close()
+        write_json(entry / "manifest.json",
+                   {"version": CACHE_VERSION, "parts": parts, "bad": bad, "count": len(ids),
+                    "dim": clip.visual_projection.out_features, "images": str(images.path)})
+
+    @staticmethod
+    def _encode(clip, images, ids, transform, device, batch_size, num_workers, autocast_dtype, progress):
+        loader = torch.utils.data.DataLoader(
+            ImageArrays(images, ids, transform), batch_size=batch_size, num_workers=num_workers,
+            collate_fn=collate_image_arrays, pin_memory=device.type == "cuda",
+        )
+        out_ids, out_emb, bad = [], [], {}
+        for batch_ids, arrays, batch_bad in loader:
+            bad.update(batch_bad)
+            if arrays is not None:
+                pixels = transform.normalize(arrays.to(device, non_blocking=True))
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    emb = encode_images(clip, pixels)
+                out_emb.append(emb.float().cpu())
+                out_ids.extend(batch_ids)
+            progress.update(len(batch_ids) + len(batch_bad))
+        return out_ids, out_emb, bad
+
+
+def split_image_features(
+    split_images: ImageTSV,
+    clip,
+    transform: ImageTransform,
+    tower_fingerprint: str,
+    runtime,
+    cache_dir: str | None,
+    batch_size: int,
+    num_workers: int,
+    skips: SkipLog,
+) -> ImageFeatures:
+    """The cached embeddings of every image in a split, computing them only when the key is new."""
+    key = cache_key(tower_fingerprint, transform.cfg.to_dict(), split_images.fingerprint, runtime.precision)
+    cache = ImageFeatureCache(cache_dir)
+    features = cache.get_or_compute(
+        key, clip, split_images, transform, runtime.device, batch_size, num_workers, runtime.autocast_dtype,
+        skips, desc=f"image embeddings ({split_images.path.name})",
+    )
+    log.info("image embeddings for %s: %s (%d images, cache %s)", split_images.path.name,
+             "computed" if features.computed else "loaded from cache", len(features.ids), cache.root / key)
+    return features

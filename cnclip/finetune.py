@@ -1,0 +1,296 @@
+"""`python -m cnclip.finetune RECIPE.yaml [key=value ...]`: LoRA fine-tuning against cached image embeddings.
+
+Read top to bottom: set up the run directory, data, model and image cache; then the loop
+(batch -> text embeddings -> contrastive loss -> step), with periodic logging, an evaluation and
+checkpoint at each epoch end, and exact resume when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
+from .cli import run_cli, setup_logging
+from .data import DataError, ImageTransform, SkipLog, Split, gather_tokens, load_split, tokenize
+from .device import Runtime, pick_runtime
+from .evaluate import evaluate_split, format_metrics
+from .features import ImageFeatures, split_image_features
+from .io import write_json
+from .loss import clip_loss
+from .models import (attach_lora, clamp_logit_scale, describe_trainable, encode_texts, image_tower_fingerprint,
+                     load_base_model, lock_image_tower)
+from .recipe import Recipe, RecipeError, dump_recipe, flatten, load_recipe
+from .trained import RECIPE_FILE
+
+log = logging.getLogger("cnclip.finetune")
+
+
+@dataclass
+class TrainingPairs:
+    """Every (caption, image) positive pair of the training split, as tensors ready to index."""
+
+    tokens: dict[str, torch.Tensor]  # pre-tokenised captions, one row per distinct text record
+    text_rows: torch.Tensor  # pair -> row in tokens
+    image_rows: torch.Tensor  # pair -> row in the image-embedding cache
+    text_keys: torch.Tensor  # pair -> id of its caption string (equal strings share an id)
+
+    def __len__(self) -> int:
+        return self.text_rows.shape[0]
+
+
+def build_pairs(split: Split, features: ImageFeatures, tokenizer, context_length: int,
+                skips: SkipLog) -> TrainingPairs:
+    text_rows, image_rows = [], []
+    for t, image_id in split.pairs():
+        if image_id in features.row:
+            text_rows.append(t)
+            image_rows.append(features.row[image_id])
+        else:
+            skips.skip("pair with undecodable image", f"{split.images.path} image_id {image_id}",
+                       f"text_id {split.texts[t].text_id}")
+    if len(text_rows) < 2:
+        raise DataError(f"split '{split.name}' has {len(text_rows)} usable image-text pairs; at least 2 are needed")
+    string_ids: dict[str, int] = {}
+    keys = [string_ids.setdefault(rec.text, len(string_ids)) for rec in split.texts]
+    text_rows_t = torch.tensor(text_rows)
+    return TrainingPairs(
+        tokens=tokenize(tokenizer, [rec.text for rec in split.texts], context_length),
+        text_rows=text_rows_t,
+        image_rows=torch.tensor(image_rows),
+        text_keys=torch.tensor(keys)[text_rows_t],
+    )
+
+
+def warmup_cosine(warmup: int, total: int):
+    """Linear warm-up to the peak learning rate, then cosine decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_optimizer(model, recipe: Recipe, runtime: Runtime) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # No weight decay on the temperature, biases and norms (CLIP's convention).
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, fused=runtime.device.type == "cuda")
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir; on resume, entries past the checkpoint are dropped (they get redone)."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.is_file():
+            keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, **entry) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    """A run directory belongs to one recipe: resuming under a different one would mix two runs."""
+    saved = run_dir / RECIPE_FILE
+    if not saved.is_file():
+        return
+    before = flatten(load_recipe(saved, check_data=False).to_dict())
+    now = flatten(recipe.to_dict())
+    changed = [k for k in now if before.get(k) != now[k]]
+    if changed:
+        raise RecipeError(
+            f"run directory {run_dir} was started with a different recipe (changed: {', '.join(changed)}); "
+            f"use a new run_dir=..., or delete {run_dir} to start over"
+        )
+
+
+def train(recipe: Recipe) -> dict:
+    run_dir = Path(recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "train.log")
+    check_run_dir(run_dir, recipe)
+    dump_recipe(recipe, run_dir / RECIPE_FILE)
+
+    if recipe.data.generate == "demo":
+        from .demo_data import write_demo_dataset
+
+        write_demo_dataset(recipe.data.root, seed=recipe.seed)
+
+    runtime = pick_runtime(recipe.train.device, recipe.train.precision)
+    log.info("device %s, precision %s", runtime.device, runtime.precision)
+    base = load_base_model(recipe.model, seed=recipe.seed)
+    model = attach_lora(base.clip, recipe.model).to(runtime.device)
+    clip = base.clip
+    log.info(describe_trainable(model))
+
+    # ---- data and the image-embedding cache (the image tower runs here, and only here)
+    skips = SkipLog()
+    transform = ImageTransform(base.preprocess)
+    tower = image_tower_fingerprint(clip)
+
+    def features_of(split: Split) -> ImageFeatures:
+        return split_image_features(split.images, clip, transform, tower, runtime, recipe.cache.dir,
+                                    recipe.cache.batch_size, recipe.data.num_workers, skips)
+
+    train_split = load_split(recipe.data.root, recipe.data.train_split, skips)
+    train_features = features_of(train_split)
+    pairs = build_pairs(train_split, train_features, base.tokenizer, recipe.data.context_length, skips)
+    valid_split = valid_features = None
+    if recipe.data.valid_split:
+        valid_split = load_split(recipe.data.root, recipe.data.valid_split, skips)
+        valid_features = features_of(valid_split)
+    if skips.total:
+        log.warning("skipped %d bad items while reading data: %s", skips.total, dict(skips.counts))
+    image_bank = train_features.embeddings.to(runtime.device)
+    log.info("training on %d pairs (%d captions, %d images)", len(pairs), pairs.tokens["input_ids"].shape[0],
+             len(train_features.ids))
+
+    # ---- optimisation
+    batch_size = min(recipe.train.batch_size, len(pairs))
+    steps_per_epoch = len(pairs) // batch_size  # the last partial batch is dropped: every step sees a full batch
+    total_steps = recipe.train.epochs * steps_per_epoch
+    optimizer = make_optimizer(model, recipe, runtime)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(min(recipe.train.warmup_steps, total_steps), total_steps))
+
+    def validate() -> dict | None:
+        if valid_split is None:
+            return None
+        model.eval()
+        result = evaluate_split(clip, base.tokenizer, valid_split, valid_features, runtime,
+                                recipe.data.context_length, recipe.eval.batch_size)
+        model.train()
+        lock_image_tower(clip)
+        return result.metrics
+
+    checkpoint = latest_checkpoint(run_dir)
+    state = TrainState()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        log.info("resuming from %s (epoch %d, step %d of %d)", checkpoint, state.epoch + 1, state.global_step,
+                 total_steps)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.global_step if checkpoint else None)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if checkpoint and summary_path.is_file() else {}
+    if checkpoint is None:
+        torch.manual_seed(recipe.seed)
+        if recipe.eval.before_training:
+            before = validate()
+            if before is not None:
+                print(f"\nvalidation recall before training ({valid_split.name}):\n{format_metrics(before)}\n")
+                metrics_log.write(step=0, epoch=0, valid=before)
+                summary["before"] = before
+                write_json(summary_path, summary)
+
+    # ---- the loop
+    model.train()
+    lock_image_tower(clip)
+    while state.epoch < recipe.train.epochs:
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(recipe.seed * 1000 + state.epoch))
+        progress = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}",
+                        unit="step", dynamic_ncols=True)
+        tic, seen = time.perf_counter(), 0
+        while state.step_in_epoch < steps_per_epoch:
+            idx = order[state.step_in_epoch * batch_size:(state.step_in_epoch + 1) * batch_size]
+            image_rows = pairs.image_rows[idx]
+            tokens = gather_tokens(pairs.tokens, pairs.text_rows[idx], runtime.device)
+            with runtime.autocast():
+                text_emb = encode_texts(clip, **tokens)
+            loss = clip_loss(image_bank[image_rows.to(runtime.device)], text_emb, clip.logit_scale,
+                             image_rows.to(runtime.device), pairs.text_keys[idx].to(runtime.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               recipe.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            clamp_logit_scale(clip)
+            state.step_in_epoch += 1
+            state.global_step += 1
+            seen += len(idx)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if state.global_step % recipe.train.log_every == 0:
+                elapsed = time.perf_counter() - tic
+                metrics_log.write(step=state.global_step, epoch=state.epoch, loss=loss.item(),
+                                  lr=scheduler.get_last_lr()[0], logit_scale=clip.logit_scale.exp().item(),
+                                  samples_per_s=seen / max(elapsed, 1e-9))
+                tic, seen = time.perf_counter(), 0
+            if state.global_step % recipe.train.save_every == 0 and state.step_in_epoch < steps_per_epoch:
+                save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        progress.close()
+
+        metrics = validate()
+        finished_epoch = state.epoch + 1
+        if metrics is not None:
+            print(f"\nepoch {finished_epoch} validation recall ({valid_split.name}):\n{format_metrics(metrics)}\n")
+            metrics_log.write(step=state.global_step, epoch=finished_epoch, valid=metrics)
+        score = metrics["mean_recall"] if metrics is not None else float(finished_epoch)
+        if state.best_score is None or score > state.best_score:
+            state.best_score, state.best_epoch = score, finished_epoch
+            save_best(run_dir, model, {"epoch": finished_epoch, "step": state.global_step,
+                                       "split": valid_split.name if valid_split else None, "valid": metrics})
+            summary["best"] = {"epoch": finished_epoch, "valid": metrics}
+        summary["after"] = metrics
+        summary["skipped"] = skips.summary()
+        write_json(summary_path, summary)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        save_checkpoint(run_dir, model, optimizer, scheduler, state)
+
+    summary.setdefault("skipped", skips.summary())
+    summary["steps"] = state.global_step
+    write_json(summary_path, summary)
+    report(summary, run_dir)
+    return summary
+
+
+def report(summary: dict, run_dir: Path) -> None:
+    before, after, best = summary.get("before"), summary.get("after"), summary.get("best")
+    if before and after:
+        print(f"mean recall before training: {before['mean_recall']:.2f}  after: {after['mean_recall']:.2f}")
+    if best:
+        print(f"best checkpoint: epoch {best['epoch']} -> {run_dir / 'best'}")
+    print(json.dumps({"run_dir": str(run_dir), "before": before and before["mean_recall"],
+                      "after": after and after["mean_recall"], "steps": summary.get("steps")}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cnclip.finetune",
+        description="Fine-tune a Chinese CLIP: image tower locked (its embeddings cached on disk), text tower "
+                    "LoRA-tuned under a symmetric contrastive loss. Running the same command again on an "
+                    "existing run directory resumes it.",
+        epilog="example: python -m cnclip.finetune recipes/muge.yaml train.lr=1e-4 run_dir=runs/muge-lr1e-4",
+    )
+    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys, e.g. train.epochs=5")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: (train(load_recipe(args.recipe, args.overrides)), 0)[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

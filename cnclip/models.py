@@ -1,0 +1,202 @@
+"""Load a Chinese CLIP base model, lock its image tower, attach / merge LoRA on the text tower.
+
+The same `from_pretrained` path serves local directories, Hugging Face ids and ModelScope ids,
+so tiny models saved by the tests exercise exactly the code real checkpoints go through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .recipe import ModelConfig
+
+log = logging.getLogger(__name__)
+
+MODELSCOPE_PREFIX = "modelscope:"
+# logit_scale is stored as log(scale); CLIP caps the scale at 100.
+MAX_LOGIT_SCALE = 100.0
+
+
+class ModelLoadError(RuntimeError):
+    """The base model named by the user could not be found or read."""
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn `modelscope:<id>` into a local snapshot; local dirs and HF ids pass through.
+
+    transformers' from_pretrained resolves HF ids (and their cache) itself.
+    """
+    if spec.startswith(MODELSCOPE_PREFIX):
+        model_id = spec[len(MODELSCOPE_PREFIX):]
+        from modelscope import snapshot_download  # heavy import, only when asked for
+
+        try:
+            return snapshot_download(model_id)
+        except Exception as exc:  # noqa: BLE001 - network / auth / not-found all end here
+            raise ModelLoadError(f"could not download '{model_id}' from ModelScope: {exc}") from exc
+    return spec
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_clip(path: str, random_init: bool = False, seed: int = 0):
+    """A ChineseCLIPModel in fp32: from weights, or random from the config (demo/tests)."""
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+    try:
+        if random_init:
+            config = ChineseCLIPConfig.from_pretrained(path)
+            torch.manual_seed(seed)
+            return ChineseCLIPModel(config)
+        return ChineseCLIPModel.from_pretrained(path, dtype=torch.float32)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load a ChineseCLIP model from '{path}': {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """The checkpoint's own image-processor settings (preprocessor_config.json)."""
+
+    resize_height: int | None  # fixed (h, w) resize: Chinese-CLIP squashes to a square
+    resize_width: int | None
+    shortest_edge: int | None  # or resize the short side, keep aspect
+    do_center_crop: bool
+    crop_height: int
+    crop_width: int
+    resample: int
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ImagePreprocess":
+        # Defaults are ChineseCLIPImageProcessor's class defaults, used when a key is absent.
+        size = cfg.get("size", {"shortest_edge": 224})
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        crop = cfg.get("crop_size", {"height": 224, "width": 224})
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        has_hw = "height" in size and "width" in size
+        return cls(
+            resize_height=size["height"] if has_hw else None,
+            resize_width=size["width"] if has_hw else None,
+            shortest_edge=None if has_hw else int(size["shortest_edge"]),
+            do_center_crop=bool(cfg.get("do_center_crop", True)),
+            crop_height=int(crop["height"]),
+            crop_width=int(crop["width"]),
+            resample=int(cfg.get("resample", 3)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            mean=tuple(cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+            std=tuple(cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+        )
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def load_image_preprocess(path: str) -> ImagePreprocess:
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        cfg, _ = ImageProcessingMixin.get_image_processor_dict(path)
+    except OSError as exc:
+        raise ModelLoadError(f"'{path}' has no readable preprocessor_config.json: {exc}") from exc
+    return ImagePreprocess.from_dict(cfg)
+
+
+@dataclass
+class BaseModel:
+    clip: nn.Module
+    tokenizer: object
+    preprocess: ImagePreprocess
+    path: str
+
+
+def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
+    path = resolve_model_path(cfg.base)
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ModelLoadError(f"model.base '{cfg.base}' is a file; expected a model directory or a hub id")
+    clip = load_clip(path, cfg.random_init, seed)
+    return BaseModel(clip=clip, tokenizer=load_tokenizer(path), preprocess=load_image_preprocess(path), path=path)
+
+
+def lock_image_tower(clip: nn.Module) -> None:
+    """No grads and eval mode for the image side: it is never trained, so dropout must stay off."""
+    for module in (clip.vision_model, clip.visual_projection):
+        module.requires_grad_(False)
+        module.eval()
+
+
+def attach_lora(clip: nn.Module, cfg: ModelConfig):
+    """Wrap the model with a peft LoRA adapter on the text tower only.
+
+    The target names (query/key/value/dense) exist only in the BERT text tower; the ViT uses
+    q_proj/k_proj/... so the image tower is never touched. The text projection, when trained,
+    is saved with the adapter (modules_to_save) so the adapter is self-contained.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    bad = [t for t in cfg.target_modules if t not in {"query", "key", "value", "dense"}]
+    if bad:
+        raise ModelLoadError(
+            f"model.target_modules: {bad} are not text-tower modules; accepted: query, key, value, dense"
+        )
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        modules_to_save=["text_projection"] if cfg.train_text_projection else None,
+        bias="none",
+    )
+    model = get_peft_model(clip, lora)
+    clip.logit_scale.requires_grad_(cfg.train_logit_scale)
+    lock_image_tower(clip)
+    return model
+
+
+def clamp_logit_scale(clip: nn.Module) -> None:
+    with torch.no_grad():
+        clip.logit_scale.clamp_(max=torch.log(torch.tensor(MAX_LOGIT_SCALE)).item())
+
+
+def encode_images(clip: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected (unnormalised) image embeddings, as ChineseCLIPModel computes them."""
+    pooled = clip.vision_model(pixel_values=pixel_values).pooler_output
+    return clip.visual_projection(pooled)
+
+
+def encode_texts(clip: nn.Module, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    """Projected text embeddings: the last layer's [CLS] state times the text projection."""
+    out = clip.text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    return clip.text_projection(out.last_hidden_state[:, 0, :])
+
+
+def image_tower_fingerprint(clip: nn.Module) -> str:
+    """A hash of every weight that shapes an image embedding: any change invalidates the cache."""
+    h = hashlib.blake2b(digest_size=16)
+    for module_name in ("vision_model", "visual_projection"):
+        for name, tensor in sorted(getattr(clip, module_name).state_dict().items()):
+            h.update(f"{module_name}.{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def describe_trainable(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+

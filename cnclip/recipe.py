@@ -1,0 +1,271 @@
+"""Typed recipes: YAML + ``key=value`` overrides -> validated dataclasses.
+
+Every user mistake in a recipe (unknown key, wrong type, missing data) is reported here,
+naming the key and what is accepted, before any model is loaded or any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe the user wrote (or overrode) cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # Local directory, Hugging Face id, or "modelscope:<id>".
+    base: str = "OFA-Sys/chinese-clip-vit-base-patch16"
+    # Build random weights from the config at `base` instead of loading weights (demo, tests).
+    random_init: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    train_text_projection: bool = True
+    train_logit_scale: bool = True
+
+
+@dataclass
+class DataConfig:
+    # Directory in the Chinese-CLIP layout: {split}_imgs.tsv + {split}_texts.jsonl.
+    root: str = ""
+    train_split: str = "train"
+    # Split evaluated at each epoch end (best checkpoint = best mean recall); null = no validation.
+    valid_split: str | None = "valid"
+    # Tokens per caption, counting [CLS] and [SEP].
+    context_length: int = 52
+    # "demo": write the bundled synthetic data set into `root` when it is not there yet.
+    generate: str | None = None
+    # Worker processes decoding images for the embedding cache (0 = in the main process).
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    # "auto" = cuda when available, else cpu; or an explicit torch device string.
+    device: str = "auto"
+    # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16".
+    precision: str = "auto"
+    log_every: int = 10
+    # Save a resumable checkpoint every N optimizer steps (and always at each epoch end).
+    save_every: int = 200
+
+
+@dataclass
+class CacheConfig:
+    # Where image embeddings of the locked image tower are kept; "" = ~/.cache/cnclip/image_features.
+    dir: str = ""
+    batch_size: int = 128
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    # Evaluate before training starts too (the demo prints before/after recall).
+    before_training: bool = False
+
+
+@dataclass
+class Recipe:
+    run_dir: str = "runs/default"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_PRECISIONS = ("auto", "fp32", "bf16")
+_GENERATORS = (None, "demo")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_describe(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; accept the few lossless conversions users expect."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except RecipeError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):  # "query,value" on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [_coerce(key, v, inner) for v in value]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise RecipeError(f"recipe key '{key}': expected {_describe(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe key '{prefix.rstrip('.') or '<top>'}': expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise RecipeError(
+                f"unknown recipe key '{prefix}{key}'; accepted keys here: {', '.join(names)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, tp)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override '{pair}' must look like key=value (e.g. train.lr=1e-4)")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override '{pair}': value is not valid YAML ({exc})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), check_data: bool = True) -> Recipe:
+    """Read a recipe file (safe YAML only), apply overrides, validate everything."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"{path}: not a valid YAML recipe ({exc})") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    for key, value in parse_overrides(list(overrides)):
+        _set_path(raw, key, value)
+    recipe = _build(Recipe, raw, "")
+    validate(recipe, check_data=check_data)
+    return recipe
+
+
+def validate(recipe: Recipe, check_data: bool = True) -> None:
+    m, d, t = recipe.model, recipe.data, recipe.train
+    positive = {
+        "model.lora_r": m.lora_r,
+        "train.epochs": t.epochs,
+        "train.batch_size": t.batch_size,
+        "train.log_every": t.log_every,
+        "train.save_every": t.save_every,
+        "data.context_length": d.context_length,
+        "cache.batch_size": recipe.cache.batch_size,
+        "eval.batch_size": recipe.eval.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise RecipeError(f"recipe key '{key}' must be >= 1, got {value}")
+    if t.batch_size < 2:
+        raise RecipeError("recipe key 'train.batch_size' must be >= 2: a contrastive batch needs negatives")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        raise RecipeError(f"recipe key 'model.lora_dropout' must be in [0, 1), got {m.lora_dropout}")
+    if t.lr <= 0:
+        raise RecipeError(f"recipe key 'train.lr' must be > 0, got {t.lr}")
+    for key, value in {"train.warmup_steps": t.warmup_steps, "data.num_workers": d.num_workers,
+                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay}.items():
+        if value < 0:
+            raise RecipeError(f"recipe key '{key}' must be >= 0, got {value}")
+    if t.precision not in _PRECISIONS:
+        raise RecipeError(f"recipe key 'train.precision': got {t.precision!r}, accepted: {', '.join(_PRECISIONS)}")
+    if d.generate not in _GENERATORS:
+        raise RecipeError(f"recipe key 'data.generate': got {d.generate!r}, accepted: null, demo")
+    if not m.target_modules:
+        raise RecipeError("recipe key 'model.target_modules' must name at least one module (e.g. [query, value])")
+    if not d.root:
+        raise RecipeError("recipe key 'data.root' is required: a directory with {split}_imgs.tsv and {split}_texts.jsonl")
+    if check_data and d.generate is None:
+        for split in filter(None, (d.train_split, d.valid_split)):
+            for suffix in ("_imgs.tsv", "_texts.jsonl"):
+                f = Path(d.root) / f"{split}{suffix}"
+                if not f.is_file():
+                    raise RecipeError(
+                        f"recipe key 'data.root': missing data file {f} "
+                        f"(expected the Chinese-CLIP layout {split}_imgs.tsv + {split}_texts.jsonl)"
+                    )
+    if m.random_init and not Path(m.base).is_dir():
+        raise RecipeError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}"""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")

@@ -1,0 +1,53 @@
+"""Load a trained model for inference: a run directory (base + LoRA) or a plain model directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import TRAINABLE, latest_checkpoint, load_trainable
+from .models import (ImagePreprocess, attach_lora, load_base_model, load_clip, load_image_preprocess,
+                     load_tokenizer, resolve_model_path)
+from .recipe import Recipe, load_recipe
+
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class Loaded:
+    clip: object  # a ChineseCLIPModel with any LoRA merged in
+    tokenizer: object
+    preprocess: ImagePreprocess
+    recipe: Recipe | None  # set when loaded from a run directory
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / RECIPE_FILE).is_file()
+
+
+def run_weights(run_dir: Path, checkpoint: str) -> Path:
+    """The trainable-parameter file of a run's best (or latest) checkpoint."""
+    if checkpoint == "best" and (run_dir / "best" / TRAINABLE).is_file():
+        return run_dir / "best" / TRAINABLE
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (no best/ and no checkpoints/latest)")
+    return latest / TRAINABLE
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best"):
+    """(peft model, base model, recipe) of a run, with its trained weights loaded (unmerged)."""
+    run_dir = Path(run_dir)
+    recipe = load_recipe(run_dir / RECIPE_FILE, check_data=False)
+    base = load_base_model(recipe.model, recipe.seed)
+    peft_model = attach_lora(base.clip, recipe.model)
+    load_trainable(peft_model, run_weights(run_dir, checkpoint))
+    return peft_model.eval(), base, recipe
+
+
+def load_for_inference(path: str, checkpoint: str = "best") -> Loaded:
+    if is_run_dir(path):
+        peft_model, base, recipe = load_run(path, checkpoint)
+        return Loaded(peft_model.merge_and_unload(), base.tokenizer, base.preprocess, recipe)
+    resolved = resolve_model_path(path)
+    return Loaded(load_clip(resolved).eval(), load_tokenizer(resolved), load_image_preprocess(resolved), None)

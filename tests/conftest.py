@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny random ChineseCLIP models and tiny Chinese-CLIP-layout data sets.
+
+Models are built from a config in the test, saved with save_pretrained (tokenizer and image
+processor included) and loaded back through the same from_pretrained path real checkpoints use.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+# Characters every test caption is written with, plus a few fillers.
+TEST_CHARS = ("左右上下角中间有一个的红绿蓝黄紫黑白色圆形正方三角在位于图片画着是"
+              "高级感托特包斜挎连衣裙男女鞋帽子手机壳猫狗汽车花朵照片张")
+
+
+def make_tiny_model(out_dir: Path, *, seed: int = 0, image_size: int = 32, center_crop: bool = False,
+                    shortest_edge: int | None = None, projection_dim: int = 16) -> Path:
+    """Save a tiny random ChineseCLIP (+ BERT tokenizer with a small Chinese vocab + image processor)."""
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel
+    from transformers.models.chinese_clip.image_processing_pil_chinese_clip import ChineseCLIPImageProcessorPil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(TEST_CHARS))
+    (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True}), encoding="utf-8")
+    config = ChineseCLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8, initializer_factor=3.0),
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    ChineseCLIPModel(config).save_pretrained(out_dir)
+    size = {"shortest_edge": shortest_edge} if shortest_edge else {"height": image_size, "width": image_size}
+    ChineseCLIPImageProcessorPil(size=size, crop_size={"height": image_size, "width": image_size},
+                                 do_center_crop=center_crop).save_pretrained(out_dir)
+    return out_dir
+
+
+def image_bytes(color=(200, 30, 30), size=(40, 30), shape="circle", fmt="PNG") -> bytes:
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    box = (w * 0.2, h * 0.2, w * 0.8, h * 0.8)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_split(root: Path, split: str, images: dict[int, bytes], texts: list[dict]) -> None:
+    """Write one split in the Chinese-CLIP layout (urlsafe base64, as MUGE ships it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{split}_imgs.tsv", "w", encoding="utf-8") as fh:
+        for image_id, data in images.items():
+            fh.write(f"{image_id}\t{base64.urlsafe_b64encode(data).decode()}\n")
+    with open(root / f"{split}_texts.jsonl", "w", encoding="utf-8") as fh:
+        for row in texts:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+COLORS = {"红色": (220, 30, 30), "绿色": (30, 170, 60), "蓝色": (30, 60, 220), "黄色": (230, 210, 30)}
+
+
+def make_tiny_dataset(root: Path) -> Path:
+    """Train/valid splits: 4 colours x 2 shapes, a text with two images, a repeated caption."""
+    shapes = {"圆形": "circle", "正方形": "square"}
+    for split, per_class in (("train", 2), ("valid", 1)):
+        images, texts, image_id, text_id = {}, [], 100 if split == "train" else 500, 1 if split == "train" else 900
+        for cname, color in COLORS.items():
+            for sname, shape in shapes.items():
+                ids = []
+                for k in range(per_class):
+                    images[image_id] = image_bytes(color, (40 + 4 * k, 30), shape)
+                    ids.append(image_id)
+                    image_id += 1
+                texts.append({"text_id": text_id, "text": f"一个{cname}的{sname}", "image_ids": ids})
+                text_id += 1
+        if split == "train":  # a repeated caption (crawled data does this)
+            texts.append({"text_id": text_id, "text": texts[0]["text"], "image_ids": texts[0]["image_ids"][:1]})
+        write_split(root, split, images, texts)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture()
+def tiny_data_dir(tmp_path) -> Path:
+    return make_tiny_dataset(tmp_path / "data")
+
+
+def tiny_overrides(model_dir: Path, data_dir: Path, run_dir: Path, **extra) -> list[str]:
+    """Recipe overrides that point recipes/demo.yaml at a tiny model and data set for a quick run."""
+    values = {
+        "model.base": str(model_dir), "model.random_init": False, "data.root": str(data_dir),
+        "data.generate": None, "data.context_length": 16, "run_dir": str(run_dir),
+        "cache.dir": str(run_dir.parent / "cache"), "train.epochs": 2, "train.batch_size": 4,
+        "train.lr": 1e-3, "train.warmup_steps": 1, "train.log_every": 1, "train.save_every": 2,
+        "eval.before_training": True, "model.lora_dropout": 0.1,
+    }
+    values.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
