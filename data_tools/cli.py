@@ -1,0 +1,142 @@
+"""`data_tools` command line. User errors exit with status 2 and a one-line message, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_tools.config import ConfigError, load_config
+from data_tools.pipeline import BuildOptions, BuildResult, build_pairs
+from data_tools.readers import InputError
+from data_tools.report import summary
+from data_tools.split import SplitError, parse_splits
+from data_tools.writers import FORMATS
+
+BUILD_PAIRS_DESCRIPTION = """\
+Turn query-based crawl dumps into clean Chinese image-text pairs.
+
+Each INPUT is a JSONL or Parquet file of crawl records, an img2dataset-style webdataset .tar,
+or a directory searched recursively for them. A record has `query` (the search query that found
+it), `image` (a path relative to the dump's directory, or base64 bytes), candidate captions
+`alt`, `title`, `context`, and optionally `url` (http/https) and `page_url`; other fields are
+kept as metadata.
+
+Stages: parse -> clean and choose a caption (full-width, HTML, URLs, emoji, Traditional ->
+Simplified, length, Chinese ratio, boilerplate) -> query relevance (jieba) -> image checks
+(path safety, size, aspect ratio, decompression bombs, decode, RGB, EXIF orientation, resize)
+-> dedup (exact, perceptual, (query, text)) -> per-query cap -> split by image -> write.
+
+DIR/report.json accounts for every record read: kept, or rejected with exactly one reason.
+Per-shard results are kept in DIR/.work, so an interrupted run resumes where it stopped and a
+rerun with other --per-query-cap/--splits/--format/--seed reuses all per-record work.
+"""
+
+FORMAT_HELP = (
+    "output layout: 'cnclip' = Chinese-CLIP {split}_imgs.tsv + {split}_texts.jsonl (+ {split}_meta.jsonl), "
+    "usable as data.root for python -m cnclip.finetune; 'pairs' = {split}_pairs.jsonl with base64 images; "
+    "'webdataset' = {split}-NNNNN.tar shards (default: %(default)s)"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data_tools", description="Data preparation tools for cnclip.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    build = commands.add_parser(
+        "build-pairs",
+        help="crawl dumps -> clean Chinese image-text pairs + report.json",
+        description=BUILD_PAIRS_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument("inputs", nargs="+", metavar="INPUT", help="crawl dump files (.jsonl, .ndjson, .parquet, .tar) or directories of them")
+    build.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created if missing); report.json and DIR/.work go here")
+    build.add_argument(
+        "--per-query-cap", type=_non_negative_int, default=20_000, metavar="N",
+        help="keep at most N pairs per query, chosen by a seeded hash so reruns agree; 0 = no cap (default: %(default)s, as CLIP)",
+    )
+    build.add_argument(
+        "--splits", type=_splits, default="0.98,0.01,0.01", metavar="TRAIN,VALID,TEST",
+        help="fractions of images for train,valid,test, summing to 1; assigned per image by a seeded hash (default: %(default)s)",
+    )
+    build.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="processes for the per-record stages; the output does not depend on N (default: %(default)s)")
+    build.add_argument("--config", type=Path, metavar="FILTERS.yaml", help="filter thresholds (sections text, relevance, image, dedup); unknown keys are errors (default: built-in defaults)")
+    build.add_argument("--format", choices=FORMATS, default="cnclip", help=FORMAT_HELP)
+    build.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the per-query cap and the split assignment (default: %(default)s)")
+    build.add_argument("--shard-size", type=_positive_int, default=2_000, metavar="N", help="records per shard, the unit of parallel work and of resuming (default: %(default)s)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    build.set_defaults(run=lambda args: _build_pairs(args, build))
+    return parser
+
+
+def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out is not a directory: {args.out}")
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        parser.error(str(err))
+    options = BuildOptions(
+        inputs=tuple(args.inputs),
+        out=args.out,
+        config=config,
+        per_query_cap=args.per_query_cap,
+        splits=args.splits,
+        format=args.format,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    try:
+        result = build_pairs(options)
+    except InputError as err:
+        parser.error(str(err))
+    except KeyboardInterrupt:
+        print("interrupted; finished shards are kept in DIR/.work - rerun the same command to resume", file=sys.stderr)
+        return 130
+    _print_summary(result, args.out)
+    return 0
+
+
+def _print_summary(result: BuildResult, out: Path) -> None:
+    print(summary(result.report))
+    reused = result.shards_total - result.shards_computed
+    print(f"shards: {result.shards_total} ({result.shards_computed} computed, {reused} reused from {out / '.work'})")
+    print(f"report: {out / 'report.json'}")
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _splits(text: str) -> tuple[tuple[str, float], ...]:
+    try:
+        return parse_splits(text)
+    except SplitError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

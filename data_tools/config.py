@@ -1,0 +1,174 @@
+"""Filter thresholds for build-pairs, loaded from YAML.
+
+A misspelt key in a filter file would otherwise silently leave a default in force, so unknown
+keys and wrong types are errors that name the key. Defaults follow what Wukong-style Chinese
+corpora filter on (short side >= 200 px, aspect ratio <= 3, mostly-Chinese short captions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TEXT_FIELDS = ("alt", "title", "context")
+RELEVANCE_MODES = ("off", "overlap", "keyword")
+
+
+class ConfigError(ValueError):
+    """A filter file the user wrote is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Caption choice and cleaning."""
+
+    fields: tuple[str, ...] = TEXT_FIELDS  # candidate fields, most preferred first
+    min_chars: int = 4
+    max_chars: int = 64
+    min_chinese_ratio: float = 0.3  # CJK characters / (letters + digits + CJK characters)
+    traditional_to_simplified: bool = True
+    boilerplate_texts: tuple[str, ...] = ()  # added to the built-in list ("图片", "商品图", ...)
+    boilerplate_patterns: tuple[str, ...] = ()  # regular expressions, matched against the whole text
+
+    def __post_init__(self) -> None:
+        _require(bool(self.fields), "text.fields", "at least one of alt, title, context")
+        for name in self.fields:
+            _require(name in TEXT_FIELDS, "text.fields", f"names from {', '.join(TEXT_FIELDS)}, got {name!r}")
+        _require(len(set(self.fields)) == len(self.fields), "text.fields", "no repeated names")
+        _require(self.min_chars >= 0, "text.min_chars", "an integer >= 0")
+        _require(self.max_chars >= self.min_chars, "text.max_chars", "an integer >= text.min_chars")
+        _require(0.0 <= self.min_chinese_ratio <= 1.0, "text.min_chinese_ratio", "a number in [0, 1]")
+        for pattern in self.boilerplate_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"text.boilerplate_patterns: invalid regular expression {pattern!r}: {err}") from None
+
+
+@dataclass(frozen=True)
+class RelevanceConfig:
+    """Whether the caption must be about the query that found the image."""
+
+    mode: str = "overlap"  # off | overlap (share a content word) | keyword (query appears in text)
+    stopwords: tuple[str, ...] = ()  # added to the built-in list
+
+    def __post_init__(self) -> None:
+        _require(self.mode in RELEVANCE_MODES, "relevance.mode", f"one of {', '.join(RELEVANCE_MODES)}, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Image acceptance and the stored size."""
+
+    min_side: int = 200
+    max_aspect_ratio: float = 3.0
+    max_pixels: int = 50_000_000  # checked from the header, before any decoding
+    max_file_bytes: int = 50 * 2**20
+    max_side: int = 512  # longer side after resizing; 0 keeps the original size
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        _require(self.min_side >= 1, "image.min_side", "an integer >= 1")
+        _require(self.max_aspect_ratio >= 1.0, "image.max_aspect_ratio", "a number >= 1")
+        _require(self.max_pixels >= 1, "image.max_pixels", "an integer >= 1")
+        _require(self.max_file_bytes >= 1, "image.max_file_bytes", "an integer >= 1")
+        _require(self.max_side >= 0, "image.max_side", "an integer >= 0")
+        _require(1 <= self.jpeg_quality <= 95, "image.jpeg_quality", "an integer in [1, 95]")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Near-duplicate threshold; exact image and (query, text) duplicates are always removed."""
+
+    phash_max_distance: int | None = 4  # Hamming distance of 64-bit pHashes; null disables
+
+    def __post_init__(self) -> None:
+        if self.phash_max_distance is not None:
+            _require(0 <= self.phash_max_distance <= 32, "dedup.phash_max_distance", "an integer in [0, 32] or null")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Everything a filters.yaml can set."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for report.json and for fingerprinting the per-record stages."""
+        return dataclasses.asdict(self)
+
+
+def load_config(path: Path | None) -> FilterConfig:
+    """Read a filter file (YAML, safe_load); `None` gives the defaults."""
+    if path is None:
+        return FilterConfig()
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    try:
+        return config_from_dict(data or {})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_from_dict(data: Any) -> FilterConfig:
+    """Build a FilterConfig from parsed YAML, rejecting unknown keys and wrong types."""
+    return _build(FilterConfig, data, prefix="")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown key '{prefix}{key}'; accepted: {', '.join(fields)}")
+    values = {key: _convert(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    """Check one YAML value against the dataclass annotation (bool is not an int here)."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _convert(inner, value, key)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _require(condition: bool, key: str, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: expected {expected}")

@@ -1,0 +1,186 @@
+"""Image stage: find the bytes safely, check the header, decode, normalise to RGB JPEG, hash.
+
+Crawl dumps are untrusted: `image` may point outside the dump (`../../etc/passwd`), a PNG header
+may claim 100000x100000 pixels (a decompression bomb), a JPEG may be truncated. Everything that
+can be decided without decoding (path, file size, header dimensions) is decided first.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from hashlib import blake2b
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps
+
+from data_tools.config import ImageConfig
+from data_tools.records import Reason, Record, Rejected
+
+_DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_\-=\s]+")
+_MIN_BASE64_CHARS = 64  # no real image encodes shorter; paths this long without a dot are implausible
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """What the writers and the dedup stage need from an accepted image."""
+
+    jpeg: bytes
+    sha: bytes  # hash of the normalised pixels: exact duplicates regardless of file encoding
+    phash: int
+    width: int
+    height: int
+
+
+def is_base64_image(value: str) -> bool:
+    """`image` strings are either base64 (optionally a data: URI) or a relative path."""
+    if _DATA_URI.match(value):
+        return True
+    return len(value) >= _MIN_BASE64_CHARS and "." not in value and _BASE64_TEXT.fullmatch(value) is not None
+
+
+def check_image_reference(record: Record) -> None:
+    """Cheap checks before any work: is there an image at all, and is its path safe to open?"""
+    image = record.image
+    if image is None or image == "" or image == b"":
+        raise Rejected(Reason.NO_IMAGE, "only a URL; build-pairs does not download" if record.url else "")
+    if isinstance(image, bytes) or is_base64_image(image):
+        return
+    if image.lower().startswith(("http://", "https://")):
+        raise Rejected(Reason.NO_IMAGE, "image is a URL; build-pairs does not download")
+    if PurePosixPath(image).is_absolute() or PureWindowsPath(image).drive or PureWindowsPath(image).is_absolute():
+        raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"absolute path: {image}")
+    if ".." in re.split(r"[\\/]", image) or "\x00" in image:
+        raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"path escapes the dump directory: {image}")
+
+
+def read_image_bytes(record: Record, config: ImageConfig) -> bytes:
+    """The encoded image: decoded base64, raw bytes, or a file inside the dump's directory."""
+    image = record.image
+    if isinstance(image, bytes):
+        data = image
+    elif is_base64_image(image):
+        data = _decode_base64(image, config.max_file_bytes)
+    else:
+        data = _read_inside(record.base_dir, image, config.max_file_bytes)
+    if len(data) > config.max_file_bytes:
+        raise Rejected(Reason.IMAGE_TOO_LARGE, f"{len(data)} bytes > {config.max_file_bytes}")
+    return data
+
+
+def _decode_base64(text: str, max_bytes: int) -> bytes:
+    payload = _DATA_URI.sub("", text, count=1)
+    payload = "".join(payload.split())
+    if len(payload) * 3 // 4 > max_bytes:
+        raise Rejected(Reason.IMAGE_TOO_LARGE, f"base64 of about {len(payload) * 3 // 4} bytes > {max_bytes}")
+    try:
+        # urlsafe_b64decode also accepts the standard alphabet (Chinese-CLIP TSVs use urlsafe).
+        return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    except (binascii.Error, ValueError) as err:
+        raise Rejected(Reason.UNDECODABLE_IMAGE, f"bad base64: {err}") from None
+
+
+def _read_inside(base_dir: Path, relative: str, max_bytes: int) -> bytes:
+    root = base_dir.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):  # a symlink pointing out of the dump
+        raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"resolves outside the dump directory: {relative}")
+    if not path.is_file():
+        raise Rejected(Reason.IMAGE_MISSING, relative)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise Rejected(Reason.IMAGE_TOO_LARGE, f"{relative}: {size} bytes > {max_bytes}")
+    return path.read_bytes()
+
+
+def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
+    """Decode, check and normalise one image; the returned JPEG is what training will read."""
+    image = _open_checked(data, config)
+    target = _target_size(image.size, config.max_side)
+    if image.format == "JPEG" and target != image.size:
+        image.draft(image.mode, target)  # let libjpeg decode at 1/2, 1/4 or 1/8 scale: much faster
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        rgb = to_rgb(image)
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on bad data
+        raise Rejected(Reason.UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}") from None
+    if rgb.size != _target_size(rgb.size, config.max_side):
+        rgb = rgb.resize(_target_size(rgb.size, config.max_side), Image.Resampling.BICUBIC)
+    return ProcessedImage(
+        jpeg=encode_jpeg(rgb, config.jpeg_quality),
+        sha=pixel_hash(rgb),
+        phash=perceptual_hash(rgb),
+        width=rgb.width,
+        height=rgb.height,
+    )
+
+
+def _open_checked(data: bytes, config: ImageConfig) -> Image.Image:
+    """Open lazily (header only) and apply the size rules before a single pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise Rejected(Reason.IMAGE_TOO_LARGE, str(err)) from None
+    except Exception as err:  # UnidentifiedImageError, and header parsers' own errors
+        raise Rejected(Reason.UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}") from None
+    width, height = image.size
+    if width * height > config.max_pixels:
+        raise Rejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} > {config.max_pixels} pixels")
+    if min(width, height) < config.min_side:
+        raise Rejected(Reason.IMAGE_TOO_SMALL, f"{width}x{height}, min side {config.min_side}")
+    if max(width, height) / min(width, height) > config.max_aspect_ratio:
+        raise Rejected(Reason.EXTREME_ASPECT_RATIO, f"{width}x{height}")
+    return image
+
+
+def _target_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    width, height = size
+    if not max_side or max(width, height) <= max_side:
+        return size
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is flattened onto white, as shops display it."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode in _SIXTEEN_BIT_MODES or pixels.max(initial=0) > 255:
+            pixels = pixels / 257.0  # 16-bit range onto 8 bits
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def pixel_hash(image: Image.Image) -> bytes:
+    """Exact-duplicate key: the same pixels give the same key whatever file format carried them."""
+    digest = blake2b(f"{image.width}x{image.height}:".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return digest.digest()
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """64-bit DCT pHash as an int, so Hamming distance is `(a ^ b).bit_count()`."""
+    return int(str(imagehash.phash(image)), 16)

@@ -1,0 +1,94 @@
+"""The record that flows through the per-record stages, and the one reason it may be rejected for.
+
+Every stage either fills in more of a `Record` or raises `Rejected` with exactly one `Reason`;
+the pipeline counts the record under that reason. Keeping the reasons in one enum is what lets
+the report promise `kept + sum(rejected) == records read`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class Reason(StrEnum):
+    """Why a record was dropped. The value is the key used in report.json."""
+
+    # The input line/row itself is unusable.
+    INVALID_UTF8 = "invalid_utf8"
+    NUL_BYTE = "nul_byte"
+    MALFORMED_JSON = "malformed_json"
+    NOT_AN_OBJECT = "not_an_object"
+    BAD_FIELD_TYPE = "bad_field_type"
+    # Required fields.
+    MISSING_QUERY = "missing_query"
+    BAD_URL = "bad_url"
+    NO_IMAGE = "no_image"
+    UNSAFE_IMAGE_PATH = "unsafe_image_path"
+    # Text.
+    NO_TEXT = "no_text"
+    BOILERPLATE_TEXT = "boilerplate_text"
+    TEXT_TOO_SHORT = "text_too_short"
+    TEXT_TOO_LONG = "text_too_long"
+    LOW_CHINESE_RATIO = "low_chinese_ratio"
+    IRRELEVANT_TEXT = "irrelevant_text"
+    # Image.
+    IMAGE_MISSING = "image_missing"
+    UNDECODABLE_IMAGE = "undecodable_image"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_SMALL = "image_too_small"
+    EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
+    # Global stages.
+    DUPLICATE_IMAGE = "duplicate_image"
+    NEAR_DUPLICATE_IMAGE = "near_duplicate_image"
+    DUPLICATE_TEXT = "duplicate_text"
+    QUERY_CAP = "query_cap"
+
+
+class Rejected(Exception):
+    """Raised by a stage to drop the current record; `detail` ends up in the report's examples."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+        self.query: str | None = None  # the record's cleaned query, once known: for per-query counts
+
+
+@dataclass(frozen=True, slots=True)
+class RawItem:
+    """One unparsed input record, as cheap to read and pickle as possible.
+
+    Parsing happens in the worker processes so that the reading process stays fast.
+    `payload` is the raw JSONL line (bytes), a Parquet row (dict) or a webdataset sample
+    (dict of extension -> bytes).
+    """
+
+    position: int  # 0-based record number within its file: the deterministic order
+    location: str  # "path:line", "path:row N" or "path:key", for messages
+    payload: bytes | dict[str, Any]
+
+
+@dataclass(slots=True)
+class Record:
+    """A crawl record, filled in stage by stage."""
+
+    position: int
+    location: str
+    base_dir: Path  # image paths are resolved inside this directory and nowhere else
+    query: str = ""
+    url: str | None = None
+    page_url: str | None = None
+    image: str | bytes | None = None  # raw `image` field: relative path, base64 text or bytes
+    candidates: dict[str, str] = field(default_factory=dict)  # alt/title/context as given
+    meta: dict[str, Any] = field(default_factory=dict)  # unknown input fields, kept verbatim
+    # Filled by the stages:
+    text: str = ""
+    text_field: str = ""
+    jpeg: bytes = b""
+    image_sha: bytes = b""  # exact-duplicate key: hash of the normalised pixels
+    phash: int = 0  # 64-bit perceptual hash for near duplicates
+    width: int = 0
+    height: int = 0

@@ -1,0 +1,78 @@
+"""The per-record stages, composed in the order they run in a worker.
+
+Cheap checks come first (fields, image reference), then text and relevance, and image decoding
+last, because decoding is by far the most expensive step and most junk is caught before it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_tools.config import FilterConfig
+from data_tools.images import check_image_reference, process_image, read_image_bytes
+from data_tools.readers import parse_item
+from data_tools.records import RawItem, Reason, Record, Rejected
+from data_tools.relevance import Relevance
+from data_tools.text import CHECK_ORDER, TextFilter
+
+
+class RecordProcessor:
+    """Holds the per-process state of the stages (jieba, OpenCC tables, compiled rules)."""
+
+    def __init__(self, config: FilterConfig) -> None:
+        self.config = config
+        self.texts = TextFilter(config.text)
+        self.relevance = Relevance(config.relevance.mode, config.relevance.stopwords)
+
+    def process(self, item: RawItem, kind: str, base_dir: Path) -> Record:
+        """Run every per-record stage; returns the accepted record or raises Rejected."""
+        record = parse_item(item, kind, base_dir)
+        try:
+            self.check_fields(record)
+            check_image_reference(record)
+            self.choose_text(record)
+            self.attach_image(record)
+        except Rejected as rejection:
+            rejection.query = record.query or None
+            raise
+        return record
+
+    def check_fields(self, record: Record) -> None:
+        """Normalise the query (it groups the per-query cap) and check the URL scheme."""
+        record.query = self.texts.clean(record.query)
+        if not record.query:
+            raise Rejected(Reason.MISSING_QUERY)
+        if record.url and not record.url.lower().startswith(("http://", "https://")):
+            raise Rejected(Reason.BAD_URL, f"only http/https URLs are accepted: {record.url[:200]}")
+
+    def choose_text(self, record: Record) -> None:
+        """Take the first candidate field (in configured preference) that passes the text and relevance rules.
+
+        If none passes, the record is rejected with the reason of the candidate that got furthest
+        through the checks, which is the most useful thing to tell the user.
+        """
+        furthest: Rejected | None = None
+        for name in self.config.text.fields:
+            raw = record.candidates.get(name)
+            if not raw:
+                continue
+            text = self.texts.clean(raw)
+            try:
+                self.texts.check(text)
+                if not self.relevance.is_relevant(text, record.query):
+                    raise Rejected(Reason.IRRELEVANT_TEXT, f"{name} {text!r} vs query {record.query!r}")
+            except Rejected as rejection:
+                if furthest is None or CHECK_ORDER.index(rejection.reason) > CHECK_ORDER.index(furthest.reason):
+                    furthest = rejection
+                continue
+            record.text, record.text_field = text, name
+            return
+        raise furthest or Rejected(Reason.NO_TEXT, f"none of {', '.join(self.config.text.fields)} is set")
+
+    def attach_image(self, record: Record) -> None:
+        """Read, decode, check and normalise the image; fills the JPEG and the hashes."""
+        processed = process_image(read_image_bytes(record, self.config.image), self.config.image)
+        record.jpeg = processed.jpeg
+        record.image_sha = processed.sha
+        record.phash = processed.phash
+        record.width, record.height = processed.width, processed.height

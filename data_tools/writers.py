@@ -1,0 +1,170 @@
+"""Output formats: Chinese-CLIP layout, pairs JSONL, webdataset tar shards.
+
+Every file is written under a temporary name in the output directory and renamed into place by
+`commit()`, so an interrupted run never leaves a half-written split that looks complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+FORMATS = ("cnclip", "pairs", "webdataset")
+SAMPLES_PER_TAR = 10_000
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One output pair. In this data set every kept image carries exactly one text, so one id serves both."""
+
+    id: int
+    split: str
+    text: str
+    query: str
+    jpeg: bytes
+    meta: dict[str, Any] = field(default_factory=dict)  # url, page_url, source and unknown input fields
+
+
+class _AtomicFiles:
+    """Text files opened under temporary names; `commit` renames them all into place."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._open: dict[str, IO[Any]] = {}
+
+    def get(self, name: str, binary: bool = False) -> IO[Any]:
+        if name not in self._open:
+            tmp = self.out / f".{name}.{os.getpid()}.tmp"
+            self._open[name] = open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="\n")
+        return self._open[name]
+
+    def close(self, name: str) -> None:
+        self._open[name].close()
+
+    def commit(self) -> list[str]:
+        for name, handle in self._open.items():
+            handle.close()
+            os.replace(self.out / f".{name}.{os.getpid()}.tmp", self.out / name)
+        return sorted(self._open)
+
+    def abort(self) -> None:
+        for name, handle in self._open.items():
+            handle.close()
+            (self.out / f".{name}.{os.getpid()}.tmp").unlink(missing_ok=True)
+
+
+class Writer:
+    """Base: collects pairs per split into atomically committed files."""
+
+    def __init__(self, out: Path, splits: tuple[str, ...]) -> None:
+        self.files = _AtomicFiles(out)
+        self.splits = splits
+
+    def add(self, pair: Pair) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> list[str]:
+        """Rename every written file into place; returns their names relative to the output dir."""
+        return self.files.commit()
+
+    def abort(self) -> None:
+        self.files.abort()
+
+
+class CnclipWriter(Writer):
+    """Chinese-CLIP layout: `{split}_imgs.tsv`, `{split}_texts.jsonl`, plus `{split}_meta.jsonl` provenance.
+
+    All three files are created for every split, even when empty, so the layout is always complete.
+    """
+
+    def __init__(self, out: Path, splits: tuple[str, ...]) -> None:
+        super().__init__(out, splits)
+        for split in splits:
+            for suffix in ("imgs.tsv", "texts.jsonl", "meta.jsonl"):
+                self.files.get(f"{split}_{suffix}")
+
+    def add(self, pair: Pair) -> None:
+        image = base64.urlsafe_b64encode(pair.jpeg).decode("ascii")
+        self.files.get(f"{pair.split}_imgs.tsv").write(f"{pair.id}\t{image}\n")
+        text = {"text_id": pair.id, "text": pair.text, "image_ids": [pair.id]}
+        self.files.get(f"{pair.split}_texts.jsonl").write(_json_line(text))
+        meta = {"text_id": pair.id, "image_id": pair.id, "query": pair.query, **pair.meta}
+        self.files.get(f"{pair.split}_meta.jsonl").write(_json_line(meta))
+
+
+class PairsWriter(Writer):
+    """`{split}_pairs.jsonl` lines `{"id", "image" (urlsafe base64 JPEG), "text", "query", "meta"}`."""
+
+    def __init__(self, out: Path, splits: tuple[str, ...]) -> None:
+        super().__init__(out, splits)
+        for split in splits:
+            self.files.get(f"{split}_pairs.jsonl")
+
+    def add(self, pair: Pair) -> None:
+        image = base64.urlsafe_b64encode(pair.jpeg).decode("ascii")
+        line = {"id": str(pair.id), "image": image, "text": pair.text, "query": pair.query, "meta": pair.meta}
+        self.files.get(f"{pair.split}_pairs.jsonl").write(_json_line(line))
+
+
+class WebdatasetWriter(Writer):
+    """`{split}-{n:05d}.tar` shards of `{id:09d}.jpg/.txt/.json`, byte-identical across reruns."""
+
+    def __init__(self, out: Path, splits: tuple[str, ...]) -> None:
+        super().__init__(out, splits)
+        self._counts = {split: 0 for split in splits}
+        self._tars: dict[str, tarfile.TarFile] = {}  # the open shard of each split
+        self._tar_names: dict[str, str] = {}
+
+    def add(self, pair: Pair) -> None:
+        count = self._counts[pair.split]
+        name = f"{pair.split}-{count // SAMPLES_PER_TAR:05d}.tar"
+        if count % SAMPLES_PER_TAR == 0:
+            self._close_tar(pair.split)
+            handle = self.files.get(name, binary=True)
+            self._tars[pair.split] = tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT)
+            self._tar_names[pair.split] = name
+        self._counts[pair.split] = count + 1
+        key = f"{pair.id:09d}"
+        info = {"id": str(pair.id), "text": pair.text, "query": pair.query, **pair.meta}
+        tar = self._tars[pair.split]
+        for member, data in ((f"{key}.jpg", pair.jpeg), (f"{key}.txt", pair.text.encode()), (f"{key}.json", _json_line(info).encode())):
+            _add_member(tar, member, data)
+
+    def commit(self) -> list[str]:
+        for split in list(self._tars):
+            self._close_tar(split)
+        return super().commit()
+
+    def abort(self) -> None:
+        for split in list(self._tars):
+            self._close_tar(split)
+        super().abort()
+
+    def _close_tar(self, split: str) -> None:
+        tar = self._tars.pop(split, None)
+        if tar is not None:
+            tar.close()
+            self.files.close(self._tar_names[split])
+
+
+def make_writer(fmt: str, out: Path, splits: tuple[str, ...]) -> Writer:
+    writers = {"cnclip": CnclipWriter, "pairs": PairsWriter, "webdataset": WebdatasetWriter}
+    return writers[fmt](out, splits)
+
+
+def _json_line(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=False) + "\n"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
