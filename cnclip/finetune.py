@@ -141,6 +141,7 @@ def train(recipe: Recipe) -> dict:
     runtime = pick_runtime(recipe.train.device, recipe.train.precision)
     log.info("device %s, precision %s", runtime.device, runtime.precision)
     base = load_base_model(recipe.model, seed=recipe.seed)
+    torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
     model = attach_lora(base.clip, recipe.model).to(runtime.device)
     clip = base.clip
     log.info(describe_trainable(model))
@@ -225,6 +226,7 @@ def train(recipe: Recipe) -> dict:
             if recipe.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                recipe.train.grad_clip)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             clamp_logit_scale(clip)
@@ -236,7 +238,7 @@ def train(recipe: Recipe) -> dict:
             if state.global_step % recipe.train.log_every == 0:
                 elapsed = time.perf_counter() - tic
                 metrics_log.write(step=state.global_step, epoch=state.epoch, loss=loss.item(),
-                                  lr=scheduler.get_last_lr()[0], logit_scale=clip.logit_scale.exp().item(),
+                                  lr=lr, logit_scale=clip.logit_scale.exp().item(),
                                   samples_per_s=seen / max(elapsed, 1e-9))
                 tic, seen = time.perf_counter(), 0
             if state.global_step % recipe.train.save_every == 0 and state.step_in_epoch < steps_per_epoch:
