@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .io import atomic_dir, atomic_file, remove_stale_temporaries, write_json
+from .io import atomic_dir, atomic_file, remove_stale_temporaries, save_tensors, save_torch, write_json
 
 TRAINABLE = "trainable.safetensors"
 KEEP_CHECKPOINTS = 1
@@ -75,9 +75,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.global_step:08d}"
     with atomic_dir(root / name) as tmp:
-        save_file(trainable_state(model), str(tmp / TRAINABLE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        save_tensors(trainable_state(model), tmp / TRAINABLE)
+        save_torch({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_torch(_rng_state(), tmp / "rng.pt")
         write_json(tmp / "state.json", asdict(state))
     with atomic_file(root / "latest", "w", encoding="utf-8") as fh:
         fh.write(name)
@@ -107,9 +107,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
 
 def save_best(run_dir: Path, peft_model, metrics: dict) -> None:
     """The best model so far, as a peft adapter users can load on its own, plus our trainables."""
+    from peft import get_peft_model_state_dict
+
     with atomic_dir(run_dir / "best") as tmp:
-        peft_model.save_pretrained(str(tmp))
-        save_file(trainable_state(peft_model), str(tmp / TRAINABLE))
+        # peft's save_pretrained layout (adapter_config.json + adapter_model.safetensors), written
+        # through save_tensors so that a full disk is reported like any other write failure.
+        peft_model.peft_config["default"].save_pretrained(str(tmp))
+        save_tensors({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
+                     tmp / "adapter_model.safetensors")
+        save_tensors(trainable_state(peft_model), tmp / TRAINABLE)
         write_json(tmp / "metrics.json", metrics)
 
 

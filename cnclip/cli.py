@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def setup_logging(log_file: Path | None = None) -> None:
 
 
 def run_cli(fn: Callable[[], int]) -> int:
-    """Run a command; a mistake the user can fix prints `error: ...` and exits 2, no traceback."""
+    """Run a command; a mistake the user can fix prints `error: ...` and exits 2 (3: disk full), no traceback."""
     if not logging.getLogger().handlers:
         setup_logging()
     try:
@@ -36,6 +37,14 @@ def run_cli(fn: Callable[[], int]) -> int:
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        # Every write goes through a temporary file and a rename, so what was there before is intact.
+        print(f"error: out of disk space writing {exc.filename or 'output'} ({exc.strerror}); earlier "
+              f"checkpoints and outputs are intact: free space and rerun the same command to resume",
+              file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .data import ImageArrays, ImageTransform, ImageTSV, SkipLog, collate_image_arrays
-from .io import atomic_file, remove_stale_temporaries, write_json
+from .io import atomic_file, remove_stale_temporaries, save_tensors, write_json
 from .models import encode_images
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class ImageFeatureCache:
             with atomic_file(entry / bad_file.name, "w", encoding="utf-8") as fh:
                 json.dump({str(k): v for k, v in part_bad.items()}, fh)
             tmp = entry / f".{name}.tmp-{os.getpid()}"
-            save_file({"ids": torch.tensor(part_ids, dtype=torch.int64), "embeddings": emb.contiguous()}, str(tmp))
+            save_tensors({"ids": torch.tensor(part_ids, dtype=torch.int64), "embeddings": emb.contiguous()}, tmp)
             os.replace(tmp, entry / name)
             bad.update({str(k): v for k, v in part_bad.items()})
             parts.append(name)

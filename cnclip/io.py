@@ -5,6 +5,7 @@ A reader (or a resumed run) therefore sees either the old file or the new one, n
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -40,6 +41,24 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
+    """safetensors, serialised in memory and written by Python, so a full disk raises OSError (ENOSPC /
+    EFBIG) like every other write instead of a library-specific error."""
+    from safetensors.torch import save
+
+    Path(path).write_bytes(save(tensors))
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """torch.save through memory, for the same reason as save_tensors (torch's own writer reports a
+    full disk as an opaque RuntimeError)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    Path(path).write_bytes(buf.getvalue())
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -155,3 +155,23 @@ def test_demo_recipe_generates_its_data_and_model(tmp_path):
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["before"]["num_texts"] == 90 and summary["after"] is not None
+
+
+def test_best_adapter_loads_with_plain_peft(tiny_model_dir, tiny_data_dir, tmp_path):
+    """best/ is a standard peft adapter: PeftModel.from_pretrained gives the trained text tower."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer, ChineseCLIPModel
+
+    from cnclip.models import encode_texts
+    from cnclip.trained import load_run
+
+    run_finetune(tiny_model_dir, tiny_data_dir, tmp_path / "run", **{"train.epochs": 1})
+    ours, base, _ = load_run(tmp_path / "run")
+    plain = PeftModel.from_pretrained(ChineseCLIPModel.from_pretrained(tiny_model_dir), tmp_path / "run" / "best").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)(["一个红色的圆形", "蓝色正方形"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = encode_texts(ours.base_model.model, **tok)
+        b = encode_texts(plain.base_model.model, **tok)
+        untrained = encode_texts(ChineseCLIPModel.from_pretrained(tiny_model_dir), **tok)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a, untrained, atol=1e-4)
