@@ -104,8 +104,8 @@ class FilterConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for report.json and for fingerprinting the per-record stages."""
-        return dataclasses.asdict(self)
+        """Plain JSON data (lists, not tuples) for report.json and for fingerprinting the per-record stages."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items})
 
 
 def load_config(path: Path | None) -> FilterConfig:

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import imagehash
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_tools.config import ImageConfig
 from data_tools.records import Reason, Record, Rejected
@@ -132,7 +132,9 @@ def _open_checked(data: bytes, config: ImageConfig) -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise Rejected(Reason.IMAGE_TOO_LARGE, str(err)) from None
-    except Exception as err:  # UnidentifiedImageError, and header parsers' own errors
+    except UnidentifiedImageError:  # its message holds a memory address: keep reports reproducible
+        raise Rejected(Reason.UNDECODABLE_IMAGE, "not a recognised image format") from None
+    except Exception as err:  # header parsers' own errors
         raise Rejected(Reason.UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}") from None
     width, height = image.size
     if width * height > config.max_pixels:
