@@ -1,0 +1,214 @@
+"""build-pairs throughput and memory; prints one JSON document.
+
+* text_records_per_s_per_core: the text stages alone (parse, query/field checks, cleaning,
+  Traditional -> Simplified, text rules, jieba relevance) in one process over synthetic
+  Chinese crawl records. Target: >= 3000.
+* image_records_per_s_per_core: every per-record stage for records carrying a base64 JPEG.
+* memory: peak RSS of a full `data_tools build-pairs` run (a child process, workers=1) as the
+  input grows 10x, once for text-only records (which stream through and are rejected as
+  no_image) and once for records with images (which reach dedup/cap/split). Streaming should
+  keep the first flat; the second grows only by the few bytes per kept record the global
+  stages hold.
+
+    python benchmarks/build_pairs_throughput.py [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import opencc
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data_tools.config import FilterConfig  # noqa: E402
+from data_tools.readers import parse_item  # noqa: E402
+from data_tools.records import RawItem, Rejected  # noqa: E402
+from data_tools.stages import RecordProcessor  # noqa: E402
+
+WORDS = (
+    "连衣裙 半身裙 衬衫 外套 羽绒服 卫衣 牛仔裤 运动鞋 跑鞋 皮鞋 凉鞋 背包 钱包 手提包 帽子 围巾 手表 项链 耳环 眼镜 "
+    "手机壳 耳机 键盘 鼠标 显示器 台灯 沙发 餐桌 椅子 书架 地毯 窗帘 花瓶 茶具 碗 杯子 锅 刀具 毛巾 枕头 "
+    "小猫 小狗 兔子 熊猫 金鱼 鹦鹉 山水 风景 海边 森林 城市 夜景 雪山 草原 花朵 樱花 玫瑰 绿植 盆栽 水果 蛋糕"
+).split()
+ADJECTIVES = "红色 白色 黑色 蓝色 粉色 复古 简约 可爱 时尚 韩版 宽松 修身 加厚 轻薄 大号 小号 高清 精美 夏季 冬季".split()
+BOILERPLATE = ["图片", "IMG_2023.jpg", "商品图", "点击查看大图", "DSC_0001.JPG"]
+
+
+def synthetic_records(n: int, seed: int, image_field: str | None = None) -> list[dict]:
+    """Crawl-like records: 200 queries, titles with shop words, 10% Traditional, some junk alts."""
+    rng = random.Random(seed)
+    queries = [f"{rng.choice(ADJECTIVES)}{rng.choice(WORDS)}" for _ in range(200)]
+    to_traditional = opencc.OpenCC("s2t")
+    traditional = {}
+    records = []
+    for i in range(n):
+        query = rng.choice(queries)
+        words = [rng.choice(ADJECTIVES), rng.choice(WORDS), rng.choice(WORDS)]
+        if rng.random() < 0.8:
+            words.insert(rng.randrange(len(words) + 1), query[2:])  # the query's noun: relevant
+        title = "".join(words) + rng.choice(["", " 新款", " 包邮", f" {rng.randrange(100)}款"])
+        if rng.random() < 0.1:
+            title = traditional.setdefault(title, to_traditional.convert(title))
+        if rng.random() < 0.05:
+            title += " 😀 https://shop.example.com/item?id=%d" % i
+        alt = rng.choice(BOILERPLATE) if rng.random() < 0.3 else title
+        record = {"query": query, "url": f"https://img.example.com/{i}.jpg", "alt": alt, "title": title, "shop_id": i}
+        if image_field is not None:
+            record["image"] = image_field
+        records.append(record)
+    return records
+
+
+def jsonl_items(records: list[dict]) -> list[RawItem]:
+    return [RawItem(i, f"bench.jsonl:{i + 1}", json.dumps(r, ensure_ascii=False).encode()) for i, r in enumerate(records)]
+
+
+def text_stage_rate(n: int) -> dict:
+    """Records/s through parse + field checks + caption choice (text rules and relevance), one core."""
+    processor = RecordProcessor(FilterConfig())
+    items = jsonl_items(synthetic_records(n, seed=1))
+    kept = 0
+    base = Path(".")
+    processor.choose_text(parse_item(items[0], "jsonl", base))  # warm up jieba outside the timing
+    start = time.perf_counter()
+    for item in items:
+        record = parse_item(item, "jsonl", base)
+        try:
+            processor.check_fields(record)
+            processor.choose_text(record)
+            kept += 1
+        except Rejected:
+            pass
+    elapsed = time.perf_counter() - start
+    return {"records": n, "seconds": round(elapsed, 3), "records_per_s_per_core": round(n / elapsed), "passed_text_stages": kept}
+
+
+def photo_like_jpeg(seed: int, size: int) -> bytes:
+    """Smooth colour fields plus grain: compresses and decodes like a photo, unlike pure noise."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    pixels = np.asarray(low, dtype=np.int16) + rng.integers(-12, 12, (size, size, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def image_stage_rate(n: int, size: int) -> dict:
+    """Records/s through every per-record stage for records with an inline base64 JPEG, one core."""
+    processor = RecordProcessor(FilterConfig())
+    pool = [base64.b64encode(photo_like_jpeg(seed, size)).decode() for seed in range(16)]
+    records = synthetic_records(n, seed=2)
+    for i, record in enumerate(records):
+        record["image"] = pool[i % len(pool)]
+        record["alt"] = record["title"]  # measure images, not text rejections
+    items = jsonl_items(records)
+    processed = 0
+    start = time.perf_counter()
+    for item in items:
+        try:
+            processor.process(item, "jsonl", Path("."))
+            processed += 1
+        except Rejected:
+            pass
+    elapsed = time.perf_counter() - start
+    return {"records": n, "image_side": size, "seconds": round(elapsed, 3), "records_per_s_per_core": round(n / elapsed), "images_processed": processed}
+
+
+def write_dump(path: Path, n: int, with_images: bool, image_size: int) -> None:
+    """A dump on disk; images are distinct files so that all of them reach the global stages."""
+    path.mkdir(parents=True)
+    with open(path / "crawl.jsonl", "w", encoding="utf-8") as handle:
+        for i, record in enumerate(synthetic_records(n, seed=3)):
+            if with_images:
+                name = f"{i}.jpg"
+                (path / name).write_bytes(photo_like_jpeg(i, image_size))
+                record["image"], record["alt"] = name, record["title"]
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def peak_rss_of_build(dump: Path, out: Path, min_side: int, shard_size: int) -> dict:
+    """Run build-pairs in a child process; its own peak RSS comes from wait4."""
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(f"image:\n  min_side: {min_side}\n")
+    command = [sys.executable, "-m", "data_tools", "build-pairs", str(dump), "--out", str(out), "--no-progress",
+               "--config", str(config), "--shard-size", str(shard_size)]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"build-pairs failed: {child.stderr.read().decode()[-2000:]}")
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return {
+        "records": report["records_read"],
+        "kept": report["kept"],
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+    }
+
+
+def memory_growth(n: int, with_images: bool, image_size: int) -> dict:
+    """Peak RSS for n and 10n records with shards of n records: per-shard buffers are the same size in
+    both runs, so any growth comes from state that scales with the input."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (n, 10 * n):
+            dump = Path(tmp) / f"dump{size}"
+            write_dump(dump, size, with_images, image_size)
+            runs.append(peak_rss_of_build(dump, Path(tmp) / f"out{size}", min_side=max(1, min(image_size, 200)), shard_size=n))
+    return {"shard_size": n, "runs": runs, "rss_ratio_10x_input": round(runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"], 2)}
+
+
+def opencc_skip_gain(n: int) -> dict:
+    """Why Simplifier skips OpenCC for text without convertible characters: per-caption cost both ways."""
+    from data_tools.text import Simplifier
+
+    simplify = Simplifier()
+    titles = [r["title"] for r in synthetic_records(n, seed=4)]
+    start = time.perf_counter()
+    for title in titles:
+        simplify(title)
+    with_skip = time.perf_counter() - start
+    start = time.perf_counter()
+    for title in titles:
+        simplify._converter.convert(title)
+    always = time.perf_counter() - start
+    return {"captions": n, "us_per_caption_with_skip": round(with_skip / n * 1e6, 1), "us_per_caption_always_convert": round(always / n * 1e6, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="smaller inputs; finishes in under a minute")
+    args = parser.parse_args()
+    sizes = (
+        dict(text=5_000, images=300, image_side=256, mem_text=2_000, mem_images=500, mem_image_side=64)
+        if args.small
+        else dict(text=50_000, images=2_000, image_side=512, mem_text=20_000, mem_images=2_000, mem_image_side=96)
+    )
+    result = {
+        "cpu_count": os.cpu_count(),
+        "text_stages": text_stage_rate(sizes["text"]),
+        "opencc": opencc_skip_gain(sizes["text"] // 5),
+        "image_stages": image_stage_rate(sizes["images"], sizes["image_side"]),
+        "memory_text_only_records": memory_growth(sizes["mem_text"], with_images=False, image_size=0),
+        "memory_records_with_images": memory_growth(sizes["mem_images"], with_images=True, image_size=sizes["mem_image_side"]),
+        "target_text_records_per_s_per_core": 3000,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
