@@ -139,7 +139,7 @@ def _pending_tasks(
             if path.exists():
                 bar.update(len(items))
                 continue
-            yield ShardTask(file_index, chunk_index, source, items, path)
+            yield ShardTask(source, items, path)
 
 
 def _chunks(source: InputFile, size: int, max_member_bytes: int, input_errors: list[str]) -> Iterator[list[RawItem]]:
@@ -269,6 +269,8 @@ def _pair_meta(record: dict[str, Any]) -> dict[str, Any]:
         "page_url": record["page_url"],
         "source": record["location"],
         "text_field": record["text_field"],
+        "width": record["width"],
+        "height": record["height"],
         "extra": json.loads(record["meta"]),
     }
 

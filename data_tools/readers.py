@@ -109,28 +109,24 @@ def iter_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
 
 
 def _jsonl_items(source: InputFile) -> Iterator[RawItem]:
-    position = 0
     with open(source.path, "rb") as handle:
         for line_no, line in enumerate(handle, start=1):
             if line_no == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
-            if not line.strip():
-                continue  # blank lines are not records
-            yield RawItem(position, f"{source.display}:{line_no}", line)
-            position += 1
+            if line.strip():  # blank lines are not records
+                yield RawItem(f"{source.display}:{line_no}", line)
 
 
 def _parquet_items(source: InputFile) -> Iterator[RawItem]:
-    position = 0
+    row_no = 0
     for batch in pq.ParquetFile(source.path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
         for row in batch.to_pylist():
-            yield RawItem(position, f"{source.display}:row {position + 1}", row)
-            position += 1
+            row_no += 1
+            yield RawItem(f"{source.display}:row {row_no}", row)
 
 
 def _tar_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
     """webdataset samples: consecutive members sharing a key (name up to the first dot)."""
-    position = 0
     key, sample = None, {}
     with tarfile.open(source.path, mode="r|*") as tar:
         for member in tar:
@@ -140,8 +136,7 @@ def _tar_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
             stem, _, ext = base.partition(".")
             member_key = f"{folder}/{stem}" if folder else stem
             if member_key != key and sample:
-                yield RawItem(position, f"{source.display}:{key}", sample)
-                position += 1
+                yield RawItem(f"{source.display}:{key}", sample)
                 sample = {}
             key = member_key
             ext = ext.lower()
@@ -150,7 +145,7 @@ def _tar_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
             else:
                 sample[ext] = tar.extractfile(member).read()
         if sample:
-            yield RawItem(position, f"{source.display}:{key}", sample)
+            yield RawItem(f"{source.display}:{key}", sample)
 
 
 def parse_item(item: RawItem, kind: str, base_dir: Path) -> Record:
@@ -206,7 +201,6 @@ def _record_from_mapping(mapping: dict[str, Any], item: RawItem, base_dir: Path)
         if value is not None and not isinstance(value, allowed):
             raise Rejected(Reason.BAD_FIELD_TYPE, f"{name} is {type(value).__name__}, expected string")
     return Record(
-        position=item.position,
         location=item.location,
         base_dir=base_dir,
         query=mapping.get("query") or "",

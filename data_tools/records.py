@@ -66,7 +66,6 @@ class RawItem:
     (dict of extension -> bytes).
     """
 
-    position: int  # 0-based record number within its file: the deterministic order
     location: str  # "path:line", "path:row N" or "path:key", for messages
     payload: bytes | dict[str, Any]
 
@@ -75,7 +74,6 @@ class RawItem:
 class Record:
     """A crawl record, filled in stage by stage."""
 
-    position: int
     location: str
     base_dir: Path  # image paths are resolved inside this directory and nowhere else
     query: str = ""

@@ -45,7 +45,8 @@ class Relevance:
     token of the caption, so 猫 does not match 熊猫. The caption is segmented only when a
     single-character word is the only candidate, which keeps the common case to substring tests.
 
-    keyword: the whole query (spaces ignored) must occur in the caption.
+    keyword: the whole query (spaces ignored) must occur in the caption. Overlap falls back to
+    this for a query without content words (e.g. only "新款").
     """
 
     def __init__(self, mode: str, extra_stopwords: tuple[str, ...] = ()) -> None:
@@ -61,8 +62,10 @@ class Relevance:
             return True
         text = text.lower()
         if self.mode == "keyword":
-            return _SPACES.sub("", query.lower()) in _SPACES.sub("", text)
+            return _contains_whole(text, query)
         words = self.query_words(query)
+        if not words:  # a query of stopwords only can still be matched whole
+            return _contains_whole(text, query)
         single: list[str] = []
         for word in words:
             if word in text:
@@ -81,3 +84,8 @@ class Relevance:
     @staticmethod
     def _tokens(text: str) -> set[str]:
         return {t.strip() for t in jieba.lcut(text)}
+
+
+def _contains_whole(text: str, query: str) -> bool:
+    """Lower-cased text contains the query, spaces ignored on both sides."""
+    return _SPACES.sub("", query.lower()) in _SPACES.sub("", text)

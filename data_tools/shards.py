@@ -29,7 +29,6 @@ WORK_FORMAT = 1  # bump when the shard file layout or a per-record stage changes
 _TALLY_KEY = b"data_tools.tally"
 SCHEMA = pa.schema(
     [
-        ("position", pa.int64()),
         ("location", pa.string()),
         ("query", pa.string()),
         ("text", pa.string()),
@@ -51,8 +50,6 @@ LIGHT_COLUMNS = ["location", "query", "text", "sha", "phash"]
 class ShardTask:
     """Work for one process: the raw items of one shard and where its result goes."""
 
-    file_index: int
-    chunk_index: int
     source: InputFile
     items: list[RawItem]
     result_path: Path
@@ -108,7 +105,6 @@ def process_shard(task: ShardTask, processor: RecordProcessor) -> int:
             continue
         tally.add_read(file, record.query)
         for name, value in (
-            ("position", record.position),
             ("location", record.location),
             ("query", record.query),
             ("text", record.text),

@@ -62,9 +62,8 @@ class _AtomicFiles:
 class Writer:
     """Base: collects pairs per split into atomically committed files."""
 
-    def __init__(self, out: Path, splits: tuple[str, ...]) -> None:
+    def __init__(self, out: Path) -> None:
         self.files = _AtomicFiles(out)
-        self.splits = splits
 
     def add(self, pair: Pair) -> None:
         raise NotImplementedError
@@ -84,7 +83,7 @@ class CnclipWriter(Writer):
     """
 
     def __init__(self, out: Path, splits: tuple[str, ...]) -> None:
-        super().__init__(out, splits)
+        super().__init__(out)
         for split in splits:
             for suffix in ("imgs.tsv", "texts.jsonl", "meta.jsonl"):
                 self.files.get(f"{split}_{suffix}")
@@ -102,7 +101,7 @@ class PairsWriter(Writer):
     """`{split}_pairs.jsonl` lines `{"id", "image" (urlsafe base64 JPEG), "text", "query", "meta"}`."""
 
     def __init__(self, out: Path, splits: tuple[str, ...]) -> None:
-        super().__init__(out, splits)
+        super().__init__(out)
         for split in splits:
             self.files.get(f"{split}_pairs.jsonl")
 
@@ -116,7 +115,7 @@ class WebdatasetWriter(Writer):
     """`{split}-{n:05d}.tar` shards of `{id:09d}.jpg/.txt/.json`, byte-identical across reruns."""
 
     def __init__(self, out: Path, splits: tuple[str, ...]) -> None:
-        super().__init__(out, splits)
+        super().__init__(out)
         self._counts = {split: 0 for split in splits}
         self._tars: dict[str, tarfile.TarFile] = {}  # the open shard of each split
         self._tar_names: dict[str, str] = {}

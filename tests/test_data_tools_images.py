@@ -134,7 +134,7 @@ def test_size_rules():
 
 
 def record_with(image, base_dir=Path("."), url=None) -> Record:
-    return Record(position=0, location="dump.jsonl:1", base_dir=base_dir, query="q", image=image, url=url)
+    return Record(location="dump.jsonl:1", base_dir=base_dir, query="q", image=image, url=url)
 
 
 @pytest.mark.parametrize(

@@ -370,3 +370,16 @@ def test_pairs_and_webdataset_formats_hold_the_same_pairs(crawl, single, tmp_pat
             texts |= {tar.extractfile(n).read().decode() for n in names if n.endswith(".txt")}
     assert texts == cnclip_texts
     assert sorted(p.name for p in wds_out.glob("*.tar")) == ["test-00000.tar", "train-00000.tar", "valid-00000.tar"]
+
+
+def test_unreadable_file_is_reported_and_the_rest_is_built(tmp_path):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "cat.png").write_bytes(encode(smooth_image(1), "PNG"))
+    (dump / "a.jsonl").write_text(json.dumps({"query": "小猫", "image": "cat.png", "alt": "一只可爱的小猫"}) + "\n")
+    (dump / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    result = build_pairs(BuildOptions(inputs=(str(dump),), out=tmp_path / "out", config=config_from_dict(FILTERS), progress=False))
+    assert result.report["kept"] == result.report["records_read"] == 1
+    (error,) = result.report["input_errors"]
+    assert error.startswith(f"{dump / 'broken.parquet'}: ")
+    assert result.report["per_file"][str(dump / "broken.parquet")] == {"read": 0, "kept": 0, "rejected": {}}

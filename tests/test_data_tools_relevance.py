@@ -41,13 +41,18 @@ def test_off_mode_accepts_everything():
     assert Relevance("off").is_relevant("山水风景画", "红色连衣裙")
 
 
+def test_query_of_stopwords_only_must_appear_whole(overlap):
+    assert overlap.is_relevant("2024新款上市", "新款")
+    assert not overlap.is_relevant("夏季连衣裙", "新款")
+
+
 def test_extra_stopwords():
     relevance = Relevance("overlap", extra_stopwords=("夏季",))
     assert not relevance.is_relevant("夏季男鞋", "夏季连衣裙")
 
 
 def make_record(query="红色连衣裙", **candidates):
-    return Record(position=0, location="dump.jsonl:1", base_dir=Path("."), query=query, candidates=candidates)
+    return Record(location="dump.jsonl:1", base_dir=Path("."), query=query, candidates=candidates)
 
 
 @pytest.fixture(scope="module")
