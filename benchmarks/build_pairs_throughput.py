@@ -4,7 +4,7 @@
   Traditional -> Simplified, text rules, jieba relevance) in one process over synthetic
   Chinese crawl records. Target: >= 3000.
 * image_records_per_s_per_core: every per-record stage for records carrying a base64 JPEG.
-* memory: peak RSS of a full `data_tools build-pairs` run (a child process, workers=1) as the
+* memory: peak RSS (VmHWM) of a full `data_tools build-pairs` run (a child process, workers=1) as the
   input grows 10x, once for text-only records (which stream through and are rejected as
   no_image) and once for records with images (which reach dedup/cap/split). Streaming should
   keep the first flat; the second grows only by the few bytes per kept record the global
@@ -74,7 +74,7 @@ def synthetic_records(n: int, seed: int, image_field: str | None = None) -> list
 
 
 def jsonl_items(records: list[dict]) -> list[RawItem]:
-    return [RawItem(i, f"bench.jsonl:{i + 1}", json.dumps(r, ensure_ascii=False).encode()) for i, r in enumerate(records)]
+    return [RawItem(f"bench.jsonl:{i + 1}", json.dumps(r, ensure_ascii=False).encode()) for i, r in enumerate(records)]
 
 
 def text_stage_rate(n: int) -> dict:
@@ -140,23 +140,34 @@ def write_dump(path: Path, n: int, with_images: bool, image_size: int) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+# The child reports VmHWM (its own peak RSS) itself: ru_maxrss from wait4 would include the
+# benchmark's own RSS at fork time, which Linux carries across exec.
+CHILD = """
+import re, sys
+from data_tools.cli import main
+code = main(sys.argv[1:])
+with open("/proc/self/status") as status:
+    print("peak_kib", re.search(r"VmHWM:\\s+(\\d+)", status.read()).group(1), file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def peak_rss_of_build(dump: Path, out: Path, min_side: int, shard_size: int) -> dict:
-    """Run build-pairs in a child process; its own peak RSS comes from wait4."""
+    """Run build-pairs (workers=1) in a child process that reports its own peak RSS."""
     config = out.parent / f"{out.name}.yaml"
     config.write_text(f"image:\n  min_side: {min_side}\n")
-    command = [sys.executable, "-m", "data_tools", "build-pairs", str(dump), "--out", str(out), "--no-progress",
-               "--config", str(config), "--shard-size", str(shard_size)]
+    args = ["build-pairs", str(dump), "--out", str(out), "--no-progress", "--config", str(config), "--shard-size", str(shard_size)]
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"build-pairs failed: {child.stderr.read().decode()[-2000:]}")
+    child = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"build-pairs failed: {child.stderr[-2000:]}")
+    peak_kib = int(child.stderr.split("peak_kib")[-1])
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     return {
         "records": report["records_read"],
         "kept": report["kept"],
         "seconds": round(time.perf_counter() - start, 2),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+        "peak_rss_mib": round(peak_kib / 1024, 1),
     }
 
 

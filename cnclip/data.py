@@ -319,7 +319,12 @@ def tokenize(tokenizer, texts: list[str], context_length: int) -> dict[str, torc
 
 
 def gather_tokens(tokens: dict[str, torch.Tensor], rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    """Rows of the pre-tokenised captions, trimmed to the longest caption in this batch."""
+    """Rows of the pre-tokenised captions, trimmed to the longest caption in this batch.
+
+    For a GPU the rows go through pinned memory, so the copy is truly asynchronous.
+    """
     batch = {k: v[rows] for k, v in tokens.items()}
     length = int(batch["attention_mask"].sum(1).max())
-    return {k: v[:, :length].to(device, non_blocking=True) for k, v in batch.items()}
+    pin = torch.device(device).type == "cuda"
+    return {k: (v[:, :length].pin_memory() if pin else v[:, :length]).to(device, non_blocking=True)
+            for k, v in batch.items()}

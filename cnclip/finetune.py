@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
 from .cli import run_cli, setup_logging
 from .data import DataError, ImageTransform, SkipLog, Split, gather_tokens, load_split, tokenize
@@ -26,11 +27,11 @@ from .device import Runtime, pick_runtime
 from .evaluate import evaluate_split, format_metrics
 from .features import ImageFeatures, split_image_features
 from .io import write_json
-from .loss import clip_loss
-from .models import (attach_lora, clamp_logit_scale, describe_trainable, encode_texts, image_tower_fingerprint,
-                     load_base_model, lock_image_tower)
+from .models import (attach_lora, clamp_logit_scale, describe_trainable, image_tower_fingerprint, load_base_model,
+                     lock_image_tower)
 from .recipe import Recipe, RecipeError, dump_recipe, flatten, load_recipe
 from .trained import RECIPE_FILE
+from .train_step import contrastive_step, prepare_text_tower
 
 log = logging.getLogger("cnclip.finetune")
 
@@ -111,6 +112,17 @@ class MetricsLog:
             fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
+class NoMetricsLog:
+    """What ranks other than 0 write metrics to: nothing (rank 0 owns metrics.jsonl)."""
+
+    def write(self, **entry) -> None:
+        pass
+
+
+# Keys that change how a step is computed, never what it computes: a run may resume with other values.
+EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "train.compile"}
+
+
 def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
     """A run directory belongs to one recipe: resuming under a different one would mix two runs."""
     saved = run_dir / RECIPE_FILE
@@ -118,7 +130,7 @@ def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
         return
     before = flatten(load_recipe(saved, check_data=False).to_dict())
     now = flatten(recipe.to_dict())
-    changed = [k for k in now if before.get(k) != now[k]]
+    changed = [k for k in now if before.get(k) != now[k] and k not in EXECUTION_KEYS]
     if changed:
         raise RecipeError(
             f"run directory {run_dir} was started with a different recipe (changed: {', '.join(changed)}); "
@@ -127,23 +139,51 @@ def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
 
 
 def train(recipe: Recipe) -> dict:
+    """Train one process, or this rank of a torchrun job (detected from its environment variables).
+
+    Data parallel: train.batch_size is the global batch, split evenly over the processes; the
+    loss sees the whole global batch and gradients are averaged, so N processes train exactly
+    like one process with the same recipe (up to float rounding). Rank 0 computes the image
+    cache, validates, and writes every file; the data position in a checkpoint counts global
+    optimizer steps, so a run can resume on a different number of processes.
+    """
+    runtime = pick_runtime(distributed.resolve_device(recipe.train.device), recipe.train.precision)
+    owns_group = not distributed.is_distributed()
+    distributed.init_distributed(runtime.device)
+    try:
+        return _train(recipe, runtime)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+
+
+def _train(recipe: Recipe, runtime: Runtime) -> dict:
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir / "train.log")
+    main_rank = distributed.is_main()
+    setup_logging(run_dir / "train.log" if main_rank else None)
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)
     check_run_dir(run_dir, recipe)
-    dump_recipe(recipe, run_dir / RECIPE_FILE)
+    distributed.barrier()  # every rank has read the saved recipe before rank 0 rewrites it
+    if main_rank:
+        dump_recipe(recipe, run_dir / RECIPE_FILE)
 
-    if recipe.data.generate == "demo":
+    if recipe.data.generate == "demo" and main_rank:
         from .demo_data import write_demo_dataset
 
         write_demo_dataset(recipe.data.root, seed=recipe.seed)
+    distributed.barrier()
 
-    runtime = pick_runtime(recipe.train.device, recipe.train.precision)
-    log.info("device %s, precision %s", runtime.device, runtime.precision)
+    log.info("device %s, precision %s, %d process(es)", runtime.device, runtime.precision,
+             distributed.world_size())
     base = load_base_model(recipe.model, seed=recipe.seed)
     torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
     model = attach_lora(base.clip, recipe.model).to(runtime.device)
     clip = base.clip
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(trainable)
+    prepare_text_tower(clip, recipe.train.gradient_checkpointing, recipe.train.compile)
     log.info(describe_trainable(model))
 
     # ---- data and the image-embedding cache (the image tower runs here, and only here)
@@ -156,12 +196,13 @@ def train(recipe: Recipe) -> dict:
                                     recipe.cache.batch_size, recipe.data.num_workers, skips)
 
     train_split = load_split(recipe.data.root, recipe.data.train_split, skips)
-    train_features = features_of(train_split)
+    # Rank 0 fills the cache while the others wait, then they read it from disk.
+    train_features = distributed.main_first(lambda: features_of(train_split))
     pairs = build_pairs(train_split, train_features, base.tokenizer, recipe.data.context_length, skips)
     valid_split = valid_features = None
     if recipe.data.valid_split:
         valid_split = load_split(recipe.data.root, recipe.data.valid_split, skips)
-        valid_features = features_of(valid_split)
+        valid_features = distributed.main_first(lambda: features_of(valid_split))
     if skips.total:
         log.warning("skipped %d bad items while reading data: %s", skips.total, dict(skips.counts))
     image_bank = train_features.embeddings.to(runtime.device)
@@ -169,7 +210,11 @@ def train(recipe: Recipe) -> dict:
              len(train_features.ids))
 
     # ---- optimisation
-    batch_size = min(recipe.train.batch_size, len(pairs))
+    world = distributed.world_size()
+    if recipe.train.batch_size % world:
+        raise RecipeError(f"recipe key 'train.batch_size' ({recipe.train.batch_size}) is the global batch and must "
+                          f"split evenly over the {world} processes")
+    batch_size = min(recipe.train.batch_size, len(pairs) // world * world)  # global; each rank takes 1/world
     steps_per_epoch = len(pairs) // batch_size  # the last partial batch is dropped: every step sees a full batch
     total_steps = recipe.train.epochs * steps_per_epoch
     optimizer = make_optimizer(model, recipe, runtime)
@@ -177,7 +222,7 @@ def train(recipe: Recipe) -> dict:
         optimizer, warmup_cosine(min(recipe.train.warmup_steps, total_steps), total_steps))
 
     def validate() -> dict | None:
-        if valid_split is None:
+        if valid_split is None or not distributed.is_main():  # rank 0 validates; the others go on
             return None
         model.eval()
         result = evaluate_split(clip, base.tokenizer, valid_split, valid_features, runtime,
@@ -192,7 +237,8 @@ def train(recipe: Recipe) -> dict:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
         log.info("resuming from %s (epoch %d, step %d of %d)", checkpoint, state.epoch + 1, state.global_step,
                  total_steps)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.global_step if checkpoint else None)
+    metrics_log = (MetricsLog(run_dir / "metrics.jsonl", state.global_step if checkpoint else None)
+                   if main_rank else NoMetricsLog())
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if checkpoint and summary_path.is_file() else {}
     if checkpoint is None:
@@ -205,24 +251,26 @@ def train(recipe: Recipe) -> dict:
                 summary["before"] = before
                 write_json(summary_path, summary)
 
+    if distributed.rank() > 0:  # each rank draws its own dropout masks; rank 0 keeps the saved stream
+        torch.manual_seed(recipe.seed + 7919 * distributed.rank() + state.global_step)
+
     # ---- the loop
     model.train()
     lock_image_tower(clip)
     while state.epoch < recipe.train.epochs:
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(recipe.seed * 1000 + state.epoch))
         progress = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}",
-                        unit="step", dynamic_ncols=True)
+                        unit="step", dynamic_ncols=True, disable=not main_rank)
         tic, seen = time.perf_counter(), 0
         while state.step_in_epoch < steps_per_epoch:
-            idx = order[state.step_in_epoch * batch_size:(state.step_in_epoch + 1) * batch_size]
-            image_rows = pairs.image_rows[idx]
+            # This rank's contiguous share of the global batch.
+            idx = distributed.local_slice(order[state.step_in_epoch * batch_size:(state.step_in_epoch + 1) * batch_size])
+            image_rows = pairs.image_rows[idx].to(runtime.device, non_blocking=True)
             tokens = gather_tokens(pairs.tokens, pairs.text_rows[idx], runtime.device)
-            with runtime.autocast():
-                text_emb = encode_texts(clip, **tokens)
-            loss = clip_loss(image_bank[image_rows.to(runtime.device)], text_emb, clip.logit_scale,
-                             image_rows.to(runtime.device), pairs.text_keys[idx].to(runtime.device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = contrastive_step(clip, trainable, tokens, image_bank[image_rows], image_rows,
+                                    pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
+                                    recipe.train.grad_cache_chunk)
             if recipe.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                recipe.train.grad_clip)
@@ -232,7 +280,7 @@ def train(recipe: Recipe) -> dict:
             clamp_logit_scale(clip)
             state.step_in_epoch += 1
             state.global_step += 1
-            seen += len(idx)
+            seen += len(idx) * world
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
             if state.global_step % recipe.train.log_every == 0:
@@ -241,9 +289,14 @@ def train(recipe: Recipe) -> dict:
                                   lr=lr, logit_scale=clip.logit_scale.exp().item(),
                                   samples_per_s=seen / max(elapsed, 1e-9))
                 tic, seen = time.perf_counter(), 0
-            if state.global_step % recipe.train.save_every == 0 and state.step_in_epoch < steps_per_epoch:
+            if (state.global_step % recipe.train.save_every == 0 and state.step_in_epoch < steps_per_epoch
+                    and main_rank):
                 save_checkpoint(run_dir, model, optimizer, scheduler, state)
         progress.close()
+        if not main_rank:  # rank 0 validates, keeps the best model and checkpoints
+            state.epoch += 1
+            state.step_in_epoch = 0
+            continue
 
         metrics = validate()
         finished_epoch = state.epoch + 1
@@ -263,6 +316,9 @@ def train(recipe: Recipe) -> dict:
         state.step_in_epoch = 0
         save_checkpoint(run_dir, model, optimizer, scheduler, state)
 
+    distributed.barrier()  # rank 0 finishes its last validation and checkpoint before anyone leaves
+    if not main_rank:
+        return summary
     summary.setdefault("skipped", skips.summary())
     summary["steps"] = state.global_step
     write_json(summary_path, summary)

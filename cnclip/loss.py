@@ -1,15 +1,25 @@
-"""Symmetric InfoNCE for CLIP, with false negatives masked out.
+"""Symmetric InfoNCE for CLIP, with false negatives masked out, on one process or many.
 
 In MUGE one text has several images and an image can belong to several texts, and crawled data
 repeats captions. When two batch entries share an image or have the same text, pushing them apart
 would punish the model for being right; those off-diagonal logits are masked out of both
 softmaxes, so each is neither a positive nor a negative for the other.
+
+Under torch.distributed every rank holds a slice of the global batch. `gather_features` (the only
+place that communicates) collects embeddings and keys from all ranks, text embeddings with their
+autograd graph; each rank then takes the loss of its own rows against every column of the global
+batch (open_clip's "local loss"). The global loss is the mean of the rank losses, and averaging the
+parameter gradients over ranks gives exactly the single-process gradient of the global batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from . import distributed
 
 
 def false_negative_mask(image_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
@@ -17,6 +27,34 @@ def false_negative_mask(image_keys: torch.Tensor, text_keys: torch.Tensor) -> to
     same = (image_keys[:, None] == image_keys[None, :]) | (text_keys[:, None] == text_keys[None, :])
     same.fill_diagonal_(False)
     return same
+
+
+def _rows_loss(
+    image_rows: torch.Tensor,
+    text_rows: torch.Tensor,
+    image_all: torch.Tensor,
+    text_all: torch.Tensor,
+    logit_scale: torch.Tensor,
+    keys_rows: tuple[torch.Tensor, torch.Tensor] | None,
+    keys_all: tuple[torch.Tensor, torch.Tensor] | None,
+    offset: int,
+) -> torch.Tensor:
+    """Symmetric cross-entropy of rows offset..offset+n of the global batch against all columns.
+
+    Inputs are L2-normalised float32; entry offset+i of the global batch is row i's positive.
+    """
+    n = image_rows.shape[0]
+    scale = logit_scale.float().exp()
+    logits_i2t = scale * image_rows @ text_all.t()
+    logits_t2i = scale * text_rows @ image_all.t()
+    labels = torch.arange(offset, offset + n, device=logits_i2t.device)
+    if keys_rows is not None and keys_all is not None:
+        same = ((keys_rows[0][:, None] == keys_all[0][None, :])
+                | (keys_rows[1][:, None] == keys_all[1][None, :]))
+        same[torch.arange(n, device=same.device), labels] = False
+        logits_i2t = logits_i2t.masked_fill(same, float("-inf"))
+        logits_t2i = logits_t2i.masked_fill(same, float("-inf"))
+    return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
 def clip_loss(
@@ -33,8 +71,57 @@ def clip_loss(
     """
     image_emb = F.normalize(image_emb.float(), dim=-1)
     text_emb = F.normalize(text_emb.float(), dim=-1)
-    logits = logit_scale.float().exp() * image_emb @ text_emb.t()
-    if image_keys is not None and text_keys is not None:
-        logits = logits.masked_fill(false_negative_mask(image_keys, text_keys), float("-inf"))
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    keys = (image_keys, text_keys) if image_keys is not None and text_keys is not None else None
+    return _rows_loss(image_emb, text_emb, image_emb, text_emb, logit_scale, keys, keys, 0)
+
+
+@dataclass
+class GlobalBatch:
+    """The global batch as every rank sees it after gathering, and where this rank's rows sit."""
+
+    image_emb: torch.Tensor
+    text_emb: torch.Tensor
+    image_keys: torch.Tensor | None
+    text_keys: torch.Tensor | None
+    offset: int
+
+
+def gather_features(image_emb: torch.Tensor, text_emb: torch.Tensor, image_keys: torch.Tensor | None = None,
+                    text_keys: torch.Tensor | None = None) -> GlobalBatch:
+    """Collect embeddings and keys from every rank, in rank order; tensors that need gradients keep them.
+
+    Keys are gathered too, so false negatives are masked across ranks (a caption on rank 0 and
+    the same caption on rank 1 are not pushed apart). Every rank must hold the same number of rows.
+    """
+    n = image_emb.shape[0]
+    return GlobalBatch(
+        image_emb=distributed.all_gather(image_emb),
+        text_emb=distributed.all_gather(text_emb),
+        image_keys=None if image_keys is None else distributed.all_gather_no_grad(image_keys),
+        text_keys=None if text_keys is None else distributed.all_gather_no_grad(text_keys),
+        offset=distributed.rank() * n,
+    )
+
+
+def distributed_clip_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_keys: torch.Tensor | None = None,
+    text_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This rank's share of the global-batch loss (== clip_loss on a single process).
+
+    Rows are this rank's pairs, columns the whole global batch. The mean over ranks of the
+    returned values is clip_loss of the global batch; average parameter gradients over ranks
+    (distributed.average_gradients) to get its gradient.
+    """
+    if not distributed.is_distributed():
+        return clip_loss(image_emb, text_emb, logit_scale, image_keys, text_keys)
+    image_emb = F.normalize(image_emb.float(), dim=-1)
+    text_emb = F.normalize(text_emb.float(), dim=-1)
+    world = gather_features(image_emb, text_emb, image_keys, text_keys)
+    keys = (image_keys, text_keys) if image_keys is not None and text_keys is not None else None
+    keys_all = (world.image_keys, world.text_keys) if keys is not None else None
+    return _rows_loss(image_emb, text_emb, world.image_emb, world.text_emb, logit_scale, keys, keys_all,
+                      world.offset)

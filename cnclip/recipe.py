@@ -65,6 +65,13 @@ class TrainConfig:
     log_every: int = 10
     # Save a resumable checkpoint every N optimizer steps (and always at each epoch end).
     save_every: int = 200
+    # Gradient caching (GradCache): run the text tower over the batch in chunks of this many
+    # captions, so batch_size is bounded by embedding memory, not activations; 0 = off.
+    grad_cache_chunk: int = 0
+    # Recompute text-tower activations in backward instead of storing them (less memory, ~30% slower).
+    gradient_checkpointing: bool = False
+    # torch.compile the text tower (GPU speed-up after a warm-up compile; needs a C++ compiler on CPU).
+    compile: bool = False
 
 
 @dataclass
@@ -232,7 +239,8 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     if t.lr <= 0:
         raise RecipeError(f"recipe key 'train.lr' must be > 0, got {t.lr}")
     for key, value in {"train.warmup_steps": t.warmup_steps, "data.num_workers": d.num_workers,
-                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay}.items():
+                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
+                       "train.grad_cache_chunk": t.grad_cache_chunk}.items():
         if value < 0:
             raise RecipeError(f"recipe key '{key}' must be >= 0, got {value}")
     if t.precision not in _PRECISIONS:

@@ -2,8 +2,8 @@
 
 A shard is `shard_size` consecutive records of one input file. Its result (accepted records with
 their JPEG and hashes, plus the shard's Tally in the file metadata) is one Parquet file written
-to a temporary name and renamed, so a shard is either finished or absent: an interrupted run
-resumes at the first missing shard. The global stages read only the small columns back.
+to a temporary name and renamed, so a shard is either finished or absent: a rerun after an
+interruption computes only the missing shards. The global stages read only the small columns back.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ class WorkDir:
     """DIR/.work: a manifest with the fingerprint of everything the shard results depend on, and the shards."""
 
     def __init__(self, root: Path, fingerprint: str) -> None:
-        self.root = root
         self.shards = root / "shards"
         manifest = root / "manifest.json"
         if _read_fingerprint(manifest) != fingerprint:

@@ -96,6 +96,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_model_no_dropout_dir(tmp_path_factory) -> Path:
+    """The tiny model with the text tower's dropout off: runs that must agree number for number
+    (N processes vs one, resumed vs uninterrupted) cannot draw the same dropout masks."""
+    out = make_tiny_model(tmp_path_factory.mktemp("tiny_model_no_dropout"))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config["text_config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out
+
+
 @pytest.fixture()
 def tiny_data_dir(tmp_path) -> Path:
     return make_tiny_dataset(tmp_path / "data")

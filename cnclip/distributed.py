@@ -1,0 +1,195 @@
+"""Data-parallel plumbing: one process per device under torchrun, or one plain process.
+
+A plain `python -m cnclip.finetune` never needs a launcher or environment variables: without the
+variables torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK) everything here is a no-op for a world of
+one. Under torchrun the backend follows the device (nccl for CUDA, gloo otherwise, so CPU-only and
+Windows machines work), and each process drives the GPU numbered by its LOCAL_RANK.
+
+The helpers read torch.distributed's own state, so callers never pass a context object around.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Iterable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+# Rank 0 computes the image cache and runs validation while the others wait at a barrier: the
+# default 10-30 minute collective timeouts would kill a run caching a large data set.
+DEFAULT_TIMEOUT = timedelta(hours=3)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None  # None: a plain single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return all(v in os.environ for v in LAUNCH_VARS)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The device this process trains on: under torchrun, "auto"/"cuda" mean cuda:LOCAL_RANK."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched_by_torchrun() else 0
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return f"cuda:{local_rank}"
+    return device
+
+
+def init_distributed(device: str | torch.device = "cpu", timeout: timedelta = DEFAULT_TIMEOUT) -> DistInfo:
+    """Join the process group torchrun describes (if any) and return where this process stands.
+
+    Safe to call when a group already exists (tests, notebooks): it is reused, not re-created.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return info()
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistInfo(0, 1, 0, None)
+    device = torch.device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    result = info()
+    log.info("process group: rank %d of %d (local rank %d), backend %s, device %s", result.rank,
+             result.world_size, result.local_rank, backend, device)
+    return result
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def info() -> DistInfo:
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo(0, 1, 0, None)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+                    dist.get_backend())
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0, then on the others: rank 0 fills a shared cache the others only read."""
+    if is_main():
+        result = fn()
+        barrier()
+        return result
+    barrier()
+    return fn()
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0, in rank order, keeping the autograd graph.
+
+    Backward sums the gradients all ranks computed for this rank's slice (an all-to-all + sum on
+    gloo, reduce-scatter on nccl), so the local embeddings receive every rank's loss gradient.
+    All ranks must pass the same shape.
+    """
+    if not is_distributed():
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0 (no gradient): keys, cached embeddings."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    return all_gather_with_grad(tensor) if tensor.requires_grad else all_gather_no_grad(tensor)
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of the trainable parameters over ranks, in one flat all-reduce.
+
+    This is what DDP does after backward; done by hand because the step runs the text tower
+    directly (and, with gradient caching, once per chunk), which DDP's forward hooks do not see.
+    The LoRA parameters are few, so one bucket is enough.
+    """
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(params: Iterable[torch.nn.Parameter], src: int = 0) -> None:
+    """Make every rank start from rank 0's weights (LoRA init draws random numbers)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=src)
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The average of a scalar over ranks (for logging the global loss)."""
+    if not is_distributed():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / dist.get_world_size()
+
+
+def local_slice(global_batch: torch.Tensor, rank_: int | None = None, world: int | None = None) -> torch.Tensor:
+    """This rank's contiguous share of a global batch; the global batch must split evenly."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    n = global_batch.shape[0]
+    if n % world:
+        raise ValueError(f"global batch of {n} does not split evenly over {world} processes")
+    per = n // world
+    return global_batch[rank_ * per:(rank_ + 1) * per]

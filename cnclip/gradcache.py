@@ -1,0 +1,82 @@
+"""Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup"): a contrastive batch far larger than the text tower's activations allow.
+
+The contrastive loss couples every pair in the batch, but it only needs the *embeddings*, which are
+small. So: (1) embed the whole batch chunk by chunk without building a graph; (2) compute the loss
+on the embeddings and its gradient with respect to them; (3) re-run each chunk with a graph and
+back-propagate that cached gradient. Peak activation memory is one chunk's; the parameter gradient
+is the gradient of the full-batch loss, at the cost of a second forward pass.
+
+For the gradient to be exact the re-run must reproduce the first pass bit for bit, dropout included:
+the random-number state is captured before each chunk's first pass and restored for its re-run (the
+GradCache reference implementation's RandContext), inside `fork_rng` so the global generator ends
+where the first pass left it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+
+
+class RandState:
+    """The CPU generator's state and that of the CUDA devices a chunk runs on."""
+
+    def __init__(self, devices: list[int]):
+        self.devices = devices
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the block from the captured state; the generators are put back afterwards."""
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for d, s in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(s, d)
+            yield
+
+
+def split_batch(batch: Batch, chunk_size: int) -> list[Batch]:
+    n = next(iter(batch.values())).shape[0]
+    return [{k: v[i:i + chunk_size] for k, v in batch.items()} for i in range(0, n, chunk_size)]
+
+
+def _cuda_devices(batch: Batch) -> list[int]:
+    return sorted({torch.cuda.current_device() if v.device.index is None else v.device.index
+                   for v in batch.values() if v.device.type == "cuda"})
+
+
+def cached_backward(
+    embed: Callable[[Batch], torch.Tensor],
+    batch: Batch,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int,
+) -> torch.Tensor:
+    """Accumulate into `.grad` the parameter gradient of loss_fn(embed(batch)), chunk by chunk.
+
+    `embed` maps a batch (dict of row-aligned tensors) to embeddings with a graph to the trainable
+    parameters; `loss_fn` maps the concatenated embeddings to a scalar loss (it may involve other
+    parameters, e.g. the temperature, whose gradient it accumulates directly, and collectives:
+    it is called exactly once). Returns the loss, detached.
+    """
+    chunks = split_batch(batch, chunk_size)
+    devices = _cuda_devices(batch)
+    states, reps = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(RandState(devices))
+            reps.append(embed(chunk))
+    reps_leaf = torch.cat(reps).detach().requires_grad_(True)
+    loss = loss_fn(reps_leaf)
+    loss.backward()
+    grads = reps_leaf.grad.split([r.shape[0] for r in reps])
+    for chunk, state, grad in zip(chunks, states, grads):
+        with state.replay():
+            rep = embed(chunk)
+        rep.backward(gradient=grad.to(rep.dtype))
+    return loss.detach()

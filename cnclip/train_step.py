@@ -1,0 +1,67 @@
+"""One optimisation step's forward and backward: text embeddings -> contrastive loss -> gradients.
+
+The same function runs a single process, every rank of a torchrun job, and the throughput
+benchmark. The image side is the cached embeddings; only the text tower runs. With
+`grad_cache_chunk` > 0 the batch goes through the text tower in chunks (cnclip.gradcache), so the
+batch size is bounded by the embeddings' memory, not the activations'. Under torch.distributed
+each rank passes its slice of the global batch; the loss sees the global batch
+(loss.distributed_clip_loss) and gradients are averaged over ranks, so every rank ends the step
+with the gradient a single process would compute on the whole global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from . import distributed
+from .device import Runtime
+from .gradcache import cached_backward
+from .loss import distributed_clip_loss
+from .models import encode_texts
+
+
+def contrastive_step(
+    clip: torch.nn.Module,
+    params: Iterable[torch.nn.Parameter],
+    tokens: dict[str, torch.Tensor],
+    image_emb: torch.Tensor,
+    image_keys: torch.Tensor | None,
+    text_keys: torch.Tensor | None,
+    runtime: Runtime,
+    grad_cache_chunk: int = 0,
+) -> torch.Tensor:
+    """Accumulate the global-batch loss gradient into `params`' .grad; return the global loss (detached).
+
+    Call with zeroed gradients; `params` are the trainable parameters (averaged over ranks here).
+    """
+
+    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with runtime.autocast():
+            return encode_texts(clip, **batch)
+
+    def loss_of(text_emb: torch.Tensor) -> torch.Tensor:
+        return distributed_clip_loss(image_emb, text_emb, clip.logit_scale, image_keys, text_keys)
+
+    n = tokens["input_ids"].shape[0]
+    if 0 < grad_cache_chunk < n:
+        loss = cached_backward(embed, tokens, loss_of, grad_cache_chunk)
+    else:
+        loss = loss_of(embed(tokens))
+        loss.backward()
+    distributed.average_gradients(params)
+    return distributed.mean_over_ranks(loss.detach())
+
+
+def prepare_text_tower(clip: torch.nn.Module, gradient_checkpointing: bool = False, compile: bool = False) -> None:
+    """Memory / speed options of the trained tower (recipe keys train.gradient_checkpointing, train.compile).
+
+    Non-reentrant checkpointing works with a frozen embedding layer (LoRA) and keeps dropout's
+    random state, so it composes with gradient caching. `Module.compile()` compiles in place:
+    parameter names, and so checkpoints, stay the same.
+    """
+    if gradient_checkpointing:
+        clip.text_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if compile:
+        clip.text_model.compile()

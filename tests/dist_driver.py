@@ -1,0 +1,78 @@
+"""Worker entry point for the multi-process tests, launched with torchrun (see test_distributed.py).
+
+  dist_driver.py [--step IN.pt OUT_DIR] [--stop-after N] [RECIPE key=value ...]
+
+--step: one contrastive step on this rank's slice of the global batch in IN.pt (plain and with
+gradient caching); writes this rank's loss and gradients to OUT_DIR/rank-R.pt. The process group
+is then left up for the fine-tuning run, which joins it.
+RECIPE ...: python -m cnclip.finetune; with --stop-after N > 0 every rank dies in optimizer step N,
+the way a pre-empted job dies: after its last checkpoint, with work in flight.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+def step(inputs: Path, out_dir: Path) -> None:
+    from cnclip import distributed
+    from cnclip.checkpoint import load_trainable
+    from cnclip.data import gather_tokens
+    from cnclip.device import pick_runtime
+    from cnclip.models import attach_lora, load_base_model, lock_image_tower
+    from cnclip.recipe import ModelConfig
+    from cnclip.train_step import contrastive_step
+
+    runtime = pick_runtime(distributed.resolve_device("auto"))
+    info = distributed.init_distributed(runtime.device)
+    assert info.world_size == 2 and info.backend == "gloo", info
+    data = torch.load(inputs, weights_only=True)
+    cfg = ModelConfig(base=data["model_dir"], lora_dropout=0.0, target_modules=["query", "value", "dense"])
+    base = load_base_model(cfg)
+    model = attach_lora(base.clip, cfg)
+    load_trainable(model, Path(data["trainable"]))
+    model.train()
+    lock_image_tower(base.clip)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    rows = distributed.local_slice(torch.arange(data["image_emb"].shape[0]))
+    tokens = gather_tokens(data["tokens"], rows, runtime.device)  # trimmed to this rank's longest caption
+    result = {}
+    for chunk in (0, 2):
+        for p in params.values():
+            p.grad = None
+        loss = contrastive_step(base.clip, list(params.values()), tokens, data["image_emb"][rows],
+                                data["image_keys"][rows], data["text_keys"][rows], runtime, grad_cache_chunk=chunk)
+        result[f"chunk{chunk}"] = {"loss": loss, "grads": {n: p.grad.clone() for n, p in params.items()}}
+    torch.save(result, out_dir / f"rank-{info.rank}.pt")
+
+
+def finetune(stop_after: int, argv: list[str]) -> int:
+    import cnclip.finetune
+
+    if stop_after > 0:
+        clamp, calls = cnclip.finetune.clamp_logit_scale, [0]
+
+        def clamp_then_die(clip):  # runs once per optimizer step, on every rank
+            calls[0] += 1
+            if calls[0] == stop_after:
+                raise SystemExit(17)
+            clamp(clip)
+
+        cnclip.finetune.clamp_logit_scale = clamp_then_die
+    return cnclip.finetune.main(argv)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--step"]:
+        step(Path(args[1]), Path(args[2]))
+        args = args[3:]
+    stop_after = 0
+    if args[:1] == ["--stop-after"]:
+        stop_after, args = int(args[1]), args[2:]
+    if args:
+        sys.exit(finetune(stop_after, args))

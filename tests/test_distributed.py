@@ -1,0 +1,180 @@
+"""Data-parallel training on 2 CPU processes (gloo, launched by torchrun) equals one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cnclip.finetune
+from cnclip import distributed
+from cnclip.checkpoint import trainable_state
+from cnclip.data import tokenize
+from cnclip.device import pick_runtime
+from cnclip.finetune import main as finetune_main
+from cnclip.models import attach_lora, load_base_model, lock_image_tower
+from cnclip.recipe import ModelConfig
+from cnclip.train_step import contrastive_step
+
+from conftest import DEMO_RECIPE, make_tiny_dataset, tiny_overrides
+
+DRIVER = Path(__file__).with_name("dist_driver.py")
+# Entries 1 (rank 0) and 6 (rank 1) share an image; 0 (rank 0) and 5 (rank 1) share a caption:
+# masking these false negatives needs the other rank's keys.
+CAPTIONS = ["一个红色的圆形", "左上角有一个蓝色的正方形", "猫", "高级感托特包斜挎",
+            "一个红色的圆形", "白色连衣裙", "手机壳上画着一只狗", "黄色的花朵照片"]
+IMAGE_KEYS = [0, 1, 2, 3, 4, 5, 1, 7]
+TEXT_KEYS = [0, 1, 2, 3, 0, 5, 6, 7]
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(DRIVER), *args],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+
+
+def test_plain_process_needs_no_launcher(monkeypatch):
+    for var in distributed.LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    info = distributed.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.backend) == (0, 1, None)
+    assert distributed.is_main() and not distributed.is_distributed()
+    t = torch.randn(3, 2, requires_grad=True)
+    assert distributed.all_gather(t) is t  # no-ops for a world of one
+    assert distributed.resolve_device("cpu") == "cpu"
+
+
+def make_step_inputs(model_dir: Path, out: Path):
+    """A global batch of 8, LoRA weights with non-zero B, and the one-process loss and gradients."""
+    cfg = ModelConfig(base=str(model_dir), lora_dropout=0.0, target_modules=["query", "value", "dense"])
+    base = load_base_model(cfg)
+    torch.manual_seed(0)
+    model = attach_lora(base.clip, cfg)
+    with torch.no_grad():  # LoRA B starts at zero, which would leave A without gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    model.train()
+    lock_image_tower(base.clip)
+    save_file(trainable_state(model), str(out / "trainable.safetensors"))
+    tokens = tokenize(base.tokenizer, CAPTIONS, 16)
+    data = {"model_dir": str(model_dir), "trainable": str(out / "trainable.safetensors"), "tokens": tokens,
+            "image_emb": torch.randn(len(CAPTIONS), 16, generator=torch.Generator().manual_seed(1)),
+            "image_keys": torch.tensor(IMAGE_KEYS), "text_keys": torch.tensor(TEXT_KEYS)}
+    data["image_emb"][6] = data["image_emb"][1]
+    torch.save(data, out / "inputs.pt")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = contrastive_step(base.clip, list(params.values()), tokens, data["image_emb"], data["image_keys"],
+                            data["text_keys"], pick_runtime("cpu"))
+    return loss.item(), {n: p.grad for n, p in params.items()}
+
+
+@pytest.fixture(scope="module")
+def two_process_launch(tiny_model_no_dropout_dir, tmp_path_factory):
+    """One torchrun launch (worker start-up is the slow part): the one-step check, then a fine-tuning
+    run on 2 processes that dies in step 3, after its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("two_procs")
+    expected = make_step_inputs(tiny_model_no_dropout_dir, root)
+    data = make_tiny_dataset(root / "data")
+    run_dir = root / "run"
+    overrides = run_overrides(tiny_model_no_dropout_dir, data, run_dir)
+    proc = torchrun("--step", str(root / "inputs.pt"), str(root), "--stop-after", "3", str(DEMO_RECIPE), *overrides)
+    return {"root": root, "expected": expected, "proc": proc, "run_dir": run_dir, "overrides": overrides}
+
+
+def test_one_step_on_two_processes_equals_one_process(two_process_launch):
+    root, (loss, expected) = two_process_launch["root"], two_process_launch["expected"]
+    assert all(g.abs().max() > 0 for g in expected.values())
+    for rank in (0, 1):
+        assert (root / f"rank-{rank}.pt").is_file(), two_process_launch["proc"].stderr[-3000:]
+        result = torch.load(root / f"rank-{rank}.pt", weights_only=True)
+        for mode in ("chunk0", "chunk2"):  # plain, and gradient caching in chunks of 2 per rank
+            got = result[mode]
+            assert abs(got["loss"].item() - loss) < 1e-5, (rank, mode)
+            assert got["grads"].keys() == expected.keys()
+            diff = max((got["grads"][n] - g).abs().max().item() for n, g in expected.items())
+            assert diff < 1e-5, (rank, mode, diff)
+
+
+# ---- whole runs: interrupted on N processes, resumed on M, equal to an uninterrupted run
+
+def run_overrides(model_dir, data_dir, run_dir):
+    return tiny_overrides(model_dir, data_dir, run_dir, **{
+        "model.lora_dropout": 0.0, "data.num_workers": 0, "train.save_every": 2, "eval.before_training": False})
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    entries = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in entries if "loss" in e}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "trainable.safetensors"))
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    got, want = losses(run_dir), losses(reference)
+    assert sorted(got) == sorted(want) == list(range(1, 9))  # 17 pairs, batch 4: 4 steps x 2 epochs
+    assert max(abs(got[s] - want[s]) for s in want) < 1e-4, (got, want)
+    a, b = final_weights(run_dir), final_weights(reference)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+    assert (run_dir / "best" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model_no_dropout_dir, tmp_path_factory) -> Path:
+    """The same recipe, one process, never interrupted."""
+    root = tmp_path_factory.mktemp("reference")
+    run_dir = root / "run"
+    overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(root / "data"), run_dir)
+    assert finetune_main([str(DEMO_RECIPE), *overrides]) == 0
+    return run_dir
+
+
+def test_two_processes_interrupted_then_resumed_on_one(two_process_launch, reference_run):
+    proc, run_dir = two_process_launch["proc"], two_process_launch["run_dir"]
+    assert proc.returncode != 0  # killed in step 3
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000002", proc.stderr[-3000:]
+    assert "2 process(es)" in (run_dir / "train.log").read_text()
+    assert sorted(losses(run_dir)) == [1, 2]  # only rank 0 wrote metrics
+    # Cached once, by rank 0, for the train and valid splits.
+    assert len([p for p in (run_dir.parent / "cache").iterdir() if p.is_dir()]) == 2
+
+    assert finetune_main([str(DEMO_RECIPE), *two_process_launch["overrides"]]) == 0  # one plain process resumes
+    assert_same_run(run_dir, reference_run)
+
+
+def test_one_process_interrupted_then_resumed_on_two(tiny_model_no_dropout_dir, reference_run, tmp_path,
+                                                     monkeypatch):
+    run_dir = tmp_path / "run"
+    overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(tmp_path / "data"), run_dir)
+    clamp, calls = cnclip.finetune.clamp_logit_scale, []
+
+    def clamp_then_die(clip):
+        calls.append(1)
+        if len(calls) == 5:  # in step 5, after the epoch-1 checkpoint (step 4)
+            raise SystemExit(17)
+        clamp(clip)
+
+    monkeypatch.setattr(cnclip.finetune, "clamp_logit_scale", clamp_then_die)
+    with pytest.raises(SystemExit):
+        finetune_main([str(DEMO_RECIPE), *overrides])
+    monkeypatch.undo()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+
+    proc = torchrun(str(DEMO_RECIPE), *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in (run_dir / "train.log").read_text()
+    assert_same_run(run_dir, reference_run)
+    assert '"steps": 8' in proc.stdout and proc.stdout.count('"run_dir"') == 1  # rank 0 alone reports

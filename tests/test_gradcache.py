@@ -1,0 +1,125 @@
+"""Gradient caching gives the gradient of the whole batch, chunk size notwithstanding."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from cnclip.data import tokenize
+from cnclip.device import pick_runtime
+from cnclip.finetune import main as finetune_main
+from cnclip.gradcache import RandState, split_batch
+from cnclip.loss import clip_loss
+from cnclip.models import attach_lora, encode_texts, load_base_model, lock_image_tower
+from cnclip.recipe import ModelConfig, RecipeError, load_recipe
+from cnclip.train_step import contrastive_step
+
+from conftest import DEMO_RECIPE, tiny_overrides
+
+CAPTIONS = ["一个红色的圆形", "左上角有一个蓝色的正方形", "猫", "高级感托特包斜挎", "一个红色的圆形",
+            "白色连衣裙", "黑色男鞋", "手机壳上画着一只狗", "黄色的花朵照片", "右下角有一个绿色三角"]
+RUNTIME = pick_runtime("cpu")
+
+
+def build(model_dir, lora_dropout: float):
+    cfg = ModelConfig(base=str(model_dir), lora_dropout=lora_dropout, target_modules=["query", "key", "value", "dense"])
+    base = load_base_model(cfg)
+    torch.manual_seed(0)
+    model = attach_lora(base.clip, cfg)
+    with torch.no_grad():  # LoRA B starts at zero, which would leave A without gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    model.train()
+    lock_image_tower(base.clip)
+    tokens = tokenize(base.tokenizer, CAPTIONS, 16)
+    gen = torch.Generator().manual_seed(3)
+    batch = {
+        "tokens": tokens,
+        "image_emb": torch.randn(len(CAPTIONS), 16, generator=gen),
+        "image_keys": torch.tensor([0, 1, 2, 3, 4, 5, 1, 7, 8, 9]),  # entries 1 and 6 share an image
+        "text_keys": torch.tensor([0, 1, 2, 3, 0, 5, 6, 7, 8, 9]),  # entries 0 and 4: same caption
+    }
+    return base.clip, model, batch
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def step_grads(clip, model, batch, chunk: int, seed: int = 7):
+    params = trainable(model)
+    for p in params.values():
+        p.grad = None
+    torch.manual_seed(seed)
+    loss = contrastive_step(clip, list(params.values()), batch["tokens"], batch["image_emb"], batch["image_keys"],
+                            batch["text_keys"], RUNTIME, grad_cache_chunk=chunk)
+    return loss.item(), {n: p.grad.clone() for n, p in params.items()}
+
+
+def graph_kept_chunks(clip, model, batch, chunk: int, seed: int = 7):
+    """The reference: every chunk forward with its graph kept, one loss, one backward."""
+    params = trainable(model)
+    for p in params.values():
+        p.grad = None
+    torch.manual_seed(seed)
+    emb = torch.cat([encode_texts(clip, **c) for c in split_batch(batch["tokens"], chunk)])
+    loss = clip_loss(batch["image_emb"], emb, clip.logit_scale, batch["image_keys"], batch["text_keys"])
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in params.items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_chunked_gradient_equals_full_batch_gradient(tiny_model_dir):
+    clip, model, batch = build(tiny_model_dir, lora_dropout=0.0)
+    model.eval()  # no dropout: one full-batch pass is the exact reference
+    loss_full, full = step_grads(clip, model, batch, chunk=0)
+    assert any("lora_A" in n for n in full) and any("text_projection" in n for n in full)
+    assert any("logit_scale" in n for n in full)
+    assert all(g.abs().max() > 0 for g in full.values())  # every trainable parameter gets a gradient
+    for chunk in (1, 3, 4):  # 4 leaves a short last chunk
+        loss_chunked, chunked = step_grads(clip, model, batch, chunk=chunk)
+        assert abs(loss_chunked - loss_full) < 1e-5
+        assert max_diff(chunked, full) < 1e-5, chunk
+
+
+def test_dropout_masks_are_replayed_in_the_second_pass(tiny_model_dir, monkeypatch):
+    clip, model, batch = build(tiny_model_dir, lora_dropout=0.1)  # and the tower's own dropout 0.1
+    loss_ref, ref = graph_kept_chunks(clip, model, batch, chunk=3)
+    state_after_ref = torch.get_rng_state()
+    loss_gc, gc = step_grads(clip, model, batch, chunk=3)
+    assert abs(loss_gc - loss_ref) < 1e-5
+    assert max_diff(gc, ref) < 1e-5
+    # The generator ends where the first pass left it: the run stays deterministic afterwards.
+    assert torch.equal(torch.get_rng_state(), state_after_ref)
+
+    # Dropout is really on (another seed, other masks, another gradient) ...
+    assert max_diff(step_grads(clip, model, batch, chunk=3, seed=8)[1], ref) > 1e-3
+    # ... and without replaying the random state the re-run draws other masks: a wrong gradient.
+    monkeypatch.setattr(RandState, "replay", lambda self: contextlib.nullcontext())
+    assert max_diff(step_grads(clip, model, batch, chunk=3)[1], ref) > 1e-3
+
+
+def test_finetune_with_grad_cache_trains_like_without(tiny_model_no_dropout_dir, tiny_data_dir, tmp_path):
+    def run(name: str, chunk: int):
+        run_dir = tmp_path / name
+        overrides = tiny_overrides(tiny_model_no_dropout_dir, tiny_data_dir, run_dir, **{
+            "model.lora_dropout": 0.0, "train.grad_cache_chunk": chunk, "train.epochs": 1,
+            "eval.before_training": False, "data.num_workers": 0})
+        assert finetune_main([str(DEMO_RECIPE), *overrides]) == 0
+        return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(ln)]
+
+    plain, cached = run("plain", 0), run("cached", 3)
+    assert len(plain) == len(cached) == 17 // 4
+    assert max(abs(a - b) for a, b in zip(plain, cached)) < 1e-5
+
+
+def test_grad_cache_chunk_is_validated():
+    with pytest.raises(RecipeError, match="train.grad_cache_chunk"):
+        load_recipe(DEMO_RECIPE, ["train.grad_cache_chunk=-1"], check_data=False)
