@@ -1,0 +1,231 @@
+"""What ModelScope reads beside the weights: configuration.json and a README.md model card.
+
+Everything in the card comes from the run directory (recipe.yaml, best/metrics.json,
+summary.json): the numbers are the ones training measured, never typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import yaml
+
+from .models import MODELSCOPE_PREFIX
+
+TASK = "multi-modal-embedding"
+# ModelScope's registry names for CLIP-style models; see DESIGN.md "ModelScope facts".
+MODEL_TYPE = "clip-multi-modal-embedding"
+# OFA-Sys's transformers checkpoints as ModelScope mirrors them.
+MODELSCOPE_MIRROR_OWNER = "AI-ModelScope"
+OFA_OWNER = "OFA-Sys"
+DIRECTIONS = (("text_to_image", "text → image"), ("image_to_text", "image → text"))
+
+
+def configuration_json() -> dict:
+    """The minimum ModelScope wants: framework, task, model type and pipeline."""
+    return {
+        "framework": "pytorch",
+        "task": TASK,
+        "model": {"type": MODEL_TYPE},
+        "pipeline": {"type": TASK},
+    }
+
+
+@dataclass
+class RunMetrics:
+    """Validation numbers of the exported checkpoint, as the training loop recorded them."""
+
+    split: str | None
+    epoch: int | None
+    step: int | None
+    valid: dict | None  # evaluate.retrieve() metrics; None when the run had no validation split
+    before: dict | None  # the base model on the same split, when eval.before_training was on
+
+
+def read_run_metrics(run_dir: Path, weights_from_best: bool) -> RunMetrics | None:
+    """Metrics of best/ (the checkpoint exported by default); None when the weights came from elsewhere."""
+    best = run_dir / "best" / "metrics.json"
+    if not weights_from_best or not best.is_file():
+        return None
+    saved = json.loads(best.read_text(encoding="utf-8"))
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    return RunMetrics(split=saved.get("split"), epoch=saved.get("epoch"), step=saved.get("step"),
+                      valid=saved.get("valid"), before=summary.get("before"))
+
+
+def base_model_id(spec: str) -> str | None:
+    """The ModelScope id of the base model for the card's front matter; None for a local directory.
+
+    A local path means nothing to a reader of the hub page (and may reveal a home directory).
+    """
+    if spec.startswith(MODELSCOPE_PREFIX):
+        return spec[len(MODELSCOPE_PREFIX):]
+    if os.path.isabs(spec) or Path(spec).exists() or spec.count("/") != 1:
+        return None
+    owner, name = spec.split("/")
+    return f"{MODELSCOPE_MIRROR_OWNER}/{name}" if owner == OFA_OWNER else spec
+
+
+def public_recipe_text(recipe: dict) -> str:
+    """The recipe as YAML, absolute local paths cut to their last component (they are machine-specific)."""
+
+    def scrub(value):
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            return f".../{PurePath(value).name}"
+        return value
+
+    return yaml.safe_dump(scrub(recipe), allow_unicode=True, sort_keys=False).rstrip()
+
+
+@dataclass
+class CardInputs:
+    title: str
+    repo_id: str | None  # owner/name on ModelScope when known at export time
+    recipe: dict  # the run's recipe.yaml, as a mapping
+    metrics: RunMetrics | None
+    dataset: str  # name for the front matter (a hub id when the user gave one)
+    license: str
+    checkpoint: str  # which checkpoint was exported, in words
+
+
+def front_matter(inputs: CardInputs) -> dict:
+    model = inputs.recipe.get("model", {})
+    meta: dict = {
+        "tasks": [TASK],
+        "license": inputs.license,
+        "language": ["zh"],
+        "frameworks": ["pytorch"],
+    }
+    base = base_model_id(str(model.get("base", "")))
+    if base:
+        meta["base_model"] = [base]
+    meta["datasets"] = {"train": [inputs.dataset]}
+    if inputs.metrics and inputs.metrics.valid:
+        meta["datasets"]["evaluation"] = [inputs.dataset]
+    meta["tags"] = ["chinese-clip", "clip", "lora", "cnclip", "image-text-retrieval"]
+    return meta
+
+
+def _recall_rows(metrics: dict, label: str) -> list[str]:
+    rows = []
+    for key, name in DIRECTIONS:
+        m = metrics[key]
+        rows.append(f"| {name}{label} | {m['r1']:.2f} | {m['r5']:.2f} | {m['r10']:.2f} | {m['mean_recall']:.2f} |")
+    return rows
+
+
+def evaluation_section(metrics: RunMetrics | None, dataset: str) -> str:
+    if metrics is None or not metrics.valid:
+        reason = ("the run had no validation split (data.valid_split: null)" if metrics is not None
+                  else "the exported checkpoint has no recorded validation metrics")
+        return ("## Evaluation\n\nNo retrieval metrics: " + reason + ". Evaluate the model with\n"
+                "`python -m cnclip.evaluate MODEL_DIR --data DATA_DIR --split valid` before relying on it.\n")
+    v = metrics.valid
+    lines = [
+        "## Evaluation",
+        "",
+        f"Retrieval on the `{metrics.split}` split of `{dataset}` ({v.get('num_texts', '?')} texts, "
+        f"{v.get('num_images', '?')} images), measured by cnclip at the end of epoch {metrics.epoch} "
+        f"(step {metrics.step}), the checkpoint exported here. Recall@K is the percentage of queries with a "
+        "correct match among the top K; mean recall averages R@1, R@5 and R@10.",
+        "",
+        "| direction | R@1 | R@5 | R@10 | mean recall |",
+        "|---|---:|---:|---:|---:|",
+        *_recall_rows(v, ""),
+    ]
+    if metrics.before:
+        lines += _recall_rows(metrics.before, " (base model, before fine-tuning)")
+    lines += ["", f"Mean recall over both directions: **{v['mean_recall']:.2f}**"
+              + (f" (base model before fine-tuning: {metrics.before['mean_recall']:.2f})." if metrics.before else ".")]
+    return "\n".join(lines) + "\n"
+
+
+def usage_snippet(repo_id: str | None, context_length: int) -> str:
+    source = (f'snapshot_download("{repo_id}")' if repo_id
+              else 'snapshot_download("OWNER/NAME")  # or the path of a local copy of this directory')
+    return f'''```python
+import torch
+from PIL import Image
+from modelscope import snapshot_download
+from transformers import ChineseCLIPModel, ChineseCLIPProcessor
+
+model_dir = {source}
+model = ChineseCLIPModel.from_pretrained(model_dir).eval()
+processor = ChineseCLIPProcessor.from_pretrained(model_dir)
+
+texts = ["一张猫的照片", "一张狗的照片"]
+image = Image.open("example.jpg")
+with torch.no_grad():
+    text_inputs = processor(text=texts, padding=True, truncation=True, max_length={context_length}, return_tensors="pt")
+    image_inputs = processor(images=image, return_tensors="pt")
+    text_emb = model.get_text_features(**text_inputs)
+    image_emb = model.get_image_features(**image_inputs)
+# transformers 5 returns an output object whose pooler_output is the embedding; 4.x returns the tensor
+text_emb = getattr(text_emb, "pooler_output", text_emb)
+image_emb = getattr(image_emb, "pooler_output", image_emb)
+text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
+image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
+print((image_emb @ text_emb.T).softmax(dim=-1))  # which caption fits the image
+```'''
+
+
+def render_card(inputs: CardInputs) -> str:
+    recipe = inputs.recipe
+    model = recipe.get("model", {})
+    data = recipe.get("data", {})
+    base = str(model.get("base", ""))
+    base_text = f"`{base_model_id(base)}`" if base_model_id(base) else f"`{PurePath(base).name}` (a local directory)"
+    if model.get("random_init"):
+        base_text += ", randomly initialised from its config: a demo, not a pretrained model"
+    targets = ", ".join(model.get("target_modules", []))
+    context_length = int(data.get("context_length", 52))
+    front = yaml.safe_dump(front_matter(inputs), allow_unicode=True, sort_keys=False).rstrip()
+    return f"""---
+{front}
+---
+
+# {inputs.title}
+
+A Chinese CLIP (transformers `ChineseCLIPModel`) fine-tuned for image-text retrieval with cnclip.
+The image tower of the base model was kept frozen; the text tower was trained with LoRA
+(r={model.get('lora_r')}, alpha={model.get('lora_alpha')}, on {targets}) under a symmetric contrastive loss.
+The LoRA weights are merged into `model.safetensors`, so the model loads with plain transformers;
+the bare adapter is in `adapter/`.
+
+- base model: {base_text}
+- exported from: the run's {inputs.checkpoint}
+
+{evaluation_section(inputs.metrics, inputs.dataset)}
+## Usage
+
+{usage_snippet(inputs.repo_id, context_length)}
+
+Captions were {context_length} tokens long in training (counting [CLS] and [SEP]); keep `max_length` at that.
+`configuration.json` files the model under ModelScope's `{TASK}` task, but the weights are in transformers
+format: load them as above (or with `from modelscope import AutoModel`), not with ModelScope's own
+`pipeline("{TASK}")`, which expects the original Chinese-CLIP checkpoint layout.
+
+## Files
+
+| file | what |
+|---|---|
+| `model.safetensors`, `config.json` | the full model, LoRA merged into the text tower |
+| `tokenizer.json`, `tokenizer_config.json`, `vocab.txt` | the base model's BERT tokenizer |
+| `preprocessor_config.json` | the base model's image preprocessing |
+| `adapter/` | the LoRA adapter alone (peft format) for use on top of the base model; it does not carry the trained logit scale, which only scales similarities and leaves embeddings and rankings unchanged |
+| `configuration.json` | ModelScope task metadata |
+
+## Training recipe
+
+```yaml
+{public_recipe_text(recipe)}
+```
+"""
