@@ -114,7 +114,7 @@ def _jsonl_items(source: InputFile) -> Iterator[RawItem]:
             if line_no == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
             if line.strip():  # blank lines are not records
-                yield RawItem(f"{source.display}:{line_no}", line)
+                yield RawItem(f"{source.display}:{line_no}", line.rstrip(b"\r\n"))
 
 
 def _parquet_items(source: InputFile) -> Iterator[RawItem]:

@@ -104,7 +104,9 @@ def build_report(
         "rejected_total": sum(reasons.values()),
         "rejected": dict(sorted(reasons.items())),
         "splits": splits,
-        "per_file": tally.files,
+        "per_file": {
+            file: {**counts, "rejected": dict(sorted(counts["rejected"].items()))} for file, counts in tally.files.items()
+        },
         "per_query": dict(sorted(tally.queries.items())),
         "examples": dict(sorted(tally.examples.items())),
         "input_errors": input_errors,
