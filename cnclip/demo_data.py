@@ -26,6 +26,12 @@ POSITIONS = {"左上角": (0.25, 0.25), "右上角": (0.75, 0.25), "左下角": 
 TRAIN_TEMPLATES = ("{pos}有一个{color}的{shape}", "一个{color}的{shape}在{pos}", "{color}{shape}位于图片{pos}")
 VALID_TEMPLATES = ("图片的{pos}画着{color}{shape}", "{pos}是一个{color}的{shape}")
 TRAIN_IMAGES_PER_CLASS = 4
+# Held-out zero-shot classification set: colour classes (ASCII folder keys, Chinese names), each
+# folder new drawings of any shape anywhere; the demo recipe tracks zero-shot accuracy on it.
+ZEROSHOT_DIR, ZEROSHOT_CLASSES = "zeroshot", "zeroshot_classes.txt"
+ZEROSHOT_KEYS = {"red": "红色, 红", "green": "绿色, 绿", "blue": "蓝色, 蓝", "yellow": "黄色, 黄",
+                 "purple": "紫色, 紫", "black": "黑色, 黑"}
+ZEROSHOT_IMAGES_PER_CLASS = 6
 
 
 def _draw(color: tuple, shape: str, pos: tuple, rng: random.Random) -> bytes:
@@ -59,6 +65,7 @@ def _write_split(root: Path, split: str, rows: list[tuple[int, bytes]], texts: l
 def write_demo_dataset(root: str | Path, seed: int = 0) -> Path:
     """Write train/valid splits under `root` (skipped when they are already there)."""
     root = Path(root)
+    write_demo_zeroshot(root, seed)
     if all((root / f"{s}_{kind}").is_file() for s in ("train", "valid") for kind in ("imgs.tsv", "texts.jsonl")):
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -85,9 +92,33 @@ def write_demo_dataset(root: str | Path, seed: int = 0) -> Path:
     return root
 
 
+def write_demo_zeroshot(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """`root/zeroshot/<colour key>/*.png` and `root/zeroshot_classes.txt` (skipped when already there).
+
+    The class list is written last, so its presence marks a complete folder.
+    """
+    root = Path(root)
+    folder, classes = root / ZEROSHOT_DIR, root / ZEROSHOT_CLASSES
+    if classes.is_file():
+        return folder, classes
+    rng = random.Random(seed + 7)  # its own stream: the training set stays as it was
+    for key, names in ZEROSHOT_KEYS.items():
+        color = COLORS[names.split(",")[0]]
+        (folder / key).mkdir(parents=True, exist_ok=True)
+        for i in range(ZEROSHOT_IMAGES_PER_CLASS):
+            pos = (rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75))
+            with atomic_file(folder / key / f"{i:02d}.png", "wb") as fh:
+                fh.write(_draw(color, rng.choice(SHAPES), pos, rng))
+    with atomic_file(classes, "w", encoding="utf-8") as fh:
+        fh.write("# demo colour classes (cnclip.demo_data): folder key: Chinese names\n")
+        fh.writelines(f"{key}: {names}\n" for key, names in ZEROSHOT_KEYS.items())
+    return folder, classes
+
+
 def demo_vocabulary() -> list[str]:
     """Every character the demo captions use (the tiny model's vocab must cover them)."""
     chars = set("".join(TRAIN_TEMPLATES + VALID_TEMPLATES) + "".join(COLORS) + "".join(SHAPES) + "".join(POSITIONS))
+    chars |= set("".join(ZEROSHOT_KEYS.values())) - set(", ")
     chars -= set("{}")
     for word in ("pos", "color", "shape"):
         chars -= set(word)

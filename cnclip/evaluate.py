@@ -113,6 +113,10 @@ def format_metrics(metrics: dict) -> str:
         m = metrics[name]
         lines.append(f"{name:16}{m['r1']:8.2f}{m['r5']:8.2f}{m['r10']:8.2f}{m['mean_recall']:8.2f}")
     lines.append(f"mean recall (all six): {metrics['mean_recall']:.2f}")
+    if "zeroshot" in metrics:  # set by finetune when the recipe tracks zero-shot accuracy (cnclip.zeroshot)
+        z = metrics["zeroshot"]
+        lines.append(f"zero-shot top-1: {z['top1']:.2f}  top-5: {z['top5']:.2f}  "
+                     f"({z['num_images']} images, {z['num_classes']} classes)")
     return "\n".join(lines)
 
 

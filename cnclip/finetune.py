@@ -32,6 +32,7 @@ from .models import (attach_lora, clamp_logit_scale, describe_trainable, image_t
 from .recipe import Recipe, RecipeError, dump_recipe, flatten, load_recipe
 from .trained import RECIPE_FILE
 from .train_step import contrastive_step, prepare_text_tower
+from .zeroshot import ZeroShotTracker
 
 log = logging.getLogger("cnclip.finetune")
 
@@ -203,6 +204,7 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
     if recipe.data.valid_split:
         valid_split = load_split(recipe.data.root, recipe.data.valid_split, skips)
         valid_features = distributed.main_first(lambda: features_of(valid_split))
+    zeroshot = ZeroShotTracker.from_recipe(recipe, clip, base.tokenizer, transform, runtime, skips)
     if skips.total:
         log.warning("skipped %d bad items while reading data: %s", skips.total, dict(skips.counts))
     image_bank = train_features.embeddings.to(runtime.device)
@@ -227,6 +229,8 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
         model.eval()
         result = evaluate_split(clip, base.tokenizer, valid_split, valid_features, runtime,
                                 recipe.data.context_length, recipe.eval.batch_size)
+        if zeroshot is not None:  # forgetting check: zero-shot accuracy on a held-out classification folder
+            result.metrics["zeroshot"] = zeroshot.score(clip)
         model.train()
         lock_image_tower(clip)
         return result.metrics
@@ -330,6 +334,9 @@ def report(summary: dict, run_dir: Path) -> None:
     before, after, best = summary.get("before"), summary.get("after"), summary.get("best")
     if before and after:
         print(f"mean recall before training: {before['mean_recall']:.2f}  after: {after['mean_recall']:.2f}")
+        if "zeroshot" in before and "zeroshot" in after:
+            print(f"zero-shot top-1 before training: {before['zeroshot']['top1']:.2f}  "
+                  f"after: {after['zeroshot']['top1']:.2f}")
     if best:
         print(f"best checkpoint: epoch {best['epoch']} -> {run_dir / 'best'}")
     print(json.dumps({"run_dir": str(run_dir), "before": before and before["mean_recall"],

@@ -185,14 +185,23 @@ def encode_texts(clip: nn.Module, input_ids, attention_mask, token_type_ids=None
     return clip.text_projection(out.last_hidden_state[:, 0, :])
 
 
-def image_tower_fingerprint(clip: nn.Module) -> str:
-    """A hash of every weight that shapes an image embedding: any change invalidates the cache."""
+def _modules_fingerprint(clip: nn.Module, module_names: tuple[str, ...]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for module_name in ("vision_model", "visual_projection"):
+    for module_name in module_names:
         for name, tensor in sorted(getattr(clip, module_name).state_dict().items()):
             h.update(f"{module_name}.{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def image_tower_fingerprint(clip: nn.Module) -> str:
+    """A hash of every weight that shapes an image embedding: any change invalidates the cache."""
+    return _modules_fingerprint(clip, ("vision_model", "visual_projection"))
+
+
+def text_tower_fingerprint(clip: nn.Module) -> str:
+    """A hash of every weight that shapes a text embedding (LoRA merged in or not): keys text caches."""
+    return _modules_fingerprint(clip, ("text_model", "text_projection"))
 
 
 def describe_trainable(model: nn.Module) -> str:

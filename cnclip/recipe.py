@@ -89,6 +89,17 @@ class EvalConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    # Held-out classification folder (DIR/<class_key>/*.jpg) scored zero-shot at every validation,
+    # so forgetting shows while training; "" = off. Runs with validation (needs data.valid_split).
+    images: str = ""
+    # Class list for that folder: lines 'key: 名称1, 名称2' (see cnclip/prompts.py).
+    classes: str = ""
+    # Prompt templates file; "" = recipes/zeroshot_templates.txt.
+    templates: str = ""
+
+
+@dataclass
 class Recipe:
     run_dir: str = "runs/default"
     seed: int = 42
@@ -97,6 +108,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,6 +274,23 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
                     )
     if m.random_init and not Path(m.base).is_dir():
         raise RecipeError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
+    _validate_zeroshot(recipe, check_data)
+
+
+def _validate_zeroshot(recipe: Recipe, check_data: bool) -> None:
+    z = recipe.zeroshot
+    if bool(z.images) != bool(z.classes):
+        raise RecipeError("recipe keys 'zeroshot.images' and 'zeroshot.classes' go together: set both "
+                          "(a folder with one sub-folder per class, and its class list) or neither")
+    if not check_data:
+        return
+    if z.templates and not Path(z.templates).is_file():
+        raise RecipeError(f"recipe key 'zeroshot.templates': file not found: {z.templates}")
+    if recipe.data.generate is None:  # a generated data set writes its zero-shot folder too
+        if z.images and not Path(z.images).is_dir():
+            raise RecipeError(f"recipe key 'zeroshot.images': folder not found: {z.images}")
+        if z.classes and not Path(z.classes).is_file():
+            raise RecipeError(f"recipe key 'zeroshot.classes': file not found: {z.classes}")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from functools import lru_cache
 from pathlib import Path
 
 import opencc
@@ -124,9 +123,9 @@ class TextFilter:
         self._boilerplate = BUILTIN_BOILERPLATE | {boilerplate_key(t) for t in config.boilerplate_texts}
         patterns = _BUILTIN_BOILERPLATE_PATTERNS + config.boilerplate_patterns
         self._boilerplate_re = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
-        self.clean = lru_cache(maxsize=65536)(self._clean)  # queries and stock alts repeat a lot
 
-    def _clean(self, raw: str) -> str:
+    def clean(self, raw: str) -> str:
+        """Normalise, then convert to Simplified: the form every rule and the output see."""
         text = normalize(raw)
         return self._simplify(text) if self._simplify else text
 

@@ -120,6 +120,7 @@ def tiny_overrides(model_dir: Path, data_dir: Path, run_dir: Path, **extra) -> l
         "cache.dir": str(run_dir.parent / "cache"), "train.epochs": 2, "train.batch_size": 4,
         "train.lr": 1e-3, "train.warmup_steps": 1, "train.log_every": 1, "train.save_every": 2,
         "eval.before_training": True, "model.lora_dropout": 0.1,
+        "zeroshot.images": "", "zeroshot.classes": "", "zeroshot.templates": "",  # off (the demo recipe points into data/demo)
     }
     values.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in values.items()]

@@ -151,10 +151,13 @@ def test_demo_recipe_generates_its_data_and_model(tmp_path):
     vocab = set((REPO / "recipes" / "models" / "tiny" / "vocab.txt").read_text(encoding="utf-8").split())
     assert set(demo_vocabulary()) <= vocab
     code = finetune_main([str(DEMO_RECIPE), f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
-                          f"cache.dir={tmp_path / 'cache'}", "train.epochs=1"])
+                          f"cache.dir={tmp_path / 'cache'}", "train.epochs=1",
+                          f"zeroshot.images={tmp_path / 'data' / 'zeroshot'}",
+                          f"zeroshot.classes={tmp_path / 'data' / 'zeroshot_classes.txt'}"])
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["before"]["num_texts"] == 90 and summary["after"] is not None
+    assert summary["after"]["zeroshot"]["num_images"] == 36  # the generated colour folders, tracked
 
 
 def test_best_adapter_loads_with_plain_peft(tiny_model_dir, tiny_data_dir, tmp_path):
