@@ -105,9 +105,9 @@ def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
     """Decode, check and normalise one image; the returned JPEG is what training will read."""
     image = _open_checked(data, config)
     target = _target_size(image.size, config.max_side)
-    if image.format == "JPEG" and target != image.size:
-        image.draft(image.mode, target)  # let libjpeg decode at 1/2, 1/4 or 1/8 scale: much faster
     try:
+        if image.format == "JPEG" and target != image.size:
+            image.draft(image.mode, target)  # let libjpeg decode at 1/2, 1/4 or 1/8 scale: much faster
         image.load()
         image = ImageOps.exif_transpose(image)
         rgb = to_rgb(image)
