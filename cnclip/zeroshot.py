@@ -601,8 +601,11 @@ def run(cfg: ZeroShotRun) -> dict:
         print(f"skipped {skips.total} items: {dict(skips.counts)} (examples in {out_dir / 'zeroshot.json'})")
     write_json(out_dir / "zeroshot.json", report)
     print(f"wrote {out_dir / 'zeroshot.json'}")
-    print(json.dumps({r.name: {"top1": r.metrics["top1"], f"top{TOP_K}": r.metrics[f"top{TOP_K}"]}
-                      for r in results if r.metrics is not None}, ensure_ascii=False))
+    summary: dict = {r.name: {"top1": r.metrics["top1"], f"top{TOP_K}": r.metrics[f"top{TOP_K}"]}
+                     for r in results if r.metrics is not None}
+    if cfg.predict:
+        summary["predictions"] = report["predictions"]
+    print(json.dumps(summary, ensure_ascii=False))
     return report
 
 
