@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .faults import crash_point
 from .io import atomic_dir, atomic_file, remove_stale_temporaries, save_tensors, save_torch, write_json
 
 TRAINABLE = "trainable.safetensors"
@@ -78,6 +79,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
         save_tensors(trainable_state(model), tmp / TRAINABLE)
         save_torch({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         save_torch(_rng_state(), tmp / "rng.pt")
+        crash_point("checkpoint-write")  # half-written: only the temporary directory exists
         write_json(tmp / "state.json", asdict(state))
     with atomic_file(root / "latest", "w", encoding="utf-8") as fh:
         fh.write(name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import logging
 from collections import Counter
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from .images import decode_rgb as decode_image_bytes  # noqa: F401 - part of this module's API
 from .models import ImagePreprocess
 
 log = logging.getLogger(__name__)
@@ -129,16 +129,6 @@ def decode_base64_image(payload: bytes) -> Image.Image:
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"invalid base64: {exc}") from None
     return decode_image_bytes(raw)
-
-
-def decode_image_bytes(raw: bytes) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"undecodable image: {exc}") from None
 
 
 # ---------------------------------------------------------------- texts (JSONL)

@@ -23,13 +23,13 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .data import ImageArrays, ImageTransform, ImageTSV, SkipLog, collate_image_arrays
+from .faults import crash_point
 from .io import atomic_file, remove_stale_temporaries, save_tensors, write_json
 from .models import encode_images
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-PART_SIZE = 8192  # images per part file: the unit of resume
 
 
 def default_cache_dir() -> Path:
@@ -91,10 +91,12 @@ class ImageFeatureCache:
         autocast_dtype: torch.dtype | None,
         skips: SkipLog,
         desc: str = "caching image embeddings",
+        part_size: int = 8192,
     ) -> ImageFeatures:
         cached = self.get(key)
         if cached is None:
-            self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc)
+            self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
+                          part_size)
             cached = self.get(key)
             cached.computed = True
         for image_id, why in cached.bad.items():
@@ -102,23 +104,24 @@ class ImageFeatureCache:
         return cached
 
     @torch.no_grad()
-    def _compute(self, key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc):
+    def _compute(self, key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
+                 part_size):
         entry = self.root / key
         entry.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(entry)
         ids = images.ids
         parts, bad = [], {}
         progress = tqdm(total=len(ids), desc=desc, unit="img", dynamic_ncols=True)
-        for start in range(0, len(ids), PART_SIZE):
-            name = f"part-{start // PART_SIZE:05d}.safetensors"
+        for start in range(0, len(ids), part_size):
+            name = f"part-{start // part_size:05d}.safetensors"
             bad_file = entry / f"{name}.bad.json"
             if (entry / name).is_file() and bad_file.is_file():  # finished by an earlier (killed) run
                 bad.update(json.loads(bad_file.read_text(encoding="utf-8")))
                 parts.append(name)
-                progress.update(min(PART_SIZE, len(ids) - start))
+                progress.update(min(part_size, len(ids) - start))
                 continue
             part_ids, part_emb, part_bad = self._encode(
-                clip, images, ids[start:start + PART_SIZE], transform, device, batch_size, num_workers,
+                clip, images, ids[start:start + part_size], transform, device, batch_size, num_workers,
                 autocast_dtype, progress,
             )
             dim = clip.visual_projection.out_features
@@ -130,6 +133,7 @@ class ImageFeatureCache:
             os.replace(tmp, entry / name)
             bad.update({str(k): v for k, v in part_bad.items()})
             parts.append(name)
+            crash_point("cache-part")
         progress.close()
         write_json(entry / "manifest.json",
                    {"version": CACHE_VERSION, "parts": parts, "bad": bad, "count": len(ids),
@@ -164,13 +168,14 @@ def split_image_features(
     batch_size: int,
     num_workers: int,
     skips: SkipLog,
+    part_size: int = 8192,
 ) -> ImageFeatures:
     """The cached embeddings of every image in a split, computing them only when the key is new."""
     key = cache_key(tower_fingerprint, transform.cfg.to_dict(), split_images.fingerprint, runtime.precision)
     cache = ImageFeatureCache(cache_dir)
     features = cache.get_or_compute(
         key, clip, split_images, transform, runtime.device, batch_size, num_workers, runtime.autocast_dtype,
-        skips, desc=f"image embeddings ({split_images.path.name})",
+        skips, desc=f"image embeddings ({split_images.path.name})", part_size=part_size,
     )
     log.info("image embeddings for %s: %s (%d images, cache %s)", split_images.path.name,
              "computed" if features.computed else "loaded from cache", len(features.ids), cache.root / key)

@@ -194,7 +194,7 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
 
     def features_of(split: Split) -> ImageFeatures:
         return split_image_features(split.images, clip, transform, tower, runtime, recipe.cache.dir,
-                                    recipe.cache.batch_size, recipe.data.num_workers, skips)
+                                    recipe.cache.batch_size, recipe.data.num_workers, skips, recipe.cache.part_size)
 
     train_split = load_split(recipe.data.root, recipe.data.train_split, skips)
     # Rank 0 fills the cache while the others wait, then they read it from disk.

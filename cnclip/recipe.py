@@ -79,6 +79,8 @@ class CacheConfig:
     # Where image embeddings of the locked image tower are kept; "" = ~/.cache/cnclip/image_features.
     dir: str = ""
     batch_size: int = 128
+    # Images per cache file: the unit of resume when a run is killed while caching.
+    part_size: int = 8192
 
 
 @dataclass
@@ -239,6 +241,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         "train.save_every": t.save_every,
         "data.context_length": d.context_length,
         "cache.batch_size": recipe.cache.batch_size,
+        "cache.part_size": recipe.cache.part_size,
         "eval.batch_size": recipe.eval.batch_size,
     }
     for key, value in positive.items():
