@@ -36,6 +36,7 @@ class TrainState:
     global_step: int = 0
     best_score: float | None = None
     best_epoch: int | None = None
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

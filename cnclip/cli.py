@@ -11,10 +11,11 @@ from typing import Callable
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
+    from .finetune import TrainingDiverged
     from .models import ModelLoadError
     from .recipe import RecipeError
 
-    return (RecipeError, DataError, ModelLoadError, FileNotFoundError)
+    return (RecipeError, DataError, ModelLoadError, FileNotFoundError, TrainingDiverged)
 
 
 def setup_logging(log_file: Path | None = None) -> None:

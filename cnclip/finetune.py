@@ -25,6 +25,7 @@ from .cli import run_cli, setup_logging
 from .data import DataError, ImageTransform, SkipLog, Split, gather_tokens, load_split, tokenize
 from .device import Runtime, pick_runtime
 from .evaluate import evaluate_split, format_metrics
+from .faults import crash_point
 from .features import ImageFeatures, split_image_features
 from .io import write_json
 from .models import (attach_lora, clamp_logit_scale, describe_trainable, image_tower_fingerprint, load_base_model,
@@ -122,6 +123,24 @@ class NoMetricsLog:
 
 # Keys that change how a step is computed, never what it computes: a run may resume with other values.
 EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "train.compile"}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps with a non-finite loss or gradient: stop instead of training on garbage."""
+
+
+def skip_non_finite_step(state: TrainState, recipe: Recipe, run_dir: Path, metrics_log, loss: torch.Tensor,
+                         grad_norm: torch.Tensor) -> None:
+    state.bad_steps += 1
+    log.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d of at most %d)",
+                state.global_step + 1, loss.item(), grad_norm.item(), state.bad_steps, recipe.train.max_bad_steps)
+    metrics_log.write(step=state.global_step + 1, epoch=state.epoch, skipped="non-finite loss or gradient",
+                      loss=str(loss.item()), grad_norm=str(grad_norm.item()))
+    if state.bad_steps > recipe.train.max_bad_steps:
+        raise TrainingDiverged(
+            f"{state.bad_steps} steps had a non-finite loss or gradient (train.max_bad_steps="
+            f"{recipe.train.max_bad_steps}); stopped at step {state.global_step + 1}. The last good checkpoint "
+            f"is kept in {run_dir / 'checkpoints'}; try a lower train.lr or check the data")
 
 
 def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
@@ -275,15 +294,18 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
             loss = contrastive_step(clip, trainable, tokens, image_bank[image_rows], image_rows,
                                     pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
                                     recipe.train.grad_cache_chunk)
-            if recipe.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               recipe.train.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
             lr = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
+            if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                optimizer.step()
+            else:  # one bad batch (or an overflow) must not poison the weights: skip the update, count it
+                skip_non_finite_step(state, recipe, run_dir, metrics_log, loss, grad_norm)
             scheduler.step()
             clamp_logit_scale(clip)
             state.step_in_epoch += 1
             state.global_step += 1
+            crash_point("train-step")
             seen += len(idx) * world
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")

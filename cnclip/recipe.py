@@ -65,6 +65,8 @@ class TrainConfig:
     log_every: int = 10
     # Save a resumable checkpoint every N optimizer steps (and always at each epoch end).
     save_every: int = 200
+    # Steps with a non-finite loss or gradient are skipped; more than this many stops the run.
+    max_bad_steps: int = 10
     # Gradient caching (GradCache): run the text tower over the batch in chunks of this many
     # captions, so batch_size is bounded by embedding memory, not activations; 0 = off.
     grad_cache_chunk: int = 0
@@ -255,6 +257,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         raise RecipeError(f"recipe key 'train.lr' must be > 0, got {t.lr}")
     for key, value in {"train.warmup_steps": t.warmup_steps, "data.num_workers": d.num_workers,
                        "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
+                       "train.max_bad_steps": t.max_bad_steps,
                        "train.grad_cache_chunk": t.grad_cache_chunk}.items():
         if value < 0:
             raise RecipeError(f"recipe key '{key}' must be >= 0, got {value}")
