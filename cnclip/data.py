@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import decode_rgb as decode_image_bytes  # noqa: F401 - part of this module's API
+from .images import decode_rgb
 from .models import ImagePreprocess
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def decode_base64_image(payload: bytes) -> Image.Image:
         raw = base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"invalid base64: {exc}") from None
-    return decode_image_bytes(raw)
+    return decode_rgb(raw)
 
 
 # ---------------------------------------------------------------- texts (JSONL)

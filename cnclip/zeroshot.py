@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .data import DataError, ImageTransform, SkipLog, decode_image_bytes, tokenize
+from .data import DataError, ImageTransform, SkipLog, tokenize
+from .images import decode_rgb
 from .evaluate import embed_texts
 from .features import default_cache_dir, split_image_features
 from .io import atomic_file, write_json
@@ -444,7 +445,7 @@ def predict_images(paths: list[str], clip, preprocess, class_emb: torch.Tensor, 
         if not path.is_file():
             raise DataError(f"--predict: image not found: {path}")
         try:
-            image = decode_image_bytes(path.read_bytes())
+            image = decode_rgb(path.read_bytes())
         except ValueError as exc:
             skips.skip("undecodable image", str(path), str(exc))
             out.append({"image": str(path), "error": str(exc)})
