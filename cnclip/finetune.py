@@ -122,7 +122,7 @@ class NoMetricsLog:
 
 
 # Keys that change how a step is computed, never what it computes: a run may resume with other values.
-EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "train.compile"}
+EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "train.compile", "train.packed_text"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -223,7 +223,8 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
     if recipe.data.valid_split:
         valid_split = load_split(recipe.data.root, recipe.data.valid_split, skips)
         valid_features = distributed.main_first(lambda: features_of(valid_split))
-    zeroshot = ZeroShotTracker.from_recipe(recipe, clip, base.tokenizer, transform, runtime, skips)
+    zeroshot = (ZeroShotTracker.from_recipe(recipe, clip, base.tokenizer, transform, runtime, skips)
+                if main_rank else None)  # only rank 0 validates
     if skips.total:
         log.warning("skipped %d bad items while reading data: %s", skips.total, dict(skips.counts))
     image_bank = train_features.embeddings.to(runtime.device)
@@ -293,7 +294,8 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss = contrastive_step(clip, trainable, tokens, image_bank[image_rows], image_rows,
                                     pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
-                                    recipe.train.grad_cache_chunk)
+                                    recipe.train.grad_cache_chunk,
+                                    packed=recipe.train.packed_text and not recipe.train.compile)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
             lr = scheduler.get_last_lr()[0]  # the rate this step used

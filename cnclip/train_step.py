@@ -1,7 +1,8 @@
 """One optimisation step's forward and backward: text embeddings -> contrastive loss -> gradients.
 
 The same function runs a single process, every rank of a torchrun job, and the throughput
-benchmark. The image side is the cached embeddings; only the text tower runs. With
+benchmark. The image side is the cached embeddings; only the text tower runs, on the captions'
+real tokens only (cnclip.packed_text). With
 `grad_cache_chunk` > 0 the batch goes through the text tower in chunks (cnclip.gradcache), so the
 batch size is bounded by the embeddings' memory, not the activations'. Under torch.distributed
 each rank passes its slice of the global batch; the loss sees the global batch
@@ -20,6 +21,7 @@ from .device import Runtime
 from .gradcache import cached_backward
 from .loss import distributed_clip_loss
 from .models import encode_texts
+from .packed_text import encode_texts_packed
 
 
 def contrastive_step(
@@ -31,15 +33,19 @@ def contrastive_step(
     text_keys: torch.Tensor | None,
     runtime: Runtime,
     grad_cache_chunk: int = 0,
+    packed: bool = True,
 ) -> torch.Tensor:
     """Accumulate the global-batch loss gradient into `params`' .grad; return the global loss (detached).
 
     Call with zeroed gradients; `params` are the trainable parameters (averaged over ranks here).
+    `packed` runs the text tower on real tokens only (cnclip.packed_text); off, it runs the
+    model's own forward (needed for a torch.compile'd text tower).
     """
+    encode = encode_texts_packed if packed else encode_texts
 
     def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with runtime.autocast():
-            return encode_texts(clip, **batch)
+            return encode(clip, **batch)
 
     def loss_of(text_emb: torch.Tensor) -> torch.Tensor:
         return distributed_clip_loss(image_emb, text_emb, clip.logit_scale, image_keys, text_keys)
@@ -58,8 +64,9 @@ def prepare_text_tower(clip: torch.nn.Module, gradient_checkpointing: bool = Fal
     """Memory / speed options of the trained tower (recipe keys train.gradient_checkpointing, train.compile).
 
     Non-reentrant checkpointing works with a frozen embedding layer (LoRA) and keeps dropout's
-    random state, so it composes with gradient caching. `Module.compile()` compiles in place:
-    parameter names, and so checkpoints, stay the same.
+    random state, so it composes with gradient caching (and the packed path honours it).
+    `Module.compile()` compiles the tower's own forward in place (parameter names, and so
+    checkpoints, stay the same); the step then uses that forward instead of the packed path.
     """
     if gradient_checkpointing:
         clip.text_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -12,6 +12,7 @@ from cnclip.finetune import main as finetune_main
 from cnclip.gradcache import RandState, split_batch
 from cnclip.loss import clip_loss
 from cnclip.models import attach_lora, encode_texts, load_base_model, lock_image_tower
+from cnclip.packed_text import encode_texts_packed
 from cnclip.recipe import ModelConfig, RecipeError, load_recipe
 from cnclip.train_step import contrastive_step
 
@@ -48,23 +49,24 @@ def trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def step_grads(clip, model, batch, chunk: int, seed: int = 7):
+def step_grads(clip, model, batch, chunk: int, seed: int = 7, packed: bool = True):
     params = trainable(model)
     for p in params.values():
         p.grad = None
     torch.manual_seed(seed)
     loss = contrastive_step(clip, list(params.values()), batch["tokens"], batch["image_emb"], batch["image_keys"],
-                            batch["text_keys"], RUNTIME, grad_cache_chunk=chunk)
+                            batch["text_keys"], RUNTIME, grad_cache_chunk=chunk, packed=packed)
     return loss.item(), {n: p.grad.clone() for n, p in params.items()}
 
 
-def graph_kept_chunks(clip, model, batch, chunk: int, seed: int = 7):
+def graph_kept_chunks(clip, model, batch, chunk: int, seed: int = 7, packed: bool = True):
     """The reference: every chunk forward with its graph kept, one loss, one backward."""
+    encode = encode_texts_packed if packed else encode_texts
     params = trainable(model)
     for p in params.values():
         p.grad = None
     torch.manual_seed(seed)
-    emb = torch.cat([encode_texts(clip, **c) for c in split_batch(batch["tokens"], chunk)])
+    emb = torch.cat([encode(clip, **c) for c in split_batch(batch["tokens"], chunk)])
     loss = clip_loss(batch["image_emb"], emb, clip.logit_scale, batch["image_keys"], batch["text_keys"])
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in params.items()}
@@ -88,21 +90,22 @@ def test_chunked_gradient_equals_full_batch_gradient(tiny_model_dir):
         assert max_diff(chunked, full) < 1e-5, chunk
 
 
-def test_dropout_masks_are_replayed_in_the_second_pass(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("packed", [True, False])
+def test_dropout_masks_are_replayed_in_the_second_pass(tiny_model_dir, monkeypatch, packed):
     clip, model, batch = build(tiny_model_dir, lora_dropout=0.1)  # and the tower's own dropout 0.1
-    loss_ref, ref = graph_kept_chunks(clip, model, batch, chunk=3)
+    loss_ref, ref = graph_kept_chunks(clip, model, batch, chunk=3, packed=packed)
     state_after_ref = torch.get_rng_state()
-    loss_gc, gc = step_grads(clip, model, batch, chunk=3)
+    loss_gc, gc = step_grads(clip, model, batch, chunk=3, packed=packed)
     assert abs(loss_gc - loss_ref) < 1e-5
     assert max_diff(gc, ref) < 1e-5
     # The generator ends where the first pass left it: the run stays deterministic afterwards.
     assert torch.equal(torch.get_rng_state(), state_after_ref)
 
     # Dropout is really on (another seed, other masks, another gradient) ...
-    assert max_diff(step_grads(clip, model, batch, chunk=3, seed=8)[1], ref) > 1e-3
+    assert max_diff(step_grads(clip, model, batch, chunk=3, seed=8, packed=packed)[1], ref) > 1e-3
     # ... and without replaying the random state the re-run draws other masks: a wrong gradient.
     monkeypatch.setattr(RandState, "replay", lambda self: contextlib.nullcontext())
-    assert max_diff(step_grads(clip, model, batch, chunk=3)[1], ref) > 1e-3
+    assert max_diff(step_grads(clip, model, batch, chunk=3, packed=packed)[1], ref) > 1e-3
 
 
 def test_finetune_with_grad_cache_trains_like_without(tiny_model_no_dropout_dir, tiny_data_dir, tmp_path):

@@ -1,0 +1,452 @@
+"""Training throughput: the plain transformers + peft loop vs cnclip's cached path; prints one JSON document.
+
+Both run side by side in one process on the same randomly initialised ChineseCLIPModel with the shapes
+of OFA-Sys/chinese-clip-vit-base-patch16 (ViT-B/16 at 224 px, RoBERTa-base text tower: 12 layers,
+hidden 768, vocab 21128, projection 512), the same data, batch size and LoRA config (r 16, alpha 32,
+dropout 0.05 on query/value, text projection trained).
+
+* baseline: the loop the transformers and peft docs lead to: get_peft_model, then every step
+  `model(input_ids=..., attention_mask=..., pixel_values=..., return_loss=True)`, backward, AdamW.
+  The image tower is frozen (peft freezes the base) but runs forward every step. Pixels arrive
+  already preprocessed, so the baseline is *not* charged for JPEG decoding or resizing.
+* cnclip: image embeddings computed once (encode_images, no grad: the one-time cache cost, in
+  images/s), then the real training step (cnclip.train_step.contrastive_step: text tower + cached
+  embeddings + masked InfoNCE), gradient clipping, fused-where-possible AdamW, logit-scale clamp.
+
+Reported per caption-length scenario ("short": 6-24 Chinese characters, like MUGE's shopping
+queries; "max": every caption 52 tokens, the context length, the worst case for cnclip): samples/s of
+both and the ratio, peak memory (RSS on CPU, max allocated on CUDA) as a delta over the phase, the
+FLOPs of one text step counted by torch's FlopCounterMode and the achieved FLOP/s as a fraction of
+the machine's own large-matmul FLOP/s measured in the same run (fp32 on CPU, bf16 on GPU), and
+the epoch at which cnclip's total time (cache + training) is below the baseline's.
+
+    python benchmarks/train_throughput.py            # full (several minutes on a 2-core CPU)
+    python benchmarks/train_throughput.py --small    # smoke test: 2+2 layers, tiny batch, < 1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cnclip.data import gather_tokens  # noqa: E402
+from cnclip.device import Runtime, pick_runtime  # noqa: E402
+from cnclip.finetune import make_optimizer  # noqa: E402
+from cnclip.models import attach_lora, clamp_logit_scale, encode_images, lock_image_tower  # noqa: E402
+from cnclip.recipe import ModelConfig, Recipe  # noqa: E402
+from cnclip.train_step import contrastive_step  # noqa: E402
+
+CONTEXT_LENGTH = 52
+CLS, SEP, FIRST_ORDINARY_ID = 101, 102, 106  # bert-base-chinese's special-token ids
+LORA = dict(r=16, alpha=32, dropout=0.05, target_modules=["query", "value"])
+# MUGE: 250,314 training pairs over 129,380 images, so a pair costs ~0.52 cached images.
+MUGE_IMAGES_PER_PAIR = 129_380 / 250_314
+
+
+def model_config(small: bool):
+    from transformers import ChineseCLIPConfig
+
+    layers = 2 if small else 12
+    return ChineseCLIPConfig(
+        text_config=dict(vocab_size=21128, hidden_size=768, intermediate_size=3072, num_hidden_layers=layers,
+                         num_attention_heads=12, max_position_embeddings=512, type_vocab_size=2),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=layers, num_attention_heads=12,
+                           image_size=224, patch_size=16, hidden_act="quick_gelu"),
+        projection_dim=512,
+    )
+
+
+def make_captions(n: int, scenario: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Token tensors padded to the context length, as cnclip.data.tokenize leaves them."""
+    if scenario == "max":
+        lengths = torch.full((n,), CONTEXT_LENGTH)
+    else:
+        lengths = torch.randint(6, 25, (n,), generator=gen) + 2  # characters + [CLS] + [SEP]
+    ids = torch.randint(FIRST_ORDINARY_ID, 21128, (n, CONTEXT_LENGTH), generator=gen)
+    positions = torch.arange(CONTEXT_LENGTH)[None, :]
+    mask = (positions < lengths[:, None]).long()
+    ids = ids * mask
+    ids[:, 0] = CLS
+    ids[torch.arange(n), lengths - 1] = SEP
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+# ---- measurement helpers
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_s(device: torch.device, small: bool) -> dict:
+    """The machine's own dense-matmul rate: the ceiling a training step can be compared against."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else (2048 if small else 4096)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    reps, best = (20 if device.type == "cuda" else 3), 0.0
+    for _ in range(3):  # best of 3: the machine's capability, not its momentary load
+        tic = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - tic))
+    return {"flops_per_s": best, "size": n, "dtype": str(dtype).replace("torch.", "")}
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+class PeakMemory:
+    """Peak memory of a phase as the rise over its start: CUDA max allocated, or RSS high-water mark.
+
+    On Linux the RSS high-water mark (VmHWM) is reset through /proc/self/clear_refs, so the peak
+    is the phase's own; the phase runs in a fresh process (see --probe) so no other phase's freed
+    heap hides its needs.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device) / 2 ** 20
+        else:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset VmHWM to the current RSS
+            self.start = _status_mb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        else:
+            self.peak = _status_mb("VmHWM")
+        self.rise_mb = self.peak - self.start
+        return False
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def text_step_flops_analytic(cfg, tokens: dict[str, torch.Tensor]) -> float:
+    """Forward + activation-gradient backward of the text tower over the batch padded to its longest.
+
+    Per layer and caption of L tokens: 24*L*H^2 (Q, K, V, O projections and the 4H feed-forward)
+    + 4*L^2*H (scores and weighted sum); backward to the activations costs the same again. The
+    baseline pays this; cnclip's packed path skips the padding and most of the last layer.
+    """
+    t = cfg.text_config
+    length = int(tokens["attention_mask"].sum(1).max())
+    per_caption = t.num_hidden_layers * (24 * length * t.hidden_size ** 2 + 4 * length ** 2 * t.hidden_size)
+    return 2.0 * per_caption * tokens["input_ids"].shape[0]
+
+
+# ---- the two training loops
+
+def baseline_setup(pristine, data: dict, runtime: Runtime, batch: int):
+    """What a user writes from the transformers + peft docs: the whole model, every step."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(pristine), LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["target_modules"],
+        modules_to_save=["text_projection"])).to(runtime.device)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    device = runtime.device
+
+    def step(i: int) -> None:
+        rows = torch.arange(i * batch, (i + 1) * batch) % data["n"]
+        inputs = gather_tokens(data["tokens"], rows, device)  # padding=True: padded to the batch's longest
+        pixels = data["pixels"][rows].to(device, non_blocking=True)
+        with runtime.autocast():
+            out = model(**inputs, pixel_values=pixels, return_loss=True)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def cnclip_cache(clip, data: dict, runtime: Runtime, cache_batch: int) -> tuple[torch.Tensor, float]:
+    """The one-time cost: every training image through the locked image tower, no graph."""
+    device = runtime.device
+    bank = []
+    lock_image_tower(clip)
+    with torch.no_grad():
+        sync(device)
+        tic = time.perf_counter()
+        for start in range(0, data["n"], cache_batch):
+            pixels = data["pixels"][start:start + cache_batch].to(device, non_blocking=True)
+            with runtime.autocast():
+                bank.append(encode_images(clip, pixels).float())
+        sync(device)
+        elapsed = time.perf_counter() - tic
+    return torch.cat(bank), data["n"] / elapsed
+
+
+def cnclip_setup(pristine, data: dict, runtime: Runtime, batch: int, args, image_bank=None):
+    """cnclip's path: image embeddings from the cache, the text tower trained against them."""
+    clip = copy.deepcopy(pristine)
+    mcfg = ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                       target_modules=LORA["target_modules"])
+    model = attach_lora(clip, mcfg).to(runtime.device)
+    cache = {}
+    if image_bank is None:
+        image_bank, cache["images_per_s"] = cnclip_cache(clip, data, runtime, args.cache_batch)
+    recipe = Recipe()
+    optimizer = make_optimizer(model, recipe, runtime)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    lock_image_tower(clip)
+    device = runtime.device
+    keys = torch.arange(data["n"], device=device)
+
+    def step(i: int) -> None:  # the body of cnclip.finetune's loop
+        rows = torch.arange(i * batch, (i + 1) * batch) % data["n"]
+        tokens = gather_tokens(data["tokens"], rows, device)
+        rows_d = rows.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        contrastive_step(clip, params, tokens, image_bank[rows_d], keys[rows_d], keys[rows_d], runtime,
+                         args.grad_cache_chunk, packed=not args.no_packing)
+        torch.nn.utils.clip_grad_norm_(params, recipe.train.grad_clip)
+        optimizer.step()
+        clamp_logit_scale(clip)
+
+    return step, cache, clip
+
+
+def make_data(name: str, n: int, seed: int, device: torch.device) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    data = {"n": n, "tokens": make_captions(n, name, gen), "pixels": torch.randn(n, 3, 224, 224, generator=gen)}
+    if device.type == "cuda":
+        data["pixels"] = data["pixels"].pin_memory()
+        data["tokens"] = {k: v.pin_memory() for k, v in data["tokens"].items()}
+    return data
+
+
+def interleaved_times(steps: dict, device: torch.device, warmup: int, count: int) -> dict[str, list[float]]:
+    """Alternate the loops step by step (order flipped each round), so a busy spell hits both."""
+    names = list(steps)
+    for i in range(warmup):
+        for name in names:
+            steps[name](i)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup, warmup + count):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            sync(device)
+            tic = time.perf_counter()
+            steps[name](i)
+            sync(device)
+            times[name].append(time.perf_counter() - tic)
+    return times
+
+
+def break_even_epochs(base_sps: float, cn_sps: float, cache_ips: float, images_per_pair: float) -> float | None:
+    """Epochs E after which cache + E epochs of cnclip take less time than E baseline epochs."""
+    gain_per_pair = 1 / base_sps - 1 / cn_sps
+    if gain_per_pair <= 0:
+        return None
+    return images_per_pair / cache_ips / gain_per_pair
+
+
+def memory_probe(loop: str, name: str, args) -> dict:
+    """Run in a fresh process: peak memory of one loop's steps (and of cnclip's cache pass)."""
+    runtime = pick_runtime(args.device)
+    cfg = model_config(args.small)
+    torch.manual_seed(args.seed)
+    from transformers import ChineseCLIPModel
+
+    pristine = ChineseCLIPModel(cfg).to(runtime.device)
+    data = make_data(name, args.batch * (args.warmup + 1), args.seed, runtime.device)
+    out = {}
+    if loop == "baseline":
+        step = baseline_setup(pristine, data, runtime, args.batch)
+    else:
+        clip = copy.deepcopy(pristine)  # nothing is freed before a measurement: freed heap would hide growth
+        with PeakMemory(runtime.device) as mem:
+            bank, _ = cnclip_cache(clip, data, runtime, args.cache_batch)
+        out["cache_peak_rise_mb"] = mem.rise_mb
+        step, _, _ = cnclip_setup(pristine, data, runtime, args.batch, args, image_bank=bank)
+    with PeakMemory(runtime.device) as mem:
+        for i in range(args.warmup + 1):
+            step(i)
+    out["step_peak_rise_mb"] = mem.rise_mb  # the rise only: the probe holds extra model copies
+    return out
+
+
+def start_probe(loop: str, name: str, args) -> subprocess.Popen:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", loop, "--scenarios", name,
+           "--batch", str(args.batch), "--warmup", str(args.warmup), "--cache-batch", str(args.cache_batch),
+           "--grad-cache-chunk", str(args.grad_cache_chunk), "--device", args.device, "--seed", str(args.seed)]
+    cmd += ["--small"] if args.small else []
+    cmd += ["--no-packing"] if args.no_packing else []
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def probe_result(proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        return {"error": stderr[-2000:]}
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def summarise(times: list[float], batch: int) -> dict:
+    return {"step_times_s": [round(t, 3) for t in times], "step_s_min": min(times),
+            "step_s_median": statistics.median(times), "samples_per_s": batch / min(times),
+            "samples_per_s_median": batch / statistics.median(times)}
+
+
+def run_scenario(name: str, pristine, cfg, runtime: Runtime, args) -> dict:
+    n = args.batch * (args.warmup + args.steps)
+    data = make_data(name, n, args.seed, runtime.device)
+    cn_step, cache, _ = cnclip_setup(pristine, data, runtime, args.batch, args)
+    base_step = baseline_setup(pristine, data, runtime, args.batch)
+    times = interleaved_times({"baseline": base_step, "cnclip": cn_step}, runtime.device, args.warmup, args.steps)
+    base, cn = summarise(times["baseline"], args.batch), summarise(times["cnclip"], args.batch)
+    tokens0 = gather_tokens(data["tokens"], torch.arange(args.batch), "cpu")
+    cn["text_flops_padded_analytic"] = text_step_flops_analytic(cfg, tokens0)
+    if not args.no_flops:
+        for result, step in ((base, base_step), (cn, cn_step)):
+            result["flops_per_step"] = count_flops(lambda: step(0))
+            result["achieved_flops_per_s"] = result["flops_per_step"] / result["step_s_min"]
+    del base_step, cn_step
+    gc.collect()
+    if not args.no_memory and runtime.device.type == "cpu":  # separate processes measure independently
+        procs = {loop: start_probe(loop, name, args) for loop in ("baseline", "cnclip")}
+    elif not args.no_memory:  # one GPU: one probe at a time
+        procs = {loop: probe_result(start_probe(loop, name, args)) for loop in ("baseline", "cnclip")}
+    for loop, result in (("baseline", base), ("cnclip", cn)):
+        if not args.no_memory:
+            probe = procs[loop]
+            result["memory"] = probe if isinstance(probe, dict) else probe_result(probe)
+            if "cache_peak_rise_mb" in result["memory"]:
+                cache["peak_rise_mb"] = result["memory"].pop("cache_peak_rise_mb")
+    cache["images"] = n
+    out = {
+        "caption_tokens_mean": round(float(data["tokens"]["attention_mask"].sum(1).float().mean()), 1),
+        "baseline": base,
+        "cnclip": cn,
+        "speedup": cn["samples_per_s"] / base["samples_per_s"],
+        "speedup_median": cn["samples_per_s_median"] / base["samples_per_s_median"],
+        "cache": cache,
+    }
+    if "flops_per_step" in cn:
+        out["flop_ratio"] = base["flops_per_step"] / cn["flops_per_step"]
+    out["break_even_epochs"] = {
+        "one_image_per_pair": break_even_epochs(base["samples_per_s"], cn["samples_per_s"],
+                                                cache["images_per_s"], 1.0),
+        "muge_images_per_pair": break_even_epochs(base["samples_per_s"], cn["samples_per_s"],
+                                                  cache["images_per_s"], MUGE_IMAGES_PER_PAIR),
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="smoke test: 2 layers per tower, batch 4, 2 timed steps")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 32; 4 with --small)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per loop (default 4; 2 with --small)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--cache-batch", type=int, default=64)
+    parser.add_argument("--grad-cache-chunk", type=int, default=0, help="cnclip's train.grad_cache_chunk")
+    parser.add_argument("--scenarios", default=None,
+                        help="caption lengths, comma-separated: short, max (default both; short with --small)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted extra steps")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (child processes)")
+    parser.add_argument("--no-packing", action="store_true", help="cnclip without train.packed_text")
+    parser.add_argument("--probe", choices=("baseline", "cnclip"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    args.batch = args.batch or (4 if args.small else 32)
+    args.steps = args.steps or (2 if args.small else 4)
+    args.scenarios = args.scenarios or ("short" if args.small else "short,max")
+    if args.probe:
+        print(json.dumps(memory_probe(args.probe, args.scenarios, args)))
+        return 0
+
+    from transformers import ChineseCLIPModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    runtime = pick_runtime(args.device)
+    cfg = model_config(args.small)
+    torch.manual_seed(args.seed)
+    tic = time.perf_counter()
+    pristine = ChineseCLIPModel(cfg).to(runtime.device)
+    build_s = time.perf_counter() - tic
+    matmul = matmul_flops_per_s(runtime.device, args.small)
+    result = {
+        "benchmark": "train_throughput",
+        "small": args.small,
+        "device": str(runtime.device),
+        "precision": runtime.precision,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": {"text_layers": cfg.text_config.num_hidden_layers, "vision_layers": cfg.vision_config.num_hidden_layers,
+                  "hidden": 768, "vocab": 21128, "projection": 512, "image_size": 224, "patch": 16,
+                  "attn_implementation": pristine.config._attn_implementation, "build_s": round(build_s, 1)},
+        "lora": LORA,
+        "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "grad_cache_chunk": args.grad_cache_chunk,
+        "packed_text": not args.no_packing,
+        "matmul": matmul,
+        "load_avg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "scenarios": {},
+    }
+    for name in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
+        if name not in ("short", "max"):
+            parser.error(f"--scenarios: unknown scenario {name!r}; accepted: short, max")
+        result["scenarios"][name] = run_scenario(name, pristine, cfg, runtime, args)
+    # The ceiling is the better of the two matmul measurements: a busy spell must not flatter the steps.
+    result["matmul_end"] = matmul_flops_per_s(runtime.device, args.small)
+    ceiling = max(matmul["flops_per_s"], result["matmul_end"]["flops_per_s"])
+    result["matmul_ceiling_flops_per_s"] = ceiling
+    for scenario in result["scenarios"].values():
+        for loop in ("baseline", "cnclip"):
+            r = scenario[loop]
+            if "flops_per_step" in r:
+                r["fraction_of_matmul"] = r["flops_per_step"] / r["step_s_min"] / ceiling
+                r["fraction_of_matmul_median"] = r["flops_per_step"] / r["step_s_median"] / ceiling
+    result["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    text = json.dumps(result, indent=2, default=float)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Text embeddings without computing padding: the training path's text tower.
+
+Captions are short and uneven (MUGE queries: a handful to a few dozen characters), so a batch padded
+to its longest caption spends a third or more of the text tower's matrix products on padding
+tokens, whose outputs nobody reads. Here the token-wise work (Q/K/V/O projections, feed-forward,
+LayerNorm, dropout) runs on the real tokens only, packed into one (tokens, hidden) matrix; only the
+attention itself is done in the padded (batch, heads, length, dim) layout, under the key-padding
+mask. And because the embedding is the last layer's [CLS] state, the last layer computes keys and
+values for every token but everything else for the [CLS] rows alone.
+
+The modules called are the model's own (LoRA-wrapped by peft where targeted), so weights, LoRA and
+dropout rates are shared with ChineseCLIPTextModel; `encode_texts_packed` equals
+`models.encode_texts` up to float rounding (dropout draws differ: masks are drawn per real token).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .models import encode_texts
+
+
+class _Layout:
+    """Where the real tokens sit in the padded (batch, length) grid."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.batch, self.length = attention_mask.shape
+        keep = attention_mask.bool()
+        self.flat = keep.reshape(-1).nonzero().squeeze(1)  # packed row -> position in batch*length
+        lengths = keep.sum(1)
+        self.cls_rows = torch.cumsum(lengths, 0) - lengths  # the [CLS] (first) token of each caption
+        self.key_mask = keep[:, None, None, :]  # (batch, 1, 1, length): True = attend
+
+    def pad(self, packed: torch.Tensor, heads: int) -> torch.Tensor:
+        """(tokens, hidden) -> (batch, heads, length, head_dim), zeros at padding."""
+        hidden = packed.shape[-1]
+        grid = packed.new_zeros(self.batch * self.length, hidden).index_copy(0, self.flat, packed)
+        return grid.view(self.batch, self.length, heads, hidden // heads).transpose(1, 2)
+
+
+def _attention(self_attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               layout: _Layout) -> torch.Tensor:
+    """Scaled dot-product attention; query is padded (b, h, q, d) or per-caption (b, h, 1, d)."""
+    heads = self_attn.num_attention_heads
+    return F.scaled_dot_product_attention(
+        query, layout.pad(key, heads), layout.pad(value, heads), attn_mask=layout.key_mask,
+        dropout_p=self_attn.attention_dropout if self_attn.training else 0.0, scale=self_attn.scaling,
+    )
+
+
+def _layer(layer: nn.Module, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """One ChineseCLIPTextLayer on packed tokens (tokens, hidden)."""
+    sa = layer.attention.self
+    heads = sa.num_attention_heads
+    context = _attention(sa, layout.pad(sa.query(x), heads), sa.key(x), sa.value(x), layout)
+    context = context.transpose(1, 2).reshape(layout.batch * layout.length, -1).index_select(0, layout.flat)
+    x = layer.attention.output(context, x)  # dense, dropout, LayerNorm(. + residual)
+    return layer.output(layer.intermediate(x), x)
+
+
+def _last_layer_cls(layer: nn.Module, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """The last layer, for the [CLS] rows only (keys and values still come from every token)."""
+    sa = layer.attention.self
+    heads = sa.num_attention_heads
+    cls = x.index_select(0, layout.cls_rows)  # (batch, hidden)
+    query = sa.query(cls).view(layout.batch, 1, heads, -1).transpose(1, 2)
+    context = _attention(sa, query, sa.key(x), sa.value(x), layout).transpose(1, 2).reshape(layout.batch, -1)
+    h = layer.attention.output(context, cls)
+    return layer.output(layer.intermediate(h), h)
+
+
+def supports_packing(clip: nn.Module) -> bool:
+    """The packed path mirrors ChineseCLIPTextModel's BERT layers; anything else uses the plain path."""
+    text = getattr(clip, "text_model", None)
+    layers = getattr(getattr(text, "encoder", None), "layer", None)
+    return (layers is not None and len(layers) > 0 and hasattr(layers[0], "attention")
+            and getattr(layers[0], "chunk_size_feed_forward", 0) == 0)
+
+
+def encode_texts_packed(clip: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected text embeddings, as models.encode_texts computes them, without padding work.
+
+    Honours the text tower's gradient checkpointing (transformers' activation_checkpointing_enable).
+    Falls back to the plain path when a caption does not start at position 0 (left padding).
+    """
+    if not bool(attention_mask[:, 0].all()) or not supports_packing(clip):
+        return encode_texts(clip, input_ids, attention_mask, token_type_ids)
+    text = clip.text_model
+    layout = _Layout(attention_mask)
+    embedded = text.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # LayerNorm + dropout
+    x = embedded.reshape(layout.batch * layout.length, -1).index_select(0, layout.flat)
+    layers = text.encoder.layer
+    for i, layer in enumerate(layers):
+        fn = _last_layer_cls if i == len(layers) - 1 else _layer
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            x = checkpoint(fn, layer, x, layout, use_reentrant=False)
+        else:
+            x = fn(layer, x, layout)
+    return clip.text_projection(x)
