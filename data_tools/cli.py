@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from data_tools.config import ConfigError, load_config
-from data_tools.pipeline import BuildOptions, BuildResult, build_pairs
+from data_tools.files import is_disk_full
+from data_tools.pipeline import BuildOptions, BuildResult, WorkerCrashed, build_pairs
 from data_tools.readers import InputError
 from data_tools.report import summary
 from data_tools.split import SplitError, parse_splits
@@ -30,6 +31,12 @@ Simplified, length, Chinese ratio, boilerplate) -> query relevance (jieba) -> im
 DIR/report.json accounts for every record read: kept, or rejected with exactly one reason.
 Per-shard results are kept in DIR/.work, so an interrupted run resumes where it stopped and a
 rerun with other --per-query-cap/--splits/--format/--seed reuses all per-record work.
+
+Crash safety: outputs are written under temporary names and renamed into place only when all
+of them are complete; report.json comes last, so a DIR with report.json holds exactly the
+complete outputs it lists. Killed at any point, the same command resumes and writes the same
+bytes. Exit status: 0 done, 1 a worker process died, 2 bad arguments or unusable input,
+3 out of disk space (earlier outputs intact), 130 interrupted.
 """
 
 FORMAT_HELP = (
@@ -101,8 +108,22 @@ def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     except InputError as err:
         parser.error(str(err))
     except KeyboardInterrupt:
-        print("interrupted; finished shards are kept in DIR/.work - rerun the same command to resume", file=sys.stderr)
+        print(f"interrupted; finished shards are kept in {args.out / '.work'} - rerun the same command to resume", file=sys.stderr)
         return 130
+    except WorkerCrashed as err:
+        print(f"error: {err}; finished shards are kept in {args.out / '.work'}: rerun the same command to resume", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if is_disk_full(err):
+            # Same wording and exit status as cnclip.cli.run_cli. Outputs are renamed into place only
+            # once all of them are on disk, so the previous run's outputs are intact.
+            print(f"error: out of disk space writing {err.filename or args.out} ({err.strerror}); earlier outputs "
+                  f"in {args.out} are intact: free space and rerun the same command to resume", file=sys.stderr)
+            return 3
+        if err.filename is None:
+            raise
+        print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)  # e.g. --out not writable, or under a file
+        return 2
     _print_summary(result, args.out)
     return 0
 

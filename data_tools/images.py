@@ -17,16 +17,16 @@ from hashlib import blake2b
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import imagehash
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cnclip.images import to_rgb  # the same RGB conversion training applies to its own images
 from data_tools.config import ImageConfig
 from data_tools.records import Reason, Record, Rejected
 
 _DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+:")  # two letters at least: "C:" is a drive, checked first
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_\-=\s]+")
 _MIN_BASE64_CHARS = 64  # no real image encodes shorter; paths this long without a dot are implausible
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ def check_image_reference(record: Record) -> None:
         raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"absolute path: {image}")
     if ".." in re.split(r"[\\/]", image) or "\x00" in image:
         raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"path escapes the dump directory: {image}")
+    if scheme := _URL_SCHEME.match(image):  # file://, ftp://, javascript:, data:text/...
+        raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"{scheme.group().lower()} URL, not a path inside the dump: {image[:200]}")
 
 
 def read_image_bytes(record: Record, config: ImageConfig) -> bytes:
@@ -89,16 +91,23 @@ def _decode_base64(text: str, max_bytes: int) -> bytes:
 
 
 def _read_inside(base_dir: Path, relative: str, max_bytes: int) -> bytes:
-    root = base_dir.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):  # a symlink pointing out of the dump
-        raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"resolves outside the dump directory: {relative}")
-    if not path.is_file():
-        raise Rejected(Reason.IMAGE_MISSING, relative)
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise Rejected(Reason.IMAGE_TOO_LARGE, f"{relative}: {size} bytes > {max_bytes}")
-    return path.read_bytes()
+    try:
+        root = base_dir.resolve()
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root):  # a symlink pointing out of the dump
+            raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"resolves outside the dump directory: {relative}")
+        if not path.is_file():  # also directories, FIFOs and devices: never opened
+            raise Rejected(Reason.IMAGE_MISSING, relative)
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise Rejected(Reason.IMAGE_TOO_LARGE, f"{relative}: {size} bytes > {max_bytes}")
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)  # bounded even if the file grew since stat
+    except (OSError, RuntimeError) as err:  # permissions, name too long, symlink loop (RuntimeError before 3.13)
+        raise Rejected(Reason.IMAGE_UNREADABLE, f"{relative[:200]}: {getattr(err, 'strerror', None) or err}") from None
+    if len(data) > max_bytes:
+        raise Rejected(Reason.IMAGE_TOO_LARGE, f"{relative}: more than {max_bytes} bytes")
+    return data
 
 
 def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
@@ -147,22 +156,6 @@ def _target_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
         return size
     scale = max_side / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is flattened onto white, as shops display it."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        if image.mode in _SIXTEEN_BIT_MODES or pixels.max(initial=0) > 255:
-            pixels = pixels / 257.0  # 16-bit range onto 8 bits
-        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:

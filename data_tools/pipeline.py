@@ -6,10 +6,17 @@
 3. dedup     one pass over all accepted records in input order (exact, near, (query, text))
 4. cap       at most N pairs per query, chosen by a seeded content hash
 5. split     train/valid/test by a seeded hash of the image
-6. write     the chosen format, atomically; then report.json
+6. write     the chosen format and report.json under temporary names, all complete on disk
+               before the first is renamed into place; report.json is renamed last
 
 Steps 3-6 see records in input order whatever the number of workers, so the output bytes do
 not depend on --workers, and a resumed run writes the same bytes as an uninterrupted one.
+
+Crash safety: a file under its final name is always complete. While outputs are being renamed
+into place, report.json is absent (moved to DIR/.work/previous-report.json, which remembers the
+old outputs so a rerun can still remove the ones it no longer writes): a DIR holding report.json
+holds exactly the complete outputs that report lists. A run killed anywhere leaves only
+temporary names, removed by the next run, which resumes from the finished shards.
 """
 
 from __future__ import annotations
@@ -21,25 +28,33 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from cnclip.faults import crash_point
 from data_tools.balance import CapCandidate, cap_per_query, pair_priority
 from data_tools.config import FilterConfig
 from data_tools.dedup import Deduplicator
+from data_tools.files import StagedFiles, remove_temporaries
 from data_tools.readers import InputFile, InputReadError, discover_inputs, iter_items
 from data_tools.records import RawItem, Reason
 from data_tools.report import Tally, build_report
 from data_tools.shards import ShardTask, WorkDir, fingerprint, process_shard, read_light, read_rows, read_tally
 from data_tools.split import assign_split
 from data_tools.stages import RecordProcessor
-from data_tools.writers import Pair, make_writer
+from data_tools.writers import Pair, Writer, make_writer
 
 DEFAULT_SPLITS = (("train", 0.98), ("valid", 0.01), ("test", 0.01))
 REPORT_NAME = "report.json"
+PARKED_REPORT = "previous-report.json"  # in DIR/.work while outputs are being replaced
+
+
+class WorkerCrashed(RuntimeError):
+    """A worker process died (killed, out of memory); finished shards are kept for the rerun."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ def build_pairs(options: BuildOptions) -> BuildResult:
     """Run the whole pipeline; raises readers.InputError for unusable INPUT paths."""
     inputs = discover_inputs(list(options.inputs), exclude=options.out)
     options.out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(options.out)  # what a killed run left half-written
     work = WorkDir(options.out / ".work", fingerprint(inputs, options.config, options.shard_size))
     tally = Tally()
     for source in inputs:
@@ -93,16 +109,24 @@ def build_pairs(options: BuildOptions) -> BuildResult:
     for shard in shards:
         tally.merge(read_tally(shard.path))
     plan, split_counts = _select(shards, options, tally)
-    outputs = _write_outputs(shards, plan, options)
-    report = build_report(
-        tally,
-        splits=split_counts,
-        outputs=outputs + [REPORT_NAME],
-        input_errors=input_errors,
-        settings=_settings(inputs, options),
-    )
-    _remove_stale_outputs(options.out, keep=set(outputs))
-    _write_json_atomic(options.out / REPORT_NAME, report)
+    parked = work.root / PARKED_REPORT
+    previous = _listed_outputs(options.out / REPORT_NAME) | _listed_outputs(parked)
+    writer = make_writer(options.format, options.out, _split_names(options))
+    try:
+        outputs = _write_outputs(writer, shards, plan, options)
+        report = build_report(
+            tally,
+            splits=split_counts,
+            outputs=outputs + [REPORT_NAME],
+            input_errors=input_errors,
+            settings=_settings(inputs, options),
+        )
+        writer.files.write(REPORT_NAME, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+        writer.files.finish()
+    except BaseException:
+        writer.abort()  # nothing was renamed: the previous outputs are untouched
+        raise
+    _publish(writer.files, outputs, stale=previous - set(outputs), parked=parked)
     return BuildResult(report, shards_total=len(shards), shards_computed=computed)
 
 
@@ -170,12 +194,15 @@ def _execute(tasks: Iterator[ShardTask], workers: int, config: FilterConfig) -> 
     context = multiprocessing.get_context("spawn")  # no inherited locks or threads; same on every OS
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(config,)) as pool:
         pending: deque[Future[int]] = deque()
-        for task in tasks:
-            pending.append(pool.submit(_process_in_worker, task))
-            if len(pending) >= 2 * workers:
+        try:
+            for task in tasks:
+                pending.append(pool.submit(_process_in_worker, task))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise WorkerCrashed("a worker process died unexpectedly (killed by a signal or out of memory)") from None
 
 
 _worker_processor: RecordProcessor | None = None
@@ -247,19 +274,36 @@ def _apply_cap(survivors: list[_Survivor], shards: list[ShardRef], options: Buil
 # ---------------------------------------------------------------- output
 
 
-def _write_outputs(shards: list[ShardRef], plan: dict[int, list[tuple[int, str, int]]], options: BuildOptions) -> list[str]:
-    split_names = tuple(name for name, fraction in options.splits if fraction > 0)
-    writer = make_writer(options.format, options.out, split_names)
-    try:
-        for shard_index in tqdm(sorted(plan), desc="write", unit="shard", file=sys.stderr, disable=not options.progress):
-            rows = plan[shard_index]
-            records = read_rows(shards[shard_index].path, [row for row, _, _ in rows])
-            for (_, split, pair_id), record in zip(rows, records):
-                writer.add(Pair(pair_id, split, record["text"], record["query"], record["jpeg"], _pair_meta(record)))
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.commit()
+def _split_names(options: BuildOptions) -> tuple[str, ...]:
+    return tuple(name for name, fraction in options.splits if fraction > 0)
+
+
+def _write_outputs(writer: Writer, shards: list[ShardRef], plan: dict[int, list[tuple[int, str, int]]], options: BuildOptions) -> list[str]:
+    """Every output file, complete on disk under its temporary name; returns the names."""
+    for shard_index in tqdm(sorted(plan), desc="write", unit="shard", file=sys.stderr, disable=not options.progress):
+        rows = plan[shard_index]
+        records = read_rows(shards[shard_index].path, [row for row, _, _ in rows])
+        for (_, split, pair_id), record in zip(rows, records):
+            writer.add(Pair(pair_id, split, record["text"], record["query"], record["jpeg"], _pair_meta(record)))
+        crash_point("pairs-output")  # part of the output written, under temporary names
+    return writer.finish()
+
+
+def _publish(files: StagedFiles, outputs: list[str], stale: set[str], parked: Path) -> None:
+    """Rename the finished outputs into place, drop the previous run's leftovers, then the report.
+
+    Only renames and deletions happen here, so a full disk can no longer interrupt it; a kill can,
+    and the rerun finishes the job (the old report's list of outputs survives in `parked`).
+    """
+    report = files.out / REPORT_NAME
+    if report.exists():
+        os.replace(report, parked)  # from now until the new report lands, DIR reads as incomplete
+    files.publish(outputs)
+    for name in sorted(stale):
+        (files.out / name).unlink(missing_ok=True)
+    crash_point("pairs-report")  # every output in place, the report not yet
+    files.publish([REPORT_NAME])
+    parked.unlink(missing_ok=True)
 
 
 def _pair_meta(record: dict[str, Any]) -> dict[str, Any]:
@@ -287,18 +331,15 @@ def _settings(inputs: list[InputFile], options: BuildOptions) -> dict[str, Any]:
     }
 
 
-def _remove_stale_outputs(out: Path, keep: set[str]) -> None:
-    """Delete files a previous run listed in its report that this run did not write (e.g. fewer tar shards)."""
+def _listed_outputs(report: Path) -> set[str]:
+    """Output files a previous run's report lists (so that a rerun writing fewer, e.g. tar shards, removes the rest)."""
     try:
-        previous = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))["outputs"]
+        previous = json.loads(report.read_text(encoding="utf-8"))["outputs"]
     except (OSError, ValueError, KeyError, TypeError):
-        return
-    for name in previous:
-        if isinstance(name, str) and name != REPORT_NAME and name not in keep and "/" not in name and not name.startswith("."):
-            (out / name).unlink(missing_ok=True)
-
-
-def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        return set()
+    if not isinstance(previous, list):
+        return set()
+    return {
+        name for name in previous
+        if isinstance(name, str) and name != REPORT_NAME and "/" not in name and "\\" not in name and not name.startswith(".")
+    }

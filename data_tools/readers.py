@@ -9,11 +9,13 @@ input with a reason instead of raising.
 from __future__ import annotations
 
 import json
+import math
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
@@ -24,6 +26,12 @@ KNOWN_FIELDS = ("query", "url", "image", "alt", "title", "context", "page_url")
 TEXT_FIELDS = ("alt", "title", "context")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 PARQUET_BATCH_ROWS = 1024
+# No caption, query or URL comes near this; a longer field is junk, rejected before any cleaning
+# (which would cost seconds on megabytes of text).
+MAX_FIELD_CHARS = 65_536
+_MIN_RECORD_LIMIT = 2**20
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_UNSAFE_MEMBER = "/unsafe-name"  # sample key (extensions never contain "/") marking a member name that escapes the archive
 
 
 class InputError(ValueError):
@@ -50,9 +58,15 @@ class InputFile:
 
 @dataclass(frozen=True)
 class OversizedMember:
-    """Stands in for a tar member too large to read into memory."""
+    """Stands in for a JSONL line or tar member too large to read into memory."""
 
     size: int
+    limit: int = 0
+
+
+def record_limit(max_image_bytes: int) -> int:
+    """Largest line or metadata member read into memory: room for one base64 image of the allowed size plus text."""
+    return max(2 * max_image_bytes, _MIN_RECORD_LIMIT)
 
 
 def discover_inputs(paths: list[str], exclude: Path | None = None) -> list[InputFile]:
@@ -67,6 +81,8 @@ def discover_inputs(paths: list[str], exclude: Path | None = None) -> list[Input
         path = Path(arg)
         if not path.exists():
             raise InputError(f"input not found: {arg}")
+        if not path.is_dir() and not path.is_file():  # a FIFO or device would block or never end
+            raise InputError(f"input is not a regular file or directory: {arg}")
         if path.is_dir():
             files = _dump_files_in(path, skip)
             if not files:
@@ -99,7 +115,7 @@ def iter_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
     """Raw items of one dump in file order; raises InputReadError if the file breaks part-way."""
     try:
         if source.kind == "jsonl":
-            yield from _jsonl_items(source)
+            yield from _jsonl_items(source, record_limit(max_member_bytes))
         elif source.kind == "parquet":
             yield from _parquet_items(source)
         else:
@@ -108,13 +124,33 @@ def iter_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
         raise InputReadError(f"{source.display}: {type(err).__name__}: {err}") from err
 
 
-def _jsonl_items(source: InputFile) -> Iterator[RawItem]:
+def _jsonl_items(source: InputFile, limit: int) -> Iterator[RawItem]:
+    """Lines as raw items; a line longer than `limit` is measured while skipped, never held whole."""
     with open(source.path, "rb") as handle:
-        for line_no, line in enumerate(handle, start=1):
+        line_no = 0
+        while line := handle.readline(limit + 2):
+            line_no += 1
+            location = f"{source.display}:{line_no}"
+            if not line.endswith(b"\n") and len(line) == limit + 2:
+                yield RawItem(location, OversizedMember(len(line) + _skip_line(handle), limit))
+                continue
             if line_no == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
-            if line.strip():  # blank lines are not records
-                yield RawItem(f"{source.display}:{line_no}", line.rstrip(b"\r\n"))
+            line = line.rstrip(b"\r\n")
+            if len(line) > limit:
+                yield RawItem(location, OversizedMember(len(line), limit))
+            elif line.strip():  # blank lines are not records
+                yield RawItem(location, line)
+
+
+def _skip_line(handle: BinaryIO) -> int:
+    """Read past the rest of the current line in bounded pieces; returns how many bytes it had."""
+    skipped = 0
+    while piece := handle.readline(2**20):
+        skipped += len(piece)
+        if piece.endswith(b"\n"):
+            break
+    return skipped
 
 
 def _parquet_items(source: InputFile) -> Iterator[RawItem]:
@@ -126,8 +162,13 @@ def _parquet_items(source: InputFile) -> Iterator[RawItem]:
 
 
 def _tar_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
-    """webdataset samples: consecutive members sharing a key (name up to the first dot)."""
+    """webdataset samples: consecutive members sharing a key (name up to the first dot).
+
+    Members are read into memory, never extracted: nothing in an archive is written to disk, so a
+    member named `../../x` cannot land anywhere; such a sample is still rejected as unsafe.
+    """
     key, sample = None, {}
+    text_limit = record_limit(max_member_bytes)
     with tarfile.open(source.path, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
@@ -140,16 +181,26 @@ def _tar_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
                 sample = {}
             key = member_key
             ext = ext.lower()
-            if ext in IMAGE_EXTENSIONS and member.size > max_member_bytes:
-                sample[ext] = OversizedMember(member.size)
+            limit = max_member_bytes if ext in IMAGE_EXTENSIONS else text_limit
+            if _escapes_archive(member.name):
+                sample[_UNSAFE_MEMBER] = member.name
+            elif member.size > limit:
+                sample[ext] = OversizedMember(member.size, limit)
             else:
                 sample[ext] = tar.extractfile(member).read()
         if sample:
             yield RawItem(f"{source.display}:{key}", sample)
 
 
+def _escapes_archive(name: str) -> bool:
+    parts = re.split(r"[\\/]", name)
+    return name.startswith(("/", "\\")) or ".." in parts or re.match(r"[A-Za-z]:", name) is not None
+
+
 def parse_item(item: RawItem, kind: str, base_dir: Path) -> Record:
     """Turn a raw item into a Record, or raise Rejected with the malformed-input reason."""
+    if isinstance(item.payload, OversizedMember):
+        raise Rejected(Reason.RECORD_TOO_LARGE, f"line of {item.payload.size} bytes > {item.payload.limit}")
     if kind == "jsonl":
         mapping = _json_object(item.payload)
     elif kind == "parquet":
@@ -168,15 +219,27 @@ def _json_object(line: bytes, what: str = "line") -> dict[str, Any]:
         raise Rejected(Reason.INVALID_UTF8, str(err)) from None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as err:
+    except RecursionError:
+        raise Rejected(Reason.MALFORMED_JSON, "nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, and integers beyond Python's digit limit
         raise Rejected(Reason.MALFORMED_JSON, str(err)) from None
     if not isinstance(value, dict):
         raise Rejected(Reason.NOT_AN_OBJECT, f"JSON {type(value).__name__}, expected an object")
+    if _SURROGATE_ESCAPE.search(line):  # "\ud800" decodes to a string no UTF-8 writer accepts
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise Rejected(Reason.INVALID_UTF8, f"lone surrogate escape in {what}") from None
     return value
 
 
 def _tar_mapping(sample: dict[str, Any]) -> dict[str, Any]:
     """img2dataset layout: metadata in .json, caption in .txt (used as `alt`), image bytes."""
+    if _UNSAFE_MEMBER in sample:
+        raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"tar member name escapes the archive: {sample[_UNSAFE_MEMBER]}")
+    for ext, value in sample.items():
+        if isinstance(value, OversizedMember) and ext not in IMAGE_EXTENSIONS:
+            raise Rejected(Reason.RECORD_TOO_LARGE, f".{ext} member of {value.size} bytes > {value.limit}")
     mapping = _json_object(sample["json"], what=".json") if "json" in sample else {}
     if "txt" in sample:
         try:
@@ -200,6 +263,9 @@ def _record_from_mapping(mapping: dict[str, Any], item: RawItem, base_dir: Path)
         allowed = (str, bytes) if name == "image" else (str,)
         if value is not None and not isinstance(value, allowed):
             raise Rejected(Reason.BAD_FIELD_TYPE, f"{name} is {type(value).__name__}, expected string")
+    for name, value in mapping.items():
+        if name != "image" and isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            raise Rejected(Reason.FIELD_TOO_LONG, f"{name} of {len(value)} chars > {MAX_FIELD_CHARS}")
     return Record(
         location=item.location,
         base_dir=base_dir,
@@ -210,3 +276,22 @@ def _record_from_mapping(mapping: dict[str, Any], item: RawItem, base_dir: Path)
         candidates={name: mapping[name] for name in TEXT_FIELDS if mapping.get(name)},
         meta={k: v for k, v in mapping.items() if k not in KNOWN_FIELDS},
     )
+
+
+def meta_json(meta: dict[str, Any]) -> str:
+    """The unknown fields as strict JSON: NaN/Infinity (accepted by Python's parser, and in Parquet
+    floats) become null, other non-JSON values (bytes, timestamps) their str()."""
+    try:
+        return json.dumps(meta, ensure_ascii=False, sort_keys=True, allow_nan=False, default=str)
+    except ValueError:
+        return json.dumps(_finite(meta), ensure_ascii=False, sort_keys=True, allow_nan=False, default=str)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

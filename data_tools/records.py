@@ -17,11 +17,13 @@ class Reason(StrEnum):
     """Why a record was dropped. The value is the key used in report.json."""
 
     # The input line/row itself is unusable.
-    INVALID_UTF8 = "invalid_utf8"
+    RECORD_TOO_LARGE = "record_too_large"  # a line or tar member beyond the reader's size limit, never held in memory
+    INVALID_UTF8 = "invalid_utf8"  # also lone surrogates written as JSON escapes
     NUL_BYTE = "nul_byte"
-    MALFORMED_JSON = "malformed_json"
+    MALFORMED_JSON = "malformed_json"  # also nesting too deep and integers too long to convert
     NOT_AN_OBJECT = "not_an_object"
     BAD_FIELD_TYPE = "bad_field_type"
+    FIELD_TOO_LONG = "field_too_long"  # a string field far beyond any caption, query or URL, rejected before cleaning
     # Required fields.
     MISSING_QUERY = "missing_query"
     BAD_URL = "bad_url"
@@ -36,6 +38,7 @@ class Reason(StrEnum):
     IRRELEVANT_TEXT = "irrelevant_text"
     # Image.
     IMAGE_MISSING = "image_missing"
+    IMAGE_UNREADABLE = "image_unreadable"  # the file exists but cannot be read (permissions, symlink loop, name too long)
     UNDECODABLE_IMAGE = "undecodable_image"
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_TOO_SMALL = "image_too_small"
@@ -45,6 +48,8 @@ class Reason(StrEnum):
     NEAR_DUPLICATE_IMAGE = "near_duplicate_image"
     DUPLICATE_TEXT = "duplicate_text"
     QUERY_CAP = "query_cap"
+    # Last line of defence: an exception no stage foresaw (a bug to report); the run goes on.
+    UNEXPECTED_ERROR = "unexpected_error"
 
 
 class Rejected(Exception):

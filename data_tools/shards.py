@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +19,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cnclip.faults import crash_point
 from data_tools.config import FilterConfig
-from data_tools.readers import InputFile
-from data_tools.records import RawItem, Rejected
+from data_tools.files import remove_temporaries, write_atomic
+from data_tools.readers import InputFile, meta_json
+from data_tools.records import RawItem, Reason, Rejected
 from data_tools.report import Tally
 from data_tools.stages import RecordProcessor
 
-WORK_FORMAT = 1  # bump when the shard file layout or a per-record stage changes behaviour
+WORK_FORMAT = 2  # bump when the shard file layout or a per-record stage changes behaviour
 _TALLY_KEY = b"data_tools.tally"
 SCHEMA = pa.schema(
     [
@@ -44,6 +46,7 @@ SCHEMA = pa.schema(
     ]
 )
 LIGHT_COLUMNS = ["location", "query", "text", "sha", "phash"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,15 @@ class WorkDir:
     """DIR/.work: a manifest with the fingerprint of everything the shard results depend on, and the shards."""
 
     def __init__(self, root: Path, fingerprint: str) -> None:
+        self.root = root
         self.shards = root / "shards"
         manifest = root / "manifest.json"
         if _read_fingerprint(manifest) != fingerprint:
             shutil.rmtree(self.shards, ignore_errors=True)  # results of other inputs or settings
         self.shards.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(manifest, json.dumps({"fingerprint": fingerprint}).encode())
+        remove_temporaries(root, self.shards)  # shard results a killed run did not finish
+        data = json.dumps({"fingerprint": fingerprint}).encode()
+        write_atomic(manifest, lambda handle: handle.write(data))
 
     def shard_path(self, file_index: int, chunk_index: int) -> Path:
         return self.shards / f"{file_index:05d}-{chunk_index:06d}.parquet"
@@ -95,12 +101,19 @@ def process_shard(task: ShardTask, processor: RecordProcessor) -> int:
     rows: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     file = task.source.display
     for item in task.items:
+        crash_point("pairs-record")
         try:
             record = processor.process(item, task.source.kind, task.source.base_dir)
+            meta = meta_json(record.meta)
         except Rejected as rejection:
             query = rejection.query
             tally.add_read(file, query)
             tally.add_rejected(file, query, rejection.reason, _example(item.location, rejection.detail))
+            continue
+        except Exception as err:  # a bug or an input no stage foresaw: count it, never lose the run
+            log.warning("unexpected error on %s: %s: %s", item.location, type(err).__name__, err)
+            tally.add_read(file, None)
+            tally.add_rejected(file, None, Reason.UNEXPECTED_ERROR, _example(item.location, f"{type(err).__name__}: {err}"))
             continue
         tally.add_read(file, record.query)
         for name, value in (
@@ -115,10 +128,11 @@ def process_shard(task: ShardTask, processor: RecordProcessor) -> int:
             ("jpeg", record.jpeg),
             ("url", record.url),
             ("page_url", record.page_url),
-            ("meta", json.dumps(record.meta, ensure_ascii=False, sort_keys=True, default=str)),
+            ("meta", meta),
         ):
             rows[name].append(value)
     write_shard(task.result_path, pa.table(rows, schema=SCHEMA), tally)
+    crash_point("pairs-shard")  # between shards: this one is finished, the next not started
     return len(task.items)
 
 
@@ -129,9 +143,8 @@ def _example(location: str, detail: str) -> str:
 def write_shard(path: Path, table: pa.Table, tally: Tally) -> None:
     """Write atomically: readers only ever see complete shard files."""
     metadata = {_TALLY_KEY: json.dumps(tally.to_dict(), ensure_ascii=False).encode()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="none")
-    os.replace(tmp, path)
+    table = table.replace_schema_metadata(metadata)
+    write_atomic(path, lambda handle: pq.write_table(table, handle, compression="none"), crash_before_rename="pairs-shard-write")
 
 
 def read_tally(path: Path) -> Tally:
@@ -153,9 +166,3 @@ def _read_fingerprint(manifest: Path) -> str | None:
         return json.loads(manifest.read_text())["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -38,12 +38,17 @@ class RecordProcessor:
         return record
 
     def check_fields(self, record: Record) -> None:
-        """Normalise the query (it groups the per-query cap) and check the URL scheme."""
+        """Normalise the query (it groups the per-query cap) and check the URL schemes.
+
+        `url` and `page_url` end up in the output's provenance, where a `javascript:` or `file:`
+        link is a hazard to whoever follows it; a crawler only ever records http(s) pages.
+        """
         record.query = self.texts.clean(record.query)
         if not record.query:
             raise Rejected(Reason.MISSING_QUERY)
-        if record.url and not record.url.lower().startswith(("http://", "https://")):
-            raise Rejected(Reason.BAD_URL, f"only http/https URLs are accepted: {record.url[:200]}")
+        for name, url in (("url", record.url), ("page_url", record.page_url)):
+            if url and not url.lower().startswith(("http://", "https://")):
+                raise Rejected(Reason.BAD_URL, f"only http/https URLs are accepted, {name}: {url[:200]}")
 
     def choose_text(self, record: Record) -> None:
         """Take the first candidate field (in configured preference) that passes the text and relevance rules.

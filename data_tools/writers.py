@@ -1,7 +1,8 @@
 """Output formats: Chinese-CLIP layout, pairs JSONL, webdataset tar shards.
 
-Every file is written under a temporary name in the output directory and renamed into place by
-`commit()`, so an interrupted run never leaves a half-written split that looks complete.
+Every file is written under a temporary name in the output directory; the pipeline renames them
+into place only once all of them are complete (data_tools.files.StagedFiles), so an interrupted
+or out-of-space run never leaves a half-written split that looks complete.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from data_tools.files import StagedFiles, with_name
 
 FORMATS = ("cnclip", "pairs", "webdataset")
 SAMPLES_PER_TAR = 10_000
@@ -31,46 +33,18 @@ class Pair:
     meta: dict[str, Any] = field(default_factory=dict)  # url, page_url, source and unknown input fields
 
 
-class _AtomicFiles:
-    """Text files opened under temporary names; `commit` renames them all into place."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self._open: dict[str, IO[Any]] = {}
-
-    def get(self, name: str, binary: bool = False) -> IO[Any]:
-        if name not in self._open:
-            tmp = self.out / f".{name}.{os.getpid()}.tmp"
-            self._open[name] = open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="\n")
-        return self._open[name]
-
-    def close(self, name: str) -> None:
-        self._open[name].close()
-
-    def commit(self) -> list[str]:
-        for name, handle in self._open.items():
-            handle.close()
-            os.replace(self.out / f".{name}.{os.getpid()}.tmp", self.out / name)
-        return sorted(self._open)
-
-    def abort(self) -> None:
-        for name, handle in self._open.items():
-            handle.close()
-            (self.out / f".{name}.{os.getpid()}.tmp").unlink(missing_ok=True)
-
-
 class Writer:
-    """Base: collects pairs per split into atomically committed files."""
+    """Base: collects pairs per split into staged files (see data_tools.files.StagedFiles)."""
 
     def __init__(self, out: Path) -> None:
-        self.files = _AtomicFiles(out)
+        self.files = StagedFiles(out)
 
     def add(self, pair: Pair) -> None:
         raise NotImplementedError
 
-    def commit(self) -> list[str]:
-        """Rename every written file into place; returns their names relative to the output dir."""
-        return self.files.commit()
+    def finish(self) -> list[str]:
+        """Complete every file on disk under its temporary name; returns the names to publish."""
+        return self.files.finish()
 
     def abort(self) -> None:
         self.files.abort()
@@ -90,11 +64,11 @@ class CnclipWriter(Writer):
 
     def add(self, pair: Pair) -> None:
         image = base64.urlsafe_b64encode(pair.jpeg).decode("ascii")
-        self.files.get(f"{pair.split}_imgs.tsv").write(f"{pair.id}\t{image}\n")
+        self.files.write(f"{pair.split}_imgs.tsv", f"{pair.id}\t{image}\n")
         text = {"text_id": pair.id, "text": pair.text, "image_ids": [pair.id]}
-        self.files.get(f"{pair.split}_texts.jsonl").write(_json_line(text))
+        self.files.write(f"{pair.split}_texts.jsonl", _json_line(text))
         meta = {"text_id": pair.id, "image_id": pair.id, "query": pair.query, **pair.meta}
-        self.files.get(f"{pair.split}_meta.jsonl").write(_json_line(meta))
+        self.files.write(f"{pair.split}_meta.jsonl", _json_line(meta))
 
 
 class PairsWriter(Writer):
@@ -108,7 +82,7 @@ class PairsWriter(Writer):
     def add(self, pair: Pair) -> None:
         image = base64.urlsafe_b64encode(pair.jpeg).decode("ascii")
         line = {"id": str(pair.id), "image": image, "text": pair.text, "query": pair.query, "meta": pair.meta}
-        self.files.get(f"{pair.split}_pairs.jsonl").write(_json_line(line))
+        self.files.write(f"{pair.split}_pairs.jsonl", _json_line(line))
 
 
 class WebdatasetWriter(Writer):
@@ -132,23 +106,28 @@ class WebdatasetWriter(Writer):
         key = f"{pair.id:09d}"
         info = {"id": str(pair.id), "text": pair.text, "query": pair.query, **pair.meta}
         tar = self._tars[pair.split]
-        for member, data in ((f"{key}.jpg", pair.jpeg), (f"{key}.txt", pair.text.encode()), (f"{key}.json", _json_line(info).encode())):
-            _add_member(tar, member, data)
+        try:
+            for member, data in ((f"{key}.jpg", pair.jpeg), (f"{key}.txt", pair.text.encode()), (f"{key}.json", _json_line(info).encode())):
+                _add_member(tar, member, data)
+        except OSError as err:
+            raise with_name(err, self.files.out / self._tar_names[pair.split]) from None
 
-    def commit(self) -> list[str]:
+    def finish(self) -> list[str]:
         for split in list(self._tars):
             self._close_tar(split)
-        return super().commit()
+        return super().finish()
 
     def abort(self) -> None:
-        for split in list(self._tars):
-            self._close_tar(split)
+        self._tars.clear()  # their handles are closed (and the temporaries deleted) by StagedFiles.abort
         super().abort()
 
     def _close_tar(self, split: str) -> None:
         tar = self._tars.pop(split, None)
         if tar is not None:
-            tar.close()
+            try:
+                tar.close()  # writes the end-of-archive blocks
+            except OSError as err:
+                raise with_name(err, self.files.out / self._tar_names[split]) from None
             self.files.close(self._tar_names[split])
 
 
