@@ -81,7 +81,43 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-size", type=_positive_int, default=2_000, metavar="N", help="records per shard, the unit of parallel work and of resuming (default: %(default)s)")
     build.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     build.set_defaults(run=lambda args: _build_pairs(args, build))
+
+    hf = commands.add_parser(
+        "from-hf",
+        help="a Hugging Face `datasets` image-text set -> one split in the Chinese-CLIP layout",
+        description="Write one split of an image-text data set in Hugging Face `datasets` form (a Hub id, a "
+                    "save_to_disk directory, or a .parquet/.jsonl/.csv file) as {split}_imgs.tsv + "
+                    "{split}_texts.jsonl, usable as data.root for python -m cnclip.finetune. Identical images "
+                    "share one image id (several captions of one picture are positives of the same image); rows "
+                    "without a caption or with an undecodable image are skipped and counted in "
+                    "DIR/{split}_from_hf_report.json.",
+    )
+    hf.add_argument("source", metavar="DATASET", help="Hub id, save_to_disk directory, or a data file")
+    hf.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created if missing)")
+    hf.add_argument("--split", default="train", help="split to read (default: %(default)s)")
+    hf.add_argument("--as-split", metavar="NAME", help="split name to write (default: the same as --split)")
+    hf.add_argument("--config", metavar="NAME", help="the data set's configuration name, for Hub data sets")
+    hf.add_argument("--image-column", default="image", help="column with the image (default: %(default)s)")
+    hf.add_argument("--text-column", default="text",
+                    help="column with the caption, or a list of captions (default: %(default)s)")
+    hf.add_argument("--limit", type=_positive_int, metavar="N", help="convert only the first N rows")
+    hf.set_defaults(run=lambda args: _from_hf(args, hf))
     return parser
+
+
+def _from_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from data_tools.hf_dataset import SourceError, convert, open_rows
+
+    base_dir = Path(args.source) if Path(args.source).is_dir() else Path(args.source).parent
+    split = args.as_split or args.split
+    try:
+        rows = open_rows(args.source, args.split, args.config, args.image_column)
+        result = convert(rows, args.out, split, args.image_column, args.text_column, base_dir, args.limit)
+    except SourceError as err:
+        parser.error(str(err))
+    print(f"{result.rows} rows -> {result.images} images, {result.texts} captions in {args.out} "
+          f"(split '{split}'); skipped: {dict(result.skipped) or 'none'}")
+    return 0
 
 
 def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -1,0 +1,132 @@
+"""`data_tools from-hf`: an image-text data set in Hugging Face `datasets` form -> the Chinese-CLIP layout.
+
+Many Chinese image-text sets are published on the Hub (or kept as Parquet files) with an image
+column and one or more captions per row. This writes one split of such a set as
+`{split}_imgs.tsv` + `{split}_texts.jsonl`, so `python -m cnclip.finetune` trains on it directly.
+Rows are streamed (memory does not grow with the set); identical images share one image id, so
+several captions of one picture become positives of the same image; every row is counted as
+converted or skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from cnclip.images import decode_rgb
+from cnclip.io import atomic_file, write_json
+
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+class SourceError(ValueError):
+    """The data set or a named column cannot be used; the message names it."""
+
+
+@dataclass
+class Conversion:
+    rows: int = 0
+    images: int = 0
+    texts: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, row: int, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < 5:
+            shown.append(f"row {row}" + (f": {detail}" if detail else ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "images": self.images, "texts": self.texts,
+                "skipped": dict(self.skipped), "examples": self.examples}
+
+
+def open_rows(source: str, split: str, config: str | None, image_column: str) -> Iterable[dict]:
+    """Stream the rows of a Hub id, a `save_to_disk` directory or a data file, images left as bytes."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+            loaded = datasets.load_from_disk(str(path))
+            ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        elif path.is_file():
+            builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise SourceError(f"{path}: unsupported file type; accepted: {', '.join(DATA_FILE_BUILDERS)}")
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        else:
+            ds = datasets.load_dataset(source, config, split=split, streaming=True)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"could not open data set '{source}' (split {split!r}): {exc}") from None
+    columns = ds.column_names
+    if columns is not None and image_column not in columns:
+        raise SourceError(f"'{source}' has no column '{image_column}'; columns: {', '.join(columns)}")
+    if isinstance(ds.features, datasets.Features) and isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # keep the original bytes
+    return ds
+
+
+def image_bytes_of(value: Any, base_dir: Path | None) -> bytes:
+    """An image cell as bytes: datasets' {"bytes", "path"} struct, raw bytes, or base64 text."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path") and base_dir is not None:
+            return (base_dir / value["path"]).read_bytes()
+        raise ValueError("image cell has neither bytes nor a readable path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return base64.urlsafe_b64decode(value.split(",", 1)[-1] + "=" * (-len(value) % 4))
+    raise ValueError(f"unsupported image cell of type {type(value).__name__}")
+
+
+def captions_of(value: Any) -> list[str]:
+    captions = value if isinstance(value, list) else [value]
+    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+
+
+def convert(rows: Iterable[dict], out: Path, split: str, image_column: str, text_column: str,
+            base_dir: Path | None = None, limit: int | None = None) -> Conversion:
+    out.mkdir(parents=True, exist_ok=True)
+    result = Conversion()
+    image_ids: dict[bytes, int] = {}
+    with atomic_file(out / f"{split}_imgs.tsv", "w", encoding="utf-8") as imgs, \
+            atomic_file(out / f"{split}_texts.jsonl", "w", encoding="utf-8") as texts:
+        for row_number, row in enumerate(rows):
+            if limit is not None and row_number >= limit:
+                break
+            result.rows += 1
+            if text_column not in row:
+                raise SourceError(f"no column '{text_column}'; columns: {', '.join(row)}")
+            captions = captions_of(row.get(text_column))
+            if not captions:
+                result.skip("no caption", row_number)
+                continue
+            try:
+                data = image_bytes_of(row.get(image_column), base_dir)
+                decode_rgb(data)
+            except (ValueError, OSError) as exc:
+                result.skip("undecodable image", row_number, str(exc))
+                continue
+            digest = hashlib.sha256(data).digest()
+            image_id = image_ids.get(digest)
+            if image_id is None:
+                image_id = image_ids[digest] = len(image_ids) + 1
+                imgs.write(f"{image_id}\t{base64.urlsafe_b64encode(data).decode('ascii')}\n")
+            for caption in captions:
+                result.texts += 1
+                texts.write(json.dumps({"text_id": result.texts, "text": caption, "image_ids": [image_id]},
+                                       ensure_ascii=False) + "\n")
+    result.images = len(image_ids)
+    write_json(out / f"{split}_from_hf_report.json", result.to_dict())
+    return result
