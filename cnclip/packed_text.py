@@ -33,11 +33,19 @@ class _Layout:
         lengths = keep.sum(1)
         self.cls_rows = torch.cumsum(lengths, 0) - lengths  # the [CLS] (first) token of each caption
         self.key_mask = keep[:, None, None, :]  # (batch, 1, 1, length): True = attend
+        # No padding at all (every caption as long as the longest): packing is a reshape, and the
+        # scatter/gather copies (and the memory autograd keeps for them) are skipped.
+        self.dense = self.flat.numel() == self.batch * self.length
+
+    def pack(self, grid: torch.Tensor) -> torch.Tensor:
+        """(batch*length, hidden) -> (tokens, hidden)."""
+        return grid if self.dense else grid.index_select(0, self.flat)
 
     def pad(self, packed: torch.Tensor, heads: int) -> torch.Tensor:
         """(tokens, hidden) -> (batch, heads, length, head_dim), zeros at padding."""
         hidden = packed.shape[-1]
-        grid = packed.new_zeros(self.batch * self.length, hidden).index_copy(0, self.flat, packed)
+        grid = packed if self.dense else packed.new_zeros(self.batch * self.length, hidden).index_copy(
+            0, self.flat, packed)
         return grid.view(self.batch, self.length, heads, hidden // heads).transpose(1, 2)
 
 
@@ -56,7 +64,7 @@ def _layer(layer: nn.Module, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
     sa = layer.attention.self
     heads = sa.num_attention_heads
     context = _attention(sa, layout.pad(sa.query(x), heads), sa.key(x), sa.value(x), layout)
-    context = context.transpose(1, 2).reshape(layout.batch * layout.length, -1).index_select(0, layout.flat)
+    context = layout.pack(context.transpose(1, 2).reshape(layout.batch * layout.length, -1))
     x = layer.attention.output(context, x)  # dense, dropout, LayerNorm(. + residual)
     return layer.output(layer.intermediate(x), x)
 
@@ -92,7 +100,7 @@ def encode_texts_packed(clip: nn.Module, input_ids: torch.Tensor, attention_mask
     text = clip.text_model
     layout = _Layout(attention_mask)
     embedded = text.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # LayerNorm + dropout
-    x = embedded.reshape(layout.batch * layout.length, -1).index_select(0, layout.flat)
+    x = layout.pack(embedded.reshape(layout.batch * layout.length, -1))
     layers = text.encoder.layer
     for i, layer in enumerate(layers):
         fn = _last_layer_cls if i == len(layers) - 1 else _layer

@@ -60,6 +60,13 @@ def test_packed_embeddings_and_gradients_equal_the_model_forward(lora_model):
     # Each caption's embedding does not depend on how much padding the batch carries.
     alone = encode_texts_packed(clip, **{k: v[1:2, :9] for k, v in tokens.items()})
     assert (alone - packed_emb[1:2]).abs().max() < 1e-5
+    # A batch without padding (the reshape-only layout) agrees as well.
+    dense = {k: v[:, :3] for k, v in tokens.items()}
+    assert bool(dense["attention_mask"].all())
+    dense_emb, dense_grads = embed_and_grads(clip, model, dense, encode_texts_packed)
+    plain_dense_emb, plain_dense = embed_and_grads(clip, model, dense, encode_texts)
+    assert (dense_emb - plain_dense_emb).abs().max() < 1e-5
+    assert_close(dense_grads, plain_dense)
     model.train()
 
 
