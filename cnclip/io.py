@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make renames inside `path` durable (a power cut after a rename must not undo it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -37,7 +38,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -84,7 +85,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

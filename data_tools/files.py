@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cnclip.faults import crash_point
-from cnclip.io import atomic_file, remove_stale_temporaries
+from cnclip.io import atomic_file, fsync_directory, remove_stale_temporaries
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -60,20 +60,6 @@ def remove_temporaries(*directories: Path) -> None:
     """Delete what a killed run left behind; never valid, always safe to delete (one run per --out at a time)."""
     for directory in directories:
         remove_stale_temporaries(directory)
-
-
-def fsync_directory(path: Path) -> None:
-    """Make renames inside `path` durable (a power cut after a rename must not undo it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class StagedFiles:
