@@ -287,8 +287,8 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
                         unit="step", dynamic_ncols=True, disable=not main_rank)
         tic, seen = time.perf_counter(), 0
         while state.step_in_epoch < steps_per_epoch:
-            # This rank's contiguous share of the global batch.
-            idx = distributed.local_slice(order[state.step_in_epoch * batch_size:(state.step_in_epoch + 1) * batch_size])
+            start = state.step_in_epoch * batch_size
+            idx = distributed.local_slice(order[start:start + batch_size])  # this rank's share of the global batch
             image_rows = pairs.image_rows[idx].to(runtime.device, non_blocking=True)
             tokens = gather_tokens(pairs.tokens, pairs.text_rows[idx], runtime.device)
             optimizer.zero_grad(set_to_none=True)

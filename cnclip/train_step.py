@@ -2,9 +2,9 @@
 
 The same function runs a single process, every rank of a torchrun job, and the throughput
 benchmark. The image side is the cached embeddings; only the text tower runs, on the captions'
-real tokens only (cnclip.packed_text). With
-`grad_cache_chunk` > 0 the batch goes through the text tower in chunks (cnclip.gradcache), so the
-batch size is bounded by the embeddings' memory, not the activations'. Under torch.distributed
+real tokens only (cnclip.packed_text). With `grad_cache_chunk` > 0 the batch goes through the
+text tower in chunks (cnclip.gradcache), so the batch size is bounded by the embeddings' memory,
+not the activations'. Under torch.distributed
 each rank passes its slice of the global batch; the loss sees the global batch
 (loss.distributed_clip_loss) and gradients are averaged over ranks, so every rank ends the step
 with the gradient a single process would compute on the whole global batch.
