@@ -58,7 +58,8 @@ def load_clip(path: str, random_init: bool = False, seed: int = 0):
             config = ChineseCLIPConfig.from_pretrained(path)
             torch.manual_seed(seed)
             return ChineseCLIPModel(config)
-        return ChineseCLIPModel.from_pretrained(path, dtype=torch.float32)
+        # SDPA attention (fused kernels on GPU); transformers' default for ChineseCLIP today, pinned here.
+        return ChineseCLIPModel.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     except OSError as exc:
         raise ModelLoadError(f"could not load a ChineseCLIP model from '{path}': {exc}") from exc
 

@@ -97,3 +97,8 @@ def test_left_padded_input_falls_back_to_the_model_forward(lora_model):
 def test_packed_text_is_a_recipe_switch():
     assert load_recipe(DEMO_RECIPE, check_data=False).train.packed_text is True
     assert load_recipe(DEMO_RECIPE, ["train.packed_text=false"], check_data=False).train.packed_text is False
+
+
+def test_text_tower_uses_sdpa_attention(tiny_model_dir):
+    base = load_base_model(ModelConfig(base=str(tiny_model_dir)))
+    assert base.clip.text_model.config._attn_implementation == "sdpa"
