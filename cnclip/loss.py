@@ -22,10 +22,13 @@ import torch.nn.functional as F
 from . import distributed
 
 
-def false_negative_mask(image_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
-    """True where entry j is a false negative for entry i (same image or same text, j != i)."""
-    same = (image_keys[:, None] == image_keys[None, :]) | (text_keys[:, None] == text_keys[None, :])
-    same.fill_diagonal_(False)
+def false_negative_mask(row_keys: tuple[torch.Tensor, torch.Tensor], column_keys: tuple[torch.Tensor, torch.Tensor],
+                        positives: torch.Tensor) -> torch.Tensor:
+    """True where column j is a false negative for row i: the same image or the same text as row i's
+    pair, but not that pair itself (column positives[i]). Keys are (image keys, text keys)."""
+    same = ((row_keys[0][:, None] == column_keys[0][None, :])
+            | (row_keys[1][:, None] == column_keys[1][None, :]))
+    same[torch.arange(positives.shape[0], device=same.device), positives] = False
     return same
 
 
@@ -49,9 +52,7 @@ def _rows_loss(
     logits_t2i = scale * text_rows @ image_all.t()
     labels = torch.arange(offset, offset + n, device=logits_i2t.device)
     if keys_rows is not None and keys_all is not None:
-        same = ((keys_rows[0][:, None] == keys_all[0][None, :])
-                | (keys_rows[1][:, None] == keys_all[1][None, :]))
-        same[torch.arange(n, device=same.device), labels] = False
+        same = false_negative_mask(keys_rows, keys_all, labels)
         logits_i2t = logits_i2t.masked_fill(same, float("-inf"))
         logits_t2i = logits_t2i.masked_fill(same, float("-inf"))
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2

@@ -36,7 +36,7 @@ def test_false_negatives_are_masked_not_pushed_apart():
     img, txt = torch.randn(4, 3), torch.randn(4, 3)
     image_keys = torch.tensor([7, 7, 8, 9])  # entries 0 and 1 share an image
     text_keys = torch.tensor([1, 2, 3, 3])  # entries 2 and 3 have the same caption
-    mask = false_negative_mask(image_keys, text_keys)
+    mask = false_negative_mask((image_keys, text_keys), (image_keys, text_keys), torch.arange(4))
     expected = [[False, True, False, False], [True, False, False, False],
                 [False, False, False, True], [False, False, True, False]]
     assert mask.tolist() == expected
