@@ -128,3 +128,21 @@ def tiny_overrides(model_dir: Path, data_dir: Path, run_dir: Path, **extra) -> l
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
+
+
+def lora_model_with_gradients(model_dir: Path, lora_dropout: float, target_modules: list[str]):
+    """(peft model, base) in train mode with LoRA B drawn non-zero, so every LoRA weight gets a gradient."""
+    from cnclip.models import attach_lora, load_base_model, lock_image_tower
+    from cnclip.recipe import ModelConfig
+
+    cfg = ModelConfig(base=str(model_dir), lora_dropout=lora_dropout, target_modules=target_modules)
+    base = load_base_model(cfg)
+    torch.manual_seed(0)
+    model = attach_lora(base.clip, cfg)
+    with torch.no_grad():  # LoRA B starts at zero, which would leave A without gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    model.train()
+    lock_image_tower(base.clip)
+    return model, base

@@ -16,11 +16,9 @@ from cnclip.checkpoint import trainable_state
 from cnclip.data import tokenize
 from cnclip.device import pick_runtime
 from cnclip.finetune import main as finetune_main
-from cnclip.models import attach_lora, load_base_model, lock_image_tower
-from cnclip.recipe import ModelConfig
 from cnclip.train_step import contrastive_step
 
-from conftest import DEMO_RECIPE, make_tiny_dataset, tiny_overrides
+from conftest import DEMO_RECIPE, lora_model_with_gradients, make_tiny_dataset, tiny_overrides
 
 DRIVER = Path(__file__).with_name("dist_driver.py")
 # Entries 1 (rank 0) and 6 (rank 1) share an image; 0 (rank 0) and 5 (rank 1) share a caption:
@@ -54,16 +52,7 @@ def test_plain_process_needs_no_launcher(monkeypatch):
 
 def make_step_inputs(model_dir: Path, out: Path):
     """A global batch of 8, LoRA weights with non-zero B, and the one-process loss and gradients."""
-    cfg = ModelConfig(base=str(model_dir), lora_dropout=0.0, target_modules=["query", "value", "dense"])
-    base = load_base_model(cfg)
-    torch.manual_seed(0)
-    model = attach_lora(base.clip, cfg)
-    with torch.no_grad():  # LoRA B starts at zero, which would leave A without gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    model.train()
-    lock_image_tower(base.clip)
+    model, base = lora_model_with_gradients(model_dir, 0.0, ["query", "value", "dense"])
     save_file(trainable_state(model), str(out / "trainable.safetensors"))
     tokens = tokenize(base.tokenizer, CAPTIONS, 16)
     data = {"model_dir": str(model_dir), "trainable": str(out / "trainable.safetensors"), "tokens": tokens,

@@ -11,12 +11,12 @@ from cnclip.device import pick_runtime
 from cnclip.finetune import main as finetune_main
 from cnclip.gradcache import RandState, split_batch
 from cnclip.loss import clip_loss
-from cnclip.models import attach_lora, encode_texts, load_base_model, lock_image_tower
+from cnclip.models import encode_texts
 from cnclip.packed_text import encode_texts_packed
-from cnclip.recipe import ModelConfig, RecipeError, load_recipe
+from cnclip.recipe import RecipeError, load_recipe
 from cnclip.train_step import contrastive_step
 
-from conftest import DEMO_RECIPE, tiny_overrides
+from conftest import DEMO_RECIPE, lora_model_with_gradients, tiny_overrides
 
 CAPTIONS = ["一个红色的圆形", "左上角有一个蓝色的正方形", "猫", "高级感托特包斜挎", "一个红色的圆形",
             "白色连衣裙", "黑色男鞋", "手机壳上画着一只狗", "黄色的花朵照片", "右下角有一个绿色三角"]
@@ -24,16 +24,7 @@ RUNTIME = pick_runtime("cpu")
 
 
 def build(model_dir, lora_dropout: float):
-    cfg = ModelConfig(base=str(model_dir), lora_dropout=lora_dropout, target_modules=["query", "key", "value", "dense"])
-    base = load_base_model(cfg)
-    torch.manual_seed(0)
-    model = attach_lora(base.clip, cfg)
-    with torch.no_grad():  # LoRA B starts at zero, which would leave A without gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    model.train()
-    lock_image_tower(base.clip)
+    model, base = lora_model_with_gradients(model_dir, lora_dropout, ["query", "key", "value", "dense"])
     tokens = tokenize(base.tokenizer, CAPTIONS, 16)
     gen = torch.Generator().manual_seed(3)
     batch = {
