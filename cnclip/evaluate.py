@@ -96,10 +96,25 @@ def retrieve(text_emb: torch.Tensor, image_emb: torch.Tensor, text_ids: list[int
     return RetrievalResult(metrics, text_predictions, image_predictions)
 
 
+def scorable_texts(split: Split, features, skips: SkipLog | None = None) -> list:
+    """The split's texts that can be scored: unlabelled ones, or with at least one decodable image.
+
+    A text whose every image is undecodable is left out of recall and counted in `skips`.
+    """
+    texts = []
+    for t in split.texts:
+        if not t.image_ids or any(i in features.row for i in t.image_ids):
+            texts.append(t)
+        elif skips is not None:
+            skips.skip("text without a decodable image", f"{split.images.path} text_id {t.text_id}",
+                       "left out of recall")
+    return texts
+
+
 def evaluate_split(clip, tokenizer, split: Split, features, runtime, context_length: int,
-                   batch_size: int) -> RetrievalResult:
+                   batch_size: int, skips: SkipLog | None = None) -> RetrievalResult:
     """Score one split against its cached image embeddings (undecodable images are left out)."""
-    texts = [t for t in split.texts if not t.image_ids or any(i in features.row for i in t.image_ids)]
+    texts = scorable_texts(split, features, skips)
     tokens = tokenize(tokenizer, [t.text for t in texts], context_length)
     text_emb = embed_texts(clip, tokens, runtime, batch_size)
     image_emb = F.normalize(features.embeddings, dim=-1)
@@ -197,7 +212,8 @@ def _evaluate(args) -> int:
     transform = ImageTransform(loaded.preprocess)
     features = split_image_features(split.images, clip, transform, image_tower_fingerprint(clip), runtime,
                                     cache_dir, args.batch_size, 0, skips)
-    result = evaluate_split(clip, loaded.tokenizer, split, features, runtime, context_length, args.batch_size)
+    result = evaluate_split(clip, loaded.tokenizer, split, features, runtime, context_length, args.batch_size,
+                            skips)
     written = write_outputs(result, out_dir, split_name)
     if skips.total:
         print(f"skipped {skips.total} bad items: {dict(skips.counts)} (details in the log above)")

@@ -24,7 +24,7 @@ from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_bes
 from .cli import run_cli, setup_logging
 from .data import DataError, ImageTransform, SkipLog, Split, gather_tokens, load_split, tokenize
 from .device import Runtime, pick_runtime
-from .evaluate import evaluate_split, format_metrics
+from .evaluate import evaluate_split, format_metrics, scorable_texts
 from .faults import crash_point
 from .features import ImageFeatures, split_image_features
 from .io import write_json
@@ -223,6 +223,7 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
     if recipe.data.valid_split:
         valid_split = load_split(recipe.data.root, recipe.data.valid_split, skips)
         valid_features = distributed.main_first(lambda: features_of(valid_split))
+        scorable_texts(valid_split, valid_features, skips)  # count, once, the texts recall cannot score
     zeroshot = (ZeroShotTracker.from_recipe(recipe, clip, base.tokenizer, transform, runtime, skips)
                 if main_rank else None)  # only rank 0 validates
     if skips.total:

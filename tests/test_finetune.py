@@ -123,10 +123,15 @@ def test_corrupt_image_and_dangling_id_are_skipped_and_counted(tiny_model_dir, t
     with open(tiny_data_dir / "train_texts.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"text_id": 50, "text": "一个红色的圆形", "image_ids": [777, 4242]}, ensure_ascii=False) + "\n")
         fh.write("{broken json\n")
+    with open(tiny_data_dir / "valid_imgs.tsv", "a") as fh:  # a validation text whose only image is corrupt
+        fh.write(f"778\t{base64.urlsafe_b64encode(b'not an image').decode()}\n")
+    with open(tiny_data_dir / "valid_texts.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"text_id": 950, "text": "一个蓝色的圆形", "image_ids": [778]}, ensure_ascii=False) + "\n")
     run_finetune(tiny_model_dir, tiny_data_dir, tmp_path / "run", **{"train.epochs": 1})
     skipped = json.loads((tmp_path / "run" / "summary.json").read_text())["skipped"]
     assert skipped["by_reason"] == {"malformed text line": 1, "image id without image": 1,
-                                    "undecodable image": 1, "pair with undecodable image": 1}
+                                    "undecodable image": 2, "pair with undecodable image": 1,
+                                    "text without a decodable image": 1}
     assert any("train_texts.jsonl:11" in e for e in skipped["examples"]["malformed text line"])
 
 
