@@ -1,6 +1,4 @@
 import base64
-import io
-import json
 import logging
 
 import numpy as np

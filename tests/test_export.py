@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from cnclip.data import ImageTransform, tokenize
 from cnclip.export import main as export_main
 from cnclip.finetune import main as finetune_main
-from cnclip.model_card import (CardInputs, RunMetrics, base_model_id, configuration_json, read_run_metrics,
+from cnclip.model_card import (CardInputs, base_model_id, configuration_json, read_run_metrics,
                                render_card)
 from cnclip.models import encode_images, encode_texts
 from cnclip.publish import folder_files

@@ -11,7 +11,7 @@ import cnclip.finetune
 from cnclip.finetune import main as finetune_main
 from cnclip.evaluate import main as evaluate_main
 
-from conftest import DEMO_RECIPE, REPO, image_bytes, make_tiny_model, tiny_overrides, write_split
+from conftest import DEMO_RECIPE, REPO, image_bytes, make_tiny_model, tiny_overrides
 
 
 def run_finetune(model_dir, data_dir, run_dir, **extra):

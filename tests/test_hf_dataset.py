@@ -1,11 +1,9 @@
 """data_tools from-hf: a `datasets` image-text set -> Chinese-CLIP layout that cnclip trains on."""
 
-import io
 import json
 
 import datasets
 import pytest
-from PIL import Image
 
 from cnclip.data import SkipLog, load_split
 from data_tools.hf_dataset import SourceError, convert, open_rows

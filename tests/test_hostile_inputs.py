@@ -114,7 +114,7 @@ def test_hostile_tsv_line_is_counted(tmp_path, case):
     skips = SkipLog()
     split = load_split(tmp_path, "train", skips)
     assert split.images.ids == [1] and skips.total == 1
-    assert f"train_imgs.tsv:2" in next(iter(skips.examples.values()))[0]
+    assert "train_imgs.tsv:2" in next(iter(skips.examples.values()))[0]
 
 
 def test_hostile_zero_byte_texts_file_names_the_split(tmp_path):
