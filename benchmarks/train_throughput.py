@@ -48,8 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cnclip.data import gather_tokens  # noqa: E402
-from cnclip.device import Runtime, pick_runtime  # noqa: E402
-from cnclip.finetune import make_optimizer  # noqa: E402
+from cnclip.runtime import Runtime, pick_runtime  # noqa: E402
+from cnclip.optim import make_optimizer  # noqa: E402
 from cnclip.models import attach_lora, clamp_logit_scale, encode_images, lock_image_tower  # noqa: E402
 from cnclip.recipe import ModelConfig, Recipe  # noqa: E402
 from cnclip.train_step import contrastive_step  # noqa: E402

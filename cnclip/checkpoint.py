@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from .faults import crash_point
-from .io import atomic_dir, atomic_file, remove_stale_temporaries, save_tensors, save_torch, write_json
+from .atomic import atomic_dir, atomic_file, remove_stale_temporaries, save_tensors, save_torch, write_json
 
 TRAINABLE = "trainable.safetensors"
 KEEP_CHECKPOINTS = 1

@@ -5,120 +5,33 @@ Layout (MUGE / Flickr30K-CN / COCO-CN as distributed for Chinese-CLIP), per spli
   {split}_texts.jsonl  {"text_id": 8428, "text": "...", "image_ids": [1076345, 517602]}
 
 Bad input never stops a run silently or with a traceback: every skipped line or image is
-counted with its file and line in a SkipLog, which the caller reports.
+counted with its file and line in a SkipLog, which the caller reports. The images file itself is
+read by `cnclip.image_sources.ImageTSV`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .errors import DataError
+from .image_sources import ImageTSV
 from .images import decode_rgb
 from .models import ImagePreprocess
+from .skiplog import SkipLog
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    """Input data that cannot be used at all (missing file, empty split); names the file."""
-
-
-@dataclass
-class SkipLog:
-    """Counts of skipped items per reason, with the first few locations of each for the log."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    max_examples: int = 5
-
-    def skip(self, reason: str, where: str, detail: str = "") -> None:
-        self.counts[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < self.max_examples:
-            message = f"{where}: {reason}" + (f" ({detail})" if detail else "")
-            shown.append(message)
-            log.warning("skipped %s", message)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> dict:
-        return {"total": self.total, "by_reason": dict(self.counts), "examples": self.examples}
-
-
 # ---------------------------------------------------------------- images (TSV)
-
-
-class ImageTSV:
-    """Random access into a `{split}_imgs.tsv` without holding the images in memory.
-
-    One pass records each image's byte range and hashes the content, so the cache key
-    changes whenever any image (or the id set) changes.
-    """
-
-    def __init__(self, path: str | Path, skips: SkipLog):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"image file not found: {self.path}")
-        self.offsets: dict[int, tuple[int, int]] = {}
-        digest = hashlib.blake2b(digest_size=16)
-        with open(self.path, "rb") as fh:
-            offset = 0
-            for lineno, line in enumerate(fh, start=1):
-                start = offset
-                offset += len(line)
-                body = line.rstrip(b"\r\n")
-                if not body.strip():
-                    continue
-                key, tab, payload = body.partition(b"\t")
-                where = f"{self.path}:{lineno}"
-                try:
-                    image_id = int(key)
-                except ValueError:
-                    skips.skip("malformed image line", where, "expected image_id<TAB>base64")
-                    continue
-                if not tab or not payload:
-                    skips.skip("malformed image line", where, "expected image_id<TAB>base64")
-                    continue
-                if image_id in self.offsets:
-                    skips.skip("duplicate image id", where, f"id {image_id} seen before; first kept")
-                    continue
-                self.offsets[image_id] = (start + len(key) + 1, len(payload))
-                digest.update(body)
-                digest.update(b"\n")
-        self.ids = list(self.offsets)
-        self.fingerprint = digest.hexdigest()
-        self._fh = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __contains__(self, image_id: int) -> bool:
-        return image_id in self.offsets
-
-    def read(self, image_id: int) -> bytes:
-        """The raw base64 payload of one image (decoding is the caller's, so it can be counted)."""
-        if self._fh is None:  # opened lazily: each DataLoader worker gets its own handle
-            self._fh = open(self.path, "rb")
-        start, length = self.offsets[image_id]
-        self._fh.seek(start)
-        return self._fh.read(length)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fh"] = None
-        return state
 
 
 def decode_base64_image(payload: bytes) -> Image.Image:

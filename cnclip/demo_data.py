@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .io import atomic_file
+from .atomic import atomic_file
 
 COLORS = {"红色": (220, 40, 40), "绿色": (40, 170, 60), "蓝色": (40, 70, 220), "黄色": (235, 210, 40),
           "紫色": (140, 50, 180), "黑色": (20, 20, 20)}

@@ -44,16 +44,6 @@ def launched_by_torchrun() -> bool:
     return all(v in os.environ for v in LAUNCH_VARS)
 
 
-def resolve_device(device: str = "auto") -> str:
-    """The device this process trains on: under torchrun, "auto"/"cuda" mean cuda:LOCAL_RANK."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched_by_torchrun() else 0
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return f"cuda:{local_rank}"
-    return device
-
-
 def init_distributed(device: str | torch.device = "cpu", timeout: timedelta = DEFAULT_TIMEOUT) -> DistInfo:
     """Join the process group torchrun describes (if any) and return where this process stands.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ModelLoadError
 from .recipe import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -21,10 +22,6 @@ log = logging.getLogger(__name__)
 MODELSCOPE_PREFIX = "modelscope:"
 # logit_scale is stored as log(scale); CLIP caps the scale at 100.
 MAX_LOGIT_SCALE = 100.0
-
-
-class ModelLoadError(RuntimeError):
-    """The base model named by the user could not be found or read."""
 
 
 def resolve_model_path(spec: str) -> str:

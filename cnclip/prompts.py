@@ -16,10 +16,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DataError
+from .errors import DataError
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-DEFAULT_TEMPLATES = REPO_RECIPES / "zeroshot_templates.txt"
+# Shipped inside the package (package data), so an installed cnclip has them wherever it runs.
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_TEMPLATES = ASSETS / "zeroshot_templates.txt"
+# Class lists that ship with cnclip, usable by name: --classes cifar10
+BUNDLED_CLASS_LISTS = {"cifar10": ASSETS / "cifar10_classes.txt"}
 PLACEHOLDER = "{}"
 _KEY_SEPARATOR = re.compile(r"[:：\t]")
 _NAME_SEPARATOR = re.compile(r"[,，、]")
@@ -38,7 +41,7 @@ def _content_lines(path: Path, what: str) -> list[tuple[int, str]]:
 
 
 def load_templates(path: str | Path | None = None, single: bool = False) -> list[str]:
-    """The templates of a file (default: recipes/zeroshot_templates.txt); `single` keeps only the first."""
+    """The templates of a file (default: the 23 shipped templates, cnclip/assets/zeroshot_templates.txt); `single` keeps only the first."""
     path = Path(path) if path else DEFAULT_TEMPLATES
     templates: list[str] = []
     seen: dict[str, int] = {}
@@ -77,7 +80,8 @@ class ClassList:
 
 
 def load_classes(path: str | Path) -> ClassList:
-    path = Path(path)
+    """A class list file, or the name of one that ships with cnclip (see BUNDLED_CLASS_LISTS)."""
+    path = BUNDLED_CLASS_LISTS[str(path)] if str(path) in BUNDLED_CLASS_LISTS and not Path(path).exists() else Path(path)
     keys: list[str] = []
     names: list[tuple[str, ...]] = []
     key_line: dict[str, int] = {}

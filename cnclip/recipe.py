@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe the user wrote (or overrode) cannot be used; the message names the key."""
+from .errors import ConfigError
+from .typed_config import build_config, read_yaml_mapping
 
 
 @dataclass
@@ -102,7 +99,7 @@ class ZeroShotConfig:
     images: str = ""
     # Class list for that folder: lines 'key: 名称1, 名称2' (see cnclip/prompts.py).
     classes: str = ""
-    # Prompt templates file; "" = recipes/zeroshot_templates.txt.
+    # Prompt templates file; "" = the shipped templates (cnclip/assets/zeroshot_templates.txt).
     templates: str = ""
 
 
@@ -125,79 +122,13 @@ _PRECISIONS = ("auto", "fp32", "bf16")
 _GENERATORS = (None, "demo")
 
 
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_describe(typing.get_args(tp)[0])}"
-    return "null" if tp is type(None) else tp.__name__
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; accept the few lossless conversions users expect."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(key, value, option)
-            except RecipeError:
-                continue
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, str):  # "query,value" on the command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list):
-            return [_coerce(key, v, inner) for v in value]
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise RecipeError(f"recipe key '{key}': expected {_describe(tp)}, got {value!r}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe key '{prefix.rstrip('.') or '<top>'}': expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise RecipeError(
-                f"unknown recipe key '{prefix}{key}'; accepted keys here: {', '.join(names)}"
-            )
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(prefix + key, value, tp)
-    return cls(**kwargs)
-
-
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise RecipeError(f"override '{dotted}': '{part}' is not a section")
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -207,31 +138,25 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
-            raise RecipeError(f"override '{pair}' must look like key=value (e.g. train.lr=1e-4)")
+            raise ConfigError(f"override '{pair}' must look like key=value (e.g. train.lr=1e-4)")
         try:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError as exc:
-            raise RecipeError(f"override '{pair}': value is not valid YAML ({exc})") from None
+            raise ConfigError(f"override '{pair}': value is not valid YAML ({exc})") from None
         out.append((key.strip(), value))
     return out
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), check_data: bool = True) -> Recipe:
     """Read a recipe file (safe YAML only), apply overrides, validate everything."""
-    raw: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"{path}: not a valid YAML recipe ({exc})") from None
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    raw: Any = read_yaml_mapping(path, "recipe") if path is not None else {}
     for key, value in parse_overrides(list(overrides)):
         _set_path(raw, key, value)
-    recipe = _build(Recipe, raw, "")
+    try:
+        recipe = build_config(Recipe, raw, "recipe")
+    except ConfigError as exc:
+        source = f"{path}{' with overrides' if overrides else ''}" if path is not None else "overrides"
+        raise ConfigError(f"{source}: {exc}") from None
     validate(recipe, check_data=check_data)
     return recipe
 
@@ -251,55 +176,55 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     }
     for key, value in positive.items():
         if value < 1:
-            raise RecipeError(f"recipe key '{key}' must be >= 1, got {value}")
+            raise ConfigError(f"recipe key '{key}' must be >= 1, got {value}")
     if t.batch_size < 2:
-        raise RecipeError("recipe key 'train.batch_size' must be >= 2: a contrastive batch needs negatives")
+        raise ConfigError("recipe key 'train.batch_size' must be >= 2: a contrastive batch needs negatives")
     if not 0.0 <= m.lora_dropout < 1.0:
-        raise RecipeError(f"recipe key 'model.lora_dropout' must be in [0, 1), got {m.lora_dropout}")
+        raise ConfigError(f"recipe key 'model.lora_dropout' must be in [0, 1), got {m.lora_dropout}")
     if t.lr <= 0:
-        raise RecipeError(f"recipe key 'train.lr' must be > 0, got {t.lr}")
+        raise ConfigError(f"recipe key 'train.lr' must be > 0, got {t.lr}")
     for key, value in {"train.warmup_steps": t.warmup_steps, "data.num_workers": d.num_workers,
                        "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
                        "train.max_bad_steps": t.max_bad_steps,
                        "train.grad_cache_chunk": t.grad_cache_chunk}.items():
         if value < 0:
-            raise RecipeError(f"recipe key '{key}' must be >= 0, got {value}")
+            raise ConfigError(f"recipe key '{key}' must be >= 0, got {value}")
     if t.precision not in _PRECISIONS:
-        raise RecipeError(f"recipe key 'train.precision': got {t.precision!r}, accepted: {', '.join(_PRECISIONS)}")
+        raise ConfigError(f"recipe key 'train.precision': got {t.precision!r}, accepted: {', '.join(_PRECISIONS)}")
     if d.generate not in _GENERATORS:
-        raise RecipeError(f"recipe key 'data.generate': got {d.generate!r}, accepted: null, demo")
+        raise ConfigError(f"recipe key 'data.generate': got {d.generate!r}, accepted: null, demo")
     if not m.target_modules:
-        raise RecipeError("recipe key 'model.target_modules' must name at least one module (e.g. [query, value])")
+        raise ConfigError("recipe key 'model.target_modules' must name at least one module (e.g. [query, value])")
     if not d.root:
-        raise RecipeError("recipe key 'data.root' is required: a directory with {split}_imgs.tsv and {split}_texts.jsonl")
+        raise ConfigError("recipe key 'data.root' is required: a directory with {split}_imgs.tsv and {split}_texts.jsonl")
     if check_data and d.generate is None:
         for split in filter(None, (d.train_split, d.valid_split)):
             for suffix in ("_imgs.tsv", "_texts.jsonl"):
                 f = Path(d.root) / f"{split}{suffix}"
                 if not f.is_file():
-                    raise RecipeError(
+                    raise ConfigError(
                         f"recipe key 'data.root': missing data file {f} "
                         f"(expected the Chinese-CLIP layout {split}_imgs.tsv + {split}_texts.jsonl)"
                     )
     if m.random_init and not Path(m.base).is_dir():
-        raise RecipeError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
+        raise ConfigError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
     _validate_zeroshot(recipe, check_data)
 
 
 def _validate_zeroshot(recipe: Recipe, check_data: bool) -> None:
     z = recipe.zeroshot
     if bool(z.images) != bool(z.classes):
-        raise RecipeError("recipe keys 'zeroshot.images' and 'zeroshot.classes' go together: set both "
+        raise ConfigError("recipe keys 'zeroshot.images' and 'zeroshot.classes' go together: set both "
                           "(a folder with one sub-folder per class, and its class list) or neither")
     if not check_data:
         return
     if z.templates and not Path(z.templates).is_file():
-        raise RecipeError(f"recipe key 'zeroshot.templates': file not found: {z.templates}")
+        raise ConfigError(f"recipe key 'zeroshot.templates': file not found: {z.templates}")
     if recipe.data.generate is None:  # a generated data set writes its zero-shot folder too
         if z.images and not Path(z.images).is_dir():
-            raise RecipeError(f"recipe key 'zeroshot.images': folder not found: {z.images}")
+            raise ConfigError(f"recipe key 'zeroshot.images': folder not found: {z.images}")
         if z.classes and not Path(z.classes).is_file():
-            raise RecipeError(f"recipe key 'zeroshot.classes': file not found: {z.classes}")
+            raise ConfigError(f"recipe key 'zeroshot.classes': file not found: {z.classes}")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

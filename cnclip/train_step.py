@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 
 from . import distributed
-from .device import Runtime
+from .runtime import Runtime
 from .gradcache import cached_backward
 from .loss import distributed_clip_loss
 from .models import encode_texts

@@ -1,4 +1,5 @@
-"""`data_tools` command line. User errors exit with status 2 and a one-line message, never a traceback."""
+"""`data_tools` command line. Errors become a one-line message and their exit status through
+`cnclip.commands.base.run_command`, the wrapper every cnclip command uses; never a traceback."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_tools.config import ConfigError, load_config
-from data_tools.files import is_disk_full
-from data_tools.pipeline import BuildOptions, BuildResult, WorkerCrashed, build_pairs
-from data_tools.readers import InputError
+from cnclip.commands.base import exit_status_help, run_command
+from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WORKER_CRASHED, UsageError,
+                           WorkerCrashed, is_disk_full)
+from data_tools.config import load_config
+from data_tools.pipeline import BuildOptions, BuildResult, build_pairs
 from data_tools.report import summary
-from data_tools.split import SplitError, parse_splits
+from data_tools.split import parse_splits
 from data_tools.writers import FORMATS
 
 BUILD_PAIRS_DESCRIPTION = """\
@@ -35,9 +37,9 @@ rerun with other --per-query-cap/--splits/--format/--seed reuses all per-record 
 Crash safety: outputs are written under temporary names and renamed into place only when all
 of them are complete; report.json comes last, so a DIR with report.json holds exactly the
 complete outputs it lists. Killed at any point, the same command resumes and writes the same
-bytes. Exit status: 0 done, 1 a worker process died, 2 bad arguments or unusable input,
-3 out of disk space (earlier outputs intact), 130 interrupted.
+bytes.
 """
+BUILD_PAIRS_EXITS = (EXIT_USAGE, EXIT_DISK_FULL, EXIT_WORKER_CRASHED, EXIT_INTERRUPTED)
 
 FORMAT_HELP = (
     "output layout: 'cnclip' = Chinese-CLIP {split}_imgs.tsv + {split}_texts.jsonl (+ {split}_meta.jsonl), "
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
-    return args.run(args)
+        return EXIT_USAGE
+    return run_command(lambda: args.run(args), resume_hint=getattr(args, "resume_hint", "rerun the same command"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         "build-pairs",
         help="crawl dumps -> clean Chinese image-text pairs + report.json",
         description=BUILD_PAIRS_DESCRIPTION,
+        epilog=exit_status_help(BUILD_PAIRS_EXITS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     build.add_argument("inputs", nargs="+", metavar="INPUT", help="crawl dump files (.jsonl, .ndjson, .parquet, .tar) or directories of them")
@@ -80,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the per-query cap and the split assignment (default: %(default)s)")
     build.add_argument("--shard-size", type=_positive_int, default=2_000, metavar="N", help="records per shard, the unit of parallel work and of resuming (default: %(default)s)")
     build.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    build.set_defaults(run=lambda args: _build_pairs(args, build))
+    build.set_defaults(run=lambda args: _build_pairs(args, build),
+                       resume_hint="finished shards are kept in DIR/.work: rerun the same command to resume")
 
     hf = commands.add_parser(
         "from-hf",
@@ -91,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                     "share one image id (several captions of one picture are positives of the same image); rows "
                     "without a caption or with an undecodable image are skipped and counted in "
                     "DIR/{split}_from_hf_report.json.",
+        epilog=exit_status_help((EXIT_USAGE, EXIT_DATA, EXIT_DISK_FULL)),
     )
     hf.add_argument("source", metavar="DATASET", help="Hub id, save_to_disk directory, or a data file")
     hf.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created if missing)")
@@ -106,15 +111,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _from_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from data_tools.hf_dataset import SourceError, convert, open_rows
+    from data_tools.hf_dataset import convert, open_rows
 
     base_dir = Path(args.source) if Path(args.source).is_dir() else Path(args.source).parent
     split = args.as_split or args.split
-    try:
-        rows = open_rows(args.source, args.split, args.config, args.image_column)
-        result = convert(rows, args.out, split, args.image_column, args.text_column, base_dir, args.limit)
-    except SourceError as err:
-        parser.error(str(err))
+    rows = open_rows(args.source, args.split, args.config, args.image_column)
+    result = convert(rows, args.out, split, args.image_column, args.text_column, base_dir, args.limit)
     print(f"{result.rows} rows -> {result.images} images, {result.texts} captions in {args.out} "
           f"(split '{split}'); skipped: {dict(result.skipped) or 'none'}")
     return 0
@@ -122,11 +124,8 @@ def _from_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out is not a directory: {args.out}")
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        parser.error(str(err))
+        raise UsageError(f"--out is not a directory: {args.out}")
+    config = load_config(args.config)
     options = BuildOptions(
         inputs=tuple(args.inputs),
         out=args.out,
@@ -141,25 +140,13 @@ def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     )
     try:
         result = build_pairs(options)
-    except InputError as err:
-        parser.error(str(err))
-    except KeyboardInterrupt:
-        print(f"interrupted; finished shards are kept in {args.out / '.work'} - rerun the same command to resume", file=sys.stderr)
-        return 130
     except WorkerCrashed as err:
-        print(f"error: {err}; finished shards are kept in {args.out / '.work'}: rerun the same command to resume", file=sys.stderr)
-        return 1
+        raise WorkerCrashed(f"{err}; finished shards are kept in {args.out / '.work'}: rerun the same command to "
+                            "resume") from None
     except OSError as err:
-        if is_disk_full(err):
-            # Same wording and exit status as cnclip.cli.run_cli. Outputs are renamed into place only
-            # once all of them are on disk, so the previous run's outputs are intact.
-            print(f"error: out of disk space writing {err.filename or args.out} ({err.strerror}); earlier outputs "
-                  f"in {args.out} are intact: free space and rerun the same command to resume", file=sys.stderr)
-            return 3
-        if err.filename is None:
-            raise
-        print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)  # e.g. --out not writable, or under a file
-        return 2
+        if err.filename is None or isinstance(err, FileNotFoundError) or is_disk_full(err):
+            raise  # disk full and missing files: the wrapper's messages
+        raise UsageError(f"{err.strerror}: {err.filename}") from None  # e.g. --out not writable, or under a file
     _print_summary(result, args.out)
     return 0
 
@@ -195,5 +182,5 @@ def _int(text: str) -> int:
 def _splits(text: str) -> tuple[tuple[str, float], ...]:
     try:
         return parse_splits(text)
-    except SplitError as err:
+    except UsageError as err:
         raise argparse.ArgumentTypeError(str(err)) from None

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from cnclip.errors import ConfigError
+from cnclip.typed_config import build_config, load_config_file
+from data_tools.records import TEXT_FIELDS
 
-TEXT_FIELDS = ("alt", "title", "context")
+
 RELEVANCE_MODES = ("off", "overlap", "keyword")
-
-
-class ConfigError(ValueError):
-    """A filter file the user wrote is invalid; the message names the file and key."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class TextConfig:
             try:
                 re.compile(pattern)
             except re.error as err:
-                raise ConfigError(f"text.boilerplate_patterns: invalid regular expression {pattern!r}: {err}") from None
+                raise ConfigError(f"filter config key 'text.boilerplate_patterns': invalid regular expression {pattern!r}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -112,63 +108,14 @@ def load_config(path: Path | None) -> FilterConfig:
     """Read a filter file (YAML, safe_load); `None` gives the defaults."""
     if path is None:
         return FilterConfig()
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from None
-    try:
-        return config_from_dict(data or {})
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    return load_config_file(FilterConfig, path, "filter config")
 
 
 def config_from_dict(data: Any) -> FilterConfig:
     """Build a FilterConfig from parsed YAML, rejecting unknown keys and wrong types."""
-    return _build(FilterConfig, data, prefix="")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            raise ConfigError(f"unknown key '{prefix}{key}'; accepted: {', '.join(fields)}")
-    values = {key: _convert(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
-    return cls(**values)
-
-
-def _convert(hint: Any, value: Any, key: str) -> Any:
-    """Check one YAML value against the dataclass annotation (bool is not an int here)."""
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, prefix=f"{key}.")
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return _convert(inner, value, key)
-    if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-        return tuple(value)
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, hint)
-    if not ok:
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
-    return value
+    return build_config(FilterConfig, data, "filter config")
 
 
 def _require(condition: bool, key: str, expected: str) -> None:
     if not condition:
-        raise ConfigError(f"{key}: expected {expected}")
+        raise ConfigError(f"filter config key '{key}': expected {expected}")

@@ -1,7 +1,7 @@
 """Crash-safe writes for build-pairs: temporary names, fsync, rename; full disks reported by file name.
 
 A file under its final name is always complete: it is written as `.{name}.tmp-{pid}` (the
-naming of `cnclip.io`), flushed to disk, then renamed. A run killed at any instant leaves at
+naming of `cnclip.atomic`), flushed to disk, then renamed. A run killed at any instant leaves at
 most such temporaries, which the next run deletes before it starts (`remove_temporaries`).
 
 Writes go through Python file objects (pyarrow writes into one too), so a full disk or a
@@ -12,7 +12,6 @@ which file did not fit.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,13 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cnclip.faults import crash_point
-from cnclip.io import atomic_file, fsync_directory, remove_stale_temporaries
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
-def is_disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+from cnclip.atomic import atomic_file, fsync_directory, remove_stale_temporaries
 
 
 def with_name(err: OSError, path: Path) -> OSError:

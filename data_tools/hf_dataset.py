@@ -18,14 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from cnclip.atomic import atomic_file, write_json
+from cnclip.errors import DataError
 from cnclip.images import decode_rgb
-from cnclip.io import atomic_file, write_json
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-
-
-class SourceError(ValueError):
-    """The data set or a named column cannot be used; the message names it."""
 
 
 @dataclass
@@ -59,17 +56,17 @@ def open_rows(source: str, split: str, config: str | None, image_column: str) ->
         elif path.is_file():
             builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise SourceError(f"{path}: unsupported file type; accepted: {', '.join(DATA_FILE_BUILDERS)}")
+                raise DataError(f"{path}: unsupported file type; accepted: {', '.join(DATA_FILE_BUILDERS)}")
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
         else:
             ds = datasets.load_dataset(source, config, split=split, streaming=True)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        if isinstance(exc, SourceError):
+        if isinstance(exc, DataError):
             raise
-        raise SourceError(f"could not open data set '{source}' (split {split!r}): {exc}") from None
+        raise DataError(f"could not open data set '{source}' (split {split!r}): {exc}") from None
     columns = ds.column_names
     if columns is not None and image_column not in columns:
-        raise SourceError(f"'{source}' has no column '{image_column}'; columns: {', '.join(columns)}")
+        raise DataError(f"'{source}' has no column '{image_column}'; columns: {', '.join(columns)}")
     if isinstance(ds.features, datasets.Features) and isinstance(ds.features.get(image_column), datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))  # keep the original bytes
     return ds
@@ -107,7 +104,7 @@ def convert(rows: Iterable[dict], out: Path, split: str, image_column: str, text
                 break
             result.rows += 1
             if text_column not in row:
-                raise SourceError(f"no column '{text_column}'; columns: {', '.join(row)}")
+                raise DataError(f"no column '{text_column}'; columns: {', '.join(row)}")
             captions = captions_of(row.get(text_column))
             if not captions:
                 result.skip("no caption", row_number)

@@ -35,8 +35,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cnclip.errors import WorkerCrashed
 from cnclip.faults import crash_point
-from data_tools.balance import CapCandidate, cap_per_query, pair_priority
+from data_tools.cap import CapCandidate, cap_per_query, pair_priority
 from data_tools.config import FilterConfig
 from data_tools.dedup import Deduplicator
 from data_tools.files import StagedFiles, remove_temporaries
@@ -51,10 +52,6 @@ from data_tools.writers import Pair, Writer, make_writer
 DEFAULT_SPLITS = (("train", 0.98), ("valid", 0.01), ("test", 0.01))
 REPORT_NAME = "report.json"
 PARKED_REPORT = "previous-report.json"  # in DIR/.work while outputs are being replaced
-
-
-class WorkerCrashed(RuntimeError):
-    """A worker process died (killed, out of memory); finished shards are kept for the rerun."""
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,14 @@ from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
-from data_tools.records import RawItem, Reason, Record, Rejected
+from cnclip.errors import UsageError
+from cnclip.image_sources import IMAGE_EXTENSIONS
+from data_tools.records import TEXT_FIELDS, RawItem, Reason, Record, Rejected
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".tar": "tar"}
 KNOWN_FIELDS = ("query", "url", "image", "alt", "title", "context", "page_url")
-TEXT_FIELDS = ("alt", "title", "context")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# Tar member suffixes taken as the sample's image, most common first.
+IMAGE_SUFFIXES = tuple(sorted((e.lstrip(".") for e in IMAGE_EXTENSIONS), key=lambda e: (e != "jpg", e)))
 PARQUET_BATCH_ROWS = 1024
 # No caption, query or URL comes near this; a longer field is junk, rejected before any cleaning
 # (which would cost seconds on megabytes of text).
@@ -32,10 +34,6 @@ MAX_FIELD_CHARS = 65_536
 _MIN_RECORD_LIMIT = 2**20
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _UNSAFE_MEMBER = "/unsafe-name"  # sample key (extensions never contain "/") marking a member name that escapes the archive
-
-
-class InputError(ValueError):
-    """A path the user passed cannot be used as input; the message names it."""
 
 
 class InputReadError(Exception):
@@ -80,16 +78,16 @@ def discover_inputs(paths: list[str], exclude: Path | None = None) -> list[Input
     for arg in paths:
         path = Path(arg)
         if not path.exists():
-            raise InputError(f"input not found: {arg}")
+            raise UsageError(f"input not found: {arg}")
         if not path.is_dir() and not path.is_file():  # a FIFO or device would block or never end
-            raise InputError(f"input is not a regular file or directory: {arg}")
+            raise UsageError(f"input is not a regular file or directory: {arg}")
         if path.is_dir():
             files = _dump_files_in(path, skip)
             if not files:
-                raise InputError(f"no .jsonl, .parquet or .tar files in directory: {arg}")
+                raise UsageError(f"no .jsonl, .parquet or .tar files in directory: {arg}")
         else:
             if path.suffix.lower() not in SUFFIXES:
-                raise InputError(f"unsupported input file (expected .jsonl, .ndjson, .parquet or .tar): {arg}")
+                raise UsageError(f"unsupported input file (expected .jsonl, .ndjson, .parquet or .tar): {arg}")
             files = [path]
         for file in files:
             if file.resolve() not in seen:
@@ -181,7 +179,7 @@ def _tar_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
                 sample = {}
             key = member_key
             ext = ext.lower()
-            limit = max_member_bytes if ext in IMAGE_EXTENSIONS else text_limit
+            limit = max_member_bytes if ext in IMAGE_SUFFIXES else text_limit
             if _escapes_archive(member.name):
                 sample[_UNSAFE_MEMBER] = member.name
             elif member.size > limit:
@@ -238,7 +236,7 @@ def _tar_mapping(sample: dict[str, Any]) -> dict[str, Any]:
     if _UNSAFE_MEMBER in sample:
         raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"tar member name escapes the archive: {sample[_UNSAFE_MEMBER]}")
     for ext, value in sample.items():
-        if isinstance(value, OversizedMember) and ext not in IMAGE_EXTENSIONS:
+        if isinstance(value, OversizedMember) and ext not in IMAGE_SUFFIXES:
             raise Rejected(Reason.RECORD_TOO_LARGE, f".{ext} member of {value.size} bytes > {value.limit}")
     mapping = _json_object(sample["json"], what=".json") if "json" in sample else {}
     if "txt" in sample:
@@ -248,7 +246,7 @@ def _tar_mapping(sample: dict[str, Any]) -> dict[str, Any]:
             raise Rejected(Reason.INVALID_UTF8, f".txt: {err}") from None
     elif isinstance(mapping.get("caption"), str) and "alt" not in mapping:
         mapping["alt"] = mapping.pop("caption")
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    image_ext = next((ext for ext in IMAGE_SUFFIXES if ext in sample), None)
     if image_ext is not None:
         image = sample[image_ext]
         if isinstance(image, OversizedMember):

@@ -12,6 +12,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+# The candidate caption fields of a crawl record, in the default order of preference.
+TEXT_FIELDS = ("alt", "title", "context")
+
 
 class Reason(StrEnum):
     """Why a record was dropped. The value is the key used in report.json."""

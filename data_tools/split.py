@@ -9,24 +9,22 @@ from __future__ import annotations
 
 from hashlib import blake2b
 
+from cnclip.errors import UsageError
+
 SPLIT_NAMES = ("train", "valid", "test")
-
-
-class SplitError(ValueError):
-    """Bad --splits value; the message says what is accepted."""
 
 
 def parse_splits(text: str) -> tuple[tuple[str, float], ...]:
     """"0.98,0.01,0.01" -> (("train", 0.98), ("valid", 0.01), ("test", 0.01))."""
     parts = [part.strip() for part in text.split(",")]
     if len(parts) != len(SPLIT_NAMES):
-        raise SplitError(f"expected {len(SPLIT_NAMES)} comma-separated fractions for train,valid,test, got {text!r}")
+        raise UsageError(f"expected {len(SPLIT_NAMES)} comma-separated fractions for train,valid,test, got {text!r}")
     try:
         fractions = [float(part) for part in parts]
     except ValueError:
-        raise SplitError(f"fractions must be numbers, got {text!r}") from None
+        raise UsageError(f"fractions must be numbers, got {text!r}") from None
     if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise SplitError(f"fractions must be >= 0 and sum to 1, got {text!r}")
+        raise UsageError(f"fractions must be >= 0 and sum to 1, got {text!r}")
     return tuple(zip(SPLIT_NAMES, fractions))
 
 

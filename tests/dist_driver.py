@@ -21,12 +21,12 @@ def step(inputs: Path, out_dir: Path) -> None:
     from cnclip import distributed
     from cnclip.checkpoint import load_trainable
     from cnclip.data import gather_tokens
-    from cnclip.device import pick_runtime
+    from cnclip.runtime import pick_runtime
     from cnclip.models import attach_lora, load_base_model, lock_image_tower
     from cnclip.recipe import ModelConfig
     from cnclip.train_step import contrastive_step
 
-    runtime = pick_runtime(distributed.resolve_device("auto"))
+    runtime = pick_runtime("auto")
     info = distributed.init_distributed(runtime.device)
     assert info.world_size == 2 and info.backend == "gloo", info
     data = torch.load(inputs, weights_only=True)
@@ -52,9 +52,10 @@ def step(inputs: Path, out_dir: Path) -> None:
 
 def finetune(stop_after: int, argv: list[str]) -> int:
     import cnclip.finetune
+    import cnclip.trainer
 
     if stop_after > 0:
-        clamp, calls = cnclip.finetune.clamp_logit_scale, [0]
+        clamp, calls = cnclip.trainer.clamp_logit_scale, [0]
 
         def clamp_then_die(clip):  # runs once per optimizer step, on every rank
             calls[0] += 1
@@ -62,7 +63,7 @@ def finetune(stop_after: int, argv: list[str]) -> int:
                 raise SystemExit(17)
             clamp(clip)
 
-        cnclip.finetune.clamp_logit_scale = clamp_then_die
+        cnclip.trainer.clamp_logit_scale = clamp_then_die
     return cnclip.finetune.main(argv)
 
 

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cnclip.errors import EXIT_WORKER_CRASHED
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -132,7 +134,7 @@ def crash_then_rerun(dump: Path, out: Path, reference: dict[str, bytes], points:
         result = run(cmd, crash_at=point)
         in_worker = workers > 1 and point.startswith(("pairs-record", "pairs-shard"))
         if in_worker:  # the pool breaks; the parent reports it and exits non-zero, no traceback
-            assert result.returncode == 1, (point, result.returncode, result.stderr)
+            assert result.returncode == EXIT_WORKER_CRASHED, (point, result.returncode, result.stderr)
             assert "error: a worker process died unexpectedly" in result.stderr and "rerun the same command" in result.stderr
             assert "Traceback" not in result.stderr
         else:
@@ -196,7 +198,7 @@ def test_disk_full_while_writing_outputs_keeps_the_previous_output(dump, referen
     result = run(command(dump, out, "--seed", "7"), file_size_limit=largest // 2)
     assert result.returncode == 3, result.stderr
     assert "error: out of disk space writing " in result.stderr and "(File too large)" in result.stderr
-    assert "earlier outputs" in result.stderr and "are intact" in result.stderr and "Traceback" not in result.stderr
+    assert "earlier checkpoints and outputs are intact" in result.stderr in result.stderr and "Traceback" not in result.stderr
     assert re.search(r"writing \S+/(train|valid|test)_\w+\.(tsv|jsonl) ", result.stderr), result.stderr
     assert tree(out) == reference  # nothing replaced, no temporaries left behind
 

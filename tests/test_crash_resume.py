@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import cnclip.finetune
+import cnclip.trainer
+from cnclip.errors import EXIT_DIVERGED
 from cnclip.checkpoint import latest_checkpoint
 
 from conftest import DEMO_RECIPE, tiny_overrides
@@ -112,7 +114,7 @@ def test_full_disk_keeps_the_previous_checkpoint(straight_run, tiny_model_dir, t
 
 
 def _nan_gradients_on(calls_to_poison, monkeypatch):
-    real, calls = cnclip.finetune.contrastive_step, []
+    real, calls = cnclip.trainer.contrastive_step, []
 
     def poisoned(clip, params, *args, **kwargs):
         loss = real(clip, params, *args, **kwargs)
@@ -122,7 +124,7 @@ def _nan_gradients_on(calls_to_poison, monkeypatch):
                 p.grad.fill_(float("nan"))
         return loss
 
-    monkeypatch.setattr(cnclip.finetune, "contrastive_step", poisoned)
+    monkeypatch.setattr(cnclip.trainer, "contrastive_step", poisoned)
 
 
 def test_non_finite_steps_are_skipped_and_counted(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
@@ -144,7 +146,7 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tiny_model
     run_dir = tmp_path / "run"
     code = cnclip.finetune.main([str(DEMO_RECIPE), *tiny_overrides(tiny_model_dir, tiny_data_dir, run_dir,
                                                                     **{"train.max_bad_steps": 1})])
-    assert code == 2
+    assert code == EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "2 steps had a non-finite loss or gradient (train.max_bad_steps=1)" in err
     assert "last good checkpoint" in err

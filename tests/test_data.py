@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cnclip.data import (DataError, ImageTransform, ImageTSV, SkipLog, decode_base64_image, load_split,
-                         read_texts)
+from cnclip.data import ImageTransform, decode_base64_image, load_split, read_texts
+from cnclip.errors import DataError
+from cnclip.image_sources import ImageTSV
+from cnclip.skiplog import SkipLog
 from cnclip.models import load_image_preprocess
 
 from conftest import image_bytes, make_tiny_model, write_split

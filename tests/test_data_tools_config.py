@@ -36,18 +36,18 @@ def test_empty_file_means_defaults(tmp_path):
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
-        ("txt:\n  min_chars: 2\n", "unknown key 'txt'; accepted: text, relevance, image, dedup"),
-        ("text:\n  min_char: 2\n", "unknown key 'text.min_char'"),
-        ("text:\n  min_chars: two\n", "text.min_chars: expected int, got 'two'"),
-        ("text:\n  min_chars: true\n", "text.min_chars: expected int, got True"),
-        ("text:\n  fields: [alt, caption]\n", "text.fields: expected names from alt, title, context, got 'caption'"),
-        ("text:\n  boilerplate_patterns: ['(']\n", "text.boilerplate_patterns: invalid regular expression"),
-        ("relevance:\n  mode: fuzzy\n", "relevance.mode: expected one of off, overlap, keyword, got 'fuzzy'"),
-        ("image:\n  max_aspect_ratio: 0.5\n", "image.max_aspect_ratio: expected a number >= 1"),
-        ("image: 3\n", "image: expected a mapping"),
-        ("- a\n- b\n", "top level: expected a mapping"),
-        ("text: [\n", "cannot read config file"),
-        ("!!python/object/apply:os.system ['echo hi']\n", "cannot read config file"),  # safe_load refuses
+        ("txt:\n  min_chars: 2\n", "unknown filter config key 'txt'; accepted keys here: text, relevance, image, dedup"),
+        ("text:\n  min_char: 2\n", "unknown filter config key 'text.min_char'"),
+        ("text:\n  min_chars: two\n", "key 'text.min_chars': expected int, got 'two'"),
+        ("text:\n  min_chars: true\n", "key 'text.min_chars': expected int, got True"),
+        ("text:\n  fields: [alt, caption]\n", "key 'text.fields': expected names from alt, title, context, got 'caption'"),
+        ("text:\n  boilerplate_patterns: ['(']\n", "key 'text.boilerplate_patterns': invalid regular expression"),
+        ("relevance:\n  mode: fuzzy\n", "key 'relevance.mode': expected one of off, overlap, keyword, got 'fuzzy'"),
+        ("image:\n  max_aspect_ratio: 0.5\n", "key 'image.max_aspect_ratio': expected a number >= 1"),
+        ("image: 3\n", "key 'image': expected a mapping"),
+        ("- a\n- b\n", "a filter config must be a mapping"),
+        ("text: [\n", "not a valid YAML filter config"),
+        ("!!python/object/apply:os.system ['echo hi']\n", "not a valid YAML filter config"),  # safe_load refuses
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path, yaml_text, message):
@@ -59,5 +59,5 @@ def test_errors_name_the_file_and_key(tmp_path, yaml_text, message):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+    with pytest.raises(ConfigError, match="filter config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")

@@ -5,10 +5,11 @@ from collections import Counter
 
 import pytest
 
-from data_tools.balance import CapCandidate, cap_per_query, pair_priority
+from data_tools.cap import CapCandidate, cap_per_query, pair_priority
 from data_tools.dedup import Deduplicator, HammingIndex
 from data_tools.records import Reason
-from data_tools.split import SplitError, assign_split, parse_splits
+from cnclip.errors import UsageError
+from data_tools.split import assign_split, parse_splits
 
 
 @pytest.mark.parametrize("max_distance", [0, 2, 4, 8])
@@ -70,7 +71,7 @@ def test_cap_is_seeded_and_independent_of_input_order():
 def test_parse_splits():
     assert parse_splits("0.98,0.01,0.01") == (("train", 0.98), ("valid", 0.01), ("test", 0.01))
     for bad in ("0.5,0.5", "a,b,c", "0.5,0.5,0.5", "1.2,-0.1,-0.1"):
-        with pytest.raises(SplitError):
+        with pytest.raises(UsageError):
             parse_splits(bad)
 
 

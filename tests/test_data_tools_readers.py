@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_tools.readers import InputError, InputReadError, discover_inputs, iter_items, parse_item
+from cnclip.errors import UsageError
+from data_tools.readers import InputReadError, discover_inputs, iter_items, parse_item
 from data_tools.records import Reason, Rejected
 
 LIMIT = 1 << 20
@@ -133,11 +134,11 @@ def test_directory_discovery(tmp_path):
 
 
 def test_input_errors_name_the_path(tmp_path):
-    with pytest.raises(InputError, match="input not found: .*missing.jsonl"):
+    with pytest.raises(UsageError, match="input not found: .*missing.jsonl"):
         discover_inputs([str(tmp_path / "missing.jsonl")])
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(InputError, match="unsupported input file.*notes.txt"):
+    with pytest.raises(UsageError, match="unsupported input file.*notes.txt"):
         discover_inputs([str(tmp_path / "notes.txt")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no .jsonl, .parquet or .tar files in directory: .*empty"):
+    with pytest.raises(UsageError, match="no .jsonl, .parquet or .tar files in directory: .*empty"):
         discover_inputs([str(tmp_path / "empty")])

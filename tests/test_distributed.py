@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cnclip.finetune
+import cnclip.trainer
 from cnclip import distributed
 from cnclip.checkpoint import trainable_state
 from cnclip.data import tokenize
-from cnclip.device import pick_runtime
+from cnclip.runtime import pick_runtime, resolve_device
 from cnclip.finetune import main as finetune_main
 from cnclip.train_step import contrastive_step
 
@@ -47,7 +48,7 @@ def test_plain_process_needs_no_launcher(monkeypatch):
     assert distributed.is_main() and not distributed.is_distributed()
     t = torch.randn(3, 2, requires_grad=True)
     assert distributed.all_gather(t) is t  # no-ops for a world of one
-    assert distributed.resolve_device("cpu") == "cpu"
+    assert resolve_device("cpu") == "cpu"
 
 
 def make_step_inputs(model_dir: Path, out: Path):
@@ -148,7 +149,7 @@ def test_one_process_interrupted_then_resumed_on_two(tiny_model_no_dropout_dir, 
                                                      monkeypatch):
     run_dir = tmp_path / "run"
     overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(tmp_path / "data"), run_dir)
-    clamp, calls = cnclip.finetune.clamp_logit_scale, []
+    clamp, calls = cnclip.trainer.clamp_logit_scale, []
 
     def clamp_then_die(clip):
         calls.append(1)
@@ -156,7 +157,7 @@ def test_one_process_interrupted_then_resumed_on_two(tiny_model_no_dropout_dir, 
             raise SystemExit(17)
         clamp(clip)
 
-    monkeypatch.setattr(cnclip.finetune, "clamp_logit_scale", clamp_then_die)
+    monkeypatch.setattr(cnclip.trainer, "clamp_logit_scale", clamp_then_die)
     with pytest.raises(SystemExit):
         finetune_main([str(DEMO_RECIPE), *overrides])
     monkeypatch.undo()

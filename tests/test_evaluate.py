@@ -3,7 +3,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from cnclip.evaluate import chinese_clip_result, recall_at, retrieve, topk_indices
+from cnclip.retrieval import chinese_clip_result, recall_at, retrieve, topk_indices
 
 
 def brute_force_recall(sim: torch.Tensor, positives: list[set[int]], k: int) -> float:

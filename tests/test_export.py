@@ -25,8 +25,8 @@ from cnclip.finetune import main as finetune_main
 from cnclip.model_card import (CardInputs, base_model_id, configuration_json, read_run_metrics,
                                render_card)
 from cnclip.models import encode_images, encode_texts
-from cnclip.publish import folder_files
-from cnclip.trained import load_run
+from cnclip.modelscope_upload import folder_files
+from cnclip.inference import load_run
 
 TEXTS = ["一个红色的圆形", "一个蓝色的正方形", "左上角有一个绿色的三角形", "黄色的猫", "高级感托特包斜挎"]
 COLORS = [(220, 30, 30), (30, 60, 220), (30, 170, 60), (230, 210, 30)]

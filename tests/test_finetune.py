@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cnclip.features
+import cnclip.image_cache
 import cnclip.finetune
+import cnclip.trainer
 from cnclip.finetune import main as finetune_main
 from cnclip.evaluate import main as evaluate_main
 
@@ -57,7 +58,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_model_dir, tiny_data_
     class Killed(Exception):
         pass
 
-    real_save, saves = cnclip.finetune.save_checkpoint, []
+    real_save, saves = cnclip.trainer.save_checkpoint, []
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
@@ -65,12 +66,12 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_model_dir, tiny_data_
         if len(saves) == 2:  # mid-epoch 2: one epoch-end and one mid-epoch checkpoint exist
             raise Killed()
 
-    monkeypatch.setattr(cnclip.finetune, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(cnclip.trainer, "save_checkpoint", save_then_die)
     resumed = tmp_path / "resumed"
     with pytest.raises(Killed):
-        cnclip.finetune.train(cnclip.finetune.load_recipe(
+        cnclip.trainer.train(cnclip.trainer.load_recipe(
             DEMO_RECIPE, tiny_overrides(tiny_model_dir, tiny_data_dir, resumed, **{"train.epochs": 3})))
-    monkeypatch.setattr(cnclip.finetune, "save_checkpoint", real_save)
+    monkeypatch.setattr(cnclip.trainer, "save_checkpoint", real_save)
     run_finetune(tiny_model_dir, tiny_data_dir, resumed, **{"train.epochs": 3})
 
     a, b = final_weights(straight), final_weights(resumed)
@@ -87,7 +88,7 @@ def test_second_run_never_touches_the_image_tower(tiny_model_dir, tiny_data_dir,
     def forbidden(*args, **kwargs):
         raise AssertionError("image tower ran although its embeddings are cached")
 
-    monkeypatch.setattr(cnclip.features, "encode_images", forbidden)
+    monkeypatch.setattr(cnclip.image_cache, "encode_images", forbidden)
     run_finetune(tiny_model_dir, tiny_data_dir, tmp_path / "second", **{"train.epochs": 1})
 
 
@@ -171,7 +172,7 @@ def test_best_adapter_loads_with_plain_peft(tiny_model_dir, tiny_data_dir, tmp_p
     from transformers import AutoTokenizer, ChineseCLIPModel
 
     from cnclip.models import encode_texts
-    from cnclip.trained import load_run
+    from cnclip.inference import load_run
 
     run_finetune(tiny_model_dir, tiny_data_dir, tmp_path / "run", **{"train.epochs": 1})
     ours, base, _ = load_run(tmp_path / "run")

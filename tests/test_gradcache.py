@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from cnclip.data import tokenize
-from cnclip.device import pick_runtime
+from cnclip.runtime import pick_runtime
 from cnclip.finetune import main as finetune_main
 from cnclip.gradcache import RandState, split_batch
 from cnclip.loss import clip_loss
 from cnclip.models import encode_texts
 from cnclip.packed_text import encode_texts_packed
-from cnclip.recipe import RecipeError, load_recipe
+from cnclip.errors import ConfigError
+from cnclip.recipe import load_recipe
 from cnclip.train_step import contrastive_step
 
 from conftest import DEMO_RECIPE, lora_model_with_gradients, tiny_overrides
@@ -115,5 +116,5 @@ def test_finetune_with_grad_cache_trains_like_without(tiny_model_no_dropout_dir,
 
 
 def test_grad_cache_chunk_is_validated():
-    with pytest.raises(RecipeError, match="train.grad_cache_chunk"):
+    with pytest.raises(ConfigError, match="train.grad_cache_chunk"):
         load_recipe(DEMO_RECIPE, ["train.grad_cache_chunk=-1"], check_data=False)

@@ -5,8 +5,10 @@ import json
 import datasets
 import pytest
 
-from cnclip.data import SkipLog, load_split
-from data_tools.hf_dataset import SourceError, convert, open_rows
+from cnclip.data import load_split
+from cnclip.skiplog import SkipLog
+from cnclip.errors import EXIT_DATA, DataError
+from data_tools.hf_dataset import convert, open_rows
 
 from conftest import image_bytes
 
@@ -45,13 +47,13 @@ def test_converts_and_groups_captions_of_identical_images(tmp_path, stored_as):
 
 def test_missing_column_names_it(tmp_path):
     make_dataset().save_to_disk(str(tmp_path / "ds"))
-    with pytest.raises(SourceError, match="no column 'picture'; columns: image, captions"):
+    with pytest.raises(DataError, match="no column 'picture'; columns: image, captions"):
         open_rows(str(tmp_path / "ds"), "train", None, "picture")
 
 
 def test_unsupported_file_type(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(SourceError, match="unsupported file type"):
+    with pytest.raises(DataError, match="unsupported file type"):
         open_rows(str(tmp_path / "x.txt"), "train", None, "image")
 
 
@@ -70,7 +72,5 @@ def test_cli_names_a_missing_text_column(tmp_path, capsys):
     from data_tools.cli import main
 
     make_dataset().to_parquet(str(tmp_path / "ds.parquet"))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["from-hf", str(tmp_path / "ds.parquet"), "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
+    assert main(["from-hf", str(tmp_path / "ds.parquet"), "--out", str(tmp_path / "out")]) == EXIT_DATA
     assert "no column 'text'" in capsys.readouterr().err

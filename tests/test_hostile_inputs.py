@@ -15,10 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cnclip.data import DataError, ImageTransform, SkipLog, decode_base64_image, load_split, read_texts
+from cnclip.data import ImageTransform, decode_base64_image, load_split, read_texts
+from cnclip.errors import DataError
+from cnclip.skiplog import SkipLog
 from cnclip.images import decode_rgb
 from cnclip.models import ImagePreprocess
-from cnclip.recipe import RecipeError, load_recipe
+from cnclip.errors import ConfigError
+from cnclip.recipe import load_recipe
 
 from conftest import DEMO_RECIPE, image_bytes, write_split
 
@@ -43,13 +46,13 @@ def test_hostile_recipe(tmp_path, case):
     text, message = RECIPE_CASES[case]
     path = tmp_path / "recipe.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_recipe(path)
     assert not (tmp_path / "pwned").exists()
 
 
 def test_hostile_override_without_equals():
-    with pytest.raises(RecipeError, match="must look like key=value"):
+    with pytest.raises(ConfigError, match="must look like key=value"):
         load_recipe(DEMO_RECIPE, ["train.lr"])
 
 
@@ -224,8 +227,8 @@ def test_hostile_one_by_twenty_thousand_image_is_squashed_like_the_checkpoint():
 
 
 def test_hostile_corrupt_images_in_a_split_are_counted_during_caching(tmp_path, tiny_model_dir):
-    from cnclip.device import pick_runtime
-    from cnclip.features import split_image_features
+    from cnclip.runtime import pick_runtime
+    from cnclip.image_cache import split_image_features
     from cnclip.models import image_tower_fingerprint, load_clip, load_image_preprocess
 
     images = {1: image_bytes(), 2: REJECTED_IMAGES["truncated jpeg"], 3: _bomb_png(), 4: _cmyk_jpeg()}

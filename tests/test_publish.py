@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from fake_modelscope import PRIVATE, PUBLIC, FakeModelScope
 
-from cnclip.publish import (EXIT_CONFLICT, EXIT_NETWORK, EXIT_NO_TOKEN, EXIT_TOKEN_REJECTED, compare_remote,
-                            folder_files)
+from cnclip.errors import EXIT_HUB_UNREACHABLE, EXIT_NO_TOKEN, EXIT_REPO_CONFLICT, EXIT_TOKEN_REJECTED
+from cnclip.modelscope_upload import compare_remote, folder_files
 
 TOKEN = "ms-test-token-5f2c9a0e7d"
 REPO = "alice/cnclip-test"
@@ -136,7 +136,7 @@ def test_connection_refused_exits_5(tmp_path, folder):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = run_publish(tmp_path, f"http://127.0.0.1:{port}", str(folder), REPO)
-    assert proc.returncode == EXIT_NETWORK
+    assert proc.returncode == EXIT_HUB_UNREACHABLE
     assert "could not reach ModelScope" in proc.stderr and "Connection refused" in proc.stderr
     assert_token_nowhere(proc, tmp_path)
 
@@ -146,7 +146,7 @@ def test_existing_repo_with_other_model_exits_6_unless_overwrite(tmp_path, folde
     with FakeModelScope(TOKEN) as hub:
         hub.add_repo(REPO, theirs)
         proc = run_publish(tmp_path, hub.endpoint, str(folder), REPO)
-        assert proc.returncode == EXIT_CONFLICT
+        assert proc.returncode == EXIT_REPO_CONFLICT
         assert "already exists with different contents" in proc.stderr and "model.safetensors" in proc.stderr
         assert "README.md" not in proc.stderr  # the card is ours to replace, not a conflict
         assert not hub.calls("PUT", ".*") and not hub.calls("POST", r".*/commit/.*")
@@ -171,7 +171,7 @@ def test_private_asked_but_existing_repo_is_public_exits_6(tmp_path, folder):
     with FakeModelScope(TOKEN) as hub:
         hub.add_repo(REPO, {}, visibility=PUBLIC)
         proc = run_publish(tmp_path, hub.endpoint, str(folder), REPO, "--private")
-        assert proc.returncode == EXIT_CONFLICT
+        assert proc.returncode == EXIT_REPO_CONFLICT
         assert "is public" in proc.stderr
         assert not hub.calls("POST", r".*/commit/.*") and hub.repos[REPO].files == {}
 

@@ -1,6 +1,7 @@
 import pytest
 
-from cnclip.recipe import RecipeError, load_recipe
+from cnclip.errors import ConfigError
+from cnclip.recipe import load_recipe
 
 from conftest import DEMO_RECIPE
 
@@ -21,12 +22,12 @@ def test_demo_recipe_loads_with_typed_overrides():
 
 
 def test_unknown_key_names_key_and_accepted(tmp_path):
-    with pytest.raises(RecipeError, match=r"unknown recipe key 'train.lrr'.*accepted keys here: .*\blr\b"):
+    with pytest.raises(ConfigError, match=r"unknown recipe key 'train.lrr'.*accepted keys here: .*\blr\b"):
         load_recipe(write(tmp_path, "data: {root: x, generate: demo}\ntrain: {lrr: 1}\n"))
 
 
 def test_unknown_override_section(tmp_path):
-    with pytest.raises(RecipeError, match="unknown recipe key 'bogus'"):
+    with pytest.raises(ConfigError, match="unknown recipe key 'bogus'"):
         load_recipe(DEMO_RECIPE, ["bogus.x=1"])
 
 
@@ -39,22 +40,22 @@ def test_unknown_override_section(tmp_path):
     ("model.lora_dropout=1.5", r"lora_dropout"),
 ])
 def test_wrong_types_and_values_are_rejected(override, message):
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_recipe(DEMO_RECIPE, [override])
 
 
 def test_missing_data_path_is_rejected_before_work(tmp_path):
-    with pytest.raises(RecipeError, match=r"missing data file .*train_imgs.tsv"):
+    with pytest.raises(ConfigError, match=r"missing data file .*train_imgs.tsv"):
         load_recipe(DEMO_RECIPE, [f"data.root={tmp_path}/nowhere", "data.generate=null"])
 
 
 def test_yaml_tags_are_refused(tmp_path):
-    with pytest.raises(RecipeError, match="not a valid YAML recipe"):
+    with pytest.raises(ConfigError, match="not a valid YAML recipe"):
         load_recipe(write(tmp_path, "run_dir: !!python/object/apply:os.system ['echo hi']\n"))
 
 
 def test_non_mapping_recipe(tmp_path):
-    with pytest.raises(RecipeError, match="must be a mapping"):
+    with pytest.raises(ConfigError, match="must be a mapping"):
         load_recipe(write(tmp_path, "- a\n- b\n"))
 
 

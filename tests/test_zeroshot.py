@@ -4,13 +4,18 @@ import math
 import pytest
 import torch
 
-import cnclip.zeroshot
-from cnclip.data import DataError, ImageTransform, SkipLog
-from cnclip.device import pick_runtime
+import cnclip.classifier
+import cnclip.commands.zeroshot
+from cnclip.data import ImageTransform
+from cnclip.errors import EXIT_DATA, DataError
+from cnclip.skiplog import SkipLog
+from cnclip.runtime import pick_runtime
 from cnclip.prompts import DEFAULT_TEMPLATES, build_prompts, load_classes, load_templates
-from cnclip.recipe import RecipeError, load_recipe
-from cnclip.zeroshot import (ImageFolder, ensemble, folder_embeddings, load_run_config, main, probabilities, score,
-                             similarities)
+from cnclip.errors import ConfigError
+from cnclip.recipe import load_recipe
+from cnclip.classifier import ensemble, folder_embeddings, probabilities, score, similarities
+from cnclip.commands.zeroshot import load_run_config, main
+from cnclip.image_sources import ImageFolder
 
 from conftest import COLORS, DEMO_RECIPE, REPO, image_bytes, tiny_overrides
 
@@ -85,10 +90,10 @@ def test_bad_class_list_is_named(tmp_path, text, message):
 
 def test_shipped_templates_and_cifar10_classes():
     templates = load_templates()
-    assert DEFAULT_TEMPLATES == REPO / "recipes" / "zeroshot_templates.txt"
+    assert DEFAULT_TEMPLATES == REPO / "cnclip" / "assets" / "zeroshot_templates.txt"
     assert len(templates) >= 15 and templates[0] == "一张{}的照片"
     assert load_templates(single=True) == ["一张{}的照片"]
-    cifar = load_classes(REPO / "recipes" / "cifar10_classes.txt")
+    cifar = load_classes("cifar10")
     assert cifar.keys == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
     assert all(names for names in cifar.names) and sum(map(len, cifar.names)) > 10  # synonyms present
 
@@ -205,7 +210,7 @@ def test_cli_end_to_end_writes_metrics_confusion_and_predictions(tiny_model_dir,
     assert len(list((cache / "class_embeddings").glob("*.safetensors"))) == 1
 
     # The same prompts on the same model come from the cache: no text pass at all.
-    monkeypatch.setattr(cnclip.zeroshot, "embed_texts", lambda *a, **k: pytest.fail("class cache missed"))
+    monkeypatch.setattr(cnclip.classifier, "embed_texts", lambda *a, **k: pytest.fail("class cache missed"))
     assert run_cli(*args) == 0
     assert json.loads((out / "zeroshot.json").read_text(encoding="utf-8"))["results"]["model"]["top1"] == m["top1"]
     monkeypatch.undo()
@@ -217,7 +222,7 @@ def test_cli_end_to_end_writes_metrics_confusion_and_predictions(tiny_model_dir,
 
 def test_planted_class_embeddings_give_the_known_answer(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """Class c's embedding is planted as the image embedding of class perm[c]: every prediction is known."""
-    from cnclip.trained import load_for_inference
+    from cnclip.inference import load_for_inference
 
     images, classes_file, templates = make_folder_set(tmp_path, per_class=1, extras=False)
     classes = load_classes(classes_file)
@@ -228,7 +233,7 @@ def test_planted_class_embeddings_give_the_known_answer(tiny_model_dir, tmp_path
                             8, 0, SkipLog())
     perm = [1, 2, 3, 0]  # class c looks like the image of class perm[c]
     planted = emb.embeddings[[emb.labels.tolist().index(p) for p in perm]]
-    monkeypatch.setattr(cnclip.zeroshot, "class_embeddings", lambda *a, **k: planted)
+    monkeypatch.setattr(cnclip.commands.zeroshot, "class_embeddings", lambda *a, **k: planted)
 
     assert run_cli("--model", tiny_model_dir, "--classes", classes_file, "--images", images, "--out", tmp_path / "o",
                    "--cache-dir", tmp_path / "cache", "--predict", images / "green" / "0.png") == 0
@@ -247,7 +252,7 @@ def test_planted_class_embeddings_give_the_known_answer(tiny_model_dir, tmp_path
 
 
 @pytest.mark.parametrize("case", ["missing_key", "empty_folder", "empty_templates", "no_placeholder"])
-def test_cli_bad_inputs_exit_2_naming_the_file(tiny_model_dir, tmp_path, capsys, case):
+def test_cli_bad_inputs_exit_4_naming_the_file(tiny_model_dir, tmp_path, capsys, case):
     images, classes, templates = make_folder_set(tmp_path, extras=False)
     if case == "missing_key":
         (images / "purple").mkdir()
@@ -266,7 +271,7 @@ def test_cli_bad_inputs_exit_2_naming_the_file(tiny_model_dir, tmp_path, capsys,
     code = run_cli("--model", tiny_model_dir, "--classes", classes, "--images", images, "--templates", templates,
                    "--out", tmp_path / "o")
     err = capsys.readouterr().err
-    assert code == 2 and expect in err and "Traceback" not in err
+    assert code == EXIT_DATA and expect in err and "Traceback" not in err
 
 
 def test_cli_needs_a_class_list_and_something_to_classify(tiny_model_dir, tmp_path, capsys):
@@ -280,14 +285,14 @@ def test_cli_needs_a_class_list_and_something_to_classify(tiny_model_dir, tmp_pa
 
 
 def test_recipe_file_and_flags(tmp_path):
-    parser = cnclip.zeroshot.build_parser()
-    cfg = load_run_config(parser.parse_args([str(REPO / "recipes" / "zeroshot.yaml")]))
+    parser = cnclip.commands.zeroshot.build_parser()
+    cfg = load_run_config(parser.parse_args([str(REPO / "recipes" / "zeroshot" / "demo.yaml")]))
     assert cfg.model == "runs/demo" and cfg.compare_base and not cfg.single_template and cfg.top_k == 5
-    cfg = load_run_config(parser.parse_args([str(REPO / "recipes" / "zeroshot.yaml"), "--no-compare-base",
+    cfg = load_run_config(parser.parse_args([str(REPO / "recipes" / "zeroshot" / "demo.yaml"), "--no-compare-base",
                                              "--top-k", "3", "--predict", "a.png", "b.png"]))
     assert not cfg.compare_base and cfg.top_k == 3 and cfg.predict == ["a.png", "b.png"]
     bad = write(tmp_path / "z.yaml", "model: m\nbogus: 1\n")
-    with pytest.raises(RecipeError, match="unknown recipe key 'bogus'"):
+    with pytest.raises(ConfigError, match="unknown zero-shot config key 'bogus'"):
         load_run_config(parser.parse_args([str(bad)]))
 
 
@@ -301,17 +306,17 @@ def test_recipe_zeroshot_keys_are_validated(tiny_model_dir, tiny_data_dir, tmp_p
     def load(**keys):
         return load_recipe(DEMO_RECIPE, base + [f"zeroshot.{k}={v}" for k, v in keys.items()])
 
-    with pytest.raises(RecipeError, match="'zeroshot.images' and 'zeroshot.classes' go together"):
+    with pytest.raises(ConfigError, match="'zeroshot.images' and 'zeroshot.classes' go together"):
         load(images=images)
-    with pytest.raises(RecipeError, match="'zeroshot.images': folder not found"):
+    with pytest.raises(ConfigError, match="'zeroshot.images': folder not found"):
         load(images=tmp_path / "x", classes=classes)
-    with pytest.raises(RecipeError, match="'zeroshot.classes': file not found"):
+    with pytest.raises(ConfigError, match="'zeroshot.classes': file not found"):
         load(images=images, classes=tmp_path / "nope.txt")
-    with pytest.raises(RecipeError, match="'zeroshot.templates': file not found"):
+    with pytest.raises(ConfigError, match="'zeroshot.templates': file not found"):
         load(images=images, classes=classes, templates=tmp_path / "nope.txt")
     base.append("data.valid_split=null")  # no validation: tracking is off, and the log says so
-    with caplog.at_level("WARNING", logger="cnclip.zeroshot"):
-        assert cnclip.zeroshot.ZeroShotTracker.from_recipe(load(images=images, classes=classes),
+    with caplog.at_level("WARNING", logger="cnclip.classifier"):
+        assert cnclip.classifier.ZeroShotTracker.from_recipe(load(images=images, classes=classes),
                                                            None, None, None, None, SkipLog()) is None
     assert "does not track it" in caplog.text
     base.pop()
@@ -368,7 +373,7 @@ def test_demo_zero_shot_set_is_complete_and_in_the_tiny_vocab(tmp_path):
     skips = SkipLog()
     assert len(ImageFolder(folder, classes, skips)) == 36 and skips.total == 0
     tokenizer = AutoTokenizer.from_pretrained(REPO / "recipes" / "models" / "tiny")
-    texts, _ = build_prompts(load_templates(REPO / "recipes" / "demo_zeroshot_templates.txt"), classes)
+    texts, _ = build_prompts(load_templates(REPO / "recipes" / "zeroshot" / "demo_templates.txt"), classes)
     unknown = [t for t in texts if tokenizer.unk_token_id in tokenizer(t)["input_ids"]]
     assert not unknown
     recipe = load_recipe(DEMO_RECIPE, check_data=False)

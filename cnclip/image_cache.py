@@ -22,9 +22,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .data import ImageArrays, ImageTransform, ImageTSV, SkipLog, collate_image_arrays
+from .data import ImageArrays, ImageTransform, collate_image_arrays
+from .image_sources import ImageTSV
+from .skiplog import SkipLog
 from .faults import crash_point
-from .io import atomic_file, remove_stale_temporaries, save_tensors, write_json
+from .atomic import atomic_file, remove_stale_temporaries, save_tensors, write_json
 from .models import encode_images
 
 log = logging.getLogger(__name__)

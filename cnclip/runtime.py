@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,17 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
 
-def pick_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+def resolve_device(device: str = "auto") -> str:
+    """"auto" is CUDA when there is one; under torchrun "auto"/"cuda" mean this process's cuda:LOCAL_RANK."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def pick_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    dev = torch.device(resolve_device(device))
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
     return Runtime(dev, torch.bfloat16 if precision == "bf16" else None)

@@ -14,7 +14,7 @@ RECIPE_FILE = "recipe.yaml"
 
 
 @dataclass
-class Loaded:
+class InferenceModel:
     clip: object  # a ChineseCLIPModel with any LoRA merged in
     tokenizer: object
     preprocess: ImagePreprocess
@@ -45,9 +45,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
     return peft_model.eval(), base, recipe
 
 
-def load_for_inference(path: str, checkpoint: str = "best") -> Loaded:
+def load_for_inference(path: str, checkpoint: str = "best") -> InferenceModel:
     if is_run_dir(path):
         peft_model, base, recipe = load_run(path, checkpoint)
-        return Loaded(peft_model.merge_and_unload(), base.tokenizer, base.preprocess, recipe)
+        return InferenceModel(peft_model.merge_and_unload(), base.tokenizer, base.preprocess, recipe)
     resolved = resolve_model_path(path)
-    return Loaded(load_clip(resolved).eval(), load_tokenizer(resolved), load_image_preprocess(resolved), None)
+    return InferenceModel(load_clip(resolved).eval(), load_tokenizer(resolved), load_image_preprocess(resolved), None)

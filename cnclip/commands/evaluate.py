@@ -1,0 +1,74 @@
+"""`cnclip evaluate RUN_OR_MODEL [--data DIR] [--split valid]` (also `python -m cnclip.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..data import ImageTransform, load_split
+from ..skiplog import SkipLog
+from ..errors import UsageError
+from ..image_cache import split_image_features
+from ..inference import load_for_inference
+from ..models import image_tower_fingerprint
+from ..retrieval import evaluate_split, format_metrics, write_outputs
+from ..runtime import pick_runtime
+from .base import run_command
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cnclip evaluate",
+        description="Retrieval Recall@1/5/10 and mean recall of a fine-tuned run or a model directory, "
+                    "plus Chinese-CLIP-compatible prediction and result files.",
+    )
+    parser.add_argument("model", help="a run directory written by cnclip.finetune (its best checkpoint is used), "
+                                      "or a model directory / hub id that ChineseCLIPModel.from_pretrained loads")
+    parser.add_argument("--data", help="data directory in the Chinese-CLIP layout (default: the run's data.root)")
+    parser.add_argument("--split", default=None, help="split to evaluate (default: the run's valid split, or 'valid')")
+    parser.add_argument("--out", help="where prediction and result files go (default: RUN/eval, or ./eval)")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="which checkpoint of a run directory to use")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="tokens per caption (default: the run's data.context_length, or 52)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache-dir", default=None, help="image-embedding cache (default: the run's, or ~/.cache)")
+    args = parser.parse_args(argv)
+
+    return run_command(lambda: _evaluate(args))
+
+
+def _evaluate(args) -> int:
+    loaded = load_for_inference(args.model, checkpoint=args.checkpoint)
+    recipe = loaded.recipe
+    data_root = args.data or (recipe.data.root if recipe else None)
+    if not data_root:
+        raise UsageError("--data DIR is required when evaluating a model directory (it has no recipe naming its data)")
+    split_name = args.split or (recipe.data.valid_split if recipe and recipe.data.valid_split else "valid")
+    context_length = args.context_length or (recipe.data.context_length if recipe else 52)
+    cache_dir = args.cache_dir or (recipe.cache.dir if recipe else None)
+    out_dir = Path(args.out) if args.out else (Path(args.model) / "eval" if recipe else Path("eval"))
+    runtime = pick_runtime(args.device, recipe.train.precision if recipe else "auto")
+    clip = loaded.clip.to(runtime.device).eval()
+
+    skips = SkipLog()
+    split = load_split(data_root, split_name, skips)
+    transform = ImageTransform(loaded.preprocess)
+    features = split_image_features(split.images, clip, transform, image_tower_fingerprint(clip), runtime,
+                                    cache_dir, args.batch_size, 0, skips)
+    result = evaluate_split(clip, loaded.tokenizer, split, features, runtime, context_length, args.batch_size,
+                            skips)
+    written = write_outputs(result, out_dir, split_name)
+    if skips.total:
+        print(f"skipped {skips.total} bad items: {dict(skips.counts)} (details in the log above)")
+    if result.metrics is None:
+        print(f"split '{split_name}' has no labels (every image_ids list is empty): wrote predictions for "
+              f"submission, no recall computed")
+    else:
+        print(format_metrics(result.metrics))
+        print(json.dumps({"split": split_name, **result.metrics}, ensure_ascii=False))
+    for path in written:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,66 @@
+"""`cnclip export RUN_DIR --to OUT_DIR [--upload owner/name]` (also `python -m cnclip.export`).
+
+Merges the run's LoRA and writes a model directory (`cnclip.exporter`), then optionally publishes it
+(`cnclip.modelscope_upload`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, PublishError, UsageError
+from ..exporter import export_run
+from ..modelscope_upload import check_repo_id, file_table, folder_files, format_size, publish
+from .base import exit_status_help, run_command
+from .publish import UPLOAD_EXITS, add_upload_flags, print_json
+
+EXPORT_EXITS = tuple(sorted({*UPLOAD_EXITS, EXIT_DISK_FULL, EXIT_DATA, EXIT_MODEL}))
+
+
+def _export_and_publish(args) -> dict:
+    if args.upload:
+        check_repo_id(args.upload)
+    elif args.private or args.overwrite:
+        raise UsageError("--private and --overwrite go with --upload owner/name")
+    report = export_run(args.run_dir, args.to, repo_id=args.upload, dataset=args.dataset, license=args.license)
+    files = folder_files(args.to)
+    print(f"exported {args.run_dir} -> {args.to} ({len(files)} files, {format_size(report['total_bytes'])}); "
+          f"merged vs trained embeddings: max abs diff {report['merge_max_abs_diff']:.1e}")
+    if not args.upload:
+        print(file_table(files))
+        if args.dry_run:
+            print("dry run: no --upload given, nothing would be sent")
+        return {"export": report}
+    try:
+        published = publish(args.to, args.upload, private=args.private, overwrite=args.overwrite,
+                            dry_run=args.dry_run)
+    except PublishError as exc:
+        retry = f"cnclip publish {args.to} {args.upload}" + (" --private" if args.private else "")
+        raise type(exc)(f"{exc}\nthe export in {args.to} is complete; retry only the upload with: {retry}") from None
+    return {"export": report, "publish": published}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cnclip export",
+        description="Merge a fine-tuned run's LoRA into its base model and write a directory that plain "
+                    "transformers loads (plus the bare adapter, configuration.json and a model card); "
+                    "optionally publish it to ModelScope.",
+        epilog=exit_status_help(EXPORT_EXITS),
+    )
+    parser.add_argument("run_dir", help="run directory written by python -m cnclip.finetune (its best checkpoint "
+                                        "is exported)")
+    parser.add_argument("--to", required=True, metavar="OUT_DIR", help="directory to write (new, empty, or an "
+                                                                       "earlier export, which is replaced)")
+    parser.add_argument("--upload", metavar="OWNER/NAME", help="then publish OUT_DIR to this ModelScope model "
+                                                              "repository (token: $MODELSCOPE_API_TOKEN or the "
+                                                              "SDK's saved login)")
+    add_upload_flags(parser)
+    parser.add_argument("--dataset", help="data set name or ModelScope id for the card (default: the name of "
+                                          "the run's data.root directory)")
+    parser.add_argument("--license", default="apache-2.0", help="license for the card; it must agree with the "
+                                                               "base model's (default: apache-2.0)")
+    args = parser.parse_args(argv)
+
+    return run_command(lambda: print_json(_export_and_publish(args)))
+

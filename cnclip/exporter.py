@@ -1,0 +1,153 @@
+"""A fine-tuned run as a model anyone can load (`export_run`, run by `cnclip export`).
+
+OUT_DIR holds a complete transformers model (LoRA merged into the text tower, safetensors), the
+tokenizer and image-processor files of the base model, the bare LoRA adapter in adapter/, and what
+ModelScope reads (configuration.json and a README.md model card generated from the run's own
+metrics). `ChineseCLIPModel.from_pretrained(OUT_DIR)` and `ChineseCLIPProcessor.from_pretrained(OUT_DIR)`
+load it without cnclip. `cnclip export --upload` then publishes the directory (cnclip/modelscope_upload.py).
+
+OUT_DIR is written under a temporary name and swapped in whole, so an interrupted export never
+leaves a half-written model where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from .atomic import atomic_dir, write_json
+from .model_card import CardInputs, base_model_id, configuration_json, read_run_metrics, render_card
+from .models import encode_images, encode_texts
+from .errors import UsageError
+from .modelscope_upload import folder_files
+from .inference import RECIPE_FILE, is_run_dir, load_run, run_weights
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+# The merged model must embed exactly like the trained (unmerged) one; fp32 merging is ~1e-7 off.
+MERGE_TOLERANCE = 1e-4
+PROBE_TEXTS = ("一张照片", "图片中间有一个红色的圆形")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """OUT_DIR is replaced whole: refuse anything that is not empty or an earlier export."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--to {out_dir} is a file; expected a directory to write the model into")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        earlier_export = (out_dir / "configuration.json").is_file() and (out_dir / ADAPTER_DIR).is_dir()
+        if not earlier_export:
+            raise UsageError(f"--to {out_dir} exists and is not an earlier cnclip export; it would be replaced "
+                             "whole, so choose a new or empty directory")
+
+
+@torch.no_grad()
+def probe_embeddings(clip, tokenizer, image_size: int, context_length: int) -> torch.Tensor:
+    """Text and image embeddings of fixed inputs: compared before and after merging the LoRA."""
+    tokens = tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=context_length,
+                       return_tensors="pt")
+    pixels = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    text = encode_texts(clip, tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids"))
+    return torch.cat([text, encode_images(clip, pixels)]).float()
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """The tokenizer files transformers writes, plus a BERT vocab.txt for older readers (transformers 4
+    slow tokenizer, ModelScope tooling) that transformers 5's fast-only save leaves out."""
+    tokenizer.save_pretrained(str(out_dir))
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for loader_only in ("is_local", "local_files_only"):  # how this copy was loaded, not a tokenizer setting
+        config.pop(loader_only, None)
+    write_json(config_path, config)
+    vocab = tokenizer.get_vocab()
+    if not (out_dir / "vocab.txt").exists() and sorted(vocab.values()) == list(range(len(vocab))):
+        by_id = sorted(vocab, key=vocab.get)
+        (out_dir / "vocab.txt").write_text("\n".join(by_id) + "\n", encoding="utf-8")
+
+
+def readable_by_umask(folder: Path) -> None:
+    """safetensors writes its files 0600; give every file the permissions the user's umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        if p.is_file():
+            p.chmod(0o666 & ~umask)
+
+
+def save_image_processor(base_path: str, out_dir: Path) -> None:
+    """The base checkpoint's preprocessor_config.json, as it was.
+
+    Copying the settings (not saving a processor object) keeps image_processor_type the portable
+    `ChineseCLIPImageProcessor`: transformers 5 resolves it to the torchvision processor when torchvision
+    is installed and to the PIL one otherwise, and transformers 4 has only that class.
+    """
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    cfg, _ = ImageProcessingMixin.get_image_processor_dict(base_path)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg.setdefault("image_processor_type", "ChineseCLIPImageProcessor")
+    write_json(out_dir / "preprocessor_config.json", cfg)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None = None, dataset: str | None = None,
+               license: str = "apache-2.0") -> dict:
+    """Write the model directory; returns a JSON-able report (files, merge check, metrics)."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not is_run_dir(run_dir):
+        raise UsageError(f"{run_dir} is not a cnclip run directory (no {RECIPE_FILE}); pass the run_dir "
+                         "that python -m cnclip.finetune wrote")
+    check_out_dir(out_dir)
+    weights = run_weights(run_dir, "best")
+    from_best = weights.parent.name == "best"
+    checkpoint = "best checkpoint (best/)" if from_best else f"latest checkpoint ({weights.parent.name}; no best/ yet)"
+    metrics = read_run_metrics(run_dir, from_best)
+    saved_recipe = yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))  # the card shows it as run
+
+    log.info("loading %s from %s", checkpoint, run_dir)
+    peft_model, base, recipe = load_run(run_dir)
+    clip = base.clip
+    image_size = clip.config.vision_config.image_size
+    before = probe_embeddings(clip, base.tokenizer, image_size, recipe.data.context_length)
+
+    with atomic_dir(out_dir) as tmp:
+        # The adapter first: merging removes the LoRA layers it is read from.
+        peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
+        (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's empty template; the card covers it
+        # peft records the base's load path; a local path means nothing elsewhere (and may name a home dir)
+        adapter_config = tmp / ADAPTER_DIR / "adapter_config.json"
+        config = json.loads(adapter_config.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = recipe.model.base if base_model_id(recipe.model.base) else None
+        write_json(adapter_config, config)
+
+        merged = peft_model.merge_and_unload()
+        after = probe_embeddings(merged, base.tokenizer, image_size, recipe.data.context_length)
+        diff = (after - before).abs().max().item()
+        if diff > MERGE_TOLERANCE * max(1.0, before.abs().max().item()):
+            raise RuntimeError(f"merged model embeds differently from the trained one (max abs diff {diff:.2e}); "
+                               "not exporting")
+        merged.save_pretrained(str(tmp))
+        save_tokenizer(base.tokenizer, tmp)
+        save_image_processor(base.path, tmp)
+        write_json(tmp / "configuration.json", configuration_json())
+        card = CardInputs(
+            title=repo_id or out_dir.resolve().name, repo_id=repo_id, recipe=saved_recipe, metrics=metrics,
+            dataset=dataset or Path(recipe.data.root).resolve().name, license=license, checkpoint=checkpoint)
+        (tmp / "README.md").write_text(render_card(card), encoding="utf-8")
+        readable_by_umask(tmp)
+
+    files = folder_files(out_dir)
+    valid = metrics.valid if metrics else None
+    return {
+        "run_dir": str(run_dir), "out_dir": str(out_dir), "checkpoint": str(weights.parent),
+        "merge_max_abs_diff": diff,
+        "metrics": {"split": metrics.split, "epoch": metrics.epoch, "mean_recall": valid["mean_recall"]}
+        if valid else None,
+        "files": [{"path": f.path, "size": f.size} for f in files],
+        "total_bytes": sum(f.size for f in files),
+    }

@@ -1,0 +1,161 @@
+"""Where images come from: a Chinese-CLIP `{split}_imgs.tsv`, or a folder of class sub-folders.
+
+Both speak one small interface, `ImageSource`: `ids`, `read(id)` -> base64 payload, `path` and a
+content `fingerprint`. The image-embedding cache and its DataLoader workers serve any source the
+same way, so zero-shot folders share the cache (and its guarantees) with training splits.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+from typing import Hashable, Protocol, Sequence
+
+from .errors import DataError
+from .prompts import ClassList
+from .skiplog import SkipLog
+
+# File suffixes read as images, wherever images are found by name (folders, tar members, crawl dumps).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+class ImageSource(Protocol):
+    path: Path
+    ids: Sequence[Hashable]  # every image it holds, in a fixed order
+    fingerprint: str  # changes whenever any image or the id set changes (the cache key)
+
+    def __len__(self) -> int: ...
+
+    def read(self, image_id) -> bytes:
+        """The image's bytes, base64 (urlsafe) encoded; ValueError with a short reason if unreadable."""
+        ...
+
+
+class ImageTSV:
+    """Random access into a `{split}_imgs.tsv` without holding the images in memory.
+
+    One pass records each image's byte range and hashes the content, so the cache key
+    changes whenever any image (or the id set) changes.
+    """
+
+    def __init__(self, path: str | Path, skips: SkipLog):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"image file not found: {self.path}")
+        self.offsets: dict[int, tuple[int, int]] = {}
+        digest = hashlib.blake2b(digest_size=16)
+        with open(self.path, "rb") as fh:
+            offset = 0
+            for lineno, line in enumerate(fh, start=1):
+                start = offset
+                offset += len(line)
+                body = line.rstrip(b"\r\n")
+                if not body.strip():
+                    continue
+                key, tab, payload = body.partition(b"\t")
+                where = f"{self.path}:{lineno}"
+                try:
+                    image_id = int(key)
+                except ValueError:
+                    skips.skip("malformed image line", where, "expected image_id<TAB>base64")
+                    continue
+                if not tab or not payload:
+                    skips.skip("malformed image line", where, "expected image_id<TAB>base64")
+                    continue
+                if image_id in self.offsets:
+                    skips.skip("duplicate image id", where, f"id {image_id} seen before; first kept")
+                    continue
+                self.offsets[image_id] = (start + len(key) + 1, len(payload))
+                digest.update(body)
+                digest.update(b"\n")
+        self.ids = list(self.offsets)
+        self.fingerprint = digest.hexdigest()
+        self._fh = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self.offsets
+
+    def read(self, image_id: int) -> bytes:
+        """The raw base64 payload of one image (decoding is the caller's, so it can be counted)."""
+        if self._fh is None:  # opened lazily: each DataLoader worker gets its own handle
+            self._fh = open(self.path, "rb")
+        start, length = self.offsets[image_id]
+        self._fh.seek(start)
+        return self._fh.read(length)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fh"] = None
+        return state
+
+class ImageFolder:
+    """DIR/<class_key>/*.jpg|png|...: one sub-folder per class, named by its key in the class list.
+
+    Speaks ImageTSV's interface (ids, read -> base64 payload, path, fingerprint), so the on-disk
+    embedding cache and its DataLoader workers serve a folder exactly as they serve a TSV split.
+    Anything that is not an image of a known class is counted in the SkipLog or is an error.
+    """
+
+    def __init__(self, root: str | Path, classes: ClassList, skips: SkipLog):
+        self.path = Path(root)
+        if not self.path.is_dir():
+            raise DataError(f"image folder not found: {self.path}")
+        index = classes.index()
+        files: list[Path] = []
+        labels: list[int] = []
+        for entry in sorted(self.path.iterdir()):
+            if entry.name.startswith("."):
+                skips.skip("hidden entry", str(entry))
+            elif not entry.is_dir():
+                skips.skip("file outside a class folder", str(entry), "images go in DIR/<class_key>/")
+            elif entry.name not in index:
+                shown = ", ".join(classes.keys[:8]) + (", ..." if len(classes) > 8 else "")
+                raise DataError(f"class folder {entry} has no entry in the class list {classes.path} "
+                                f"(keys there: {shown}); add a line '{entry.name}: 名称' or remove the folder")
+            else:
+                found = self._images_of(entry, skips)
+                if not found:
+                    raise DataError(f"class folder {entry} has no images "
+                                    f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                files.extend(found)
+                labels.extend([index[entry.name]] * len(found))
+        if not files:
+            raise DataError(f"{self.path} has no class folders with images (expected DIR/<class_key>/*.jpg)")
+        self.files, self.labels = files, labels
+        self.ids = list(range(len(files)))
+        self.fingerprint = self._fingerprint()
+
+    @staticmethod
+    def _images_of(folder: Path, skips: SkipLog) -> list[Path]:
+        found = []
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(f)
+            else:
+                skips.skip("not an image file", str(f), "folder" if f.is_dir() else f"suffix {f.suffix or 'none'}")
+        return found
+
+    def _fingerprint(self) -> str:
+        """Content hash of every image and its class folder: any change makes a new cache entry."""
+        h = hashlib.blake2b(digest_size=16)
+        for f in self.files:
+            h.update(str(f.relative_to(self.path)).encode())
+            h.update(b"\0")
+            try:
+                h.update(f.read_bytes())
+            except OSError:
+                h.update(b"<unreadable>")
+        return h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, i: int) -> bytes:
+        try:
+            return base64.urlsafe_b64encode(self.files[i].read_bytes())
+        except OSError as exc:
+            raise ValueError(f"unreadable file: {exc}") from None

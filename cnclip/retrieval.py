@@ -1,0 +1,162 @@
+"""Retrieval evaluation: text->image and image->text Recall@1/5/10 and mean recall.
+
+Used by training (per-epoch validation) and by `cnclip evaluate`, which prints the numbers and
+writes files Chinese-CLIP's own evaluation accepts: top-10 predictions per query and a result JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import Split, gather_tokens, tokenize
+from .skiplog import SkipLog
+from .models import encode_texts
+
+log = logging.getLogger(__name__)
+
+KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def embed_texts(clip, tokens: dict[str, torch.Tensor], runtime, batch_size: int, progress: bool = False):
+    """Normalised text embeddings of pre-tokenised captions (fp32, on CPU)."""
+    n = tokens["input_ids"].shape[0]
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc="text embeddings", disable=not progress, leave=False):
+        batch = gather_tokens(tokens, torch.arange(start, min(start + batch_size, n)), runtime.device)
+        with runtime.autocast():
+            out.append(encode_texts(clip, **batch).float().cpu())
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Indices of the k most similar gallery rows per query, in chunks so memory stays bounded."""
+    k = min(k, gallery.shape[0])
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        sims = queries[start:start + chunk] @ gallery.t()
+        out.append(sims.topk(k, dim=1).indices)
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
+def recall_at(topk: torch.Tensor, positives: list[set[int]]) -> dict[str, float]:
+    """Percent of queries with at least one positive in their top k, for k in 1/5/10; queries
+    without positives are left out (they cannot be scored)."""
+    scored = [(row, pos) for row, pos in zip(topk.tolist(), positives) if pos]
+    result = {}
+    for k in KS:
+        hits = sum(1 for row, pos in scored if pos.intersection(row[:k]))
+        result[f"r{k}"] = 100.0 * hits / len(scored) if scored else 0.0
+    result["mean_recall"] = sum(result[f"r{k}"] for k in KS) / len(KS)
+    return result
+
+
+@dataclass
+class RetrievalResult:
+    metrics: dict | None  # None when the split has no labels
+    text_predictions: list[dict]
+    image_predictions: list[dict]
+
+
+def retrieve(text_emb: torch.Tensor, image_emb: torch.Tensor, text_ids: list[int], image_ids: list[int],
+             text_positives: list[set[int]]) -> RetrievalResult:
+    """Rank images per text and texts per image; score them when labels exist.
+
+    text_positives[t] holds the rows of `image_emb` that match text t.
+    """
+    t2i = topk_indices(text_emb, image_emb, max(KS))
+    i2t = topk_indices(image_emb, text_emb, max(KS))
+    text_predictions = [{"text_id": tid, "image_ids": [image_ids[j] for j in row]}
+                        for tid, row in zip(text_ids, t2i.tolist())]
+    image_predictions = [{"image_id": iid, "text_ids": [text_ids[j] for j in row]}
+                         for iid, row in zip(image_ids, i2t.tolist())]
+    if not any(text_positives):
+        return RetrievalResult(None, text_predictions, image_predictions)
+    image_positives: list[set[int]] = [set() for _ in image_ids]
+    for t, rows in enumerate(text_positives):
+        for r in rows:
+            image_positives[r].add(t)
+    t2i_metrics, i2t_metrics = recall_at(t2i, text_positives), recall_at(i2t, image_positives)
+    metrics = {
+        "text_to_image": t2i_metrics,
+        "image_to_text": i2t_metrics,
+        # Chinese-CLIP's overall "MR": the mean of all six recalls.
+        "mean_recall": (t2i_metrics["mean_recall"] + i2t_metrics["mean_recall"]) / 2,
+        "num_texts": sum(1 for p in text_positives if p),
+        "num_images": sum(1 for p in image_positives if p),
+    }
+    return RetrievalResult(metrics, text_predictions, image_predictions)
+
+
+def scorable_texts(split: Split, features, skips: SkipLog | None = None) -> list:
+    """The split's texts that can be scored: unlabelled ones, or with at least one decodable image.
+
+    A text whose every image is undecodable is left out of recall and counted in `skips`.
+    """
+    texts = []
+    for t in split.texts:
+        if not t.image_ids or any(i in features.row for i in t.image_ids):
+            texts.append(t)
+        elif skips is not None:
+            skips.skip("text without a decodable image", f"{split.images.path} text_id {t.text_id}",
+                       "left out of recall")
+    return texts
+
+
+def evaluate_split(clip, tokenizer, split: Split, features, runtime, context_length: int,
+                   batch_size: int, skips: SkipLog | None = None) -> RetrievalResult:
+    """Score one split against its cached image embeddings (undecodable images are left out)."""
+    texts = scorable_texts(split, features, skips)
+    tokens = tokenize(tokenizer, [t.text for t in texts], context_length)
+    text_emb = embed_texts(clip, tokens, runtime, batch_size)
+    image_emb = F.normalize(features.embeddings, dim=-1)
+    positives = [{features.row[i] for i in t.image_ids if i in features.row} for t in texts]
+    return retrieve(text_emb, image_emb, [t.text_id for t in texts], features.ids, positives)
+
+
+def format_metrics(metrics: dict) -> str:
+    lines = [f"{'':16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MR':>8}"]
+    for name in ("text_to_image", "image_to_text"):
+        m = metrics[name]
+        lines.append(f"{name:16}{m['r1']:8.2f}{m['r5']:8.2f}{m['r10']:8.2f}{m['mean_recall']:8.2f}")
+    lines.append(f"mean recall (all six): {metrics['mean_recall']:.2f}")
+    if "zeroshot" in metrics:  # set by finetune when the recipe tracks zero-shot accuracy (cnclip.zeroshot)
+        z = metrics["zeroshot"]
+        lines.append(f"zero-shot top-1: {z['top1']:.2f}  top-5: {z['top5']:.2f}  "
+                     f"({z['num_images']} images, {z['num_classes']} classes)")
+    return "\n".join(lines)
+
+
+def chinese_clip_result(m: dict) -> dict:
+    """The result JSON shape of Chinese-CLIP's evaluation scripts (percentages)."""
+    return {"success": True, "score": m["mean_recall"],
+            "scoreJson": {"score": m["mean_recall"], "mean_recall": m["mean_recall"],
+                          "r1": m["r1"], "r5": m["r5"], "r10": m["r10"]}}
+
+
+def write_outputs(result: RetrievalResult, out_dir: Path, split: str) -> list[Path]:
+    from .atomic import atomic_file, write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, rows in ((f"{split}_predictions.jsonl", result.text_predictions),
+                       (f"{split}_image_predictions.jsonl", result.image_predictions)):
+        with atomic_file(out_dir / name, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        written.append(out_dir / name)
+    if result.metrics is not None:
+        for name, key in ((f"{split}_text_to_image_result.json", "text_to_image"),
+                          (f"{split}_image_to_text_result.json", "image_to_text")):
+            write_json(out_dir / name, chinese_clip_result(result.metrics[key]))
+            written.append(out_dir / name)
+        write_json(out_dir / f"{split}_metrics.json", result.metrics)
+        written.append(out_dir / f"{split}_metrics.json")
+    return written
