@@ -44,6 +44,7 @@ class FakeModelScope:
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, bytes] = {}
         self.requests: list[Request] = []
+        self.fail_commits = False  # answer every commit with a server error (an outage mid-upload)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -168,6 +169,8 @@ class FakeModelScope:
             self.blobs[m[1]] = raw
             return 200, None
         if m := re.fullmatch(r"/api/v1/repos/models/([^/]+)/([^/]+)/commit/([^/]+)", path):
+            if self.fail_commits:
+                return 500, {"Code": 500, "Success": False, "Message": "internal error, please retry later"}
             repo = self.repos.get(f"{m[1]}/{m[2]}")
             if repo is None:
                 return 404, {"Code": 10010101002, "Success": False, "Message": "model does not exist"}

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from fake_modelscope import PRIVATE, PUBLIC, FakeModelScope
 
-from cnclip.errors import EXIT_HUB_UNREACHABLE, EXIT_NO_TOKEN, EXIT_REPO_CONFLICT, EXIT_TOKEN_REJECTED
+from cnclip.errors import (EXIT_HUB_FAILED, EXIT_HUB_UNREACHABLE, EXIT_NO_TOKEN, EXIT_REPO_CONFLICT,
+                           EXIT_TOKEN_REJECTED)
 from cnclip.modelscope_upload import compare_remote, folder_files
 
 TOKEN = "ms-test-token-5f2c9a0e7d"
@@ -48,7 +49,8 @@ def folder(tmp_path) -> Path:
     return out
 
 
-def run_publish(tmp_path: Path, endpoint: str, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:
+def run_publish(tmp_path: Path, endpoint: str, *args: str, token: str | None = TOKEN,
+                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MODELSCOPE") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     env.update(MODELSCOPE_ENDPOINT=endpoint, MODELSCOPE_HOME=str(tmp_path / "ms_home"),
@@ -56,6 +58,7 @@ def run_publish(tmp_path: Path, endpoint: str, *args: str, token: str | None = T
                MODELSCOPE_API_MAX_RETRIES="1", NO_PROXY="127.0.0.1,localhost")
     if token is not None:
         env["MODELSCOPE_API_TOKEN"] = token
+    env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", "cnclip.publish", *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -113,7 +116,7 @@ def test_public_by_default_and_rerun_is_a_no_op(tmp_path, folder):
         assert len(hub.calls("POST", r"/api/v1/repos/models/.*/commit/master")) == commits
 
 
-def test_missing_token_exits_3_before_any_request(tmp_path, folder):
+def test_missing_token_exits_8_before_any_request(tmp_path, folder):
     with FakeModelScope(TOKEN) as hub:
         proc = run_publish(tmp_path, hub.endpoint, str(folder), REPO, token=None)
         assert proc.returncode == EXIT_NO_TOKEN
@@ -121,7 +124,7 @@ def test_missing_token_exits_3_before_any_request(tmp_path, folder):
         assert hub.requests == []
 
 
-def test_rejected_token_exits_4_and_creates_nothing(tmp_path, folder):
+def test_rejected_token_exits_9_and_creates_nothing(tmp_path, folder):
     bad = "ms-wrong-token-000"
     with FakeModelScope(TOKEN) as hub:
         proc = run_publish(tmp_path, hub.endpoint, str(folder), REPO, token=bad)
@@ -131,7 +134,7 @@ def test_rejected_token_exits_4_and_creates_nothing(tmp_path, folder):
         assert hub.repos == {}
 
 
-def test_connection_refused_exits_5(tmp_path, folder):
+def test_connection_refused_exits_10(tmp_path, folder):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -141,7 +144,7 @@ def test_connection_refused_exits_5(tmp_path, folder):
     assert_token_nowhere(proc, tmp_path)
 
 
-def test_existing_repo_with_other_model_exits_6_unless_overwrite(tmp_path, folder):
+def test_existing_repo_with_other_model_exits_11_unless_overwrite(tmp_path, folder):
     theirs = {"model.safetensors": b"someone else's weights", "README.md": b"# theirs", ".gitattributes": b"*"}
     with FakeModelScope(TOKEN) as hub:
         hub.add_repo(REPO, theirs)
@@ -157,6 +160,22 @@ def test_existing_repo_with_other_model_exits_6_unless_overwrite(tmp_path, folde
         assert hub.repos[REPO].files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
 
 
+def test_hub_failure_mid_upload_exits_12_and_the_rerun_completes(tmp_path, folder):
+    with FakeModelScope(TOKEN) as hub:
+        hub.fail_commits = True
+        no_retries = {"MODELSCOPE_UPLOAD_COMMIT_MAX_ATTEMPTS": "1", "MODELSCOPE_UPLOAD_FAILED_FILE_MAX_RETRY_ROUNDS": "0",
+                      "MODELSCOPE_UPLOAD_RECOVERY_ENABLED": "0"}  # the SDK would otherwise back off for a minute
+        proc = run_publish(tmp_path, hub.endpoint, str(folder), REPO, extra_env=no_retries)
+        assert proc.returncode == EXIT_HUB_FAILED, proc.stderr
+        assert "error: " in proc.stderr and "Traceback" not in proc.stderr
+        assert remote_bytes(hub, REPO) == {}
+        hub.fail_commits = False
+        again = run_publish(tmp_path, hub.endpoint, str(folder), REPO)
+        assert again.returncode == 0, again.stderr
+        assert set(remote_bytes(hub, REPO)) == {str(p.relative_to(folder)) for p in folder.rglob("*")
+                                                if p.is_file() and ".ms_upload" not in p.name}
+
+
 def test_existing_repo_holding_part_of_this_model_is_resumed(tmp_path, folder):
     partial = {"model.safetensors": (folder / "model.safetensors").read_bytes(), "README.md": b"template"}
     with FakeModelScope(TOKEN) as hub:
@@ -167,7 +186,7 @@ def test_existing_repo_holding_part_of_this_model_is_resumed(tmp_path, folder):
         assert hub.repos[REPO].visibility == PRIVATE
 
 
-def test_private_asked_but_existing_repo_is_public_exits_6(tmp_path, folder):
+def test_private_asked_but_existing_repo_is_public_exits_11(tmp_path, folder):
     with FakeModelScope(TOKEN) as hub:
         hub.add_repo(REPO, {}, visibility=PUBLIC)
         proc = run_publish(tmp_path, hub.endpoint, str(folder), REPO, "--private")
