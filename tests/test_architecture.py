@@ -137,19 +137,21 @@ def installed(tmp_path_factory) -> Path:
     the wheel, and the checkout is never on its path.
     """
     root = tmp_path_factory.mktemp("wheel")
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(root / "dist"), str(REPO)], capture_output=True, text=True)
+                            "-w", str(root / "dist"), str(REPO)], capture_output=True, text=True, env=clean)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (root / "dist").glob("cnclip-*.whl")
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+                          capture_output=True, text=True, check=True, env=clean).stdout.strip()
     # Plain directories only: .pth files in the test environment (an editable cnclip) are not processed.
     (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n", encoding="utf-8")
-    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-                          str(wheel)], capture_output=True, text=True)
+    # --ignore-installed: the test environment's own (editable) cnclip is visible through deps.pth.
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                          "--ignore-installed", "-q", str(wheel)], capture_output=True, text=True, env=clean)
     assert pip.returncode == 0, pip.stderr[-3000:]
     return python
 
