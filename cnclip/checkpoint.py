@@ -109,15 +109,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
 
 
 def save_best(run_dir: Path, peft_model, metrics: dict) -> None:
-    """The best model so far, as a peft adapter users can load on its own, plus our trainables."""
+    """The best model so far, as a peft adapter users can load on its own (LoRA runs), plus our trainables
+    (with model.text_tuning=full: the whole text tower)."""
     from peft import get_peft_model_state_dict
 
     with atomic_dir(run_dir / "best") as tmp:
-        # peft's save_pretrained layout (adapter_config.json + adapter_model.safetensors), written
-        # through save_tensors so that a full disk is reported like any other write failure.
-        peft_model.peft_config["default"].save_pretrained(str(tmp))
-        save_tensors({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
-                     tmp / "adapter_model.safetensors")
+        if hasattr(peft_model, "peft_config"):
+            # peft's save_pretrained layout (adapter_config.json + adapter_model.safetensors), written
+            # through save_tensors so that a full disk is reported like any other write failure.
+            peft_model.peft_config["default"].save_pretrained(str(tmp))
+            save_tensors({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
+                         tmp / "adapter_model.safetensors")
         save_tensors(trainable_state(peft_model), tmp / TRAINABLE)
         write_json(tmp / "metrics.json", metrics)
 

@@ -210,10 +210,20 @@ def collate_image_arrays(items):
 # ---------------------------------------------------------------- text
 
 
+def preprocess_text(text: str) -> str:
+    """What Chinese-CLIP does to every caption before tokenising, in training and in evaluation
+    (cn_clip/training/data.py, cn_clip/eval/data.py): lower-case, and curly quotes “ ” become "."""
+    return text.lower().replace("“", '"').replace("”", '"')
+
+
 def tokenize(tokenizer, texts: list[str], context_length: int) -> dict[str, torch.Tensor]:
-    """Pad every caption to the same length once, so batches are plain row gathers."""
+    """Pad every caption to the same length once, so batches are plain row gathers.
+
+    The one place cnclip tokenises (training, evaluation, zero-shot, search): captions go through
+    `preprocess_text` first, as in Chinese-CLIP."""
     enc = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt"
+        [preprocess_text(t) for t in texts], padding="max_length", truncation=True, max_length=context_length,
+        return_tensors="pt"
     )
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     if "token_type_ids" in enc:

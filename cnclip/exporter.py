@@ -22,7 +22,8 @@ import yaml
 
 from .atomic import atomic_dir, write_json
 from .model_card import CardInputs, base_model_id, configuration_json, read_run_metrics, render_card
-from .models import encode_images, encode_texts
+from .models import encode_images, encode_texts, is_lora, merged_model
+from . import original_format
 from .errors import UsageError
 from .modelscope_upload import folder_files
 from .inference import RECIPE_FILE, is_run_dir, load_run, run_weights
@@ -30,6 +31,9 @@ from .inference import RECIPE_FILE, is_run_dir, load_run, run_weights
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+# Weight layouts `cnclip export --format` writes: transformers (default), ModelScope's original CLIP
+# layout (pipeline(Tasks.multi_modal_embedding)), a cn_clip .pt (cn_clip's load_from_name).
+FORMATS = ("transformers", "modelscope", "cn_clip")
 # The merged model must embed exactly like the trained (unmerged) one; fp32 merging is ~1e-7 off.
 MERGE_TOLERANCE = 1e-4
 PROBE_TEXTS = ("一张照片", "图片中间有一个红色的圆形")
@@ -40,7 +44,9 @@ def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--to {out_dir} is a file; expected a directory to write the model into")
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        earlier_export = (out_dir / "configuration.json").is_file() and (out_dir / ADAPTER_DIR).is_dir()
+        earlier_export = (out_dir / "configuration.json").is_file() and (
+            (out_dir / ADAPTER_DIR).is_dir() or (out_dir / "config.json").is_file()
+            or (out_dir / original_format.VISION_CONFIG).is_file() or any(out_dir.glob("*.pt")))
         if not earlier_export:
             raise UsageError(f"--to {out_dir} exists and is not an earlier cnclip export; it would be replaced "
                              "whole, so choose a new or empty directory")
@@ -80,8 +86,9 @@ def readable_by_umask(folder: Path) -> None:
             p.chmod(0o666 & ~umask)
 
 
-def save_image_processor(base_path: str, out_dir: Path) -> None:
-    """The base checkpoint's preprocessor_config.json, as it was.
+def save_image_processor(base_path: str, out_dir: Path, config: dict | None = None) -> None:
+    """The base checkpoint's preprocessor_config.json, as it was (or `config`, for a base converted from
+    the original format, which has none).
 
     Copying the settings (not saving a processor object) keeps image_processor_type the portable
     `ChineseCLIPImageProcessor`: transformers 5 resolves it to the torchvision processor when torchvision
@@ -89,16 +96,18 @@ def save_image_processor(base_path: str, out_dir: Path) -> None:
     """
     from transformers.image_processing_base import ImageProcessingMixin
 
-    cfg, _ = ImageProcessingMixin.get_image_processor_dict(base_path)
+    cfg = config if config is not None else ImageProcessingMixin.get_image_processor_dict(base_path)[0]
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     cfg.setdefault("image_processor_type", "ChineseCLIPImageProcessor")
     write_json(out_dir / "preprocessor_config.json", cfg)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None = None, dataset: str | None = None,
-               license: str = "apache-2.0") -> dict:
-    """Write the model directory; returns a JSON-able report (files, merge check, metrics)."""
+               license: str = "apache-2.0", format: str = "transformers") -> dict:
+    """Write the model directory in `format` (FORMATS); returns a JSON-able report (files, merge check, metrics)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if format not in FORMATS:
+        raise UsageError(f"--format {format!r}: accepted: {', '.join(FORMATS)}")
     if not is_run_dir(run_dir):
         raise UsageError(f"{run_dir} is not a cnclip run directory (no {RECIPE_FILE}); pass the run_dir "
                          "that python -m cnclip.finetune wrote")
@@ -116,38 +125,80 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
     before = probe_embeddings(clip, base.tokenizer, image_size, recipe.data.context_length)
 
     with atomic_dir(out_dir) as tmp:
-        # The adapter first: merging removes the LoRA layers it is read from.
-        peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
-        (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's empty template; the card covers it
-        # peft records the base's load path; a local path means nothing elsewhere (and may name a home dir)
-        adapter_config = tmp / ADAPTER_DIR / "adapter_config.json"
-        config = json.loads(adapter_config.read_text(encoding="utf-8"))
-        config["base_model_name_or_path"] = recipe.model.base if base_model_id(recipe.model.base) else None
-        write_json(adapter_config, config)
-
-        merged = peft_model.merge_and_unload()
+        if is_lora(peft_model) and format == "transformers":
+            save_adapter(peft_model, tmp, recipe)
+        merged = merged_model(peft_model)  # a full text-tuning run is its model already
         after = probe_embeddings(merged, base.tokenizer, image_size, recipe.data.context_length)
         diff = (after - before).abs().max().item()
         if diff > MERGE_TOLERANCE * max(1.0, before.abs().max().item()):
             raise RuntimeError(f"merged model embeds differently from the trained one (max abs diff {diff:.2e}); "
                                "not exporting")
-        merged.save_pretrained(str(tmp))
-        save_tokenizer(base.tokenizer, tmp)
-        save_image_processor(base.path, tmp)
+        original = None
+        if format == "transformers":
+            merged.save_pretrained(str(tmp))
+            save_tokenizer(base.tokenizer, tmp)
+            save_image_processor(base.path, tmp, base.processor_config)
+        else:
+            original = write_original(merged, base, tmp, format, run_dir)
         write_json(tmp / "configuration.json", configuration_json())
         card = CardInputs(
             title=repo_id or out_dir.resolve().name, repo_id=repo_id, recipe=saved_recipe, metrics=metrics,
-            dataset=dataset or Path(recipe.data.root).resolve().name, license=license, checkpoint=checkpoint)
+            dataset=dataset or Path(recipe.data.root).resolve().name, license=license, checkpoint=checkpoint,
+            format=format, original=original)
         (tmp / "README.md").write_text(render_card(card), encoding="utf-8")
         readable_by_umask(tmp)
 
     files = folder_files(out_dir)
     valid = metrics.valid if metrics else None
     return {
-        "run_dir": str(run_dir), "out_dir": str(out_dir), "checkpoint": str(weights.parent),
+        "run_dir": str(run_dir), "out_dir": str(out_dir), "checkpoint": str(weights.parent), "format": format,
         "merge_max_abs_diff": diff,
+        "preprocess_warning": preprocess_warning(base, format),
         "metrics": {"split": metrics.split, "epoch": metrics.epoch, "mean_recall": valid["mean_recall"]}
         if valid else None,
         "files": [{"path": f.path, "size": f.size} for f in files],
         "total_bytes": sum(f.size for f in files),
     }
+
+
+def save_adapter(peft_model, tmp: Path, recipe) -> None:
+    """The bare LoRA adapter in ADAPTER_DIR; first, since merging removes the LoRA layers it is read from."""
+    peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
+    (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's empty template; the card covers it
+    # peft records the base's load path; a local path means nothing elsewhere (and may name a home dir)
+    adapter_config = tmp / ADAPTER_DIR / "adapter_config.json"
+    config = json.loads(adapter_config.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = recipe.model.base if base_model_id(recipe.model.base) else None
+    write_json(adapter_config, config)
+
+
+def write_original(clip, base, tmp: Path, format: str, run_dir: Path) -> dict:
+    """The merged model in ModelScope's or cn_clip's original layout; returns what the card shows."""
+    if format == "modelscope":
+        info = original_format.save_modelscope(clip, base.tokenizer, tmp)
+        return {"info": info}
+    info = original_format.model_info_of(clip.config)
+    name = f"{run_dir.resolve().name}.pt"
+    original_format.save_cn_clip(clip, tmp / name, name=run_dir.resolve().name)
+    original_format.write_vocab(base.tokenizer, tmp)
+    return {"file": name, "info": info, "resolution": info["image_resolution"],
+            **original_format.cn_clip_model_names(info)}
+
+
+def preprocess_warning(base, format: str) -> str | None:
+    """Set when the original layouts' fixed image transform differs from the one the run trained with."""
+    if format == "transformers":
+        return None
+    size = base.clip.config.vision_config.image_size
+    reference = original_format.preprocess_dict(size)
+    p = base.preprocess
+    same = (p.shortest_edge is None and (p.resize_height, p.resize_width) == (size, size)
+            and (not p.do_center_crop or (p.crop_height, p.crop_width) == (size, size)) and p.resample == 3
+            and all(abs(x - y) < 1e-6 for x, y in zip((*p.mean, *p.std), reference["image_mean"] + reference["image_std"])))
+    if same:
+        return None
+    message = (f"the run's image preprocessing ({p.to_dict()}) differs from the fixed transform the {format} "
+               "layout is served with (square bicubic resize, OpenAI mean/std): image embeddings there will "
+               "differ slightly from the run's")
+    log.warning(message)
+    return message

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import TRAINABLE, latest_checkpoint, load_trainable
-from .models import (ImagePreprocess, attach_lora, load_base_model, load_clip, load_image_preprocess,
-                     load_tokenizer, resolve_model_path)
+from .models import (ImagePreprocess, attach_text_tuning, load_base_model, load_clip, load_image_preprocess,
+                     load_tokenizer, merged_model, resolve_model_path)
+from .original_format import is_original_format
 from .recipe import Recipe, load_recipe
 
 RECIPE_FILE = "recipe.yaml"
@@ -36,11 +37,12 @@ def run_weights(run_dir: Path, checkpoint: str) -> Path:
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best"):
-    """(peft model, base model, recipe) of a run, with its trained weights loaded (unmerged)."""
+    """(trained model, base model, recipe) of a run, with its trained weights loaded: a peft model (LoRA,
+    unmerged) or, for model.text_tuning=full, the ChineseCLIPModel itself."""
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / RECIPE_FILE, check_data=False)
     base = load_base_model(recipe.model, recipe.seed)
-    peft_model = attach_lora(base.clip, recipe.model)
+    peft_model = attach_text_tuning(base.clip, recipe.model)
     load_trainable(peft_model, run_weights(run_dir, checkpoint))
     return peft_model.eval(), base, recipe
 
@@ -48,6 +50,11 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
 def load_for_inference(path: str, checkpoint: str = "best") -> InferenceModel:
     if is_run_dir(path):
         peft_model, base, recipe = load_run(path, checkpoint)
-        return InferenceModel(peft_model.merge_and_unload(), base.tokenizer, base.preprocess, recipe)
+        return InferenceModel(merged_model(peft_model), base.tokenizer, base.preprocess, recipe)
     resolved = resolve_model_path(path)
+    if is_original_format(resolved):  # a cn_clip .pt or a ModelScope-layout directory, converted in memory
+        from .recipe import ModelConfig
+
+        base = load_base_model(ModelConfig(base=resolved))
+        return InferenceModel(base.clip.eval(), base.tokenizer, base.preprocess, None)
     return InferenceModel(load_clip(resolved).eval(), load_tokenizer(resolved), load_image_preprocess(resolved), None)

@@ -94,6 +94,10 @@ class CardInputs:
     dataset: str  # name for the front matter (a hub id when the user gave one)
     license: str
     checkpoint: str  # which checkpoint was exported, in words
+    # Layout of the weights: "transformers", "modelscope" or "cn_clip" (cnclip.exporter.FORMATS).
+    format: str = "transformers"
+    # The original-format file names / architecture, for the usage text of those layouts.
+    original: dict | None = None
 
 
 def front_matter(inputs: CardInputs) -> dict:
@@ -177,17 +181,96 @@ print((image_emb @ text_emb.T).softmax(dim=-1))  # which caption fits the image
 ```'''
 
 
+def _named(spec: str) -> str:
+    return f"`{base_model_id(spec)}`" if base_model_id(spec) else f"`{PurePath(spec).name}` (a local directory)"
+
+
+def original_usage(inputs: CardInputs, context_length: int) -> tuple[str, str]:
+    """(usage, files table rows) of an export in ModelScope's or cn_clip's original layout."""
+    original = inputs.original or {}
+    if inputs.format == "modelscope":
+        source = inputs.repo_id or "MODEL_DIR"
+        usage = f'''```python
+from modelscope.pipelines import pipeline
+from modelscope.utils.constant import Tasks
+from PIL import Image
+
+pipe = pipeline(Tasks.multi_modal_embedding, model="{source}")
+img_emb = pipe.forward({{"img": Image.open("example.jpg")}})["img_embedding"]       # L2-normalised
+text_emb = pipe.forward({{"text": ["一张猫的照片", "一张狗的照片"]}})["text_embedding"]  # L2-normalised
+print((img_emb @ text_emb.T).softmax(dim=-1))
+```'''
+        files = ("| `pytorch_model.bin` | the weights (fp16) with the original Chinese-CLIP names, LoRA merged |\n"
+                 "| `vision_model_config.json`, `text_model_config.json` | the architecture, as ModelScope's CLIP reads it |\n"
+                 "| `vocab.txt` | the BERT vocabulary |\n")
+        return usage, files
+    name = original.get("file", "model.pt")
+    usage = f'''```python
+# pip install cn_clip
+from cn_clip.clip.utils import load_from_name
+model, preprocess = load_from_name("{name}", device="cpu", vision_model_name="{original.get('vision', 'VISION')}",
+                                   text_model_name="{original.get('text', 'TEXT')}",
+                                   input_resolution={original.get('resolution', 224)})
+```'''
+    files = (f"| `{name}` | cn_clip checkpoint (`epoch`, `step`, `name`, `state_dict` with `module.` names; fp16), LoRA merged |\n"
+             "| `vocab.txt` | the BERT vocabulary (cn_clip's own tokenizer ships the same 21,128-token file) |\n")
+    return usage, files
+
+
 def render_card(inputs: CardInputs) -> str:
     recipe = inputs.recipe
     model = recipe.get("model", {})
     data = recipe.get("data", {})
     base = str(model.get("base", ""))
-    base_text = f"`{base_model_id(base)}`" if base_model_id(base) else f"`{PurePath(base).name}` (a local directory)"
+    base_text = _named(base)
+    compose = model.get("compose")
+    if compose:
+        base_text = (f"composed by cnclip from the image tower of {_named(str(compose.get('image', '')))} and the "
+                     f"text encoder {_named(str(compose.get('text', '')))} (new text projection)")
     if model.get("random_init"):
         base_text += ", randomly initialised from its config: a demo, not a pretrained model"
     targets = ", ".join(model.get("target_modules", []))
     context_length = int(data.get("context_length", 52))
     front = yaml.safe_dump(front_matter(inputs), allow_unicode=True, sort_keys=False).rstrip()
+    if model.get("text_tuning") == "full":
+        tuning = "the whole text tower was trained"
+    else:
+        tuning = f"the text tower was trained with LoRA (r={model.get('lora_r')}, alpha={model.get('lora_alpha')}, on {targets})"
+    if inputs.format != "transformers":
+        usage, files = original_usage(inputs, context_length)
+        return f"""---
+{front}
+---
+
+# {inputs.title}
+
+A Chinese CLIP fine-tuned for image-text retrieval with cnclip, in the original Chinese-CLIP
+({inputs.format}) layout. The image tower of the base model was kept frozen; {tuning} under a
+symmetric contrastive loss. Captions are lower-cased and “ ” become " before tokenising, as cn_clip does.
+
+- base model: {base_text}
+- exported from: the run's {inputs.checkpoint}
+
+{evaluation_section(inputs.metrics, inputs.dataset)}
+## Usage
+
+{usage}
+
+Captions were {context_length} tokens long in training (counting [CLS] and [SEP]). Images are resized to a
+square (bicubic) and normalised with the OpenAI CLIP mean/std, as cn_clip's own transform does.
+
+## Files
+
+| file | what |
+|---|---|
+{files}| `configuration.json` | ModelScope task metadata |
+
+## Training recipe
+
+```yaml
+{public_recipe_text(recipe)}
+```
+"""
     return f"""---
 {front}
 ---
@@ -195,10 +278,9 @@ def render_card(inputs: CardInputs) -> str:
 # {inputs.title}
 
 A Chinese CLIP (transformers `ChineseCLIPModel`) fine-tuned for image-text retrieval with cnclip.
-The image tower of the base model was kept frozen; the text tower was trained with LoRA
-(r={model.get('lora_r')}, alpha={model.get('lora_alpha')}, on {targets}) under a symmetric contrastive loss.
-The LoRA weights are merged into `model.safetensors`, so the model loads with plain transformers;
-the bare adapter is in `adapter/`.
+The image tower of the base model was kept frozen; {tuning}
+under a symmetric contrastive loss. The trained text tower is in `model.safetensors` (LoRA merged in), so the
+model loads with plain transformers; a LoRA run's bare adapter is in `adapter/`.
 
 - base model: {base_text}
 - exported from: the run's {inputs.checkpoint}

@@ -121,12 +121,31 @@ class BaseModel:
     tokenizer: object
     preprocess: ImagePreprocess
     path: str
+    # preprocessor_config.json an export writes; None = the one at `path`, copied as it is.
+    processor_config: dict | None = None
 
 
 def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
+    """The recipe's base: a ChineseCLIPModel directory / id, an original-format checkpoint (converted
+    in memory, cnclip.original_format), or a model composed from an image tower and a BERT (cnclip.compose)."""
+    from .original_format import is_original_format, load_original
+
+    if cfg.compose is not None:
+        from .compose import compose_clip
+
+        image_path = resolve_model_path(cfg.compose.image)
+        composed = compose_clip(image_path, resolve_model_path(cfg.compose.text), seed)
+        return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer,
+                         preprocess=load_image_preprocess(image_path), path=image_path)
     path = resolve_model_path(cfg.base)
+    if is_original_format(path):
+        original = load_original(path, cfg.arch)
+        return BaseModel(clip=original.clip, tokenizer=original.tokenizer,
+                         preprocess=ImagePreprocess.from_dict(original.processor_config), path=path,
+                         processor_config=original.processor_config)
     if Path(path).exists() and not Path(path).is_dir():
-        raise ModelLoadError(f"model.base '{cfg.base}' is a file; expected a model directory or a hub id")
+        raise ModelLoadError(f"model.base '{cfg.base}' is a file but not a cn_clip checkpoint (.pt); expected a "
+                             "model directory, a hub id or a cn_clip .pt")
     clip = load_clip(path, cfg.random_init, seed)
     return BaseModel(clip=clip, tokenizer=load_tokenizer(path), preprocess=load_image_preprocess(path), path=path)
 
@@ -164,6 +183,28 @@ def attach_lora(clip: nn.Module, cfg: ModelConfig):
     clip.logit_scale.requires_grad_(cfg.train_logit_scale)
     lock_image_tower(clip)
     return model
+
+
+def attach_text_tuning(clip: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """What training updates (model.text_tuning): LoRA on the text tower (returns the peft model), or
+    the whole text tower and its projection (`full`; returns `clip` itself). The image tower stays locked."""
+    if cfg.text_tuning == "lora":
+        return attach_lora(clip, cfg)
+    clip.requires_grad_(False)
+    clip.text_model.requires_grad_(True)
+    clip.text_projection.requires_grad_(cfg.train_text_projection)
+    clip.logit_scale.requires_grad_(cfg.train_logit_scale)
+    lock_image_tower(clip)
+    return clip
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """The plain ChineseCLIPModel of a trained model: LoRA merged in, or the fully tuned model as it is."""
+    return model.merge_and_unload() if is_lora(model) else model
 
 
 def clamp_logit_scale(clip: nn.Module) -> None:

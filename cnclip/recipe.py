@@ -19,9 +19,29 @@ from .typed_config import build_config, read_yaml_mapping
 
 
 @dataclass
+class ComposeConfig:
+    # A CLIP-family checkpoint (CLIPModel, CLIPVisionModelWithProjection or ChineseCLIPModel; id or
+    # directory): its vision tower, visual projection and image processor are copied exactly.
+    image: str = ""
+    # A BERT-family Chinese encoder (id or directory): the text tower and the tokenizer.
+    text: str = ""
+
+
+@dataclass
 class ModelConfig:
-    # Local directory, Hugging Face id, or "modelscope:<id>".
+    # Local directory, Hugging Face id, or "modelscope:<id>": a transformers ChineseCLIPModel, or the
+    # original Chinese-CLIP format (a cn_clip .pt file, or a ModelScope-layout directory / id),
+    # converted on load (cnclip/original_format.py).
     base: str = "OFA-Sys/chinese-clip-vit-base-patch16"
+    # Architecture of a cn_clip .pt (ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14); null = inferred from
+    # the tensor shapes (attention heads as cn_clip's configs: 64-wide, 80 for ViT-H).
+    arch: str | None = None
+    # Build the model from an image tower and a Chinese BERT instead of `base` (the LiT recipe;
+    # cnclip/compose.py): a new seeded text projection, logit scale 1/0.07.
+    compose: ComposeConfig | None = None
+    # "lora": LoRA on the text tower (+ the text projection); "full": the whole text tower is trained.
+    # Either way the image tower is locked and its embeddings come from the cache.
+    text_tuning: str = "lora"
     # Build random weights from the config at `base` instead of loading weights (demo, tests).
     random_init: bool = False
     lora_r: int = 16
@@ -120,6 +140,9 @@ class Recipe:
 
 _PRECISIONS = ("auto", "fp32", "bf16")
 _GENERATORS = (None, "demo")
+_TEXT_TUNINGS = ("lora", "full")
+# The cn_clip architectures transformers' ChineseCLIPModel can hold (RN50's ResNet tower it cannot).
+ORIGINAL_ARCHS = ("ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -206,6 +229,18 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
                         f"recipe key 'data.root': missing data file {f} "
                         f"(expected the Chinese-CLIP layout {split}_imgs.tsv + {split}_texts.jsonl)"
                     )
+    if m.text_tuning not in _TEXT_TUNINGS:
+        raise ConfigError(f"recipe key 'model.text_tuning': got {m.text_tuning!r}, accepted: {', '.join(_TEXT_TUNINGS)}")
+    if m.compose is not None:
+        for side in ("image", "text"):
+            if not getattr(m.compose, side):
+                raise ConfigError(f"recipe key 'model.compose.{side}' is required with model.compose "
+                                  "(an id or a directory)")
+        if m.random_init:
+            raise ConfigError("recipe keys 'model.compose' and 'model.random_init' do not go together: "
+                              "compose copies pretrained towers")
+    if m.arch is not None and m.arch not in ORIGINAL_ARCHS:
+        raise ConfigError(f"recipe key 'model.arch': got {m.arch!r}, accepted: null, {', '.join(ORIGINAL_ARCHS)}")
     if m.random_init and not Path(m.base).is_dir():
         raise ConfigError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
     _validate_zeroshot(recipe, check_data)

@@ -28,7 +28,7 @@ from .retrieval import evaluate_split, format_metrics, scorable_texts
 from .faults import crash_point
 from .image_cache import ImageFeatures, split_image_features
 from .atomic import write_json
-from .models import (attach_lora, clamp_logit_scale, describe_trainable, image_tower_fingerprint, load_base_model,
+from .models import (attach_text_tuning, clamp_logit_scale, describe_trainable, image_tower_fingerprint, load_base_model,
                      lock_image_tower)
 from .recipe import Recipe, dump_recipe, flatten, load_recipe
 from .inference import RECIPE_FILE
@@ -172,7 +172,8 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
              distributed.world_size())
     base = load_base_model(recipe.model, seed=recipe.seed)
     torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
-    model = attach_lora(base.clip, recipe.model).to(runtime.device)
+    # LoRA (a peft model) or the full text tower (the model itself); the image side is the cache either way.
+    model = attach_text_tuning(base.clip, recipe.model).to(runtime.device)
     clip = base.clip
     trainable = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_parameters(trainable)

@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zeroshot": ("zeroshot", "zero-shot classification with Chinese prompt templates"),
     "export": ("export", "merge a run's LoRA and write a model plain transformers loads; optionally upload it"),
     "publish": ("publish", "upload an exported model directory to ModelScope"),
+    "convert": ("convert", "convert an original Chinese-CLIP checkpoint (cn_clip .pt, ModelScope layout) to transformers"),
+    "search": ("search", "build a text/image search index over your images, and query it"),
+    "serve": ("serve", "a web page to search an index with Chinese text or an image (loopback by default)"),
 }
 
 

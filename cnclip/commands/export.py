@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, PublishError, UsageError
-from ..exporter import export_run
+from ..exporter import FORMATS, export_run
 from ..modelscope_upload import check_repo_id, file_table, folder_files, format_size, publish
 from .base import exit_status_help, run_command
 from .publish import UPLOAD_EXITS, add_upload_flags, print_json
@@ -22,7 +22,8 @@ def _export_and_publish(args) -> dict:
         check_repo_id(args.upload)
     elif args.private or args.overwrite:
         raise UsageError("--private and --overwrite go with --upload owner/name")
-    report = export_run(args.run_dir, args.to, repo_id=args.upload, dataset=args.dataset, license=args.license)
+    report = export_run(args.run_dir, args.to, repo_id=args.upload, dataset=args.dataset, license=args.license,
+                        format=args.format)
     files = folder_files(args.to)
     print(f"exported {args.run_dir} -> {args.to} ({len(files)} files, {format_size(report['total_bytes'])}); "
           f"merged vs trained embeddings: max abs diff {report['merge_max_abs_diff']:.1e}")
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "is exported)")
     parser.add_argument("--to", required=True, metavar="OUT_DIR", help="directory to write (new, empty, or an "
                                                                        "earlier export, which is replaced)")
+    parser.add_argument("--format", choices=FORMATS, default="transformers",
+                        help="weights layout: transformers (default; ChineseCLIPModel.from_pretrained), modelscope "
+                             "(the original layout ModelScope's pipeline(Tasks.multi_modal_embedding) loads), "
+                             "cn_clip (a .pt for cn_clip's load_from_name)")
     parser.add_argument("--upload", metavar="OWNER/NAME", help="then publish OUT_DIR to this ModelScope model "
                                                               "repository (token: $MODELSCOPE_API_TOKEN or the "
                                                               "SDK's saved login)")

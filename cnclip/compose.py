@@ -1,0 +1,121 @@
+"""Compose a Chinese CLIP from any CLIP image tower and any Chinese BERT (the LiT / Taiyi-CLIP recipe).
+
+Chinese-CLIP's first stage and Taiyi-CLIP both started this way: OpenAI CLIP's ViT, locked, and a
+Chinese RoBERTa-wwm trained to meet it. `compose_clip(image, text)` builds a plain transformers
+`ChineseCLIPModel`, so everything downstream (training with the image-embedding cache, evaluation,
+zero-shot, export, publishing) treats it like any Chinese CLIP. Guarantees:
+
+* the vision tower and the visual projection are the image checkpoint's, copied tensor for tensor
+  (a `CLIPModel`, `CLIPVisionModelWithProjection` or `ChineseCLIPModel`), so image embeddings equal
+  the source's `get_image_features`;
+* the text tower is the BERT's weights (its pooler, unused by CLIP embeddings, is left out);
+* the text projection is new, drawn from a seed (normal, std hidden**-0.5, as cn_clip initialises
+  it), and the logit scale starts at 1/0.07;
+* the tokenizer is the BERT's, the image preprocessing the image checkpoint's (so the cache and the
+  exported preprocessor_config.json are what the model is served with).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ModelLoadError
+
+IMAGE_TYPES = ("clip", "clip_vision_model", "chinese_clip")
+TEXT_TYPES = ("bert",)
+INITIAL_TEMPERATURE = 0.07
+
+
+@dataclass
+class Composed:
+    clip: object  # ChineseCLIPModel
+    tokenizer: object
+    image_path: str  # where the image processor's settings come from
+
+
+def _model_type(path: str, side: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.compose.{side} '{path}': no readable config.json: {exc}") from exc
+
+
+def load_image_tower(path: str):
+    """(vision_model, visual_projection, vision config, projection_dim) of a CLIP-family checkpoint."""
+    from transformers import ChineseCLIPModel, CLIPModel, CLIPVisionModelWithProjection
+
+    kind = _model_type(path, "image")
+    if kind not in IMAGE_TYPES:
+        raise ModelLoadError(f"model.compose.image '{path}' is a {kind!r} model; expected a CLIPModel, "
+                             "CLIPVisionModelWithProjection or ChineseCLIPModel checkpoint")
+    cls = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModelWithProjection,
+           "chinese_clip": ChineseCLIPModel}[kind]
+    try:
+        model = cls.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.compose.image '{path}': could not load a {cls.__name__}: {exc}") from exc
+    config = model.config if kind == "clip_vision_model" else model.config.vision_config
+    projection_dim = model.visual_projection.out_features
+    return model.vision_model, model.visual_projection, config, projection_dim
+
+
+def load_text_tower(path: str):
+    """(BertModel, tokenizer) of a BERT-family Chinese encoder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    kind = _model_type(path, "text")
+    if kind not in TEXT_TYPES:
+        raise ModelLoadError(f"model.compose.text '{path}' is a {kind!r} model; expected a BERT-family encoder "
+                             "(e.g. hfl/chinese-roberta-wwm-ext, bert-base-chinese): ChineseCLIP's text tower is a BERT")
+    try:
+        bert = AutoModel.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.compose.text '{path}': could not load a BERT and its tokenizer: {exc}") from exc
+    return bert, tokenizer
+
+
+def _text_config(bert_config) -> dict:
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+            "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")
+    return {k: getattr(bert_config, k) for k in keys}
+
+
+def _vision_config(config) -> dict:
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+            "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout", "initializer_range",
+            "initializer_factor")
+    return {k: getattr(config, k) for k in keys}
+
+
+@torch.no_grad()
+def compose_clip(image: str, text: str, seed: int = 0) -> Composed:
+    """A ChineseCLIPModel (fp32, SDPA attention): the image checkpoint's vision side, the BERT's text side."""
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+    vision, visual_projection, vision_config, projection_dim = load_image_tower(image)
+    bert, tokenizer = load_text_tower(text)
+    config = ChineseCLIPConfig(text_config=_text_config(bert.config), vision_config=_vision_config(vision_config),
+                               projection_dim=projection_dim, logit_scale_init_value=math.log(1 / INITIAL_TEMPERATURE))
+    config._attn_implementation = "sdpa"
+    clip = ChineseCLIPModel(config)
+    clip.vision_model.load_state_dict(vision.state_dict(), strict=True)
+    clip.visual_projection.load_state_dict(visual_projection.state_dict(), strict=True)
+    text_weights = {k: v for k, v in bert.state_dict().items() if not k.startswith("pooler.")}
+    missing, unexpected = clip.text_model.load_state_dict(text_weights, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelLoadError(f"model.compose.text '{text}': its weights do not fit ChineseCLIP's BERT text tower "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    generator = torch.Generator().manual_seed(seed)
+    hidden = clip.text_projection.in_features
+    clip.text_projection.weight.copy_(
+        torch.randn(clip.text_projection.weight.shape, generator=generator) * hidden ** -0.5)
+    clip.logit_scale.fill_(math.log(1 / INITIAL_TEMPERATURE))
+    return Composed(clip=clip.eval(), tokenizer=tokenizer, image_path=image)
