@@ -1,17 +1,76 @@
 """Crash-safe file writes: write beside the target, fsync, then rename over it.
 
 A reader (or a resumed run) therefore sees either the old file or the new one, never half of one.
+
+Temporaries are named after the process writing them (`.NAME.tmp-HOST-PID`, HOST a short hash of
+the host name), so several processes can share a directory (two runs, or a run and an evaluate,
+sharing one image cache): `remove_stale_temporaries` deletes only what a process that no longer
+exists left behind, never another live process's write in flight.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+# A temporary written by another host cannot be checked for liveness: it is left alone this long.
+FOREIGN_TEMPORARY_MAX_AGE_S = 24 * 3600
+
+
+def _host_tag() -> str:
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def owner_tag() -> str:
+    """This process, as it appears in its temporaries' names."""
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def temporary_path(path: str | os.PathLike, kind: str = "tmp") -> Path:
+    """Where this process writes `path` before renaming it into place (kind: tmp, or old for atomic_dir)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{owner_tag()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def writer_alive(temporary: Path) -> bool:
+    """Whether the process that named `temporary` may still be writing it.
+
+    `.x.tmp-PID` (older names, and data_tools' own) and `.x.tmp-HOST-PID` from this host: its PID is
+    checked. From another host (a shared filesystem): alive until FOREIGN_TEMPORARY_MAX_AGE_S old.
+    """
+    owner = temporary.name.rsplit(".tmp-", 1)[-1] if ".tmp-" in temporary.name else \
+        temporary.name.rsplit(".old-", 1)[-1]
+    host, _, pid = owner.rpartition("-")
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid() and host in ("", _host_tag()):
+        return False  # our own leftover from an earlier, failed write: nothing of ours is in flight
+    if host in ("", _host_tag()):
+        return _pid_alive(int(pid))
+    try:
+        return time.time() - temporary.lstat().st_mtime < FOREIGN_TEMPORARY_MAX_AGE_S
+    except OSError:
+        return False
 
 
 def fsync_directory(path: Path) -> None:
@@ -31,7 +90,7 @@ def fsync_directory(path: Path) -> None:
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode, **kwargs) as fh:
             yield fh
@@ -72,8 +131,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Fill a temporary directory, then swap it in for `path` (the old one is removed after)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    tmp, old = temporary_path(path), temporary_path(path, "old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -92,12 +150,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> None:
-    """Leftovers of a write that was killed midway: never valid, always safe to delete."""
+    """Leftovers of a write whose process was killed midway: never valid, safe to delete.
+
+    A temporary whose writer is still running (another process sharing the directory) is left alone.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return
     for p in sorted(directory.iterdir()):
-        if not p.name.startswith("."):
+        if not p.name.startswith(".") or (".tmp-" not in p.name and ".old-" not in p.name) or writer_alive(p):
             continue
         if ".old-" in p.name:
             # Killed between moving the old copy aside and moving the new one in: restore the old.

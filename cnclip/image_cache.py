@@ -7,6 +7,11 @@ precision and the image set's content, so any change to one of them computes a f
 
 Storage is plain safetensors parts written as they finish (no pre-allocated map file): a run
 killed while caching resumes from the last finished part.
+
+Several processes may share one cache directory (two runs, a run and an evaluate, the ranks of a
+job): one process computes an entry while holding its lock file (`<key>.lock`, released by the OS
+when the process dies), the others wait for it and then read the finished entry; an entry is read
+only once its manifest exists, and temporaries are removed only when their writer is gone.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -26,7 +33,7 @@ from .data import ImageArrays, ImageTransform, collate_image_arrays
 from .image_sources import ImageTSV
 from .skiplog import SkipLog
 from .faults import crash_point
-from .atomic import atomic_file, remove_stale_temporaries, save_tensors, write_json
+from .atomic import atomic_file, remove_stale_temporaries, save_tensors, temporary_path, write_json
 from .models import encode_images
 
 log = logging.getLogger(__name__)
@@ -97,13 +104,33 @@ class ImageFeatureCache:
     ) -> ImageFeatures:
         cached = self.get(key)
         if cached is None:
-            self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
-                          part_size)
-            cached = self.get(key)
-            cached.computed = True
+            with self.lock(key):
+                cached = self.get(key)  # finished by another process while we waited for the lock
+                if cached is None:
+                    self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype,
+                                  desc, part_size)
+                    cached = self.get(key)
+                    cached.computed = True
         for image_id, why in cached.bad.items():
             skips.skip("undecodable image", f"{images.path} image_id {image_id}", why)
         return cached
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold the entry's lock; when another process holds it, say so and wait for it."""
+        from filelock import FileLock, Timeout
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("another process is computing image embeddings in %s; waiting for it", self.root / key)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     @torch.no_grad()
     def _compute(self, key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
@@ -130,7 +157,7 @@ class ImageFeatureCache:
             emb = torch.cat(part_emb) if part_emb else torch.zeros(0, dim)
             with atomic_file(entry / bad_file.name, "w", encoding="utf-8") as fh:
                 json.dump({str(k): v for k, v in part_bad.items()}, fh)
-            tmp = entry / f".{name}.tmp-{os.getpid()}"
+            tmp = temporary_path(entry / name)
             save_tensors({"ids": torch.tensor(part_ids, dtype=torch.int64), "embeddings": emb.contiguous()}, tmp)
             os.replace(tmp, entry / name)
             bad.update({str(k): v for k, v in part_bad.items()})

@@ -41,7 +41,7 @@ RECORDS_PER_FILE = 150
 SHARD_SIZE = 40  # 4 shards per file, 8 in all
 # Relevance off: the jieba dictionary would cost a second per process and has nothing to do with crashes.
 FILTERS = "image:\n  min_side: 32\n  max_side: 64\nrelevance:\n  mode: 'off'\n"
-TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+TEMPORARY = re.compile(r"^\..+\.tmp-(?:[0-9a-f]{8}-)?\d+$")  # .NAME.tmp-PID or .NAME.tmp-HOST-PID
 
 
 def _jpeg_or_png(seed: int, fmt: str) -> bytes:
