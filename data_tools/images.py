@@ -51,11 +51,11 @@ def check_image_reference(record: Record) -> None:
     """Cheap checks before any work: is there an image at all, and is its path safe to open?"""
     image = record.image
     if image is None or image == "" or image == b"":
-        raise Rejected(Reason.NO_IMAGE, "only a URL; build-pairs does not download" if record.url else "")
+        raise Rejected(Reason.NO_IMAGE, "only a URL; pass --download to fetch it" if record.url else "")
     if isinstance(image, bytes) or is_base64_image(image):
         return
     if image.lower().startswith(("http://", "https://")):
-        raise Rejected(Reason.NO_IMAGE, "image is a URL; build-pairs does not download")
+        raise Rejected(Reason.NO_IMAGE, "image is a URL; pass --download to fetch it")
     if PurePosixPath(image).is_absolute() or PureWindowsPath(image).drive or PureWindowsPath(image).is_absolute():
         raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"absolute path: {image}")
     if ".." in re.split(r"[\\/]", image) or "\x00" in image:

@@ -46,6 +46,23 @@ class Reason(StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_TOO_SMALL = "image_too_small"
     EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
+    # Download (--download; data_tools.download). RETRYABLE there says which --retry-failed reruns.
+    BLOCKED_ADDRESS = "blocked_address"  # resolves to a loopback/private/metadata... address: nothing sent
+    CONNECTION_ERROR = "connection_error"  # DNS failure, refused, reset, protocol error (after retries)
+    DOWNLOAD_TIMEOUT = "download_timeout"  # connect, read or whole-download deadline (after retries)
+    HTTP_403 = "http_403"
+    HTTP_404 = "http_404"
+    HTTP_410 = "http_410"
+    HTTP_429 = "http_429"  # still rate-limited after the retries, or Retry-After beyond the wait limit
+    HTTP_4XX = "http_4xx"  # any other 4xx
+    HTTP_5XX = "http_5xx"  # after the retries
+    TOO_MANY_REDIRECTS = "too_many_redirects"  # more redirects than the limit (5)
+    REDIRECT_LOOP = "redirect_loop"  # a redirect back to a URL already visited
+    BAD_REDIRECT = "bad_redirect"  # 3xx without Location, or to a non-http(s) URL
+    TOO_LARGE = "too_large"  # body (declared or streamed) beyond image.max_file_bytes; reading stops there
+    NOT_AN_IMAGE = "not_an_image"  # Content-Type is not an image type (an HTML page, JSON...)
+    NOT_IMAGE_BYTES = "not_image_bytes"  # declared an image, but the bytes start like no image format
+    ROBOTS_DISALLOWED = "robots_disallowed"  # X-Robots-Tag noai/noimageai/noindex/noimageindex
     # Global stages.
     DUPLICATE_IMAGE = "duplicate_image"
     NEAR_DUPLICATE_IMAGE = "near_duplicate_image"

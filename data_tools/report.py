@@ -48,6 +48,20 @@ class Tally:
         if example is not None:
             self.add_example(reason, example)
 
+    def remove_rejected(self, file: str, query: str | None, reason: Reason, example: str | None) -> None:
+        """Undo add_read + add_rejected for one record that is processed again (build-pairs --retry-failed)."""
+        counts = self._file(file)
+        counts["read"] -= 1
+        counts["rejected"][reason.value] -= 1
+        if not counts["rejected"][reason.value]:
+            del counts["rejected"][reason.value]
+        if query is not None:
+            per_query = self._query(query)
+            per_query["read"] -= 1
+            per_query["rejected"] -= 1
+        if example is not None and example in self.examples.get(reason.value, []):
+            self.examples[reason.value].remove(example)
+
     def add_example(self, reason: Reason, example: str) -> None:
         examples = self.examples.setdefault(reason.value, [])
         if len(examples) < MAX_EXAMPLES:

@@ -2,6 +2,9 @@
 
 Cheap checks come first (fields, image reference), then text and relevance, and image decoding
 last, because decoding is by far the most expensive step and most junk is caught before it.
+With --download, a record whose image is only a URL stops after the text stages (`prepare`
+returns the URL); the shard fetches it (data_tools.download) and hands the bytes to
+`attach_image`, so records with unusable text are never fetched.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_tools.config import FilterConfig
+from data_tools.download import DownloadOptions
 from data_tools.images import check_image_reference, process_image, read_image_bytes
 from data_tools.readers import parse_item
 from data_tools.records import RawItem, Reason, Record, Rejected
@@ -19,23 +23,53 @@ from data_tools.text import CHECK_ORDER, TextFilter
 class RecordProcessor:
     """Holds the per-process state of the stages (jieba, OpenCC tables, compiled rules)."""
 
-    def __init__(self, config: FilterConfig) -> None:
+    def __init__(self, config: FilterConfig, download: DownloadOptions | None = None) -> None:
         self.config = config
+        self.download = download  # None: a URL-only record is rejected as no_image
         self.texts = TextFilter(config.text)
         self.relevance = Relevance(config.relevance.mode, config.relevance.stopwords)
 
     def process(self, item: RawItem, kind: str, base_dir: Path) -> Record:
-        """Run every per-record stage; returns the accepted record or raises Rejected."""
-        record = parse_item(item, kind, base_dir)
+        """Run every per-record stage on a record whose image is in the dump; returns it or raises Rejected."""
+        record, url = self.prepare(item, kind, base_dir)
+        if url is not None:
+            raise Rejected(Reason.NO_IMAGE, "only a URL, to be fetched by the shard's downloader")
+        self.finish_from_dump(record)
+        return record
+
+    def finish_from_dump(self, record: Record) -> None:
+        """Read the image the record carries (inline or a file in the dump), then attach it."""
         try:
-            self.check_fields(record)
-            check_image_reference(record)
-            self.choose_text(record)
-            self.attach_image(record)
+            data = read_image_bytes(record, self.config.image)
         except Rejected as rejection:
             rejection.query = record.query or None
             raise
-        return record
+        self.attach_image(record, data)
+
+    def prepare(self, item: RawItem, kind: str, base_dir: Path) -> tuple[Record, str | None]:
+        """Every stage before the image bytes; also returns the URL to fetch when the image must be downloaded."""
+        record = parse_item(item, kind, base_dir)
+        try:
+            self.check_fields(record)
+            url = self.download_url(record)
+            if url is None:
+                check_image_reference(record)
+            self.choose_text(record)
+        except Rejected as rejection:
+            rejection.query = record.query or None
+            raise
+        return record, url
+
+    def download_url(self, record: Record) -> str | None:
+        """With --download: the http(s) URL of a record without image bytes (`image` itself, or `url`)."""
+        if self.download is None:
+            return None
+        image = record.image
+        if isinstance(image, str) and image.lower().startswith(("http://", "https://")):
+            return image
+        if (image is None or image == "" or image == b"") and record.url:
+            return record.url
+        return None
 
     def check_fields(self, record: Record) -> None:
         """Normalise the query (it groups the per-query cap) and check the URL schemes.
@@ -74,9 +108,13 @@ class RecordProcessor:
             return
         raise furthest or Rejected(Reason.NO_TEXT, f"none of {', '.join(self.config.text.fields)} is set")
 
-    def attach_image(self, record: Record) -> None:
-        """Read, decode, check and normalise the image; fills the JPEG and the hashes."""
-        processed = process_image(read_image_bytes(record, self.config.image), self.config.image)
+    def attach_image(self, record: Record, data: bytes) -> None:
+        """Decode, check and normalise the image bytes; fills the JPEG and the hashes."""
+        try:
+            processed = process_image(data, self.config.image)
+        except Rejected as rejection:
+            rejection.query = record.query or None
+            raise
         record.jpeg = processed.jpeg
         record.image_sha = processed.sha
         record.phash = processed.phash
