@@ -337,9 +337,10 @@ def find_vocab(path: Path) -> Path:
 
 def bert_tokenizer(vocab: Path):
     """BERT's lower-casing WordPiece tokenizer on `vocab` (what cn_clip's FullTokenizer does)."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, tokenize_chinese_chars=True)
+    # from the file's directory: the constructor's vocabulary argument differs between transformers 4 and 5
+    return BertTokenizer.from_pretrained(str(vocab.parent), do_lower_case=True, tokenize_chinese_chars=True)
 
 
 @dataclass
