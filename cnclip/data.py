@@ -24,7 +24,7 @@ from PIL import Image
 
 from .errors import DataError
 from .image_sources import ImageTSV
-from .images import decode_rgb
+from .images import decode_rgb, to_rgb
 from .models import ImagePreprocess
 from .skiplog import SkipLog
 
@@ -158,7 +158,7 @@ class ImageTransform:
 
     def pil_to_array(self, img: Image.Image) -> np.ndarray:
         """uint8 HxWx3 after resize and crop: cheap to ship from DataLoader workers."""
-        img = img.convert("RGB")
+        img = to_rgb(img)  # transparency onto white, as transformers' convert_to_rgb does
         img = img.resize(self._target_size(*img.size), resample=self.cfg.resample)
         arr = np.asarray(img)
         if self.cfg.do_center_crop:

@@ -97,21 +97,35 @@ def _random_image(w, h, mode="RGB", seed=0):
     return Image.fromarray(arr).convert(mode)
 
 
-@pytest.mark.parametrize("size_kind", ["square_resize", "shortest_edge_crop", "square_resize_crop"])
+def _transparent_image(w, h, seed=5):
+    """RGBA with real transparency: every alpha value from 0 to 255 occurs."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
+
+
+def parity_images(wh):
+    """RGB, greyscale and RGBA with real transparency, in the size `wh`."""
+    return [_random_image(*wh, seed=s) for s in range(2)] + [_random_image(*wh, "L", 3), _transparent_image(*wh)]
+
+
+CONFIG_KINDS = {
+    "square_resize": dict(size={"height": 32, "width": 32}, do_center_crop=False),  # Chinese-CLIP: squash, no crop
+    "shortest_edge_crop": dict(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, do_center_crop=True),
+    "square_resize_crop": dict(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 30},
+                               do_center_crop=True),
+}
+
+
+@pytest.mark.parametrize("size_kind", sorted(CONFIG_KINDS))
 @pytest.mark.parametrize("wh", [(64, 64), (97, 41), (33, 120), (20, 15)])
 def test_preprocessing_equals_transformers_image_processor(tmp_path, size_kind, wh):
     from transformers.models.chinese_clip.image_processing_pil_chinese_clip import ChineseCLIPImageProcessorPil
 
-    if size_kind == "square_resize":  # Chinese-CLIP checkpoints: squash to a square, no crop
-        kwargs = dict(size={"height": 32, "width": 32}, do_center_crop=False)
-    elif size_kind == "shortest_edge_crop":
-        kwargs = dict(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, do_center_crop=True)
-    else:
-        kwargs = dict(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 30}, do_center_crop=True)
-    ChineseCLIPImageProcessorPil(**kwargs).save_pretrained(tmp_path)
+    ChineseCLIPImageProcessorPil(**CONFIG_KINDS[size_kind]).save_pretrained(tmp_path)
     reference = ChineseCLIPImageProcessorPil.from_pretrained(tmp_path)
     ours = ImageTransform(load_image_preprocess(str(tmp_path)))
-    images = [_random_image(*wh, seed=s) for s in range(2)] + [_random_image(*wh, "L", 3), _random_image(*wh, "RGBA", 4)]
+    images = parity_images(wh)
+    assert len(set(np.asarray(images[-1])[..., 3].ravel().tolist())) > 100  # really transparent
     expected = torch.as_tensor(np.stack(reference(images=images, return_tensors="np")["pixel_values"]))
     got = ours(images)
     assert got.shape == expected.shape
