@@ -1,51 +1,74 @@
 """Per-query cap: no query may dominate the data set (CLIP capped each of its queries at 20,000 pairs).
 
-Which pairs survive the cap is decided by a seeded hash of the pair's content, not by input
-order, so a cap samples evenly across a query's hits, and reruns (any worker count, any shard
-size) pick exactly the same pairs.
+The cap works on duplicate groups (data_tools.dedup), not on single records: a group is one
+picture that may have been found by several queries. Which groups survive a query's cap is
+decided by a seeded hash of the group's image, not by input order, so a cap samples evenly
+across a query's hits, and reruns (any worker count, any shard size) pick exactly the same pairs.
+
+A group whose first copy sits in a query that is over its cap is offered to the query of its
+next copy, and so on (deferred acceptance, as in stable matching): a picture is dropped by the
+cap only when every query that found it is full of pictures ranked above it. The result does
+not depend on the order in which groups are processed.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections import deque
 from dataclasses import dataclass
 from hashlib import blake2b
 
 
 @dataclass(frozen=True, slots=True)
-class CapCandidate:
-    """What the cap needs to know about one deduplicated pair."""
+class CapGroup:
+    """What the cap needs to know about one duplicate group."""
 
-    order: int  # global input order
-    query: str
     priority: int  # lower survives
+    queries: tuple[str, ...]  # the query of each member, in member (input) order
 
 
 def pair_priority(seed: int, image_sha: bytes) -> int:
-    """Seeded, content-derived rank of a pair within its query (images are unique after dedup)."""
+    """Seeded, content-derived rank of a group within a query (its representative's image)."""
     digest = blake2b(image_sha, digest_size=8, key=b"cap" + seed.to_bytes(8, "little", signed=True))
     return int.from_bytes(digest.digest(), "big")
 
 
-def cap_per_query(candidates: Iterable[CapCandidate], cap: int) -> tuple[set[int], dict[str, int]]:
-    """Orders of the capped (dropped) pairs, and how many were capped per query; cap 0 means no cap.
+def cap_groups(groups: list[CapGroup], cap: int) -> dict[int, int]:
+    """For each group that survives, the position of the member to keep; absent groups are capped.
 
-    Keeps a bounded max-heap per query, so memory is O(min(hits, cap)) per query.
+    cap 0 means no cap: every group keeps its first member. Memory: one heap of at most `cap`
+    entries per query, plus a cursor per group.
     """
-    capped: set[int] = set()
-    capped_per_query: dict[str, int] = {}
     if cap <= 0:
-        return capped, capped_per_query
-    heaps: dict[str, list[tuple[int, int]]] = {}
-    for candidate in candidates:
-        heap = heaps.setdefault(candidate.query, [])
-        entry = (-candidate.priority, -candidate.order)  # heap[0] is the worst kept pair
+        return {g: 0 for g in range(len(groups))}
+    held: dict[str, list[tuple[int, int]]] = {}  # query -> heap of (-priority, -group): heap[0] is the worst
+    cursor = [0] * len(groups)  # next member position to propose with
+    chosen: dict[int, int] = {}
+    waiting = deque(range(len(groups)))
+    while waiting:
+        g = waiting.popleft()
+        member = _next_new_query(groups[g].queries, cursor[g])
+        if member is None:
+            continue  # every query that found it is full: capped
+        cursor[g] = member + 1
+        heap = held.setdefault(groups[g].queries[member], [])
+        entry = (-groups[g].priority, -g)
+        chosen[g] = member
         if len(heap) < cap:
             heapq.heappush(heap, entry)
             continue
-        if entry > heap[0]:  # ranks above the worst kept pair: that one is dropped instead
+        if entry > heap[0]:  # ranks above the worst held group: that one is displaced
             entry = heapq.heapreplace(heap, entry)
-        capped.add(-entry[1])
-        capped_per_query[candidate.query] = capped_per_query.get(candidate.query, 0) + 1
-    return capped, capped_per_query
+        loser = -entry[1]
+        del chosen[loser]
+        waiting.append(loser)
+    return chosen
+
+
+def _next_new_query(queries: tuple[str, ...], start: int) -> int | None:
+    """The first member position >= start whose query no earlier member had (a query that
+    refused a group never takes it later: its held set only gets better)."""
+    for position in range(start, len(queries)):
+        if queries[position] not in queries[:position]:
+            return position
+    return None

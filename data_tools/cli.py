@@ -13,6 +13,7 @@ from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USA
 from data_tools.config import load_config
 from data_tools.pipeline import BuildOptions, BuildResult, build_pairs
 from data_tools.report import summary
+from data_tools.scoring import ScoringOptions
 from data_tools.split import parse_splits
 from data_tools.writers import FORMATS
 
@@ -83,6 +84,21 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the per-query cap and the split assignment (default: %(default)s)")
     build.add_argument("--shard-size", type=_positive_int, default=2_000, metavar="N", help="records per shard, the unit of parallel work and of resuming (default: %(default)s)")
     build.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    scoring = build.add_argument_group(
+        "model stage (CLIP score, semantic dedup, semantic split grouping)",
+        "With --model, every accepted pair gets its Chinese-CLIP image-text similarity (stored in the meta "
+        "output, histogram in report.json), near-identical images by embedding are removed as "
+        "semantic_duplicate (dedup.semantic_threshold) and kept from straddling splits (split.semantic_threshold). "
+        "Thresholds do not carry over between models: run once without a filter, read the histogram, then rerun "
+        "(shards and image embeddings are reused).")
+    scoring.add_argument("--model", metavar="MODEL", help="a Chinese CLIP: model directory, Hugging Face id, modelscope:<id>, or a cnclip run directory")
+    scoring.add_argument("--min-similarity", type=float, metavar="X", help="drop pairs whose image-text cosine similarity is below X (low_similarity)")
+    scoring.add_argument("--keep-top", type=float, metavar="FRACTION", help="keep only this fraction of the best-scoring pairs (low_similarity for the rest)")
+    scoring.add_argument("--similarity-per-query", action="store_true", help="apply --keep-top within each query instead of over all pairs")
+    scoring.add_argument("--embedding-cache", type=Path, metavar="DIR", help="image-embedding cache (default: DIR/.work/image_features)")
+    scoring.add_argument("--device", default="auto", help="torch device for the model (default: %(default)s = cuda when available)")
+    scoring.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32 gives the same scores on CPU and GPU (default: %(default)s)")
+    scoring.add_argument("--embed-batch-size", type=_positive_int, default=64, metavar="N", help="images or captions per model batch (default: %(default)s)")
     build.set_defaults(run=lambda args: _build_pairs(args, build),
                        resume_hint="finished shards are kept in DIR/.work: rerun the same command to resume")
 
@@ -137,6 +153,7 @@ def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         shard_size=args.shard_size,
         workers=args.workers,
         progress=not args.no_progress,
+        scoring=_scoring_options(args),
     )
     try:
         result = build_pairs(options)
@@ -149,6 +166,16 @@ def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         raise UsageError(f"{err.strerror}: {err.filename}") from None  # e.g. --out not writable, or under a file
     _print_summary(result, args.out)
     return 0
+
+
+def _scoring_options(args: argparse.Namespace) -> ScoringOptions | None:
+    if args.model is None:
+        if args.min_similarity is not None or args.keep_top is not None or args.similarity_per_query:
+            raise UsageError("--min-similarity, --keep-top and --similarity-per-query need --model MODEL")
+        return None
+    return ScoringOptions(model=args.model, min_similarity=args.min_similarity, keep_top=args.keep_top,
+                          per_query=args.similarity_per_query, cache_dir=args.embedding_cache, device=args.device,
+                          precision=args.precision, batch_size=args.embed_batch_size)
 
 
 def _print_summary(result: BuildResult, out: Path) -> None:

@@ -81,13 +81,32 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class DedupConfig:
-    """Near-duplicate threshold; exact image and (query, text) duplicates are always removed."""
+    """Near-duplicate thresholds; exact image and (query, text) duplicates are always removed."""
 
     phash_max_distance: int | None = 4  # Hamming distance of 64-bit pHashes; null disables
+    # Cosine similarity of image embeddings at or above which an image repeats an earlier kept one
+    # (crops, watermarks, re-uploads); needs --model; null disables.
+    semantic_threshold: float | None = 0.95
 
     def __post_init__(self) -> None:
         if self.phash_max_distance is not None:
             _require(0 <= self.phash_max_distance <= 32, "dedup.phash_max_distance", "an integer in [0, 32] or null")
+        if self.semantic_threshold is not None:
+            _require(-1.0 <= self.semantic_threshold <= 1.0, "dedup.semantic_threshold", "a number in [-1, 1] or null")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Pairs this close go to the same split (with pairs sharing a caption): looser than dedup."""
+
+    phash_max_distance: int | None = 8  # null: pHash does not group
+    semantic_threshold: float | None = 0.9  # needs --model; null: embeddings do not group
+
+    def __post_init__(self) -> None:
+        if self.phash_max_distance is not None:
+            _require(0 <= self.phash_max_distance <= 16, "split.phash_max_distance", "an integer in [0, 16] or null")
+        if self.semantic_threshold is not None:
+            _require(-1.0 <= self.semantic_threshold <= 1.0, "split.semantic_threshold", "a number in [-1, 1] or null")
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,17 @@ class FilterConfig:
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def __post_init__(self) -> None:
+        # What dedup lets through (a kept copy in another query) must still be grouped for the split.
+        d, s = self.dedup, self.split
+        if d.phash_max_distance is not None and (s.phash_max_distance is None or s.phash_max_distance < d.phash_max_distance):
+            raise ConfigError("filter config key 'split.phash_max_distance': expected an integer >= "
+                              f"dedup.phash_max_distance ({d.phash_max_distance})")
+        if d.semantic_threshold is not None and (s.semantic_threshold is None or s.semantic_threshold > d.semantic_threshold):
+            raise ConfigError("filter config key 'split.semantic_threshold': expected a number <= "
+                              f"dedup.semantic_threshold ({d.semantic_threshold})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (lists, not tuples) for report.json and for fingerprinting the per-record stages."""

@@ -1,25 +1,33 @@
-"""Duplicate removal: exact images, near-duplicate images, and repeated (query, text) pairs.
+"""Duplicate grouping: exact images, near-duplicate images (pHash), semantic duplicates, repeated (query, text).
 
-Runs once over all accepted records in input order, so "keep the first" is well defined and
-independent of how many workers produced the records.
+Runs once over all accepted records in input order, so "the first" of a group is well defined and
+independent of how many workers produced the records. A record that repeats an earlier group's
+representative joins that group with the reason naming the kind of repeat; it is not dropped
+here. Which member of a group is finally kept is the per-query cap's decision (data_tools.cap):
+when the representative's query is over its cap, another member may be kept instead, so an
+image is never lost because its first copy happened to sit in a capped query.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from hashlib import blake2b
+from typing import NamedTuple
+
+import numpy as np
 
 from data_tools.records import Reason
+from data_tools.semantic import SemanticIndex
 
 HASH_BITS = 64
 
 
 class HammingIndex:
-    """Finds a stored 64-bit hash within a Hamming distance, without comparing against all of them.
+    """Finds stored 64-bit hashes within a Hamming distance, without comparing against all of them.
 
     Multi-index hashing: split the bits into `max_distance + 1` bands; by pigeonhole, two hashes
     within `max_distance` agree exactly on at least one band, so only hashes sharing a band value
-    are compared.
+    are compared. Each stored hash carries a payload (the caller's record number).
     """
 
     def __init__(self, max_distance: int) -> None:
@@ -27,40 +35,68 @@ class HammingIndex:
         bands = max_distance + 1
         edges = [round(i * HASH_BITS / bands) for i in range(bands + 1)]
         self._bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
-        self._tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in self._bands]
+        self._tables: list[dict[int, list[tuple[int, int]]]] = [defaultdict(list) for _ in self._bands]
+
+    def first_near(self, value: int) -> int | None:
+        """The payload of the earliest-added stored hash within max_distance of `value`, or None."""
+        found = self.all_near(value)
+        return min(found) if found else None
 
     def contains_near(self, value: int) -> bool:
-        """Is some stored hash within max_distance of `value`?"""
-        for (shift, mask), table in zip(self._bands, self._tables):
-            for other in table.get((value >> shift) & mask, ()):
-                if (value ^ other).bit_count() <= self.max_distance:
-                    return True
-        return False
+        return self.first_near(value) is not None
 
-    def add(self, value: int) -> None:
+    def all_near(self, value: int) -> set[int]:
+        """Payloads of every stored hash within max_distance of `value`."""
+        found: set[int] = set()
         for (shift, mask), table in zip(self._bands, self._tables):
-            table[(value >> shift) & mask].append(value)
+            for other, payload in table.get((value >> shift) & mask, ()):
+                if (value ^ other).bit_count() <= self.max_distance:
+                    found.add(payload)
+        return found
+
+    def add(self, value: int, payload: int = 0) -> None:
+        for (shift, mask), table in zip(self._bands, self._tables):
+            table[(value >> shift) & mask].append((value, payload))
+
+
+class Duplicate(NamedTuple):
+    reason: Reason
+    of: int  # the representative's record number
 
 
 class Deduplicator:
-    """Keeps the first of each duplicate group; later members get the reason of the first check they fail."""
+    """Assigns each record to the group of the first earlier representative it repeats.
 
-    def __init__(self, phash_max_distance: int | None) -> None:
-        self._images: set[bytes] = set()
+    Checks in this order, the first match naming the reason: identical normalised pixels,
+    pHash within `phash_max_distance` bits, image-embedding cosine >= the semantic index's
+    threshold, the same (query, text). A record that repeats nothing becomes a representative.
+    """
+
+    def __init__(self, phash_max_distance: int | None, semantic: SemanticIndex | None = None) -> None:
+        self._images: dict[bytes, int] = {}
         self._near = HammingIndex(phash_max_distance) if phash_max_distance is not None else None
-        self._texts: set[bytes] = set()
+        self._semantic = semantic
+        self._texts: dict[bytes, int] = {}
 
-    def check(self, image_sha: bytes, phash: int, query: str, text: str) -> Reason | None:
-        """Return the duplicate reason, or None and remember the record as a kept representative."""
-        if image_sha in self._images:
-            return Reason.DUPLICATE_IMAGE
-        if self._near is not None and self._near.contains_near(phash):
-            return Reason.NEAR_DUPLICATE_IMAGE
+    def check(self, number: int, image_sha: bytes, phash: int, query: str, text: str,
+              embedding: np.ndarray | None = None) -> Duplicate | None:
+        """The group record `number` joins, or None (it is now a representative itself)."""
+        rep = self._images.get(image_sha)
+        if rep is not None:
+            return Duplicate(Reason.DUPLICATE_IMAGE, rep)
+        if self._near is not None and (rep := self._near.first_near(phash)) is not None:
+            return Duplicate(Reason.NEAR_DUPLICATE_IMAGE, rep)
+        if self._semantic is not None and embedding is not None:
+            if (rep := self._semantic.find(embedding)) is not None:
+                return Duplicate(Reason.SEMANTIC_DUPLICATE, rep)
         text_key = blake2b(f"{query}\x00{text}".encode(), digest_size=12).digest()
-        if text_key in self._texts:
-            return Reason.DUPLICATE_TEXT
-        self._images.add(image_sha)
+        rep = self._texts.get(text_key)
+        if rep is not None:
+            return Duplicate(Reason.DUPLICATE_TEXT, rep)
+        self._images[image_sha] = number
         if self._near is not None:
-            self._near.add(phash)
-        self._texts.add(text_key)
+            self._near.add(phash, number)
+        if self._semantic is not None and embedding is not None:
+            self._semantic.add(embedding, number)
+        self._texts[text_key] = number
         return None

@@ -3,13 +3,18 @@
 1. read      main process slices each dump into shards of raw items (streaming)
 2. per-record  workers parse, clean and choose text, check relevance, decode and hash images;
                each shard's result lands atomically in DIR/.work (reused by reruns)
-3. dedup     one pass over all accepted records in input order (exact, near, (query, text))
-4. cap       at most N pairs per query, chosen by a seeded content hash
-5. split     train/valid/test by a seeded hash of the image
-6. write     the chosen format and report.json under temporary names, all complete on disk
+3. score     (with --model) image-text similarity through cnclip's image-embedding cache;
+               --min-similarity / --keep-top drop low scorers (data_tools.scoring)
+4. dedup     duplicate groups over all accepted records in input order (exact, pHash, semantic
+               with --model, (query, text)) (data_tools.dedup)
+5. cap       at most N pairs per query by a seeded content hash; a group refused by one query
+               is offered to the query of its next copy (data_tools.cap)
+6. split     leak-free groups (shared caption, pHash and semantic neighbours) to one split each
+               (data_tools.split); steps 3-6 are orchestrated by data_tools.selection
+7. write     the chosen format and report.json under temporary names, all complete on disk
                before the first is renamed into place; report.json is renamed last
 
-Steps 3-6 see records in input order whatever the number of workers, so the output bytes do
+Steps 3-7 see records in input order whatever the number of workers, so the output bytes do
 not depend on --workers, and a resumed run writes the same bytes as an uninterrupted one.
 
 Crash safety: a file under its final name is always complete. While outputs are being renamed
@@ -37,15 +42,14 @@ from tqdm import tqdm
 
 from cnclip.errors import WorkerCrashed
 from cnclip.faults import crash_point
-from data_tools.cap import CapCandidate, cap_per_query, pair_priority
 from data_tools.config import FilterConfig
-from data_tools.dedup import Deduplicator
 from data_tools.files import StagedFiles, remove_temporaries
 from data_tools.readers import InputFile, InputReadError, discover_inputs, iter_items
-from data_tools.records import RawItem, Reason
+from data_tools.records import RawItem
 from data_tools.report import Tally, build_report
-from data_tools.shards import ShardTask, WorkDir, fingerprint, process_shard, read_light, read_rows, read_tally
-from data_tools.split import assign_split
+from data_tools.scoring import ScoringOptions
+from data_tools.selection import Choice, select
+from data_tools.shards import ShardTask, WorkDir, fingerprint, process_shard, read_rows, read_tally
 from data_tools.stages import RecordProcessor
 from data_tools.writers import Pair, Writer, make_writer
 
@@ -68,6 +72,7 @@ class BuildOptions:
     shard_size: int = 2_000
     workers: int = 1
     progress: bool = True
+    scoring: ScoringOptions | None = None  # --model and its filters; None: no model stage
 
 
 @dataclass(frozen=True)
@@ -83,41 +88,36 @@ class ShardRef:
     file: str  # the input file's display name, for accounting
 
 
-@dataclass(slots=True)
-class _Survivor:
-    """A deduplicated record waiting for the cap and the split (small: images stay on disk)."""
-
-    shard: int
-    row: int
-    query: str
-    sha: bytes
-
-
 def build_pairs(options: BuildOptions) -> BuildResult:
     """Run the whole pipeline; raises readers.InputError for unusable INPUT paths."""
     inputs = discover_inputs(list(options.inputs), exclude=options.out)
     options.out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(options.out)  # what a killed run left half-written
-    work = WorkDir(options.out / ".work", fingerprint(inputs, options.config, options.shard_size))
+    work_identity = fingerprint(inputs, options.config, options.shard_size)
+    work = WorkDir(options.out / ".work", work_identity)
     tally = Tally()
     for source in inputs:
         tally.add_file(source.display)
     shards, computed, input_errors = _run_record_stages(inputs, work, options)
     for shard in shards:
         tally.merge(read_tally(shard.path))
-    plan, split_counts = _select(shards, options, tally)
+    selection = select([shard.path for shard in shards], [shard.file for shard in shards], work_identity,
+                       config=options.config, splits=options.splits, seed=options.seed,
+                       per_query_cap=options.per_query_cap, scoring=options.scoring, tally=tally,
+                       progress=options.progress)
     parked = work.root / PARKED_REPORT
     previous = _listed_outputs(options.out / REPORT_NAME) | _listed_outputs(parked)
     writer = make_writer(options.format, options.out, _split_names(options))
     try:
-        outputs = _write_outputs(writer, shards, plan, options)
+        outputs = _write_outputs(writer, shards, selection.plan, options)
         report = build_report(
             tally,
-            splits=split_counts,
+            splits=selection.split_counts,
             outputs=outputs + [REPORT_NAME],
             input_errors=input_errors,
             settings=_settings(inputs, options),
         )
+        report.update(selection.report)  # similarity histogram, split groups
         writer.files.write(REPORT_NAME, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
         writer.files.finish()
     except BaseException:
@@ -219,55 +219,6 @@ def _process_in_worker(task: ShardTask) -> int:
 # ---------------------------------------------------------------- global stages (input order)
 
 
-def _select(shards: list[ShardRef], options: BuildOptions, tally: Tally) -> tuple[dict[int, list[tuple[int, str, int]]], dict[str, int]]:
-    """Dedup, cap and split; returns per shard the (row, split, id) of each kept pair, and split sizes."""
-    survivors = _deduplicate(shards, options, tally)
-    capped = _apply_cap(survivors, shards, options, tally)
-    plan: dict[int, list[tuple[int, str, int]]] = {}
-    split_counts = {name: 0 for name, fraction in options.splits if fraction > 0}
-    next_id = 1
-    for order, survivor in enumerate(survivors):
-        if order in capped:
-            continue
-        split = assign_split(survivor.sha, options.splits, options.seed)
-        plan.setdefault(survivor.shard, []).append((survivor.row, split, next_id))
-        split_counts[split] += 1
-        tally.add_kept(shards[survivor.shard].file, survivor.query)
-        next_id += 1
-    return plan, split_counts
-
-
-def _deduplicate(shards: list[ShardRef], options: BuildOptions, tally: Tally) -> list[_Survivor]:
-    dedup = Deduplicator(options.config.dedup.phash_max_distance)
-    survivors: list[_Survivor] = []
-    queries: dict[str, str] = {}  # one string object per distinct query
-    for shard_index, shard in enumerate(tqdm(shards, desc="dedup", unit="shard", file=sys.stderr, disable=not options.progress)):
-        columns = read_light(shard.path)
-        rows = zip(columns["location"], columns["query"], columns["text"], columns["sha"], columns["phash"])
-        for row, (location, query, text, sha, phash) in enumerate(rows):
-            reason = dedup.check(sha, phash, query, text)
-            if reason is not None:
-                tally.add_rejected(shard.file, query, reason, location)
-            else:
-                survivors.append(_Survivor(shard_index, row, queries.setdefault(query, query), sha))
-    return survivors
-
-
-def _apply_cap(survivors: list[_Survivor], shards: list[ShardRef], options: BuildOptions, tally: Tally) -> set[int]:
-    """Positions (in `survivors`) dropped by the per-query cap, already counted in the tally."""
-    candidates = (
-        CapCandidate(order, survivor.query, pair_priority(options.seed, survivor.sha))
-        for order, survivor in enumerate(survivors)
-    )
-    capped, capped_per_query = cap_per_query(candidates, options.per_query_cap)
-    for order in sorted(capped):
-        survivor = survivors[order]
-        tally.add_rejected(shards[survivor.shard].file, survivor.query, Reason.QUERY_CAP, None)
-    for query, count in capped_per_query.items():
-        tally.add_example(Reason.QUERY_CAP, f"query {query!r}: {count} pairs over the cap of {options.per_query_cap}")
-    return capped
-
-
 # ---------------------------------------------------------------- output
 
 
@@ -275,13 +226,16 @@ def _split_names(options: BuildOptions) -> tuple[str, ...]:
     return tuple(name for name, fraction in options.splits if fraction > 0)
 
 
-def _write_outputs(writer: Writer, shards: list[ShardRef], plan: dict[int, list[tuple[int, str, int]]], options: BuildOptions) -> list[str]:
+def _write_outputs(writer: Writer, shards: list[ShardRef], plan: dict[int, list[Choice]], options: BuildOptions) -> list[str]:
     """Every output file, complete on disk under its temporary name; returns the names."""
     for shard_index in tqdm(sorted(plan), desc="write", unit="shard", file=sys.stderr, disable=not options.progress):
-        rows = plan[shard_index]
-        records = read_rows(shards[shard_index].path, [row for row, _, _ in rows])
-        for (_, split, pair_id), record in zip(rows, records):
-            writer.add(Pair(pair_id, split, record["text"], record["query"], record["jpeg"], _pair_meta(record)))
+        choices = plan[shard_index]
+        records = read_rows(shards[shard_index].path, [choice.row for choice in choices])
+        for choice, record in zip(choices, records):
+            meta = _pair_meta(record)
+            if choice.similarity is not None:
+                meta["similarity"] = choice.similarity
+            writer.add(Pair(choice.id, choice.split, record["text"], record["query"], record["jpeg"], meta))
         crash_point("pairs-output")  # part of the output written, under temporary names
     return writer.finish()
 
@@ -325,7 +279,15 @@ def _settings(inputs: list[InputFile], options: BuildOptions) -> dict[str, Any]:
         "seed": options.seed,
         "shard_size": options.shard_size,
         "filters": options.config.to_dict(),
+        "scoring": _scoring_settings(options.scoring),
     }
+
+
+def _scoring_settings(scoring: ScoringOptions | None) -> dict[str, Any] | None:
+    if scoring is None:
+        return None
+    return {"model": scoring.model, "min_similarity": scoring.min_similarity, "keep_top": scoring.keep_top,
+            "per_query": scoring.per_query, "precision": scoring.precision}
 
 
 def _listed_outputs(report: Path) -> set[str]:

@@ -66,8 +66,10 @@ class Reason(StrEnum):
     # Global stages.
     DUPLICATE_IMAGE = "duplicate_image"
     NEAR_DUPLICATE_IMAGE = "near_duplicate_image"
+    SEMANTIC_DUPLICATE = "semantic_duplicate"  # image embedding within dedup.semantic_threshold of a kept image
     DUPLICATE_TEXT = "duplicate_text"
     QUERY_CAP = "query_cap"
+    LOW_SIMILARITY = "low_similarity"  # image-text similarity under --min-similarity / outside --keep-top
     # Last line of defence: an exception no stage foresaw (a bug to report); the run goes on.
     UNEXPECTED_ERROR = "unexpected_error"
 

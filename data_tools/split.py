@@ -1,13 +1,23 @@
-"""train/valid/test assignment by image.
+"""train/valid/test assignment by leak-free group.
 
-The split is a seeded hash of the image's dedup representative, not a shuffle: an image (and
-any near duplicate of it, which dedup has folded into its representative) can only ever land
-in one split, and adding more crawl data later does not move existing images between splits.
+Two pairs that share a normalised caption, or whose images are near each other (pHash within
+`split.phash_max_distance` bits, or image-embedding cosine >= `split.semantic_threshold` when a
+model scores the pairs), are linked; the connected components of these links are the groups, and
+every pair of a group goes to the same split. So no caption and no near-duplicate pair (at those
+thresholds, which are looser than dedup's: they catch what dedup let through) crosses splits.
+
+A group's split is a seeded hash of its first pair's image, not a shuffle: adding more crawl data
+later moves an existing pair only if the new data links its group to another one.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
+from collections.abc import Iterable
 from hashlib import blake2b
+
+import numpy as np
 
 from cnclip.errors import UsageError
 
@@ -38,3 +48,75 @@ def assign_split(image_key: bytes, splits: tuple[tuple[str, float], ...], seed: 
         if point < cumulative:
             return name
     return next(name for name, fraction in reversed(splits) if fraction > 0)  # float rounding at the top
+
+
+_NOT_CONTENT = re.compile(r"[\W_]+")
+
+
+def caption_key(text: str) -> str:
+    """A caption as the leak check compares it: NFKC, lower case, no spaces or punctuation."""
+    return _NOT_CONTENT.sub("", unicodedata.normalize("NFKC", text).lower())
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1; the root of a set is its smallest member (its first pair)."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:  # path compression
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def hamming_pairs(hashes: np.ndarray, max_distance: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Index pairs (as two arrays) of 64-bit hashes within `max_distance` bits (some pairs repeat).
+
+    Multi-index hashing, vectorised: by pigeonhole two such hashes agree on one of
+    `max_distance + 1` bands, so only hashes sharing a band value are compared, a bucket at a time.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    bands = max_distance + 1
+    edges = [round(i * 64 / bands) for i in range(bands + 1)]
+    for lo, hi in zip(edges, edges[1:]):
+        keys = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for start, end in zip(starts, ends):
+            if end - start < 2:
+                continue
+            members = order[start:end]
+            values = hashes[members]
+            for row in range(0, len(members) - 1, 1024):  # bounded memory for a crowded bucket
+                chunk = values[row:row + 1024]
+                close = np.bitwise_count(chunk[:, None] ^ values[None, :]) <= max_distance
+                a, b = np.nonzero(np.triu(close, k=row + 1))
+                if len(a):
+                    yield members[a + row], members[b]
+
+
+def leak_free_groups(captions: list[str], phashes: np.ndarray, phash_max_distance: int | None,
+                     semantic_pairs: Iterable[tuple[int, int]] = ()) -> UnionFind:
+    """Link pairs by identical caption_key, pHash neighbourhood and the given semantic pairs."""
+    groups = UnionFind(len(captions))
+    first_with: dict[str, int] = {}
+    for i, caption in enumerate(captions):
+        groups.union(first_with.setdefault(caption_key(caption), i), i)
+    if phash_max_distance is not None:
+        for a, b in hamming_pairs(phashes, phash_max_distance):
+            for i, j in zip(a.tolist(), b.tolist()):
+                groups.union(i, j)
+    for i, j in semantic_pairs:
+        groups.union(i, j)
+    return groups

@@ -3,13 +3,15 @@
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
-from data_tools.cap import CapCandidate, cap_per_query, pair_priority
+from data_tools.cap import CapGroup, cap_groups, pair_priority
 from data_tools.dedup import Deduplicator, HammingIndex
+from data_tools.semantic import SemanticIndex, normalise, similar_pairs
 from data_tools.records import Reason
 from cnclip.errors import UsageError
-from data_tools.split import assign_split, parse_splits
+from data_tools.split import assign_split, hamming_pairs, leak_free_groups, parse_splits
 
 
 @pytest.mark.parametrize("max_distance", [0, 2, 4, 8])
@@ -27,45 +29,79 @@ def test_hamming_index_matches_brute_force(max_distance):
         assert index.contains_near(q) is expected
 
 
-def test_dedup_keeps_the_first_and_gives_one_reason():
+def test_dedup_groups_under_the_first_and_gives_one_reason():
     dedup = Deduplicator(phash_max_distance=4)
     sha = [bytes([i]) * 16 for i in range(5)]
     base = 0x0F0F_0F0F_0F0F_0F0F
-    assert dedup.check(sha[0], base, "猫", "一只小猫") is None
-    assert dedup.check(sha[0], base ^ 0xFFFF_0000, "狗", "一只小狗") is Reason.DUPLICATE_IMAGE  # same pixels
-    assert dedup.check(sha[1], base ^ 0b111, "狗", "一只小狗") is Reason.NEAR_DUPLICATE_IMAGE  # 3 bits away
-    assert dedup.check(sha[2], ~base & (2**64 - 1), "猫", "一只小猫") is Reason.DUPLICATE_TEXT  # same query+text
-    assert dedup.check(sha[3], ~base & (2**64 - 1), "狗", "一只小猫") is None  # same text, other query: kept
-    assert dedup.check(sha[4], base ^ 0b111, "狗", "一只小狗") is Reason.NEAR_DUPLICATE_IMAGE  # rejected ones were not remembered...
-    assert dedup.check(sha[1], 0x1234, "狗", "一只小狗") is None  # ...so their image and text are still free
+    assert dedup.check(0, sha[0], base, "猫", "一只小猫") is None
+    assert dedup.check(1, sha[0], base ^ 0xFFFF_0000, "狗", "一只小狗") == (Reason.DUPLICATE_IMAGE, 0)  # same pixels
+    assert dedup.check(2, sha[1], base ^ 0b111, "狗", "一只小狗") == (Reason.NEAR_DUPLICATE_IMAGE, 0)  # 3 bits away
+    assert dedup.check(3, sha[2], ~base & (2**64 - 1), "猫", "一只小猫") == (Reason.DUPLICATE_TEXT, 0)  # same query+text
+    assert dedup.check(4, sha[3], ~base & (2**64 - 1), "狗", "一只小猫") is None  # same text, other query: new group
+    assert dedup.check(5, sha[4], base ^ 0b111, "狗", "一只小狗") == (Reason.NEAR_DUPLICATE_IMAGE, 0)  # members are not
+    assert dedup.check(6, sha[1], 0x1234, "狗", "一只小狗") is None  # representatives: their image and text are free
 
 
 def test_near_dedup_can_be_disabled():
     dedup = Deduplicator(phash_max_distance=None)
-    assert dedup.check(b"a" * 16, 7, "q", "t1") is None
-    assert dedup.check(b"b" * 16, 7, "q", "t2") is None
+    assert dedup.check(0, b"a" * 16, 7, "q", "t1") is None
+    assert dedup.check(1, b"b" * 16, 7, "q", "t2") is None
 
 
-def candidates(counts, seed=0):
-    order = 0
-    for query, n in counts.items():
-        for i in range(n):
-            yield CapCandidate(order, query, pair_priority(seed, f"{query}{i}".encode()))
-            order += 1
+def test_semantic_dedup_finds_the_kept_image_within_the_threshold():
+    rng = np.random.default_rng(0)
+    vectors = normalise(rng.normal(size=(600, 32)))
+    dedup = Deduplicator(None, SemanticIndex(32, threshold=0.95))
+    for number, vector in enumerate(vectors):  # 600 distinct directions: all kept (more than the exact buffer)
+        assert dedup.check(number, bytes([number % 256, number // 256]), 0, "q", f"t{number}", vector) is None
+    near = normalise(vectors[[3, 590]] + 0.02 * rng.normal(size=(2, 32)))  # one in the graph, one still pending
+    assert dedup.check(600, b"x", 0, "q", "u1", near[0]) == (Reason.SEMANTIC_DUPLICATE, 3)
+    assert dedup.check(601, b"y", 0, "q", "u2", near[1]) == (Reason.SEMANTIC_DUPLICATE, 590)
 
 
-def test_cap_per_query():
-    capped, per_query = cap_per_query(candidates({"猫": 30, "狗": 5, "鸟": 20}), cap=20)
-    assert per_query == {"猫": 10} and len(capped) == 10 and all(order < 30 for order in capped)
-    assert cap_per_query(candidates({"猫": 30}), cap=0) == (set(), {})
+def test_similar_pairs_matches_brute_force():
+    rng = np.random.default_rng(1)
+    centres = normalise(rng.normal(size=(40, 16)))
+    vectors = normalise(np.repeat(centres, 3, axis=0) + 0.08 * rng.normal(size=(120, 16)))
+    cosine = vectors @ vectors.T
+    expected = {(i, j) for i in range(120) for j in range(i + 1, 120) if cosine[i, j] >= 0.9}
+    assert expected and set(similar_pairs(vectors, 0.9)) == expected
 
 
-def test_cap_is_seeded_and_independent_of_input_order():
-    a, _ = cap_per_query(candidates({"猫": 50}, seed=1), cap=10)
-    b, _ = cap_per_query(reversed(list(candidates({"猫": 50}, seed=1))), cap=10)
-    c, _ = cap_per_query(candidates({"猫": 50}, seed=2), cap=10)
-    assert a == b and a != c
-    assert a != set(range(10, 50))  # a hash sample, not "the first 10"
+@pytest.mark.parametrize("max_distance", [2, 8])
+def test_hamming_pairs_match_brute_force(max_distance):
+    rng = random.Random(max_distance)
+    hashes = [rng.getrandbits(64) for _ in range(150)]
+    hashes += [h ^ sum(1 << bit for bit in rng.sample(range(64), rng.randrange(12))) for h in hashes[:150]]
+    expected = {(i, j) for i in range(300) for j in range(i + 1, 300) if (hashes[i] ^ hashes[j]).bit_count() <= max_distance}
+    found = {(min(a, b), max(a, b)) for left, right in hamming_pairs(np.array(hashes, dtype=np.uint64), max_distance)
+             for a, b in zip(left.tolist(), right.tolist())}
+    assert expected and found == expected
+
+
+def test_leak_free_groups_link_captions_that_differ_only_in_punctuation():
+    groups = leak_free_groups(["红色 连衣裙!", "红色连衣裙", "蓝色台灯", "ＡＢ猫", "ab猫"], np.array([0, 1 << 63, 7, 9, 11], dtype=np.uint64), None)
+    assert [groups.find(i) for i in range(5)] == [0, 0, 2, 3, 3]
+
+
+def test_cap_keeps_the_best_groups_of_each_query():
+    groups = [CapGroup(pair_priority(0, f"{q}{i}".encode()), (q,)) for q, n in (("猫", 30), ("狗", 5)) for i in range(n)]
+    chosen = cap_groups(groups, cap=20)
+    cat = sorted(range(30), key=lambda g: groups[g].priority)
+    assert set(chosen) == set(cat[:20]) | set(range(30, 35)) and set(chosen.values()) == {0}
+    assert cap_groups(groups, cap=0) == {g: 0 for g in range(35)}
+
+
+def test_cap_offers_a_refused_group_to_the_query_of_its_next_copy():
+    # group 0: first found by 猫 (full of better groups), copied under 狗 and 鸟; 狗 is full too.
+    groups = [CapGroup(100, ("猫", "猫", "狗", "鸟")), CapGroup(1, ("猫",)), CapGroup(2, ("狗",)), CapGroup(3, ("鸟",))]
+    assert cap_groups(groups, cap=1) == {1: 0, 2: 0, 3: 0}  # every query that found group 0 is full of better ones
+    groups[3] = CapGroup(200, ("鸟",))
+    assert cap_groups(groups, cap=1) == {0: 3, 1: 0, 2: 0}  # 猫 and 狗 refuse it, 鸟 takes it and drops group 3
+    # a displaced group moves on too, and the outcome does not depend on which group comes first
+    groups = [CapGroup(5, ("狗", "猫")), CapGroup(1, ("狗",)), CapGroup(9, ("猫",))]
+    assert cap_groups(groups, cap=1) == {0: 1, 1: 0}
+    assert cap_groups(groups[::-1], cap=1) == {1: 0, 2: 1}
 
 
 def test_parse_splits():
