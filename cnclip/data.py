@@ -136,6 +136,12 @@ def load_split(root: str | Path, split: str, skips: SkipLog) -> Split:
 # ---------------------------------------------------------------- preprocessing
 
 
+# The largest resize made whole (8 megapixels: any sane photo under any Chinese-CLIP config). Past it,
+# only the centre crop's region is resized, or, without a centre crop, the image is refused (a 1x20000
+# image under shortest_edge 224 would otherwise be resized to 1 gigapixel).
+MAX_RESIZED_PIXELS = 8_000_000
+
+
 class ImageTransform:
     """The checkpoint's image preprocessing, split into a per-image PIL part and a batched tensor part.
 
@@ -156,10 +162,36 @@ class ImageTransform:
         new_short, new_long = c.shortest_edge, int(c.shortest_edge * long / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
+    def _crop_box(self, width: int, height: int, size: tuple[int, int]) -> tuple[tuple[int, int], tuple] | None:
+        """The source region that becomes the centre crop of an image resized to `size`, or None.
+
+        Resizing only that region to the crop's size samples the same positions at the same scale
+        as resizing the whole image and cropping, without allocating the full resized image (a
+        1x20000 image under shortest_edge 224 would become 224x4,480,000). Pillow orders the two
+        filter passes differently for a region, so pixels can differ by a few levels of 255: used
+        only where the full resize would exceed MAX_RESIZED_PIXELS.
+        """
+        c = self.cfg
+        new_w, new_h = size
+        if not c.do_center_crop or new_w < c.crop_width or new_h < c.crop_height:
+            return None
+        top, left = (new_h - c.crop_height) // 2, (new_w - c.crop_width) // 2
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + c.crop_width) * sx, (top + c.crop_height) * sy)
+        return (c.crop_width, c.crop_height), box
+
     def pil_to_array(self, img: Image.Image) -> np.ndarray:
         """uint8 HxWx3 after resize and crop: cheap to ship from DataLoader workers."""
         img = to_rgb(img)  # transparency onto white, as transformers' convert_to_rgb does
-        img = img.resize(self._target_size(*img.size), resample=self.cfg.resample)
+        size = self._target_size(*img.size)
+        if size[0] * size[1] > MAX_RESIZED_PIXELS:  # bounded before resizing: only what is kept is made
+            cropped = self._crop_box(*img.size, size)
+            if cropped is not None:
+                out_size, box = cropped
+                return np.ascontiguousarray(np.asarray(img.resize(out_size, resample=self.cfg.resample, box=box)))
+            raise ValueError(f"image too elongated: {img.size[0]}x{img.size[1]} would be resized to "
+                             f"{size[0]}x{size[1]} (limit {MAX_RESIZED_PIXELS} pixels)")
+        img = img.resize(size, resample=self.cfg.resample)
         arr = np.asarray(img)
         if self.cfg.do_center_crop:
             h, w = arr.shape[:2]

@@ -83,7 +83,8 @@ def image_bytes_of(value: Any, base_dir: Path | None) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        return base64.urlsafe_b64decode(value.split(",", 1)[-1] + "=" * (-len(value) % 4))
+        payload = value.split(",", 1)[-1].strip()  # a data: URI's payload follows its first comma
+        return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))  # padding is the payload's
     raise ValueError(f"unsupported image cell of type {type(value).__name__}")
 
 

@@ -29,7 +29,8 @@ from conftest import DEMO_RECIPE, image_bytes, write_split
 
 RECIPE_CASES = {
     "unknown key": ("data: {root: d, generate: demo}\ntrain: {lrr: 1}\n", "unknown recipe key 'train.lrr'"),
-    "python tag": ("run_dir: !!python/object/apply:os.system ['touch /tmp/pwned']\n", "not a valid YAML recipe"),
+    # PWNED: a path inside the test's tmp_path, which the payload would create if it ran.
+    "python tag": ("run_dir: !!python/object/apply:os.system ['touch PWNED']\n", "not a valid YAML recipe"),
     "custom tag": ("run_dir: !secret x\n", "not a valid YAML recipe"),
     "list at top": ("- 1\n- 2\n", "must be a mapping"),
     "section not a mapping": ("train: 5\ndata: {root: d, generate: demo}\n", "'train': expected a mapping"),
@@ -45,10 +46,19 @@ RECIPE_CASES = {
 def test_hostile_recipe(tmp_path, case):
     text, message = RECIPE_CASES[case]
     path = tmp_path / "recipe.yaml"
-    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    path.write_bytes(text if isinstance(text, bytes) else text.replace("PWNED", str(tmp_path / "pwned")).encode())
     with pytest.raises(ConfigError, match=message):
         load_recipe(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_python_tag_payload_would_really_run(tmp_path):
+    """The check above can fail: an unsafe loader runs this very payload and creates the file."""
+    import yaml
+
+    text = RECIPE_CASES["python tag"][0].replace("PWNED", str(tmp_path / "pwned"))
+    yaml.unsafe_load(text)
+    assert (tmp_path / "pwned").exists()
 
 
 def test_hostile_override_without_equals():
@@ -224,6 +234,56 @@ def test_hostile_one_by_twenty_thousand_image_is_squashed_like_the_checkpoint():
     img = decode_rgb(_png(Image.new("RGB", (1, 20000), (0, 255, 0))))
     pixels = transform([img])
     assert pixels.shape == (1, 3, 32, 32) and torch.isfinite(pixels).all()
+
+
+def test_hostile_one_by_twenty_thousand_image_under_a_shortest_edge_config_is_bounded():
+    """shortest_edge 224 would resize 1x20000 to 224x4,480,000 (3 GB); only the centre crop is made."""
+    import tracemalloc
+
+    from cnclip.data import MAX_RESIZED_PIXELS
+
+    transform = ImageTransform(ImagePreprocess.from_dict({"size": {"shortest_edge": 224},
+                                                           "crop_size": {"height": 224, "width": 224}}))
+    img = decode_rgb(_png(Image.new("RGB", (1, 20000), (0, 255, 0))))
+    tracemalloc.start()
+    try:
+        pixels = transform([img])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert pixels.shape == (1, 3, 224, 224)
+    assert peak < 50e6 < 224 * 4_480_000 * 3
+    green = transform([Image.new("RGB", (224, 224), (0, 255, 0))])
+    assert (pixels - green).abs().max().item() < 1e-5
+    no_crop = ImageTransform(ImagePreprocess.from_dict({"size": {"shortest_edge": 224}, "do_center_crop": False}))
+    with pytest.raises(ValueError, match=f"image too elongated: 1x20000 .*limit {MAX_RESIZED_PIXELS}"):
+        no_crop([img])
+
+
+def test_hostile_bounded_resize_stays_close_to_the_full_resize(monkeypatch):
+    """Past the limit only the crop's region is resized: the same image, up to filter rounding."""
+    import cnclip.data
+
+    transform = ImageTransform(ImagePreprocess.from_dict({"size": {"shortest_edge": 36},
+                                                           "crop_size": {"height": 32, "width": 32}}))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((33, 120), (500, 375))]
+    full = transform(images)
+    monkeypatch.setattr(cnclip.data, "MAX_RESIZED_PIXELS", 100)
+    bounded = transform(images)
+    level = 1 / 255 / 0.26
+    assert (bounded - full).abs().mean().item() < 1.5 * level and (bounded - full).abs().max().item() < 20 * level
+
+
+@pytest.mark.parametrize("prefix", ["", "data:image/png;base64,", "data:image/jpeg;base64,", "data:,"])
+@pytest.mark.parametrize("cut", [0, 1, 2, 3])
+def test_hostile_from_hf_base64_cell_padding_is_the_payloads(prefix, cut):
+    """from-hf image cells: base64 with its padding stripped, bare or as a data: URI of any length."""
+    from data_tools.hf_dataset import image_bytes_of
+
+    raw = image_bytes() + b"x" * cut  # payload lengths of every remainder mod 3
+    text = prefix + base64.b64encode(raw).decode().rstrip("=")
+    assert image_bytes_of(text, None) == raw
 
 
 def test_hostile_corrupt_images_in_a_split_are_counted_during_caching(tmp_path, tiny_model_dir):
