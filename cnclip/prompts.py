@@ -36,6 +36,10 @@ def _content_lines(path: Path, what: str) -> list[tuple[int, str]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: {what} file is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return _numbered_lines(text)
+
+
+def _numbered_lines(text: str) -> list[tuple[int, str]]:
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)
             if line.strip() and not line.strip().startswith("#")]
 
@@ -82,11 +86,20 @@ class ClassList:
 def load_classes(path: str | Path) -> ClassList:
     """A class list file, or the name of one that ships with cnclip (see BUNDLED_CLASS_LISTS)."""
     path = BUNDLED_CLASS_LISTS[str(path)] if str(path) in BUNDLED_CLASS_LISTS and not Path(path).exists() else Path(path)
+    return _parse_classes(_content_lines(path, "class list"), path)
+
+
+def parse_classes(text: str, source: str = "<classes>") -> ClassList:
+    """A class list given as text (a web form, say), with the file format's rules; `source` names it in errors."""
+    return _parse_classes(_numbered_lines(text), Path(source))
+
+
+def _parse_classes(lines: list[tuple[int, str]], path: Path) -> ClassList:
     keys: list[str] = []
     names: list[tuple[str, ...]] = []
     key_line: dict[str, int] = {}
     name_owner: dict[str, tuple[str, int]] = {}
-    for lineno, line in _content_lines(path, "class list"):
+    for lineno, line in lines:
         where = f"{path}:{lineno}"
         parts = _KEY_SEPARATOR.split(line, maxsplit=1)
         if len(parts) != 2:

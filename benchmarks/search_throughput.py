@@ -1,0 +1,92 @@
+"""Search index speed: exact (faiss IndexFlatIP) vs approximate (HNSW) at 10k and 100k vectors; prints JSON.
+
+The vectors are uniformly random unit vectors of dimension 512 (the projection size of
+chinese-clip-vit-base-patch16), the queries other random unit vectors: the hardest case for an
+approximate index, since nothing clusters. Real image embeddings cluster and fare better.
+
+Per size and kind: build seconds, one-query latency (median and p95 over single queries, as a
+person's search sends them) and batch throughput (queries/s for a batch of all queries), and for
+HNSW recall@10 against the exact top 10 (the share of the exact ten neighbours it finds). The
+index structures are the ones `cnclip search index` builds (cnclip.search_index.build_faiss), and
+the result is what cnclip.search_index.APPROXIMATE_FROM is set from.
+
+    python benchmarks/search_throughput.py               # 10k and 100k (about a minute on 2 cores)
+    python benchmarks/search_throughput.py --sizes 2000  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cnclip.search_index import HNSW_EF_SEARCH, HNSW_M, build_faiss  # noqa: E402
+
+DIM, K = 512, 10
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, DIM), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def measure(index, queries: np.ndarray) -> dict:
+    single = []
+    for q in queries:
+        tic = time.perf_counter()
+        index.search(q[None, :], K)
+        single.append(time.perf_counter() - tic)
+    tic = time.perf_counter()
+    _, rows = index.search(queries, K)
+    batch = time.perf_counter() - tic
+    single.sort()
+    return {"query_ms_median": round(1000 * statistics.median(single), 3),
+            "query_ms_p95": round(1000 * single[int(0.95 * (len(single) - 1))], 3),
+            "batch_queries_per_s": round(len(queries) / batch, 1)}, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+    import faiss
+
+    rng = np.random.default_rng(0)
+    queries = unit(rng, args.queries)
+    results = []
+    for n in map(int, args.sizes.split(",")):
+        data = unit(rng, n)
+        row = {"vectors": n, "dim": DIM}
+        exact_rows = None
+        for kind in ("exact", "hnsw"):
+            tic = time.perf_counter()
+            index = build_faiss(data, kind)
+            build = time.perf_counter() - tic
+            timing, rows = measure(index, queries)
+            entry = {"build_s": round(build, 2), **timing}
+            if kind == "exact":
+                exact_rows = rows
+            else:
+                found = [len(set(a) & set(b)) / K for a, b in zip(rows.tolist(), exact_rows.tolist())]
+                entry["recall_at_10_vs_exact"] = round(float(np.mean(found)), 4)
+                entry["params"] = {"M": HNSW_M, "efSearch": HNSW_EF_SEARCH}
+            row[kind] = entry
+        results.append(row)
+        print(f"{n} vectors: {json.dumps(row)}", file=sys.stderr)
+    print(json.dumps({"benchmark": "search_throughput", "faiss": faiss.__version__,
+                      "threads": faiss.omp_get_max_threads(), "cpu": platform.processor() or platform.machine(),
+                      "load_average": os.getloadavg(), "queries": args.queries, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

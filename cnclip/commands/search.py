@@ -1,0 +1,108 @@
+"""`cnclip search index|query|image` (also `python -m cnclip.search`): build and query a search index.
+
+    cnclip search index SOURCE... --model MODEL_OR_RUN --out INDEX   # create, or update incrementally
+    cnclip search query INDEX "红色连衣裙" -k 10 [--json]              # text -> images
+    cnclip search image INDEX photo.jpg -k 10 [--json]                # image -> images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import EXIT_DATA, EXIT_MODEL, EXIT_USAGE, DataError, UsageError
+from .base import exit_status_help, run_command
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cnclip search", description="Text-to-image and image-to-image search over "
+                                     "your own images.", epilog=exit_status_help((EXIT_USAGE, EXIT_DATA, EXIT_MODEL)))
+    sub = parser.add_subparsers(dest="action", required=True)
+
+    build = sub.add_parser("index", help="embed images and write (or update) an index")
+    build.add_argument("sources", nargs="+", metavar="SOURCE",
+                       help="a folder of images (recursive), a Chinese-CLIP data directory or {split}_imgs.tsv, "
+                            "or build-pairs output")
+    build.add_argument("--model", required=True, help="run directory (best checkpoint) or model directory / hub id")
+    build.add_argument("--out", required=True, help="index directory; an existing index is updated incrementally")
+    build.add_argument("--split", help="for a data directory: only this split (default: every split found)")
+    build.add_argument("--kind", default="auto", choices=("auto", "exact", "hnsw"),
+                       help="exact (flat) or approximate (HNSW); auto = exact below 50,000 images")
+    build.add_argument("--rebuild", action="store_true", help="ignore an existing index and embed everything")
+    build.add_argument("--cache-dir", default=None, help="image-embedding cache (default: the run's, or ~/.cache)")
+    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    build.add_argument("--device", default="auto")
+    build.add_argument("--json", action="store_true", help="print the build report as JSON")
+
+    for name, what, help_text in (("query", "text", "the Chinese query text"),
+                                  ("image", "image", "an image file to find similar images to")):
+        p = sub.add_parser(name, help=f"search the index with {'a text' if what == 'text' else 'an image'}")
+        p.add_argument("index")
+        p.add_argument(what, help=help_text)
+        p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+        p.add_argument("--model", help="query model (default: the one that built the index; another is refused)")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.action == "index":
+        return run_command(lambda: _index(args))
+    return run_command(lambda: _query(args))
+
+
+def _index(args) -> int:
+    from ..inference import load_for_inference
+    from ..runtime import pick_runtime
+    from ..search_index import build_index
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    loaded = load_for_inference(args.model)
+    cache_dir = args.cache_dir or (loaded.recipe.cache.dir if loaded.recipe else None) or None
+    spec = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    report = build_index(args.sources, args.out, loaded, spec, pick_runtime(args.device, "auto"), split=args.split,
+                         kind=args.kind, cache_dir=cache_dir, batch_size=args.batch_size,
+                         num_workers=args.workers, rebuild=args.rebuild)
+    if args.json:
+        print(json.dumps({"index": str(args.out), **report.to_dict()}, ensure_ascii=False))
+    else:
+        print(f"{args.out}: {report.total} images ({report.kind} index); embedded {report.embedded}, "
+              f"reused {report.kept}, removed {report.removed}, undecodable {report.undecodable} "
+              f"in {report.seconds:.1f} s")
+    return 0
+
+
+def _query(args) -> int:
+    from ..search_index import Searcher
+
+    if args.k < 1:
+        raise UsageError(f"-k must be >= 1, got {args.k}")
+    searcher = Searcher.open(args.index, args.model, args.device)
+    if args.action == "query":
+        hits = searcher.by_text(args.text, args.k)
+        asked = args.text
+    else:
+        from ..images import decode_rgb
+
+        path = Path(args.image)
+        if not path.is_file():
+            raise UsageError(f"image not found: {path}")
+        try:
+            image = decode_rgb(path.read_bytes())
+        except ValueError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        hits = searcher.by_image(image, args.k)
+        asked = str(path)
+    if args.json:
+        print(json.dumps({"query": asked, "index": str(args.index), "results": [h.to_dict() for h in hits]},
+                         ensure_ascii=False))
+        return 0
+    print(f"{len(hits)} results for {asked!r} in {args.index}:")
+    print(f"{'rank':>4}  {'score':>7}  image")
+    for h in hits:
+        shown = h.ref if h.ref == h.caption or not h.caption else f"{h.ref}  {h.caption}"
+        print(f"{h.rank:>4}  {h.score:7.4f}  {shown}")
+    sys.stdout.flush()
+    return 0

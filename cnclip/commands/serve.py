@@ -1,0 +1,66 @@
+"""`cnclip serve INDEX [--host 127.0.0.1] [--port 7860]` (also `python -m cnclip.serve`): the search web app."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from pathlib import Path
+
+from ..errors import EXIT_DATA, EXIT_MODEL, EXIT_USAGE, UsageError
+from .base import exit_status_help, run_command
+
+log = logging.getLogger("cnclip.serve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..search_app import DEFAULT_MAX_UPLOAD_MB
+
+    parser = argparse.ArgumentParser(
+        prog="cnclip serve", description="Serve a page to search an index with Chinese text or an image, and to "
+        "classify an uploaded image zero-shot.", epilog=exit_status_help((EXIT_USAGE, EXIT_DATA, EXIT_MODEL)))
+    parser.add_argument("index", help="an index written by `cnclip search index`")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: loopback only; 0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--model", help="query model (default: the one that built the index; another is refused)")
+    parser.add_argument("--classes", help="class list that pre-fills the zero-shot box ('key: 名称1, 名称2' lines)")
+    parser.add_argument("--templates", help="prompt templates file (default: the shipped Chinese templates)")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                        help=f"largest accepted upload (default {DEFAULT_MAX_UPLOAD_MB} MB)")
+    parser.add_argument("-k", type=int, default=12, help="results shown by default")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    return run_command(lambda: _serve(args))
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from ..prompts import load_classes
+    from ..search_app import create_app
+    from ..search_index import Searcher
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0..65535, got {args.port}")
+    if args.max_upload_mb <= 0:
+        raise UsageError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    classes_text = ""
+    if args.classes:
+        classes = load_classes(args.classes)  # checked now: a bad file stops here, naming the line
+        classes_text = "\n".join(f"{k}: {', '.join(n)}" for k, n in zip(classes.keys, classes.names))
+    if args.templates and not Path(args.templates).is_file():
+        raise UsageError(f"--templates: file not found: {args.templates}")
+    searcher = Searcher.open(args.index, args.model, args.device)
+    app = create_app(searcher, classes_text=classes_text, templates_path=args.templates,
+                     max_upload_bytes=int(args.max_upload_mb * 2**20), default_k=args.k)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        log.warning("listening on %s: anyone who can reach this machine can search these images", args.host)
+    print(f"serving {len(searcher.index)} images from {args.index} on http://{args.host}:{args.port}/ "
+          f"(Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

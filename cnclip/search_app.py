@@ -1,0 +1,283 @@
+"""The search web app that `cnclip serve INDEX` runs: one page, a small JSON API, thumbnails.
+
+Built on Starlette (served by uvicorn) rather than Gradio: the page is one self-contained HTML file
+with a few lines of script (no external URLs, works offline, easy to drive from a browser test), the
+server is ~200 lines whose every route is visible here, and it adds two small packages instead of
+Gradio's tree. Uploads are raw request bodies, so no multipart parser is needed either.
+
+Safety, by construction:
+* Uploads are refused past `max_upload_bytes` (from Content-Length, and counted while streaming
+  for a body that does not announce its size) and decoded only by cnclip.images.decode_rgb, which
+  checks the pixel count from the header before decoding.
+* A thumbnail is addressed by its row number, never by a path: the path comes from the index and
+  cnclip.search_index.read_payload keeps it inside the indexed roots and checks its digest.
+* Every failure is a JSON `{"error": "..."}` with a 4xx status; the page shows the message and stays usable.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import threading
+import time
+from functools import lru_cache
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from .errors import CnclipError
+from .images import decode_rgb
+from .prompts import load_templates, parse_classes
+from .search_index import Searcher, read_payload
+
+DEFAULT_MAX_UPLOAD_MB = 10
+MAX_K = 100
+THUMB_SIDE = 256
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def classes_from_form(text: str):
+    """A class list typed into the page: `key: 名称1, 名称2` lines, or just one name per line."""
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not any(sep in stripped for sep in (":", "：", "\t")):
+            stripped = f"{stripped}: {stripped}"
+        lines.append(stripped)
+    return parse_classes("\n".join(lines), "class list")
+
+
+def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: str | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20, default_k: int = 12) -> Starlette:
+    index = searcher.index
+    templates = load_templates(templates_path)
+    model_lock = threading.Lock()  # one model call at a time: bounded memory, no thread contention
+
+    def results(hits, started: float) -> dict:
+        return {"results": [{"rank": h.rank, "score": round(h.score, 4), "label": index.items[h.row].label,
+                             "ref": h.ref, "thumb": f"/thumb/{h.row}"} for h in hits],
+                "ms": round(1000 * (time.perf_counter() - started), 1)}
+
+    def parse_k(request: Request) -> int:
+        raw = request.query_params.get("k", str(default_k))
+        try:
+            k = int(raw)
+        except ValueError:
+            raise BadRequest(400, f"k must be a whole number, got {raw!r}") from None
+        if not 1 <= k <= MAX_K:
+            raise BadRequest(400, f"k must be between 1 and {MAX_K}, got {k}")
+        return k
+
+    async def read_upload(request: Request):
+        announced = request.headers.get("content-length")
+        if announced and announced.isdigit() and int(announced) > max_upload_bytes:
+            raise BadRequest(413, f"the upload is {int(announced) / 2**20:.1f} MB; the limit is "
+                                  f"{max_upload_bytes / 2**20:.0f} MB")
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_upload_bytes:
+                raise BadRequest(413, f"the upload is over the limit of {max_upload_bytes / 2**20:.0f} MB")
+        if not body:
+            raise BadRequest(400, "no image in the request: choose or drop an image file")
+        try:
+            return decode_rgb(bytes(body))
+        except ValueError as exc:
+            raise BadRequest(400, f"cannot read the uploaded file as an image ({exc})") from None
+
+    def guarded(handler):
+        async def endpoint(request: Request):
+            try:
+                return await handler(request)
+            except BadRequest as exc:
+                return JSONResponse({"error": str(exc)}, status_code=exc.status)
+            except CnclipError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+        return endpoint
+
+    def locked(fn, *args):
+        def call():
+            with model_lock:
+                return fn(*args)
+        return run_in_threadpool(call)
+
+    async def page(request: Request):
+        return HTMLResponse(render_page(index, classes_text, default_k, max_upload_bytes))
+
+    async def info(request: Request):
+        m = index.manifest
+        return JSONResponse({"images": len(index), "kind": m["kind"], "model": m["model"]["spec"],
+                             "roots": m["roots"], "max_upload_bytes": max_upload_bytes})
+
+    async def search_text(request: Request):
+        started = time.perf_counter()
+        query = request.query_params.get("q", "").strip()
+        if not query:
+            raise BadRequest(400, "type some text to search for")
+        if len(query) > 1000:
+            raise BadRequest(400, f"the query is {len(query)} characters long; at most 1000")
+        k = parse_k(request)
+        return JSONResponse(results(await locked(searcher.by_text, query, k), started))
+
+    async def search_image(request: Request):
+        started = time.perf_counter()
+        k = parse_k(request)
+        image = await read_upload(request)
+        return JSONResponse(results(await locked(searcher.by_image, image, k), started))
+
+    async def classify(request: Request):
+        text = request.query_params.get("classes", "")
+        try:
+            classes = classes_from_form(text)
+        except CnclipError as exc:
+            raise BadRequest(400, str(exc)) from None
+        image = await read_upload(request)
+        top = await locked(searcher.classify, image, classes, templates, 5)
+        return JSONResponse({"classes": top, "templates": len(templates)})
+
+    @lru_cache(maxsize=512)
+    def thumbnail(row: int) -> bytes:
+        image = decode_rgb(read_payload(index.items[row]))
+        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+    async def thumb(request: Request):
+        raw = request.path_params["row"]
+        if not raw.isdigit() or int(raw) >= len(index):
+            return JSONResponse({"error": f"no image {raw!r} in this index"}, status_code=404)
+        try:
+            data = await run_in_threadpool(thumbnail, int(raw))
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=410)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    async def not_found(request: Request, exc):
+        return JSONResponse({"error": f"nothing at {request.url.path}"}, status_code=404)
+
+    return Starlette(exception_handlers={404: not_found}, routes=[
+        Route("/", page),
+        Route("/api/info", info),
+        Route("/api/search", guarded(search_text)),
+        Route("/api/image", guarded(search_image), methods=["POST"]),
+        Route("/api/classify", guarded(classify), methods=["POST"]),
+        Route("/thumb/{row}", thumb),
+    ])
+
+
+def render_page(index, classes_text: str, default_k: int, max_upload_bytes: int) -> str:
+    m = index.manifest
+    subtitle = (f"{len(index)} images · {m['kind']} index · model {m['model']['spec'].rsplit('/', 1)[-1]}")
+    return (PAGE.replace("{{SUBTITLE}}", html.escape(subtitle))
+            .replace("{{CLASSES}}", html.escape(classes_text))
+            .replace("{{K}}", str(default_k))
+            .replace("{{MAX_UPLOAD}}", json.dumps(max_upload_bytes)))
+
+
+PAGE = """<!doctype html>
+<html lang="zh-CN"><head><meta charset="utf-8"><title>cnclip 以文搜图</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font-family:system-ui,"Noto Sans CJK SC","WenQuanYi Micro Hei",sans-serif;margin:0;background:#f6f7f9;color:#222}
+header{background:#1f3b57;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
+header p{margin:4px 0 0;font-size:13px;opacity:.8}
+main{display:grid;grid-template-columns:320px 1fr;gap:20px;padding:20px 24px}
+section{background:#fff;border-radius:8px;padding:14px;box-shadow:0 1px 3px rgba(0,0,0,.1);margin-bottom:16px}
+h2{font-size:15px;margin:0 0 10px}input[type=text],textarea{width:100%;box-sizing:border-box;font-size:15px;padding:8px}
+button{margin-top:8px;padding:7px 14px;font-size:14px;border:0;border-radius:5px;background:#2d6cdf;color:#fff;cursor:pointer}
+#drop{border:2px dashed #9ab;border-radius:8px;padding:18px;text-align:center;color:#567;cursor:pointer}
+#drop.over{background:#eef4ff}#preview{max-width:100%;max-height:140px;display:none;margin:8px auto 0}
+#error{display:none;background:#fdecea;color:#8a1c12;border:1px solid #f5c2bd;padding:10px;border-radius:6px;margin-bottom:12px}
+#status{font-size:13px;color:#555;margin-bottom:10px}
+#results{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:14px}
+.hit{background:#fff;border-radius:8px;padding:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);font-size:13px}
+.hit img{width:100%;height:150px;object-fit:contain;background:#fafafa;display:block}
+.hit .label{margin-top:6px;word-break:break-all}.hit .score{color:#777}
+#classes-result table{width:100%;font-size:13px;border-collapse:collapse}#classes-result td{padding:3px}
+.bar{background:#2d6cdf;height:8px;border-radius:4px}
+</style></head><body>
+<header><h1>cnclip 以文搜图 · 以图搜图</h1><p>{{SUBTITLE}}</p></header>
+<main><div>
+<section><h2>文字搜索 Text search</h2>
+<form id="text-form"><input id="query" type="text" placeholder="例如：红色连衣裙" autocomplete="off">
+<label style="font-size:13px">top-k <input id="k" type="number" min="1" max="100" value="{{K}}" style="width:60px"></label>
+<button id="search" type="submit">搜索 Search</button></form></section>
+<section><h2>以图搜图 Image search</h2>
+<div id="drop">拖入图片或点击选择<br>Drop an image here or click<input id="upload" type="file" accept="image/*" hidden></div>
+<img id="preview" alt="uploaded image"></section>
+<section><h2>零样本分类 Zero-shot classify</h2>
+<textarea id="classes" rows="6" placeholder="每行一个类别，例如：&#10;猫&#10;狗&#10;car: 汽车, 轿车">{{CLASSES}}</textarea>
+<button id="classify">分类上传的图片 Classify the uploaded image</button>
+<div id="classes-result"></div></section>
+</div><div>
+<div id="error" role="alert"></div><div id="status">输入文字或上传图片开始搜索。</div>
+<div id="results"></div></div></main>
+<script>
+const MAX_UPLOAD = {{MAX_UPLOAD}};
+let lastImage = null;
+const $ = id => document.getElementById(id);
+function showError(msg){ const e=$('error'); e.textContent=msg; e.style.display=msg?'block':'none'; }
+async function call(url, opts){
+  showError('');
+  let r; try { r = await fetch(url, opts); } catch(err){ showError('server not reachable: '+err); return null; }
+  let body; try { body = await r.json(); } catch(err){ showError('bad response ('+r.status+')'); return null; }
+  if(!r.ok){ showError(body.error || ('error '+r.status)); return null; }
+  return body;
+}
+function show(data, what){
+  const box=$('results'); box.innerHTML='';
+  data.results.forEach(h=>{
+    const d=document.createElement('div'); d.className='hit'; d.dataset.ref=h.ref;
+    const img=document.createElement('img'); img.className='thumb'; img.src=h.thumb; img.alt=h.label; img.dataset.ref=h.ref;
+    const l=document.createElement('div'); l.className='label'; l.textContent=h.rank+'. '+h.label;
+    const s=document.createElement('div'); s.className='score'; s.textContent='score '+h.score.toFixed(3);
+    d.append(img,l,s); box.append(d);
+  });
+  $('status').textContent = data.results.length+' results for '+what+' ('+data.ms+' ms)';
+}
+$('text-form').addEventListener('submit', async ev=>{
+  ev.preventDefault();
+  const q=$('query').value.trim(); if(!q){ showError('type some text to search for'); return; }
+  const data=await call('/api/search?q='+encodeURIComponent(q)+'&k='+encodeURIComponent($('k').value));
+  if(data) show(data, '“'+q+'”');
+});
+async function searchImage(file){
+  if(file.size > MAX_UPLOAD){ showError('the file is '+(file.size/1048576).toFixed(1)+' MB; the limit is '+(MAX_UPLOAD/1048576).toFixed(0)+' MB'); return; }
+  lastImage=file; const p=$('preview'); p.src=URL.createObjectURL(file); p.style.display='block';
+  const data=await call('/api/image?k='+encodeURIComponent($('k').value), {method:'POST', body:file});
+  if(data) show(data, 'the uploaded image');
+}
+const drop=$('drop');
+drop.addEventListener('click', ()=>$('upload').click());
+$('upload').addEventListener('change', ev=>{ if(ev.target.files.length) searchImage(ev.target.files[0]); });
+drop.addEventListener('dragover', ev=>{ ev.preventDefault(); drop.classList.add('over'); });
+drop.addEventListener('dragleave', ()=>drop.classList.remove('over'));
+drop.addEventListener('drop', ev=>{ ev.preventDefault(); drop.classList.remove('over'); if(ev.dataTransfer.files.length) searchImage(ev.dataTransfer.files[0]); });
+$('classify').addEventListener('click', async ()=>{
+  if(!lastImage){ showError('upload an image first (Image search)'); return; }
+  const data=await call('/api/classify?classes='+encodeURIComponent($('classes').value), {method:'POST', body:lastImage});
+  if(!data) return;
+  const table=document.createElement('table');
+  data.classes.forEach(c=>{
+    const tr=table.insertRow(); const pct=(100*c.probability).toFixed(1)+'%';
+    tr.insertCell().textContent=c.name;
+    const bar=document.createElement('div'); bar.className='bar'; bar.style.width=pct;
+    const cell=tr.insertCell(); cell.style.width='50%'; cell.append(bar);
+    tr.insertCell().textContent=pct;
+  });
+  const out=$('classes-result'); out.innerHTML=''; out.append(table);
+  const note=document.createElement('div'); note.style.cssText='font-size:12px;color:#777';
+  note.textContent=data.templates+' templates'; out.append(note);
+});
+</script></body></html>
+"""

@@ -1,0 +1,528 @@
+"""A text-to-image / image-to-image search index over your own images (`cnclip search`, `cnclip serve`).
+
+An index is a directory:
+
+  index.json            manifest: version, the model that built it (spec and weight fingerprint),
+                        context length, index kind, the indexed roots, counts
+  items.jsonl           row -> {key, kind, root, ref, caption, digest, offset, length}: what row i is
+  vectors.safetensors   the unit-length image embeddings, row i = item i (float32)
+  faiss.index           the nearest-neighbour structure over those vectors (inner product = cosine)
+
+Guarantees:
+
+* Sources: a folder of images (searched recursively), a Chinese-CLIP split (`{split}_imgs.tsv`, with
+  captions from `{split}_texts.jsonl`), or build-pairs output (the same layout, or `{split}_pairs.jsonl`).
+  Images are embedded through the image-embedding cache training uses (cnclip.image_cache): a split
+  indexed whole hits the cache training filled.
+* Incremental: building into an existing index keeps every row whose key and content digest are
+  unchanged (its stored vector is reused, never re-embedded), embeds only new or changed images, and
+  drops rows whose image is gone. The faiss structure is rebuilt from the stored vectors.
+* Exact below APPROXIMATE_FROM vectors (faiss IndexFlatIP), HNSW from there on (measured with
+  benchmarks/search_throughput.py; see README "Search your images").
+* The index records the model's weight fingerprint; a query with another model is refused with a
+  message saying which model built it.
+* Reading an image back for a thumbnail never leaves the indexed roots: the row's stored path is
+  resolved (symlinks included) and must lie inside its root, and its content must still match the
+  digest recorded when it was indexed.
+* Every file is written atomically: the whole directory is swapped in when complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_dir
+from .errors import DataError, UsageError
+from .image_sources import IMAGE_EXTENSIONS, ImageTSV
+from .skiplog import SkipLog
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+MANIFEST, ITEMS, VECTORS, FAISS_FILE = "index.json", "items.jsonl", "vectors.safetensors", "faiss.index"
+KINDS = ("auto", "exact", "hnsw")
+# From this many vectors on, "auto" builds HNSW instead of the exact flat index. Measured with
+# benchmarks/search_throughput.py on a 2-core CPU (dim 512): exact search of one query takes ~2 ms at
+# 10k vectors and ~25 ms at 100k; HNSW (M=32, efSearch=128) ~0.3-0.7 ms with recall@10 >= 0.9
+# against exact at 10k and ~0.5 at 100k on uniformly random vectors (real embeddings cluster and fare better).
+# Below ~50k, exact answers a person's query well under the time a page takes to draw and is never wrong.
+APPROXIMATE_FROM = 50_000
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+
+
+# ---------------------------------------------------------------- the nearest-neighbour structure
+
+
+def choose_kind(count: int, requested: str = "auto") -> str:
+    if requested not in KINDS:
+        raise UsageError(f"index kind {requested!r}: choose from {', '.join(KINDS)}")
+    if requested != "auto":
+        return requested
+    return "hnsw" if count >= APPROXIMATE_FROM else "exact"
+
+
+def build_faiss(vectors: np.ndarray, kind: str):
+    """A faiss index over unit vectors where inner product is cosine similarity; row i keeps id i."""
+    import faiss
+
+    dim = vectors.shape[1]
+    if kind == "exact":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    else:
+        raise UsageError(f"index kind {kind!r}: choose from exact, hnsw")
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+# ---------------------------------------------------------------- what gets indexed
+
+
+@dataclass
+class Item:
+    """One indexed image. `key` is unique in the index and stable across rebuilds."""
+
+    key: str
+    kind: str  # "file" (ref = path relative to root), "tsv" (ref = image id), "pairs" (ref = pair id)
+    root: str  # absolute path: the folder of a file item, the TSV / JSONL file of the others
+    ref: str
+    caption: str
+    digest: str  # blake2b of the image bytes (base64 payload for TSV / pairs)
+    offset: int = 0  # byte range of the payload (TSV) or line (pairs) in `root`
+    length: int = 0
+
+    @property
+    def label(self) -> str:
+        """What a person sees under a thumbnail: the caption, else the path or id."""
+        return self.caption or self.ref
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _folder_items(root: Path, skips: SkipLog) -> list[Item]:
+    root = root.resolve()
+    items = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                skips.skip("symlink out of the folder", str(path))
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                skips.skip("unreadable file", str(path), exc.strerror or str(exc))
+                continue
+            ref = path.relative_to(root).as_posix()
+            items.append(Item(f"file:{root}:{ref}", "file", str(root), ref, "", _digest(data)))
+    return items
+
+
+def _captions(texts_path: Path) -> dict[int, str]:
+    """image id -> its first caption, from a `{split}_texts.jsonl` (bad lines are simply not captions)."""
+    from .data import read_texts
+
+    captions: dict[int, str] = {}
+    if texts_path.is_file():
+        for record in read_texts(texts_path, SkipLog(max_examples=0)):
+            for image_id in record.image_ids:
+                captions.setdefault(image_id, record.text)
+    return captions
+
+
+def _tsv_items(tsv: Path, skips: SkipLog) -> list[Item]:
+    tsv = tsv.resolve()
+    images = ImageTSV(tsv, skips)
+    captions = _captions(tsv.with_name(tsv.name[: -len("_imgs.tsv")] + "_texts.jsonl"))
+    items = []
+    for image_id in images.ids:
+        offset, length = images.offsets[image_id]
+        items.append(Item(f"tsv:{tsv}:{image_id}", "tsv", str(tsv), str(image_id), captions.get(image_id, ""),
+                          _digest(images.read(image_id)), offset, length))
+    return items
+
+
+def _pairs_items(path: Path, skips: SkipLog) -> list[Item]:
+    path = path.resolve()
+    items, offset = [], 0
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                image, pair_id = record["image"], str(record.get("id", lineno))
+                if not isinstance(image, str):
+                    raise TypeError("image is not a base64 string")
+            except (ValueError, KeyError, TypeError) as exc:
+                skips.skip("malformed pairs line", f"{path}:{lineno}", str(exc))
+                continue
+            items.append(Item(f"pairs:{path}:{pair_id}", "pairs", str(path), pair_id, str(record.get("text", "")),
+                              _digest(image.encode()), start, len(line)))
+    return items
+
+
+def discover(sources: list[str | Path], split: str | None, skips: SkipLog) -> list[Item]:
+    """Every image the sources hold, in a fixed order; an unusable source is a DataError naming it."""
+    items: list[Item] = []
+    for source in map(Path, sources):
+        if not source.exists():
+            raise DataError(f"source not found: {source}")
+        if source.is_file():
+            if source.name.endswith("_imgs.tsv"):
+                found = _tsv_items(source, skips)
+            elif source.name.endswith("_pairs.jsonl"):
+                found = _pairs_items(source, skips)
+            else:
+                raise DataError(f"{source}: expected a folder, a {{split}}_imgs.tsv or a {{split}}_pairs.jsonl")
+        else:
+            pattern = f"{split or '*'}"
+            tsvs = sorted(source.glob(f"{pattern}_imgs.tsv"))
+            pairs = sorted(source.glob(f"{pattern}_pairs.jsonl"))
+            if tsvs or pairs:  # a Chinese-CLIP layout or build-pairs output
+                found = [i for f in tsvs for i in _tsv_items(f, skips)] + [
+                    i for f in pairs for i in _pairs_items(f, skips)]
+            else:
+                found = _folder_items(source, skips)
+        if not found:
+            raise DataError(f"{source} holds no images to index (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
+                            f"files in the folder and its sub-folders, or {{split}}_imgs.tsv / _pairs.jsonl)")
+        items.extend(found)
+    keys: set[str] = set()
+    unique = []
+    for item in items:  # the same source given twice
+        if item.key not in keys:
+            keys.add(item.key)
+            unique.append(item)
+    return unique
+
+
+def read_payload(item: Item) -> bytes:
+    """The raw image bytes of an item, checked against its digest and kept inside its root.
+
+    ValueError with a short reason when the image moved out of bounds, changed or cannot be read.
+    """
+    if item.kind == "file":
+        root = Path(item.root).resolve()
+        path = (root / item.ref).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"{item.ref} lies outside the indexed folder {root}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"unreadable: {exc.strerror or exc}") from None
+        if _digest(data) != item.digest:
+            raise ValueError(f"{item.ref} changed since it was indexed; rebuild the index")
+        return data
+    try:
+        with open(item.root, "rb") as fh:
+            fh.seek(item.offset)
+            chunk = fh.read(item.length)
+    except OSError as exc:
+        raise ValueError(f"unreadable: {exc.strerror or exc}") from None
+    payload = chunk if item.kind == "tsv" else json.loads(chunk).get("image", "").encode()
+    if _digest(payload) != item.digest:
+        raise ValueError(f"{item.root} changed since it was indexed; rebuild the index")
+    return base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4))
+
+
+class ItemImages:
+    """A list of items as an ImageSource (cnclip.image_sources), so the image cache can embed them."""
+
+    def __init__(self, items: list[Item]):
+        self.items = items
+        self.ids = list(range(len(items)))
+        self.path = Path(items[0].root) if items else Path(".")
+        h = hashlib.blake2b(digest_size=16)
+        for item in items:
+            h.update(f"{item.key}\0{item.digest}\n".encode())
+        self.fingerprint = h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, i: int) -> bytes:
+        return base64.urlsafe_b64encode(read_payload(self.items[i]))
+
+
+# ---------------------------------------------------------------- the index on disk
+
+
+def model_fingerprint(clip) -> str:
+    """Both towers' weights: an index is only meaningful with the model whose embeddings it holds."""
+    from .models import image_tower_fingerprint, text_tower_fingerprint
+
+    return hashlib.blake2b(f"{image_tower_fingerprint(clip)}:{text_tower_fingerprint(clip)}".encode(),
+                           digest_size=16).hexdigest()
+
+
+@dataclass
+class SearchIndex:
+    path: Path
+    manifest: dict
+    items: list[Item]
+    vectors: np.ndarray  # float32, unit rows
+    faiss_index: object = field(repr=False, default=None)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SearchIndex":
+        from safetensors.numpy import load_file
+        import faiss
+
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise UsageError(f"{path} is not a search index (no {MANIFEST}); build one with "
+                             f"`cnclip search index SOURCE --model MODEL --out {path}`")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("version") != INDEX_VERSION:
+            raise UsageError(f"{path}: index version {manifest.get('version')} is not {INDEX_VERSION}; rebuild it")
+        with open(path / ITEMS, encoding="utf-8") as fh:
+            items = [Item(**json.loads(line)) for line in fh if line.strip()]
+        vectors = load_file(str(path / VECTORS))["vectors"]
+        return cls(path, manifest, items, vectors, faiss.read_index(str(path / FAISS_FILE)))
+
+    def check_model(self, fingerprint: str, spec: str) -> None:
+        built = self.manifest["model"]
+        if fingerprint != built["fingerprint"]:
+            raise UsageError(
+                f"model mismatch: {self.path} was built with {built['spec']!r} (weights {built['fingerprint'][:12]}), "
+                f"the query model {spec!r} has other weights ({fingerprint[:12]}); its embeddings would not be "
+                f"comparable. Query with --model {built['spec']}, or rebuild the index with "
+                f"`cnclip search index SOURCE --model {spec} --out {self.path}`")
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each queries x min(k, len); queries must be unit rows."""
+        k = max(1, min(k, len(self.items)))
+        scores, rows = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, rows
+
+    def write(self) -> None:
+        from safetensors.numpy import save_file
+        import faiss
+
+        with atomic_dir(self.path) as tmp:
+            with open(tmp / ITEMS, "w", encoding="utf-8") as fh:
+                for item in self.items:
+                    fh.write(json.dumps(asdict(item), ensure_ascii=False) + "\n")
+            save_file({"vectors": np.ascontiguousarray(self.vectors, dtype=np.float32)}, str(tmp / VECTORS))
+            faiss.write_index(self.faiss_index, str(tmp / FAISS_FILE))
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest, ensure_ascii=False, indent=2) + "\n",
+                                        encoding="utf-8")
+
+
+@dataclass
+class BuildReport:
+    total: int
+    kept: int  # rows reused from the existing index, not re-embedded
+    embedded: int  # new or changed images embedded now
+    removed: int  # rows dropped: the image is gone or changed
+    undecodable: int
+    kind: str
+    seconds: float
+    skipped: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_index(sources: list[str], out: str | Path, loaded, model_spec: str, runtime, *, split: str | None = None,
+                kind: str = "auto", cache_dir: str | None = None, batch_size: int = 64, num_workers: int = 0,
+                rebuild: bool = False) -> BuildReport:
+    """Create or update the index at `out` so that it holds exactly the images of `sources`."""
+    from .data import ImageTransform
+    from .image_cache import split_image_features
+    from .models import image_tower_fingerprint
+
+    tic = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not a search index; choose a new or empty directory")
+    clip = loaded.clip
+    fingerprint = model_fingerprint(clip)
+    old = SearchIndex.load(out) if (out / MANIFEST).is_file() and not rebuild else None
+    if old is not None:
+        old.check_model(fingerprint, model_spec)
+    skips = SkipLog()
+    items = discover(sources, split, skips)
+    previous = {(i.key, i.digest): row for row, i in enumerate(old.items)} if old else {}
+    keep_rows = [previous.get((i.key, i.digest)) for i in items]
+    todo = [i for i, row in zip(items, keep_rows) if row is None]
+    log.info("%d images: %d already indexed, %d to embed", len(items), len(items) - len(todo), len(todo))
+
+    new_vectors: dict[str, np.ndarray] = {}
+    bad: dict[str, str] = {}
+    if todo:
+        transform = ImageTransform(loaded.preprocess)
+        tower = image_tower_fingerprint(clip)
+        by_id = SkipLog(max_examples=0)
+        whole_tsv = _whole_tsv(todo, items)
+        source = ImageTSV(whole_tsv, SkipLog(max_examples=0)) if whole_tsv else ItemImages(todo)
+        features = split_image_features(source, clip, transform, tower, runtime, cache_dir, batch_size, num_workers,
+                                        by_id)
+        emb = F.normalize(features.embeddings.float(), dim=-1).numpy()
+        if whole_tsv:
+            by_ref = {str(image_id): row for row, image_id in enumerate(features.ids)}
+            for item in todo:
+                if item.ref in by_ref:
+                    new_vectors[item.key] = emb[by_ref[item.ref]]
+            bad = {f"tsv:{Path(whole_tsv).resolve()}:{i}": why for i, why in features.bad.items()}
+        else:
+            for row, i in enumerate(features.ids):
+                new_vectors[todo[i].key] = emb[row]
+            bad = {todo[i].key: why for i, why in features.bad.items()}
+        for key, why in bad.items():
+            skips.skip("undecodable image", key.split(":", 2)[-1], why)
+
+    rows, vectors = [], []
+    for item, row in zip(items, keep_rows):
+        if row is not None:
+            rows.append(item)
+            vectors.append(old.vectors[row])
+        elif item.key in new_vectors:
+            rows.append(item)
+            vectors.append(new_vectors[item.key])
+    if not rows:
+        raise DataError(f"none of the {len(items)} images in {', '.join(map(str, sources))} could be decoded")
+    matrix = np.stack(vectors).astype(np.float32)
+    chosen = choose_kind(len(rows), kind)
+    log.info("building the %s index over %d vectors", chosen, len(rows))
+    manifest = {
+        "version": INDEX_VERSION,
+        "model": {"spec": model_spec, "fingerprint": fingerprint},
+        "context_length": loaded.recipe.data.context_length if loaded.recipe else 52,
+        "kind": chosen, "dim": int(matrix.shape[1]), "count": len(rows),
+        "roots": sorted({i.root for i in rows}),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    SearchIndex(out, manifest, rows, matrix, build_faiss(matrix, chosen)).write()
+    kept = sum(r is not None for r in keep_rows)
+    return BuildReport(total=len(rows), kept=kept, embedded=len(new_vectors),
+                       removed=(len(old.items) - kept) if old else 0, undecodable=len(bad), kind=chosen,
+                       seconds=round(time.perf_counter() - tic, 3), skipped=skips.summary())
+
+
+def _whole_tsv(todo: list[Item], items: list[Item]) -> str | None:
+    """The TSV file when everything to embed is exactly one whole TSV: embedded as the split itself,
+    so the cache entry training made for that split is reused."""
+    roots = {i.root for i in todo}
+    if len(roots) != 1 or todo[0].kind != "tsv":
+        return None
+    root = roots.pop()
+    return root if len(todo) == sum(1 for i in items if i.root == root) else None
+
+
+# ---------------------------------------------------------------- querying with a model
+
+
+@dataclass
+class Hit:
+    rank: int
+    row: int
+    score: float
+    key: str
+    ref: str
+    caption: str
+    source: str  # the indexed root it comes from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Searcher:
+    """An index together with the model that built it: text, image and zero-shot queries."""
+
+    def __init__(self, index: SearchIndex, loaded, runtime, model_spec: str):
+        self.index, self.loaded, self.runtime = index, loaded, runtime
+        self.clip = loaded.clip.to(runtime.device).eval()
+        index.check_model(model_fingerprint(self.clip), model_spec)
+        self.context_length = int(index.manifest.get("context_length", 52))
+        from .data import ImageTransform
+
+        self.transform = ImageTransform(loaded.preprocess)
+        self._class_cache: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def open(cls, index_path: str | Path, model: str | None = None, device: str = "auto") -> "Searcher":
+        from .inference import load_for_inference
+        from .runtime import pick_runtime
+
+        index = SearchIndex.load(index_path)
+        spec = model or index.manifest["model"]["spec"]
+        return cls(index, load_for_inference(spec), pick_runtime(device, "auto"), spec)
+
+    def _hits(self, query: np.ndarray, k: int) -> list[Hit]:
+        scores, rows = self.index.search(query[None, :], k)
+        hits = []
+        for rank, (score, row) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), start=1):
+            if row < 0:  # HNSW can return fewer than k
+                continue
+            item = self.index.items[row]
+            hits.append(Hit(rank, row, float(score), item.key, item.ref, item.caption, item.root))
+        return hits
+
+    @torch.no_grad()
+    def text_embedding(self, text: str) -> np.ndarray:
+        from .data import tokenize
+        from .models import encode_texts
+
+        if not text.strip():
+            raise UsageError("the query text is empty")
+        tokens = {k: v.to(self.runtime.device) for k, v in
+                  tokenize(self.loaded.tokenizer, [text], self.context_length).items()}
+        with self.runtime.autocast():
+            emb = encode_texts(self.clip, **tokens).float().cpu()
+        return F.normalize(emb, dim=-1)[0].numpy()
+
+    @torch.no_grad()
+    def image_embedding(self, image) -> np.ndarray:
+        from .models import encode_images
+
+        with self.runtime.autocast():
+            emb = encode_images(self.clip, self.transform([image]).to(self.runtime.device)).float().cpu()
+        return F.normalize(emb, dim=-1)[0].numpy()
+
+    def by_text(self, text: str, k: int = 10) -> list[Hit]:
+        return self._hits(self.text_embedding(text), k)
+
+    def by_image(self, image, k: int = 10) -> list[Hit]:
+        return self._hits(self.image_embedding(image), k)
+
+    def classify(self, image, classes, templates: list[str], top_k: int = 5) -> list[dict]:
+        """Zero-shot: the image's top classes with probabilities (prompt ensembling, cnclip.classifier)."""
+        from .classifier import class_embeddings, logit_scale_of, probabilities, similarities
+
+        cache_key = (classes.keys, classes.names, tuple(templates))
+        if cache_key not in self._class_cache:
+            self._class_cache.clear()  # one class list at a time is what a page uses
+            self._class_cache[cache_key] = class_embeddings(self.clip, self.loaded.tokenizer, templates, classes,
+                                                            self.runtime, self.context_length, 256)
+        emb = torch.from_numpy(self.image_embedding(image))[None, :]
+        probs = probabilities(similarities(emb, self._class_cache[cache_key]), logit_scale_of(self.clip))[0]
+        values, idx = probs.topk(min(top_k, len(classes)))
+        return [{"key": classes.keys[i], "name": classes.names[i][0], "probability": v}
+                for v, i in zip(values.tolist(), idx.tolist())]
