@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from .errors import DataError
-from .image_sources import ImageTSV
+from .data_formats import open_split
+from .image_sources import ImageSource, ImageTSV
 from .images import decode_rgb, to_rgb
 from .models import ImagePreprocess
 from .skiplog import SkipLog
@@ -100,7 +101,7 @@ class Split:
     """One split: its images (by id) and its texts, with dangling image ids removed and counted."""
 
     name: str
-    images: ImageTSV
+    images: ImageSource  # ImageTSV, or a reader of cnclip.data_formats
     texts: list[TextRecord]
     labelled: bool
 
@@ -109,11 +110,17 @@ class Split:
         return [(t, image_id) for t, rec in enumerate(self.texts) for image_id in rec.image_ids]
 
 
-def load_split(root: str | Path, split: str, skips: SkipLog) -> Split:
-    root = Path(root)
-    images = ImageTSV(root / f"{split}_imgs.tsv", skips)
-    texts_path = root / f"{split}_texts.jsonl"
-    texts = read_texts(texts_path, skips)
+def load_split(root: str | Path, split: str, skips: SkipLog, fmt: str = "cnclip", image_column: str = "image",
+               text_column: str = "text") -> Split:
+    """One split in any `data.format` (cnclip.data_formats): the cnclip layout here, the others there."""
+    if fmt == "cnclip":
+        root = Path(root)
+        images = ImageTSV(root / f"{split}_imgs.tsv", skips)
+        texts_path = root / f"{split}_texts.jsonl"
+        texts = read_texts(texts_path, skips)
+    else:
+        images, tuples, texts_path = open_split(fmt, root, split, skips, image_column, text_column)
+        texts = [TextRecord(*fields) for fields in tuples]
     if not texts:
         raise DataError(f"split '{split}' has no usable texts: {texts_path}")
     if not images.ids:
@@ -131,6 +138,11 @@ def load_split(root: str | Path, split: str, skips: SkipLog) -> Split:
     if not kept:
         raise DataError(f"split '{split}': no text refers to an image that exists in {images.path}")
     return Split(split, images, kept, labelled)
+
+
+def load_data_split(data, split: str, skips: SkipLog) -> Split:
+    """A split as a recipe's `data` section describes it (root, format, hf columns)."""
+    return load_split(data.root, split, skips, data.format, data.image_column, data.text_column)
 
 
 # ---------------------------------------------------------------- preprocessing

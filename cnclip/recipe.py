@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .data_formats import FORMATS as DATA_FORMATS
 from .errors import ConfigError
 from .typed_config import build_config, read_yaml_mapping
 
@@ -54,8 +55,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Directory in the Chinese-CLIP layout: {split}_imgs.tsv + {split}_texts.jsonl.
+    # Where the data is, in `format` (cnclip/data_formats.py): a directory for cnclip
+    # ({split}_imgs.tsv + {split}_texts.jsonl), pairs ({split}_pairs.jsonl) and webdataset
+    # ({split}-*.tar, or a folder {split}/ of *.tar as img2dataset writes); for hf a Hub id, a
+    # save_to_disk directory, a directory of data files or one .parquet/.jsonl/.csv file.
     root: str = ""
+    # cnclip | pairs | webdataset | hf
+    format: str = "cnclip"
+    # hf: the columns holding the image and the caption (or a list of captions).
+    image_column: str = "image"
+    text_column: str = "text"
     train_split: str = "train"
     # Split evaluated at each epoch end (best checkpoint = best mean recall); null = no validation.
     valid_split: str | None = "valid"
@@ -124,6 +133,13 @@ class ZeroShotConfig:
 
 
 @dataclass
+class LoggingConfig:
+    # Also log metrics to TensorBoard under RUN/tensorboard/ (needs pip install "cnclip[tensorboard]").
+    # RUN/plots/*.png are drawn from metrics.jsonl in every run, whatever this says.
+    tensorboard: bool = False
+
+
+@dataclass
 class Recipe:
     run_dir: str = "runs/default"
     seed: int = 42
@@ -133,6 +149,7 @@ class Recipe:
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,7 +237,11 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         raise ConfigError("recipe key 'model.target_modules' must name at least one module (e.g. [query, value])")
     if not d.root:
         raise ConfigError("recipe key 'data.root' is required: a directory with {split}_imgs.tsv and {split}_texts.jsonl")
-    if check_data and d.generate is None:
+    if d.format not in DATA_FORMATS:
+        raise ConfigError(f"recipe key 'data.format': got {d.format!r}, accepted: {', '.join(DATA_FORMATS)}")
+    if check_data and d.generate is None and d.format != "cnclip":
+        _check_data_files(d)
+    if check_data and d.generate is None and d.format == "cnclip":
         for split in filter(None, (d.train_split, d.valid_split)):
             for suffix in ("_imgs.tsv", "_texts.jsonl"):
                 f = Path(d.root) / f"{split}{suffix}"
@@ -244,6 +265,18 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     if m.random_init and not Path(m.base).is_dir():
         raise ConfigError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
     _validate_zeroshot(recipe, check_data)
+
+
+def _check_data_files(d: DataConfig) -> None:
+    """The files a pairs / webdataset split needs (hf roots may be Hub ids: checked when read)."""
+    for split in filter(None, (d.train_split, d.valid_split)):
+        root = Path(d.root)
+        if d.format == "pairs" and not (root / f"{split}_pairs.jsonl").is_file():
+            raise ConfigError(f"recipe key 'data.root': missing data file {root / f'{split}_pairs.jsonl'} "
+                              f"(data.format pairs: {split}_pairs.jsonl as build-pairs --format pairs writes)")
+        if d.format == "webdataset" and not (any(root.glob(f"{split}-*.tar")) or any(root.glob(f"{split}/*.tar"))):
+            raise ConfigError(f"recipe key 'data.root': no webdataset shards for split '{split}' in {root} "
+                              f"(expected {split}-*.tar, or a folder {split}/ of *.tar as img2dataset writes)")
 
 
 def _validate_zeroshot(recipe: Recipe, check_data: bool) -> None:

@@ -20,7 +20,7 @@ from . import distributed
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
 from .errors import ConfigError, DataError, TrainingDiverged
 from .log_setup import setup_logging
-from .data import ImageTransform, Split, gather_tokens, load_split, tokenize
+from .data import ImageTransform, Split, gather_tokens, load_data_split, tokenize
 from .skiplog import SkipLog
 from .optim import make_optimizer, warmup_cosine
 from .runtime import Runtime, pick_runtime
@@ -34,6 +34,8 @@ from .recipe import Recipe, dump_recipe, flatten, load_recipe
 from .inference import RECIPE_FILE
 from .train_step import contrastive_step, prepare_text_tower
 from .classifier import ZeroShotTracker
+from .plots import write_run_plots
+from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog
 
 log = logging.getLogger("cnclip.trainer")
 
@@ -99,7 +101,8 @@ class NoMetricsLog:
 
 
 # Keys that change how a step is computed, never what it computes: a run may resume with other values.
-EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "train.compile", "train.packed_text"}
+EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "train.compile", "train.packed_text",
+                  "logging.tensorboard"}
 
 
 def skip_non_finite_step(state: TrainState, recipe: Recipe, run_dir: Path, metrics_log, loss: torch.Tensor,
@@ -189,13 +192,13 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
         return split_image_features(split.images, clip, transform, tower, runtime, recipe.cache.dir,
                                     recipe.cache.batch_size, recipe.data.num_workers, skips, recipe.cache.part_size)
 
-    train_split = load_split(recipe.data.root, recipe.data.train_split, skips)
+    train_split = load_data_split(recipe.data, recipe.data.train_split, skips)
     # Rank 0 fills the cache while the others wait, then they read it from disk.
     train_features = distributed.main_first(lambda: features_of(train_split))
     pairs = build_pairs(train_split, train_features, base.tokenizer, recipe.data.context_length, skips)
     valid_split = valid_features = None
     if recipe.data.valid_split:
-        valid_split = load_split(recipe.data.root, recipe.data.valid_split, skips)
+        valid_split = load_data_split(recipe.data, recipe.data.valid_split, skips)
         valid_features = distributed.main_first(lambda: features_of(valid_split))
         scorable_texts(valid_split, valid_features, skips)  # count, once, the texts recall cannot score
     zeroshot = (ZeroShotTracker.from_recipe(recipe, clip, base.tokenizer, transform, runtime, skips)
@@ -238,6 +241,8 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
                  total_steps)
     metrics_log = (MetricsLog(run_dir / "metrics.jsonl", state.global_step if checkpoint else None)
                    if main_rank else NoMetricsLog())
+    if main_rank and recipe.logging.tensorboard:  # the same entries, also as TensorBoard scalars
+        metrics_log = TensorBoardLog(metrics_log, run_dir / TENSORBOARD_DIR)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if checkpoint and summary_path.is_file() else {}
     if checkpoint is None:
@@ -315,6 +320,7 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
         summary["after"] = metrics
         summary["skipped"] = skips.summary()
         write_json(summary_path, summary)
+        write_run_plots(run_dir)  # RUN/plots/*.png, redrawn from metrics.jsonl
         state.epoch += 1
         state.step_in_epoch = 0
         save_checkpoint(run_dir, model, optimizer, scheduler, state)

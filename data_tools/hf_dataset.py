@@ -6,6 +6,10 @@ column and one or more captions per row. This writes one split of such a set as
 Rows are streamed (memory does not grow with the set); identical images share one image id, so
 several captions of one picture become positives of the same image; every row is counted as
 converted or skipped with a reason.
+
+It is a thin path over the reader training uses for `data.format: hf` (cnclip.data_formats):
+same opening rules, same image cells, same captions. Convert when you want a frozen copy in
+the Chinese-CLIP layout (e.g. to share it); to train, `data.format: hf` reads the set directly.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from cnclip.atomic import atomic_file, write_json
+from cnclip.data_formats import captions_of, image_bytes_of, open_hf
 from cnclip.errors import DataError
 from cnclip.images import decode_rgb
-
-DATA_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
 @dataclass
@@ -46,51 +49,7 @@ class Conversion:
 
 def open_rows(source: str, split: str, config: str | None, image_column: str) -> Iterable[dict]:
     """Stream the rows of a Hub id, a `save_to_disk` directory or a data file, images left as bytes."""
-    import datasets
-
-    path = Path(source)
-    try:
-        if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
-            loaded = datasets.load_from_disk(str(path))
-            ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        elif path.is_file():
-            builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise DataError(f"{path}: unsupported file type; accepted: {', '.join(DATA_FILE_BUILDERS)}")
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
-        else:
-            ds = datasets.load_dataset(source, config, split=split, streaming=True)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"could not open data set '{source}' (split {split!r}): {exc}") from None
-    columns = ds.column_names
-    if columns is not None and image_column not in columns:
-        raise DataError(f"'{source}' has no column '{image_column}'; columns: {', '.join(columns)}")
-    if isinstance(ds.features, datasets.Features) and isinstance(ds.features.get(image_column), datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # keep the original bytes
-    return ds
-
-
-def image_bytes_of(value: Any, base_dir: Path | None) -> bytes:
-    """An image cell as bytes: datasets' {"bytes", "path"} struct, raw bytes, or base64 text."""
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return value["bytes"]
-        if value.get("path") and base_dir is not None:
-            return (base_dir / value["path"]).read_bytes()
-        raise ValueError("image cell has neither bytes nor a readable path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, str):
-        payload = value.split(",", 1)[-1].strip()  # a data: URI's payload follows its first comma
-        return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))  # padding is the payload's
-    raise ValueError(f"unsupported image cell of type {type(value).__name__}")
-
-
-def captions_of(value: Any) -> list[str]:
-    captions = value if isinstance(value, list) else [value]
-    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    return open_hf(source, split, config, image_column, streaming=True)
 
 
 def convert(rows: Iterable[dict], out: Path, split: str, image_column: str, text_column: str,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..data import ImageTransform, load_split
+from ..data_formats import FORMATS
 from ..skiplog import SkipLog
 from ..errors import UsageError
 from ..image_cache import split_image_features
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="a run directory written by cnclip.finetune (its best checkpoint is used), "
                                       "or a model directory / hub id that ChineseCLIPModel.from_pretrained loads")
     parser.add_argument("--data", help="data directory in the Chinese-CLIP layout (default: the run's data.root)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="format of --data (cnclip/data_formats.py; default: the run's data.format, or cnclip)")
     parser.add_argument("--split", default=None, help="split to evaluate (default: the run's valid split, or 'valid')")
     parser.add_argument("--out", help="where prediction and result files go (default: RUN/eval, or ./eval)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
@@ -54,7 +57,9 @@ def _evaluate(args) -> int:
     clip = loaded.clip.to(runtime.device).eval()
 
     skips = SkipLog()
-    split = load_split(data_root, split_name, skips)
+    fmt = args.format or (recipe.data.format if recipe else "cnclip")
+    columns = (recipe.data.image_column, recipe.data.text_column) if recipe else ("image", "text")
+    split = load_split(data_root, split_name, skips, fmt, *columns)
     transform = ImageTransform(loaded.preprocess)
     features = split_image_features(split.images, clip, transform, image_tower_fingerprint(clip), runtime,
                                     cache_dir, args.batch_size, 0, skips)
