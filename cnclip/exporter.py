@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from .atomic import atomic_dir, write_json
+from .plots import copy_recall_plot
 from .model_card import CardInputs, base_model_id, configuration_json, read_run_metrics, render_card
 from .models import encode_images, encode_texts, is_lora, merged_model
 from . import original_format
@@ -141,10 +142,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
         else:
             original = write_original(merged, base, tmp, format, run_dir)
         write_json(tmp / "configuration.json", configuration_json())
+        recall_plot = copy_recall_plot(run_dir, tmp)  # the card shows RUN/plots/recall.png
         card = CardInputs(
             title=repo_id or out_dir.resolve().name, repo_id=repo_id, recipe=saved_recipe, metrics=metrics,
             dataset=dataset or Path(recipe.data.root).resolve().name, license=license, checkpoint=checkpoint,
-            format=format, original=original)
+            format=format, original=original, recall_plot=recall_plot)
         (tmp / "README.md").write_text(render_card(card), encoding="utf-8")
         readable_by_umask(tmp)
 

@@ -98,6 +98,8 @@ class CardInputs:
     format: str = "transformers"
     # The original-format file names / architecture, for the usage text of those layouts.
     original: dict | None = None
+    # File name of the validation-recall plot copied beside the card (cnclip.plots), or None.
+    recall_plot: str | None = None
 
 
 def front_matter(inputs: CardInputs) -> dict:
@@ -126,7 +128,7 @@ def _recall_rows(metrics: dict, label: str) -> list[str]:
     return rows
 
 
-def evaluation_section(metrics: RunMetrics | None, dataset: str) -> str:
+def evaluation_section(metrics: RunMetrics | None, dataset: str, plot: str | None = None) -> str:
     if metrics is None or not metrics.valid:
         reason = ("the run had no validation split (data.valid_split: null)" if metrics is not None
                   else "the exported checkpoint has no recorded validation metrics")
@@ -149,6 +151,8 @@ def evaluation_section(metrics: RunMetrics | None, dataset: str) -> str:
         lines += _recall_rows(metrics.before, " (base model, before fine-tuning)")
     lines += ["", f"Mean recall over both directions: **{v['mean_recall']:.2f}**"
               + (f" (base model before fine-tuning: {metrics.before['mean_recall']:.2f})." if metrics.before else ".")]
+    if plot:
+        lines += ["", f"![validation mean recall per epoch, both directions; dashed: before fine-tuning]({plot})"]
     return "\n".join(lines) + "\n"
 
 
@@ -251,7 +255,7 @@ symmetric contrastive loss. Captions are lower-cased and “ ” become " before
 - base model: {base_text}
 - exported from: the run's {inputs.checkpoint}
 
-{evaluation_section(inputs.metrics, inputs.dataset)}
+{evaluation_section(inputs.metrics, inputs.dataset, inputs.recall_plot)}
 ## Usage
 
 {usage}
@@ -285,7 +289,7 @@ model loads with plain transformers; a LoRA run's bare adapter is in `adapter/`.
 - base model: {base_text}
 - exported from: the run's {inputs.checkpoint}
 
-{evaluation_section(inputs.metrics, inputs.dataset)}
+{evaluation_section(inputs.metrics, inputs.dataset, inputs.recall_plot)}
 ## Usage
 
 {usage_snippet(inputs.repo_id, context_length)}

@@ -1,0 +1,105 @@
+"""Pictures of training: RUN/plots/*.png drawn from metrics.jsonl, TensorBoard logging, the card's recall plot."""
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from cnclip.exporter import export_run
+from cnclip.finetune import main as finetune_main
+from cnclip.plots import SERIES_KEY, figure, read_metrics, run_series, write_run_plots
+
+from conftest import DEMO_RECIPE, tiny_overrides
+
+
+def png_series(path):
+    """The PNG's pixels are checked to decode; returns the series it says it was drawn from."""
+    img = Image.open(path)
+    img.verify()
+    img = Image.open(path)
+    assert img.format == "PNG" and img.size == (640, 360)
+    assert len(img.convert("L").getcolors(256)) > 10  # not a blank picture
+    return json.loads(img.text[SERIES_KEY])
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    from conftest import make_tiny_dataset
+
+    root = tmp_path_factory.mktemp("plots")
+    data = make_tiny_dataset(root / "data")
+    run_dir = root / "run"
+    assert finetune_main([str(DEMO_RECIPE), *tiny_overrides(tiny_model_dir, data, run_dir,
+                                                            **{"logging.tensorboard": True})]) == 0
+    return run_dir
+
+
+def test_every_run_writes_plots_whose_curves_are_metrics_jsonl(run):
+    entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    steps = [e for e in entries if "loss" in e]
+    valid = [e for e in entries if "valid" in e]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["logit_scale.png", "loss.png", "lr.png", "recall.png"]
+    for key in ("loss", "lr", "logit_scale"):
+        series = png_series(run / "plots" / f"{key}.png")
+        assert series["x"] == [e["step"] for e in steps] and len(series["x"]) >= 4
+        assert list(series["lines"].values()) == [[e[key] for e in steps]]
+    recall = png_series(run / "plots" / "recall.png")
+    assert recall["x"] == [1, 2]
+    for direction, label in (("text_to_image", "text → image"), ("image_to_text", "image → text")):
+        assert recall["lines"][label] == [e["valid"][direction]["mean_recall"] for e in valid if e["epoch"] > 0]
+        assert recall["baseline"][label] == valid[0]["valid"][direction]["mean_recall"] and valid[0]["epoch"] == 0
+    # the picture draws exactly those numbers: solid curves, the baseline dashed in the curve's colour
+    fig = figure(recall)
+    lines = fig.axes[0].lines
+    solid = [ln for ln in lines if ln.get_linestyle() == "-"]
+    dashed = [ln for ln in lines if ln.get_linestyle() == "--"]
+    assert [list(ln.get_ydata()) for ln in solid] == list(recall["lines"].values())
+    assert [ln.get_ydata()[0] for ln in dashed] == list(recall["baseline"].values())
+    assert [ln.get_color() for ln in dashed] == [ln.get_color() for ln in solid]
+
+
+def test_zero_shot_series_and_a_torn_last_line(tmp_path):
+    valid = lambda t2i, i2t, z1: {"text_to_image": {"mean_recall": t2i}, "image_to_text": {"mean_recall": i2t},  # noqa: E731
+                                  "zeroshot": {"top1": z1, "top5": 100.0}}
+    lines = [{"step": 0, "epoch": 0, "valid": valid(5, 6, 19.4)},
+             {"step": 10, "epoch": 0, "loss": 2.0, "lr": 0.1, "logit_scale": 14.3},
+             {"step": 11, "epoch": 0, "skipped": "non-finite loss or gradient", "loss": "nan"},
+             {"step": 20, "epoch": 1, "valid": valid(50, 40, 80.0)}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"step": 3', "utf-8")
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 4
+    series = run_series(read_metrics(tmp_path / "metrics.jsonl"))
+    assert series["loss"]["x"] == [10]  # the skipped step is not a point
+    assert series["zeroshot"]["lines"] == {"top1": [80.0], "top5": [100.0]}
+    assert series["zeroshot"]["baseline"] == {"top1": 19.4, "top5": 100.0}
+    written = write_run_plots(tmp_path)
+    assert {p.name for p in written} == {"loss.png", "lr.png", "logit_scale.png", "recall.png", "zeroshot.png"}
+    assert png_series(tmp_path / "plots" / "zeroshot.png") == series["zeroshot"]
+
+
+def test_plotting_never_stops_training(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n', "utf-8")
+    (tmp_path / "plots").write_text("a file where the folder goes")
+    assert write_run_plots(tmp_path) == []
+
+
+def test_tensorboard_holds_the_same_numbers(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    entries = read_metrics(run / "metrics.jsonl")
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in loss] == [(e["step"], e["loss"]) for e in entries
+                                                                          if "loss" in e]
+    t2i = events.Scalars("valid/text_to_image/mean_recall")
+    assert [e.step for e in t2i] == [e["step"] for e in entries if "valid" in e]
+    assert t2i[0].value == pytest.approx(entries[0]["valid"]["text_to_image"]["mean_recall"], rel=1e-6)
+
+
+def test_model_card_embeds_the_recall_plot(run, tmp_path):
+    export_run(run, tmp_path / "export")
+    card = (tmp_path / "export" / "README.md").read_text(encoding="utf-8")
+    assert "](recall.png)" in card
+    assert (tmp_path / "export" / "recall.png").read_bytes() == (run / "plots" / "recall.png").read_bytes()
+    Image.open(io.BytesIO((tmp_path / "export" / "recall.png").read_bytes())).verify()
