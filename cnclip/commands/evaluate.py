@@ -38,6 +38,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per caption (default: the run's data.context_length, or 52)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache-dir", default=None, help="image-embedding cache (default: the run's, or ~/.cache)")
+    report = parser.add_argument_group("HTML report (cnclip/eval_report.py)")
+    report.add_argument("--report", nargs="?", const="", default=None, metavar="FILE",
+                        help="also write a self-contained HTML page (default FILE: OUT/report.html)")
+    report.add_argument("--report-sample", type=int, default=12, help="random queries shown (seeded; default 12)")
+    report.add_argument("--report-worst", type=int, default=8, help="worst-ranked queries shown (default 8)")
+    report.add_argument("--seed", type=int, default=0, help="seed of the query sample")
+    report.add_argument("--zeroshot-images", help="classification folder for the report's confusion matrix "
+                                                 "(default: the run's zeroshot.images)")
+    report.add_argument("--zeroshot-classes", help="its class list (default: the run's zeroshot.classes)")
     args = parser.parse_args(argv)
 
     return run_command(lambda: _evaluate(args))
@@ -76,4 +85,29 @@ def _evaluate(args) -> int:
         print(json.dumps({"split": split_name, **result.metrics}, ensure_ascii=False))
     for path in written:
         print(f"wrote {path}")
+    if args.report is not None:
+        _report(args, loaded, clip, split, features, runtime, context_length, cache_dir, result.metrics, out_dir,
+                split_name)
     return 0
+
+
+def _report(args, loaded, clip, split, features, runtime, context_length, cache_dir, metrics, out_dir,
+            split_name) -> None:
+    from ..eval_report import write_evaluation_report, zeroshot_scores
+
+    z = loaded.recipe.zeroshot if loaded.recipe else None
+    images = args.zeroshot_images or (z.images if z else "")
+    classes = args.zeroshot_classes or (z.classes if z else "")
+    if bool(images) != bool(classes):
+        raise UsageError("--zeroshot-images and --zeroshot-classes go together (a folder DIR/<class_key>/*.jpg "
+                         "and its class list)")
+    zeroshot = (zeroshot_scores(clip, loaded.tokenizer, loaded.preprocess, images, classes, z.templates if z else None,
+                                runtime, context_length, args.batch_size, cache_dir, SkipLog()) if images else None)
+    summary = write_evaluation_report(
+        Path(args.report) if args.report else out_dir / "report.html", title=f"cnclip evaluation: {args.model}, "
+        f"split {split_name}", clip=clip, tokenizer=loaded.tokenizer, split=split, features=features, runtime=runtime,
+        context_length=context_length, batch_size=args.batch_size, metrics=metrics, zeroshot=zeroshot,
+        sample=args.report_sample, worst=args.report_worst, seed=args.seed,
+        notes=[f"model {args.model} ({args.checkpoint} checkpoint), data {split.images.path}"])
+    print(f"wrote {summary['report']} ({summary['examples']} example queries"
+          f"{', zero-shot confusion matrix' if zeroshot else ''})")
