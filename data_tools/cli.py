@@ -11,6 +11,9 @@ from cnclip.commands.base import exit_status_help, run_command
 from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WORKER_CRASHED, UsageError,
                            WorkerCrashed, is_disk_full)
 from data_tools.config import load_config
+from data_tools.download import DEFAULT_USER_AGENT, DownloadOptions
+from data_tools.download_stats import summary_lines as download_summary
+from data_tools.engines import ENGINES
 from data_tools.pipeline import BuildOptions, BuildResult, build_pairs
 from data_tools.report import summary
 from data_tools.scoring import ScoringOptions
@@ -84,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the per-query cap and the split assignment (default: %(default)s)")
     build.add_argument("--shard-size", type=_positive_int, default=2_000, metavar="N", help="records per shard, the unit of parallel work and of resuming (default: %(default)s)")
     build.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    _add_download_arguments(build)
     scoring = build.add_argument_group(
         "model stage (CLIP score, semantic dedup, semantic split grouping)",
         "With --model, every accepted pair gets its Chinese-CLIP image-text similarity (stored in the meta "
@@ -154,6 +158,10 @@ def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         workers=args.workers,
         progress=not args.no_progress,
         scoring=_scoring_options(args),
+        download=_download_options(args),
+        retry_failed=args.retry_failed,
+        engine=args.engine,
+        ray_address=args.ray_address,
     )
     try:
         result = build_pairs(options)
@@ -178,8 +186,45 @@ def _scoring_options(args: argparse.Namespace) -> ScoringOptions | None:
                           precision=args.precision, batch_size=args.embed_batch_size)
 
 
+def _add_download_arguments(build: argparse.ArgumentParser) -> None:
+    group = build.add_argument_group(
+        "downloading (--download) and scale-out (--engine ray)",
+        "With --download, records with a `url` (or an http(s) `image`) but no image bytes are fetched once their "
+        "text passes; the normalised images are kept in DIR/.work, so a rerun fetches nothing already done. "
+        "Addresses that are not public (loopback, private, link-local, cloud metadata...) are refused at connect "
+        "time (blocked_address) unless --allow-private-network.")
+    group.add_argument("--download", action="store_true", help="fetch the images of URL-only records (without it they are rejected as no_image)")
+    group.add_argument("--download-concurrency", type=_positive_int, default=64, metavar="N", help="downloads in flight per worker (default: %(default)s)")
+    group.add_argument("--per-host-connections", type=_positive_int, default=8, metavar="N", help="downloads in flight per host and worker (default: %(default)s)")
+    group.add_argument("--per-host-rate", type=_positive_float, metavar="R", help="at most R requests per second per host and worker (default: no limit)")
+    group.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="S", help="seconds to connect (default: %(default)s)")
+    group.add_argument("--read-timeout", type=_positive_float, default=20.0, metavar="S", help="longest wait for the next bytes (default: %(default)s)")
+    group.add_argument("--download-timeout", type=_positive_float, default=60.0, metavar="S", help="whole download, redirects included (default: %(default)s)")
+    group.add_argument("--retries", type=_non_negative_int, default=3, metavar="N", help="retries after a timeout, connection error, 429 or 5xx, with exponential backoff or Retry-After (default: %(default)s)")
+    group.add_argument("--user-agent", metavar="UA", help=f"User-Agent header (default: {DEFAULT_USER_AGENT!r})")
+    group.add_argument("--allow-private-network", action="store_true", help="also download from loopback, private and link-local addresses (off: such URLs are blocked_address)")
+    group.add_argument("--retry-failed", action="store_true", help="rerun only the finished shards' retryable failures (timeouts, connection errors, 429, 5xx)")
+    group.add_argument("--engine", choices=ENGINES, default="local", help="where the per-shard stages run: local processes or Ray tasks; the output is the same (default: %(default)s)")
+    group.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to use with --engine ray (default: $RAY_ADDRESS, else a local Ray with --workers CPUs)")
+
+
+def _download_options(args: argparse.Namespace) -> DownloadOptions | None:
+    if not args.download:
+        if args.retry_failed or args.allow_private_network:
+            raise UsageError("--retry-failed and --allow-private-network need --download")
+        return None
+    return DownloadOptions(
+        concurrency=args.download_concurrency, per_host_connections=args.per_host_connections,
+        per_host_rate=args.per_host_rate, connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
+        total_timeout=args.download_timeout, retries=args.retries, user_agent=args.user_agent or DEFAULT_USER_AGENT,
+        allow_private_network=args.allow_private_network,
+    )
+
+
 def _print_summary(result: BuildResult, out: Path) -> None:
     print(summary(result.report))
+    if "downloads" in result.report:
+        print("\n".join(download_summary(result.report["downloads"])))
     reused = result.shards_total - result.shards_computed
     print(f"shards: {result.shards_total} ({result.shards_computed} computed, {reused} reused from {out / '.work'})")
     print(f"report: {out / 'report.json'}")
@@ -189,6 +234,16 @@ def _positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 

@@ -138,7 +138,7 @@ def _ray(tasks: Iterator[ShardTask], settings: StageSettings, workers: int, addr
 
 
 def _ray_loop(ray: Any, tasks: Iterator[ShardTask], settings: StageSettings) -> Iterator[int]:
-    remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+    remote = ray.remote(num_cpus=1, max_retries=2)(_ray_task)  # idempotent: a shard file is written whole or not at all
     settings_ref = ray.put(settings)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
     pending: list[Any] = []

@@ -2,7 +2,9 @@
 
 1. read      main process slices each dump into shards of raw items (streaming)
 2. per-record  workers parse, clean and choose text, check relevance, decode and hash images;
-               each shard's result lands atomically in DIR/.work (reused by reruns)
+               each shard's result lands atomically in DIR/.work (reused by reruns); with
+               --download, URL-only records that pass the text stages are fetched first
+               (data_tools.download); shards run here, in a process pool or on Ray (data_tools.engines)
 3. score     (with --model) image-text similarity through cnclip's image-embedding cache;
                --min-similarity / --keep-top drop low scorers (data_tools.scoring)
 4. dedup     duplicate groups over all accepted records in input order (exact, pHash, semantic
@@ -26,21 +28,17 @@ temporary names, removed by the next run, which resumes from the finished shards
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import multiprocessing
 import os
 import sys
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from cnclip.errors import WorkerCrashed
 from cnclip.faults import crash_point
 from data_tools.config import FilterConfig
 from data_tools.files import StagedFiles, remove_temporaries
@@ -49,8 +47,10 @@ from data_tools.records import RawItem
 from data_tools.report import Tally, build_report
 from data_tools.scoring import ScoringOptions
 from data_tools.selection import Choice, select
-from data_tools.shards import ShardTask, WorkDir, fingerprint, process_shard, read_rows, read_tally
-from data_tools.stages import RecordProcessor
+from data_tools.download import DownloadOptions
+from data_tools.download_stats import DownloadStats
+from data_tools.engines import StageSettings, run_shards
+from data_tools.shards import ShardTask, WorkDir, fingerprint, read_download_stats, read_retryable, read_rows, read_tally
 from data_tools.writers import Pair, Writer, make_writer
 
 DEFAULT_SPLITS = (("train", 0.98), ("valid", 0.01), ("test", 0.01))
@@ -73,6 +73,10 @@ class BuildOptions:
     workers: int = 1
     progress: bool = True
     scoring: ScoringOptions | None = None  # --model and its filters; None: no model stage
+    download: DownloadOptions | None = None  # --download: fetch URL-only records (data_tools.download)
+    retry_failed: bool = False  # rerun the finished shards' retryable download failures
+    engine: str = "local"  # or "ray" (data_tools.engines); never changes the output
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,14 +97,16 @@ def build_pairs(options: BuildOptions) -> BuildResult:
     inputs = discover_inputs(list(options.inputs), exclude=options.out)
     options.out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(options.out)  # what a killed run left half-written
-    work_identity = fingerprint(inputs, options.config, options.shard_size)
+    work_identity = fingerprint(inputs, options.config, options.shard_size, options.download)
     work = WorkDir(options.out / ".work", work_identity)
     tally = Tally()
     for source in inputs:
         tally.add_file(source.display)
     shards, computed, input_errors = _run_record_stages(inputs, work, options)
+    downloads = DownloadStats()
     for shard in shards:
         tally.merge(read_tally(shard.path))
+        downloads.merge(read_download_stats(shard.path))
     selection = select([shard.path for shard in shards], [shard.file for shard in shards], work_identity,
                        config=options.config, splits=options.splits, seed=options.seed,
                        per_query_cap=options.per_query_cap, scoring=options.scoring, tally=tally,
@@ -118,6 +124,8 @@ def build_pairs(options: BuildOptions) -> BuildResult:
             settings=_settings(inputs, options),
         )
         report.update(selection.report)  # similarity histogram, split groups
+        if options.download is not None:
+            report["downloads"] = downloads.to_report()  # success rate, per-host top failures
         writer.files.write(REPORT_NAME, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
         writer.files.finish()
     except BaseException:
@@ -137,7 +145,8 @@ def _run_record_stages(inputs: list[InputFile], work: WorkDir, options: BuildOpt
     computed = 0
     with tqdm(desc="records", unit="rec", file=sys.stderr, disable=not options.progress) as bar:
         tasks = _pending_tasks(inputs, work, options, shards, input_errors, bar)
-        for count in _execute(tasks, options.workers, options.config):
+        settings = StageSettings(options.config, options.download)
+        for count in run_shards(tasks, settings, options.engine, options.workers, options.ray_address):
             computed += 1
             bar.update(count)
     return shards, computed, input_errors
@@ -158,7 +167,10 @@ def _pending_tasks(
             path = work.shard_path(file_index, chunk_index)
             shards.append(ShardRef(path, source.display))
             if path.exists():
-                bar.update(len(items))
+                retry = len(read_retryable(path)) if options.retry_failed else 0
+                bar.update(len(items) - retry)
+                if retry:
+                    yield ShardTask(source, items, path, retry=True)  # only its retryable failures
                 continue
             yield ShardTask(source, items, path)
 
@@ -176,44 +188,6 @@ def _chunks(source: InputFile, size: int, max_member_bytes: int, input_errors: l
         input_errors.append(str(err))
     if chunk:
         yield chunk
-
-
-def _execute(tasks: Iterator[ShardTask], workers: int, config: FilterConfig) -> Iterator[int]:
-    """Run shard tasks in this process or a process pool; yields each finished shard's record count.
-
-    At most 2 x workers shards are in flight, so memory stays bounded however large the input.
-    """
-    if workers == 1:
-        processor = RecordProcessor(config)
-        for task in tasks:
-            yield process_shard(task, processor)
-        return
-    context = multiprocessing.get_context("spawn")  # no inherited locks or threads; same on every OS
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(config,)) as pool:
-        pending: deque[Future[int]] = deque()
-        try:
-            for task in tasks:
-                pending.append(pool.submit(_process_in_worker, task))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        except BrokenProcessPool:
-            raise WorkerCrashed("a worker process died unexpectedly (killed by a signal or out of memory)") from None
-
-
-_worker_processor: RecordProcessor | None = None
-
-
-def _init_worker(config: FilterConfig) -> None:
-    """Build the stages (jieba, OpenCC tables) once per worker process, not once per shard."""
-    global _worker_processor
-    _worker_processor = RecordProcessor(config)
-
-
-def _process_in_worker(task: ShardTask) -> int:
-    assert _worker_processor is not None, "worker not initialised"
-    return process_shard(task, _worker_processor)
 
 
 # ---------------------------------------------------------------- global stages (input order)
@@ -280,6 +254,7 @@ def _settings(inputs: list[InputFile], options: BuildOptions) -> dict[str, Any]:
         "shard_size": options.shard_size,
         "filters": options.config.to_dict(),
         "scoring": _scoring_settings(options.scoring),
+        "download": dataclasses.asdict(options.download) if options.download is not None else None,
     }
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import data_tools.pipeline
+import data_tools.engines
 from data_tools.config import config_from_dict
 from data_tools.pipeline import BuildOptions, build_pairs
 from data_tools.split import parse_splits
@@ -321,7 +321,7 @@ def test_rerun_reuses_finished_shards(crawl, tmp_path):
 
 def test_interrupted_run_resumes_to_identical_output(crawl, single, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real, calls = data_tools.pipeline.process_shard, []
+    real, calls = data_tools.engines.process_shard, []
 
     def crash_on_the_fifth(task, processor):
         calls.append(task)
@@ -329,11 +329,11 @@ def test_interrupted_run_resumes_to_identical_output(crawl, single, tmp_path, mo
             raise KeyboardInterrupt
         return real(task, processor)
 
-    monkeypatch.setattr(data_tools.pipeline, "process_shard", crash_on_the_fifth)
+    monkeypatch.setattr(data_tools.engines, "process_shard", crash_on_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         build_pairs(options(crawl, out))
     assert not (out / "report.json").exists() and not list(out.glob("*.tsv"))
-    monkeypatch.setattr(data_tools.pipeline, "process_shard", real)
+    monkeypatch.setattr(data_tools.engines, "process_shard", real)
     resumed = build_pairs(options(crawl, out))
     assert resumed.shards_computed == resumed.shards_total - 4
     assert output_files(out) == output_files(single[0])

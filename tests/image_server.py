@@ -1,0 +1,155 @@
+"""A local image server on 127.0.0.1 for the download tests: hostile and well-behaved routes, request counts.
+
+Routes (N is any integer; images are deterministic in N, so runs can be compared byte for byte):
+  /img/N.jpg        a 64x48 JPEG
+  /404              404
+  /flaky/N          500 the first time, then the image
+  /ratelimit/N      429 with Retry-After: 1 the first time, then the image
+  /down/N           503 while `server.down` is true, then the image
+  /slow             waits 2 s before answering
+  /endless          image/jpeg headers, a JPEG start, then bytes for ever (until the client hangs up)
+  /html             an HTML page, text/html
+  /fake.jpg         an HTML page sent as image/jpeg
+  /redirect/K/N     K redirects (302) before the image
+  /loop/a, /loop/b  redirect to each other
+  /noai             the image with X-Robots-Tag: noai
+  /truncated        the first half of a JPEG
+  /tiny             a 16x16 JPEG
+Every request is counted by path (`server.counts`) and timed (`server.times`).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+
+def jpeg(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    cells = np.random.default_rng(seed).integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(cells).resize(size, Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+HTML = b"<!doctype html><html><head><title>not an image</title></head><body>hello</body></html>"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ImageServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        with self.server.lock:
+            self.server.counts[path] += 1
+            self.server.times[path].append(time.monotonic())
+            seen = self.server.counts[path]
+        parts = path.strip("/").split("/")
+        route = parts[0]
+        if route == "img":
+            self._send(200, jpeg(int(parts[1].split(".")[0])))
+        elif route == "404":
+            self._send(404, b"not found", "text/plain")
+        elif route == "flaky":
+            self._send(500, b"oops", "text/plain") if seen == 1 else self._send(200, jpeg(int(parts[1])))
+        elif route == "ratelimit":
+            if seen == 1:
+                self._send(429, b"slow down", "text/plain", {"Retry-After": "1"})
+            else:
+                self._send(200, jpeg(int(parts[1])))
+        elif route == "down":
+            self._send(503, b"down", "text/plain") if self.server.down else self._send(200, jpeg(int(parts[1])))
+        elif route == "slow":
+            time.sleep(2)
+            self._send(200, jpeg(1))
+        elif route == "endless":
+            self._endless()
+        elif route == "html":
+            self._send(200, HTML, "text/html; charset=utf-8")
+        elif route == "fake.jpg":
+            self._send(200, HTML, "image/jpeg")
+        elif route == "redirect":
+            left, n = int(parts[1]), parts[2]
+            target = f"/redirect/{left - 1}/{n}" if left > 1 else f"/img/{n}.jpg"
+            self._send(302, b"", "text/plain", {"Location": target})
+        elif route == "loop":
+            self._send(302, b"", "text/plain", {"Location": "/loop/b" if parts[1] == "a" else "/loop/a"})
+        elif route == "noai":
+            self._send(200, jpeg(7), headers={"X-Robots-Tag": "noai"})
+        elif route == "truncated":
+            data = jpeg(8)
+            self._send(200, data[: len(data) // 2])
+        elif route == "tiny":
+            self._send(200, jpeg(9, (16, 16)))
+        else:
+            self._send(404, b"no such route", "text/plain")
+
+    def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _endless(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"\xff\xd8\xff\xe0" + b"\0" * 65532
+        try:
+            for _ in range(100_000):  # bounded: 6.5 GB at most, the client hangs up long before
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                with self.server.lock:
+                    self.server.endless_bytes += len(chunk)
+        except OSError:
+            pass
+        self.close_connection = True
+
+
+class ImageServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, 0), _Handler)
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.times: defaultdict[str, list[float]] = defaultdict(list)
+        self.down = True
+        self.endless_bytes = 0
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients hanging up on /slow and /endless is the point of those routes
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.counts.values())
+
+    def __enter__(self) -> ImageServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
