@@ -159,7 +159,7 @@ _PRECISIONS = ("auto", "fp32", "bf16")
 _GENERATORS = (None, "demo")
 _TEXT_TUNINGS = ("lora", "full")
 # The cn_clip architectures transformers' ChineseCLIPModel can hold (RN50's ResNet tower it cannot).
-ORIGINAL_ARCHS = ("ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
+ORIGINAL_ARCHS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
