@@ -421,26 +421,3 @@ def cn_clip_model_names(info: dict) -> dict:
                  if all(t[k] == info[k] for k in t if "dropout" not in k and "range" not in k)), "custom")
     return {"vision": vision, "text": text}
 
-
-def convert_to_transformers(src: str | Path, out_dir: str | Path, arch: str | None = None) -> dict:
-    """Write a transformers ChineseCLIP directory (weights, tokenizer, preprocessor_config.json) for an
-    original-format checkpoint; `cnclip convert` runs this. OUT_DIR must be new or empty."""
-    from .atomic import atomic_dir, write_json
-    from .errors import UsageError
-    from .exporter import readable_by_umask, save_tokenizer
-
-    src, out_dir = Path(src), Path(out_dir)
-    if not is_original_format(src):
-        raise UsageError(f"{src} is neither a cn_clip checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) nor a "
-                         f"ModelScope-layout directory ({MODELSCOPE_WEIGHTS} + {VISION_CONFIG} + {TEXT_CONFIG})")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UsageError(f"--to {out_dir} exists and is not an empty directory")
-    model = load_original(src, arch)
-    with atomic_dir(out_dir) as tmp:
-        model.clip.save_pretrained(str(tmp))
-        save_tokenizer(model.tokenizer, tmp)
-        write_json(tmp / "preprocessor_config.json", model.processor_config)
-        readable_by_umask(tmp)
-    return {"source": str(src), "out_dir": str(out_dir), "architecture": model.info,
-            "parameters": sum(p.numel() for p in model.clip.parameters()),
-            "check": "every original tensor used and converted back bit for bit"}

@@ -229,7 +229,11 @@ def test_modelscope_export_loads_with_modelscopes_clip_model(trained_run):
         "framework": "pytorch", "task": "multi-modal-embedding", "model": {"type": "clip-multi-modal-embedding"},
         "pipeline": {"type": "multi-modal-embedding"}}
     assert "pipeline(Tasks.multi_modal_embedding" in (directory / "README.md").read_text(encoding="utf-8")
-    model = modelscope_clip_class()(model_dir=str(directory))
+    modelscope_clip_class()
+    from modelscope.models import Model
+
+    model = Model.from_pretrained(str(directory))  # configuration.json picks ModelScope's CLIP model class
+    assert type(model).__name__ == "CLIPForMultiModalEmbedding"
     texts, tokens, pixels = probe_inputs()
     out = model.forward({"img": pixels, "text": tokens})
     ms_image, ms_text = out[OutputKeys.IMG_EMBEDDING], out[OutputKeys.TEXT_EMBEDDING]
