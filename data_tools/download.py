@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import logging
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +46,7 @@ from data_tools.netguard import BlockedAddress, GuardedBackend
 from data_tools.records import Reason
 
 K = TypeVar("K")
+log = logging.getLogger(__name__)
 USER_AGENT_TOKEN = "cnclip"  # what an X-Robots-Tag addressed to us names
 DEFAULT_USER_AGENT = f"{USER_AGENT_TOKEN}-data_tools/{__version__} (image-text pairs for CLIP training; honours X-Robots-Tag noai)"
 DISALLOWED_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
@@ -276,6 +278,9 @@ class Downloader:
                 result = Fetched(host, reason=failure.reason, detail=failure.detail, retry_after=failure.retry_after)
             except TimeoutError:
                 result = Fetched(host, reason=Reason.DOWNLOAD_TIMEOUT, detail=f"{redact(url)}: over {o.total_timeout:g} s in all")
+            except Exception as err:  # a client error nothing above foresaw: this URL fails, the run goes on
+                log.warning("unexpected download error on %s: %s", redact(url), type(err).__name__)
+                return Fetched(host, reason=Reason.UNEXPECTED_ERROR, detail=f"{redact(url)}: {type(err).__name__}")
             if not result.retryable or attempt >= o.retries:
                 return result
             delay = result.retry_after if result.retry_after is not None else o.backoff * 2**attempt
@@ -315,7 +320,9 @@ class Downloader:
                 raise _Failure(Reason.DOWNLOAD_TIMEOUT, f"{redact(url)}: {type(err).__name__}") from None
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as err:
                 raise _Failure(Reason.BAD_URL, f"{redact(url)}: {type(err).__name__}") from None
-            except httpx.TransportError as err:  # connect, read, write and protocol errors
+            except httpx.DecodingError:  # a Content-Encoding (gzip...) whose data does not decode
+                raise _Failure(Reason.NOT_IMAGE_BYTES, f"{redact(url)}: body does not decode as its Content-Encoding") from None
+            except httpx.RequestError as err:  # connect, read, write and protocol errors
                 raise _Failure(Reason.CONNECTION_ERROR, f"{redact(url)}: {type(err).__name__}: {_first_line(err)}") from None
 
     async def _read(self, response: httpx.Response, url: str, gate: _HostGate) -> bytes | str:

@@ -6,7 +6,9 @@ to a temporary name and renamed, so a shard is either finished or absent: a reru
 interruption computes only the missing shards. The global stages read only the small columns back.
 
 With --download the fetched images are part of the shard result (normalised, in the `jpeg`
-column), so a rerun after a kill fetches nothing a finished shard holds. The shard also keeps
+column), so a rerun after a kill fetches nothing a finished shard holds; while a shard is in
+progress, each finished download is journaled (data_tools.fetch_journal), so nothing finished
+in an unfinished shard is fetched again either. The shard also keeps
 its download accounting (per-host DownloadStats) and the list of records whose failure was
 retryable (timeout, connection error, 429, 5xx): `--retry-failed` reprocesses exactly those
 records of each finished shard and merges them into it, by their position in the shard.
@@ -14,6 +16,7 @@ records of each finished shard and merges them into it, by their position in the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,6 +33,7 @@ from cnclip.faults import crash_point
 from data_tools.config import FilterConfig
 from data_tools.download import DownloadOptions, Downloader, Fetched
 from data_tools.download_stats import DownloadStats
+from data_tools.fetch_journal import FetchJournal
 from data_tools.files import remove_temporaries, write_atomic
 from data_tools.readers import InputFile, meta_json
 from data_tools.records import RawItem, Reason, Record, Rejected
@@ -129,10 +133,12 @@ def process_shard(task: ShardTask, processor: RecordProcessor) -> int:
     """Run the per-record stages over one shard and write its result; returns the number of records."""
     if task.retry:
         return _retry_shard(task, processor)
-    outcomes = _run_records(task, processor, range(len(task.items)))
+    journal = FetchJournal(task.result_path)
+    outcomes = _run_records(task, processor, range(len(task.items)), journal)
     tally, stats, retry = Tally(), DownloadStats(), []
     table = _account(task.source.display, outcomes, tally, stats, retry)
     write_shard(task.result_path, table, tally, stats, retry)
+    journal.remove()
     crash_point("pairs-shard")  # between shards: this one is finished, the next not started
     return len(task.items)
 
@@ -145,18 +151,23 @@ def _retry_shard(task: ShardTask, processor: RecordProcessor) -> int:
     for entry in retry:
         tally.remove_rejected(file, entry["query"], Reason(entry["reason"]), entry["example"])
         stats.remove(entry["host"], entry["reason"])
-    outcomes = _run_records(task, processor, [entry["item"] for entry in retry])
+    journal = FetchJournal(task.result_path)  # bound to this state of the result: stale once it is rewritten
+    outcomes = _run_records(task, processor, [entry["item"] for entry in retry], journal)
     still: list[dict[str, Any]] = []
     fresh = _account(file, outcomes, tally, stats, still)
     merged = pa.concat_tables([old.replace_schema_metadata(None), fresh])
     merged = merged.take(pc.sort_indices(merged, sort_keys=[("item", "ascending")]))
     write_shard(task.result_path, merged, tally, stats, still)
+    journal.remove()
     crash_point("pairs-shard")
     return len(retry)
 
 
-def _run_records(task: ShardTask, processor: RecordProcessor, indices: Any) -> dict[int, _Outcome]:
-    """Outcomes of the records at `indices`; URL-only records are fetched concurrently, then decoded."""
+def _run_records(task: ShardTask, processor: RecordProcessor, indices: Any, journal: FetchJournal) -> dict[int, _Outcome]:
+    """Outcomes of the records at `indices`; URL-only records are fetched concurrently, then decoded.
+
+    Each finished download goes to the journal at once; those a killed run finished are taken from it.
+    """
     outcomes: dict[int, _Outcome] = {}
     to_fetch: list[tuple[tuple[int, Record], str]] = []
     for index in indices:
@@ -173,10 +184,13 @@ def _run_records(task: ShardTask, processor: RecordProcessor, indices: Any) -> d
             outcomes[index] = _failed(item.location, err)
     if to_fetch:
         assert processor.download is not None
+        done = journal.load()
+        for index, outcome in done.items():
+            outcomes[index] = _Outcome(**{**outcome, "reason": Reason(outcome["reason"]) if outcome["reason"] else None})
+        to_fetch = [job for job in to_fetch if job[0][0] not in done]
 
         def on_result(key: tuple[int, Record], fetched: Fetched) -> None:
             index, record = key
-            crash_point("pairs-download")
             location = task.items[index].location
             if fetched.data is None:
                 outcome = _Outcome(record.query, fetched.reason, _example(location, fetched.detail), download_failed=True,
@@ -189,8 +203,13 @@ def _run_records(task: ShardTask, processor: RecordProcessor, indices: Any) -> d
                     outcome = _failed(location, err)
             outcome.host = fetched.host
             outcomes[index] = outcome
+            journal.add(index, dataclasses.asdict(outcome))
+            crash_point("pairs-download")  # this download journaled, others in flight
 
-        Downloader(processor.download, processor.config.image.max_file_bytes).run(to_fetch, on_result)
+        try:
+            Downloader(processor.download, processor.config.image.max_file_bytes).run(to_fetch, on_result)
+        finally:
+            journal.close()
     return outcomes
 
 

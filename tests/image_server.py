@@ -14,6 +14,7 @@ Routes (N is any integer; images are deterministic in N, so runs can be compared
   /loop/a, /loop/b  redirect to each other
   /noai             the image with X-Robots-Tag: noai
   /truncated        the first half of a JPEG
+  /badgzip          image/jpeg with Content-Encoding: gzip and a body that does not decode
   /tiny             a 16x16 JPEG
 Every request is counted by path (`server.counts`) and timed (`server.times`).
 """
@@ -89,6 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == "truncated":
             data = jpeg(8)
             self._send(200, data[: len(data) // 2])
+        elif route == "badgzip":
+            self._send(200, b"\x1f\x8b\x08\x00garbage, not a gzip stream", headers={"Content-Encoding": "gzip"})
         elif route == "tiny":
             self._send(200, jpeg(9, (16, 16)))
         else:
