@@ -199,7 +199,7 @@ def _add_download_arguments(build: argparse.ArgumentParser) -> None:
     group.add_argument("--per-host-rate", type=_positive_float, metavar="R", help="at most R requests per second per host and worker (default: no limit)")
     group.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="S", help="seconds to connect (default: %(default)s)")
     group.add_argument("--read-timeout", type=_positive_float, default=20.0, metavar="S", help="longest wait for the next bytes (default: %(default)s)")
-    group.add_argument("--download-timeout", type=_positive_float, default=60.0, metavar="S", help="whole download, redirects included (default: %(default)s)")
+    group.add_argument("--download-timeout", type=_positive_float, default=60.0, metavar="S", help="one request, body included, from its start (not the wait for its host's turn) (default: %(default)s)")
     group.add_argument("--retries", type=_non_negative_int, default=3, metavar="N", help="retries after a timeout, connection error, 429 or 5xx, with exponential backoff or Retry-After (default: %(default)s)")
     group.add_argument("--user-agent", metavar="UA", help=f"User-Agent header (default: {DEFAULT_USER_AGENT!r})")
     group.add_argument("--allow-private-network", action="store_true", help="also download from loopback, private and link-local addresses (off: such URLs are blocked_address)")

@@ -67,7 +67,7 @@ class DownloadOptions:
     per_host_rate: float | None = None  # request starts per second per host; None: no limit
     connect_timeout: float = 10.0
     read_timeout: float = 20.0  # longest wait for the next bytes
-    total_timeout: float = 60.0  # whole attempt, redirects included: a slow drip cannot hold a slot forever
+    total_timeout: float = 60.0  # one request, body included: a slow drip cannot hold a slot forever
     retries: int = 3  # extra attempts after a retryable failure
     backoff: float = 1.0  # seconds before the first retry; doubled each time
     max_retry_after: float = 60.0  # a longer Retry-After fails the record now (retryable with --retry-failed)
@@ -218,7 +218,7 @@ class _Failure(Exception):
 
 
 class Downloader:
-    """Fetches URLs with one httpx client per `run`; build one per worker process."""
+    """Fetches URLs; each `run` has its own event loop, clients and per-host gates."""
 
     def __init__(self, options: DownloadOptions, max_bytes: int) -> None:
         self.options = options
@@ -272,12 +272,9 @@ class Downloader:
         attempt = 0
         while True:
             try:
-                async with asyncio.timeout(o.total_timeout):
-                    return Fetched(host, data=await self._attempt(client, url, gates))
+                return Fetched(host, data=await self._attempt(client, url, gates))
             except _Failure as failure:
                 result = Fetched(host, reason=failure.reason, detail=failure.detail, retry_after=failure.retry_after)
-            except TimeoutError:
-                result = Fetched(host, reason=Reason.DOWNLOAD_TIMEOUT, detail=f"{redact(url)}: over {o.total_timeout:g} s in all")
             except Exception as err:  # a client error nothing above foresaw: this URL fails, the run goes on
                 log.warning("unexpected download error on %s: %s", redact(url), type(err).__name__)
                 return Fetched(host, reason=Reason.UNEXPECTED_ERROR, detail=f"{redact(url)}: {type(err).__name__}")
@@ -310,10 +307,12 @@ class Downloader:
         if gate is None:
             gate = gates[host] = _HostGate(self.options.per_host_connections, self.options.per_host_rate)
         async with gate.slots:
-            await gate.wait_turn()
+            await gate.wait_turn()  # time spent waiting for the host's turn is not the download's
             try:
-                async with client.stream("GET", url) as response:
+                async with asyncio.timeout(self.options.total_timeout), client.stream("GET", url) as response:
                     return await self._read(response, url, gate)
+            except TimeoutError:
+                raise _Failure(Reason.DOWNLOAD_TIMEOUT, f"{redact(url)}: over {self.options.total_timeout:g} s") from None
             except BlockedAddress as err:
                 raise _Failure(Reason.BLOCKED_ADDRESS, str(err)) from None
             except httpx.TimeoutException as err:

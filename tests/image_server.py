@@ -6,6 +6,7 @@ Routes (N is any integer; images are deterministic in N, so runs can be compared
   /flaky/N          500 the first time, then the image
   /ratelimit/N      429 with Retry-After: 1 the first time, then the image
   /down/N           503 while `server.down` is true, then the image
+  /wait/N           the image after 0.2 s (`server.max_active`: most such requests at once)
   /slow             waits 2 s before answering
   /endless          image/jpeg headers, a JPEG start, then bytes for ever (until the client hangs up)
   /html             an HTML page, text/html
@@ -70,6 +71,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, jpeg(int(parts[1])))
         elif route == "down":
             self._send(503, b"down", "text/plain") if self.server.down else self._send(200, jpeg(int(parts[1])))
+        elif route == "wait":
+            with self.server.lock:
+                self.server.active += 1
+                self.server.max_active = max(self.server.max_active, self.server.active)
+            time.sleep(0.2)
+            with self.server.lock:
+                self.server.active -= 1
+            self._send(200, jpeg(int(parts[1])))
         elif route == "slow":
             time.sleep(2)
             self._send(200, jpeg(1))
@@ -133,6 +142,7 @@ class ImageServer(ThreadingHTTPServer):
         self.times: defaultdict[str, list[float]] = defaultdict(list)
         self.down = True
         self.endless_bytes = 0
+        self.active = self.max_active = 0
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     def handle_error(self, request, client_address) -> None:

@@ -186,6 +186,18 @@ def test_retry_failed_reruns_only_retryable_failures(server, tmp_path):
     assert fresh.report["kept"] == 4
 
 
+def test_per_host_connections_and_rate(server):
+    results = []
+    limited = Downloader(DownloadOptions(allow_private_network=True, concurrency=8, per_host_connections=2, **FAST), 10**6)
+    limited.run([(i, server.url(f"/wait/{i}")) for i in range(8)], lambda key, fetched: results.append(fetched))
+    assert all(r.data for r in results) and len(results) == 8
+    assert server.max_active == 2  # 8 download slots, but never more than 2 on one host
+    paced = Downloader(DownloadOptions(allow_private_network=True, concurrency=8, per_host_rate=10.0, **FAST), 10**6)
+    paced.run([(i, server.url(f"/img/{i}.jpg")) for i in range(6)], lambda key, fetched: results.append(fetched))
+    starts = sorted(server.times[f"/img/{i}.jpg"][0] for i in range(6))
+    assert starts[-1] - starts[0] >= 0.45  # 6 starts at 10 per second: 0.5 s from first to last
+
+
 def test_without_download_a_url_is_no_image(server, tmp_path):
     crawl = write_crawl(tmp_path / "crawl.jsonl", [server.url("/img/1.jpg")])
     result = build_pairs(BuildOptions(inputs=(str(crawl),), out=tmp_path / "out", config=config_from_dict(FILTERS), progress=False))
