@@ -41,7 +41,9 @@ def _coerce(value: Any, tp: Any, key: str, kind: str) -> Any:
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, key, kind)
-            except ConfigError:
+            except ConfigError as exc:
+                if isinstance(value, dict) and dataclasses.is_dataclass(option):
+                    raise  # a section (`Section | None`) given as a mapping: its own error names the bad key
                 continue
     elif tp is type(None):
         if value is None:

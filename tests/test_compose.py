@@ -27,7 +27,7 @@ def make_tiny_clip(out: Path, *, kind: str = "clip", seed: int = 0) -> Path:
     """A tiny random OpenAI-style CLIP (its own image processor: shortest edge + centre crop)."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=64,
                   patch_size=8, initializer_factor=3.0, projection_dim=32)
     torch.manual_seed(seed)
     if kind == "clip":
@@ -110,7 +110,7 @@ def test_compose_refuses_a_text_model_that_is_not_a_bert(towers):
         compose(towers[0], towers[0])
 
 
-def test_training_a_composed_model_learns_retrieval(towers, tmp_path):
+def test_training_a_composed_model_learns_retrieval(towers, tmp_path, capsys):
     """The LiT recipe end to end on the generated demo set, the whole text tower trained against the
     cached image embeddings: recall climbs far above chance. (LoRA training is tested in test_finetune.)"""
     tuning, lr = "full", 1e-3
@@ -125,3 +125,38 @@ def test_training_a_composed_model_learns_retrieval(towers, tmp_path):
     chance = 100 * (1 + 5 + 10) / 3 / summary["before"]["num_images"]
     print(f"{tuning}: mean recall {before:.1f} before, {after:.1f} after (chance {chance:.1f})")
     assert after > 4 * chance and after > before + 20
+    assert not (tmp_path / "run" / "best" / "adapter_config.json").exists()  # a full run has no adapter
+
+    # The result is a plain ChineseCLIPModel: the transformers export loads without cnclip and embeds like the run.
+    from transformers import AutoImageProcessor, ChineseCLIPModel
+
+    from cnclip.export import main as export_main
+    from cnclip.inference import load_for_inference
+    from cnclip.models import encode_texts
+
+    assert export_main([str(tmp_path / "run"), "--to", str(tmp_path / "out")]) == 0
+    exported = ChineseCLIPModel.from_pretrained(tmp_path / "out").eval()
+    run = load_for_inference(str(tmp_path / "run"))
+    tokens = run.tokenizer(["左上角有一个红色的圆形"], return_tensors="pt")
+    with torch.no_grad():
+        diff = (encode_texts(exported, **tokens) - encode_texts(run.clip, **tokens)).abs().max().item()
+    assert diff < 1e-5
+    assert type(AutoImageProcessor.from_pretrained(tmp_path / "out")).__name__.startswith("CLIPImageProcessor")
+    # The original layouts are served with cn_clip's fixed transform, not the CLIP's crop: said, not hidden.
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "run"), "--to", str(tmp_path / "ms"), "--format", "modelscope"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["export"]
+    assert "differs from the fixed transform the modelscope layout is served with" in report["preprocess_warning"]
+
+
+def test_recipe_errors_name_the_compose_keys():
+    from cnclip.errors import ConfigError
+    from cnclip.recipe import load_recipe
+
+    lit = REPO / "recipes" / "lit_zh.yaml"
+    assert load_recipe(lit, check_data=False).model.compose.text == "hfl/chinese-roberta-wwm-ext"
+    for override, message in (("model.text_tuning=half", "model.text_tuning': got 'half', accepted: lora, full"),
+                              ("model.compose.image=", "model.compose.image' is required"),
+                              ("model.compose.colour=x", "unknown recipe key 'model.compose.colour'")):
+        with pytest.raises(ConfigError, match=message):
+            load_recipe(lit, [override], check_data=False)
