@@ -14,17 +14,16 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterable, TypeVar
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
-# Rank 0 computes the image cache and runs validation while the others wait at a barrier: the
-# default 10-30 minute collective timeouts would kill a run caching a large data set.
+# Rank 0 runs validation while the others wait at a barrier, and the ranks wait for each other's
+# share of the image cache: the default 10-30 minute collective timeouts would kill such a run.
 DEFAULT_TIMEOUT = timedelta(hours=3)
 
 
@@ -98,14 +97,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def main_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0, then on the others: rank 0 fills a shared cache the others only read."""
-    if is_main():
-        result = fn()
-        barrier()
-        return result
-    barrier()
-    return fn()
+def any_rank(flag: bool, device: str | torch.device = "cpu") -> bool:
+    """True on every rank when `flag` is True on at least one: one decision that all ranks then follow."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

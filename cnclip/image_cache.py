@@ -12,6 +12,13 @@ Several processes may share one cache directory (two runs, a run and an evaluate
 job): one process computes an entry while holding its lock file (`<key>.lock`, released by the OS
 when the process dies), the others wait for it and then read the finished entry; an entry is read
 only once its manifest exists, and temporaries are removed only when their writer is gone.
+
+Under torchrun (`sharded=True`, every rank calling with the same images) the ranks share the work
+instead of waiting for one of them (the lock above is for independent processes):
+part i is embedded by rank i % world, each rank writes its own parts, and rank 0 writes the
+manifest once every part is on disk. Part boundaries depend only on `part_size`, so the entry is
+byte-identical to a single process's, and a job killed mid-cache resumes (on any number of
+processes) from the parts already written.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from .skiplog import SkipLog
 from .faults import crash_point
 from .atomic import atomic_file, remove_stale_temporaries, save_tensors, temporary_path, write_json
 from .models import encode_images
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +109,11 @@ class ImageFeatureCache:
         skips: SkipLog,
         desc: str = "caching image embeddings",
         part_size: int = 8192,
+        sharded: bool = False,
     ) -> ImageFeatures:
+        if sharded and distributed.is_distributed():
+            return self._get_or_compute_sharded(key, clip, images, transform, device, batch_size, num_workers,
+                                                autocast_dtype, skips, desc, part_size)
         cached = self.get(key)
         if cached is None:
             with self.lock(key):
@@ -111,6 +123,23 @@ class ImageFeatureCache:
                                   desc, part_size)
                     cached = self.get(key)
                     cached.computed = True
+        for image_id, why in cached.bad.items():
+            skips.skip("undecodable image", f"{images.path} image_id {image_id}", why)
+        return cached
+
+    def _get_or_compute_sharded(self, key, clip, images, transform, device, batch_size, num_workers, autocast_dtype,
+                                skips, desc, part_size) -> ImageFeatures:
+        """Every rank embeds its share of the parts; rank 0 writes the manifest when all are on disk."""
+        missing = distributed.any_rank(self.get(key) is None, device)  # one decision for every rank
+        if missing:
+            self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
+                          part_size, shard=(distributed.rank(), distributed.world_size()))
+            distributed.barrier()  # every part is written (the ranks' shares are equal: a short wait)
+            if distributed.is_main():
+                self._write_manifest(key, images, part_size, clip.visual_projection.out_features)
+            distributed.barrier()
+        cached = self.get(key)
+        cached.computed = missing
         for image_id, why in cached.bad.items():
             skips.skip("undecodable image", f"{images.path} image_id {image_id}", why)
         return cached
@@ -134,19 +163,20 @@ class ImageFeatureCache:
 
     @torch.no_grad()
     def _compute(self, key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
-                 part_size):
+                 part_size, shard: tuple[int, int] = (0, 1)):
+        """Write the parts numbered `rank (mod world)` that are not on disk yet; one process: all, and the manifest."""
+        rank, world = shard
         entry = self.root / key
         entry.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(entry)
         ids = images.ids
-        parts, bad = [], {}
-        progress = tqdm(total=len(ids), desc=desc, unit="img", dynamic_ncols=True)
-        for start in range(0, len(ids), part_size):
-            name = f"part-{start // part_size:05d}.safetensors"
+        starts = list(range(0, len(ids), part_size))[rank::world]
+        progress = tqdm(total=sum(min(part_size, len(ids) - s) for s in starts), desc=desc, unit="img",
+                        dynamic_ncols=True, disable=rank > 0)
+        for start in starts:
+            name = _part_name(start, part_size)
             bad_file = entry / f"{name}.bad.json"
             if (entry / name).is_file() and bad_file.is_file():  # finished by an earlier (killed) run
-                bad.update(json.loads(bad_file.read_text(encoding="utf-8")))
-                parts.append(name)
                 progress.update(min(part_size, len(ids) - start))
                 continue
             part_ids, part_emb, part_bad = self._encode(
@@ -160,13 +190,22 @@ class ImageFeatureCache:
             tmp = temporary_path(entry / name)
             save_tensors({"ids": torch.tensor(part_ids, dtype=torch.int64), "embeddings": emb.contiguous()}, tmp)
             os.replace(tmp, entry / name)
-            bad.update({str(k): v for k, v in part_bad.items()})
-            parts.append(name)
             crash_point("cache-part")
         progress.close()
+        if world == 1:
+            self._write_manifest(key, images, part_size, clip.visual_projection.out_features)
+
+    def _write_manifest(self, key: str, images, part_size: int, dim: int) -> None:
+        """The manifest that makes an entry readable: every part, and every undecodable image, in part order."""
+        entry = self.root / key
+        parts, bad = [], {}
+        for start in range(0, len(images.ids), part_size):
+            name = _part_name(start, part_size)
+            bad.update(json.loads((entry / f"{name}.bad.json").read_text(encoding="utf-8")))
+            parts.append(name)
         write_json(entry / "manifest.json",
-                   {"version": CACHE_VERSION, "parts": parts, "bad": bad, "count": len(ids),
-                    "dim": clip.visual_projection.out_features, "images": str(images.path)})
+                   {"version": CACHE_VERSION, "parts": parts, "bad": bad, "count": len(images.ids),
+                    "dim": dim, "images": str(images.path)})
 
     @staticmethod
     def _encode(clip, images, ids, transform, device, batch_size, num_workers, autocast_dtype, progress):
@@ -187,6 +226,10 @@ class ImageFeatureCache:
         return out_ids, out_emb, bad
 
 
+def _part_name(start: int, part_size: int) -> str:
+    return f"part-{start // part_size:05d}.safetensors"
+
+
 def split_image_features(
     split_images: ImageTSV,
     clip,
@@ -198,13 +241,17 @@ def split_image_features(
     num_workers: int,
     skips: SkipLog,
     part_size: int = 8192,
+    sharded: bool = False,
 ) -> ImageFeatures:
-    """The cached embeddings of every image in a split, computing them only when the key is new."""
+    """The cached embeddings of every image in a split, computing them only when the key is new.
+
+    sharded=True: called by every rank of a torchrun job, which then share the work (see the module doc).
+    """
     key = cache_key(tower_fingerprint, transform.cfg.to_dict(), split_images.fingerprint, runtime.precision)
     cache = ImageFeatureCache(cache_dir)
     features = cache.get_or_compute(
         key, clip, split_images, transform, runtime.device, batch_size, num_workers, runtime.autocast_dtype,
-        skips, desc=f"image embeddings ({split_images.path.name})", part_size=part_size,
+        skips, desc=f"image embeddings ({split_images.path.name})", part_size=part_size, sharded=sharded,
     )
     log.info("image embeddings for %s: %s (%d images, cache %s)", split_images.path.name,
              "computed" if features.computed else "loaded from cache", len(features.ids), cache.root / key)

@@ -139,8 +139,8 @@ def train(recipe: Recipe) -> dict:
 
     Data parallel: train.batch_size is the global batch, split evenly over the processes; the
     loss sees the whole global batch and gradients are averaged, so N processes train exactly
-    like one process with the same recipe (up to float rounding). Rank 0 computes the image
-    cache, validates, and writes every file; the data position in a checkpoint counts global
+    like one process with the same recipe (up to float rounding). The ranks share the work of
+    the image cache (each embeds its own parts); rank 0 validates and writes every file; the data position in a checkpoint counts global
     optimizer steps, so a run can resume on a different number of processes.
     """
     runtime = pick_runtime(recipe.train.device, recipe.train.precision)
@@ -189,17 +189,18 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
     tower = image_tower_fingerprint(clip)
 
     def features_of(split: Split) -> ImageFeatures:
+        # Every rank embeds its share of the cache parts, then all read the whole cache (image_cache.py).
         return split_image_features(split.images, clip, transform, tower, runtime, recipe.cache.dir,
-                                    recipe.cache.batch_size, recipe.data.num_workers, skips, recipe.cache.part_size)
+                                    recipe.cache.batch_size, recipe.data.num_workers, skips, recipe.cache.part_size,
+                                    sharded=True)
 
     train_split = load_data_split(recipe.data, recipe.data.train_split, skips)
-    # Rank 0 fills the cache while the others wait, then they read it from disk.
-    train_features = distributed.main_first(lambda: features_of(train_split))
+    train_features = features_of(train_split)
     pairs = build_pairs(train_split, train_features, base.tokenizer, recipe.data.context_length, skips)
     valid_split = valid_features = None
     if recipe.data.valid_split:
         valid_split = load_data_split(recipe.data, recipe.data.valid_split, skips)
-        valid_features = distributed.main_first(lambda: features_of(valid_split))
+        valid_features = features_of(valid_split)
         scorable_texts(valid_split, valid_features, skips)  # count, once, the texts recall cannot score
     zeroshot = (ZeroShotTracker.from_recipe(recipe, clip, base.tokenizer, transform, runtime, skips)
                 if main_rank else None)  # only rank 0 validates
