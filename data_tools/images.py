@@ -118,7 +118,7 @@ def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
         if image.format == "JPEG" and target != image.size:
             image.draft(image.mode, target)  # let libjpeg decode at 1/2, 1/4 or 1/8 scale: much faster
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # without in_place, an unrotated image is copied whole
         rgb = to_rgb(image)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on bad data
         raise Rejected(Reason.UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}") from None
