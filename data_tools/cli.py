@@ -27,7 +27,8 @@ Each INPUT is a JSONL or Parquet file of crawl records, an img2dataset-style web
 or a directory searched recursively for them. A record has `query` (the search query that found
 it), `image` (a path relative to the dump's directory, or base64 bytes), candidate captions
 `alt`, `title`, `context`, and optionally `url` (http/https) and `page_url`; other fields are
-kept as metadata.
+kept as metadata. A record with only a `url` is rejected as no_image unless --download fetches it
+(locally or on Ray with --engine ray; see the downloading options below).
 
 Stages: parse -> clean and choose a caption (full-width, HTML, URLs, emoji, Traditional ->
 Simplified, length, Chinese ratio, boilerplate) -> query relevance (jieba) -> image checks
