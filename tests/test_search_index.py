@@ -198,3 +198,28 @@ def test_cli_index_query_image_json_and_table(tiny_model_dir, tmp_path, capsys):
     assert "holds no images to index" in capsys.readouterr().err
     assert search_main(["query", str(tmp_path / "nowhere"), "x"]) == 2
     assert "is not a search index" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_mismatched_model_and_a_bad_class_list_before_listening(tiny_model_dir, tmp_path, capsys):
+    from cnclip.commands.serve import main as serve_main
+
+    build(make_photos(tmp_path / "photos"), tmp_path / "idx", tiny_model_dir)
+    other = make_tiny_model(tmp_path / "other", seed=2)
+    assert serve_main([str(tmp_path / "idx"), "--model", str(other), "--port", "1"]) == 2
+    assert "model mismatch" in capsys.readouterr().err
+    (tmp_path / "one.txt").write_text("red: 红色\n", encoding="utf-8")
+    assert serve_main([str(tmp_path / "idx"), "--classes", str(tmp_path / "one.txt"), "--port", "1"]) == 4
+    assert "only one class" in capsys.readouterr().err
+
+
+def test_search_benchmark_prints_json(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "search_throughput.py"), "--sizes", "600",
+                          "--queries", "5", "--threads", "1"], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout)["results"][0]
+    assert result["vectors"] == 600 and 0 <= result["hnsw"]["recall_at_10_vs_exact"] <= 1
+    assert result["exact"]["query_ms_median"] > 0
