@@ -328,7 +328,7 @@ def find_vocab(path: Path) -> Path:
 
     spec = importlib.util.find_spec("cn_clip")
     if spec is not None and spec.submodule_search_locations:
-        shipped = Path(list(spec.submodule_search_locations)[0]) / "clip" / VOCAB
+        shipped = Path(next(iter(spec.submodule_search_locations))) / "clip" / VOCAB
         if shipped.is_file():
             return shipped
     raise ModelLoadError(f"{path}: no {VOCAB} beside it (cn_clip's 21,128-token Chinese vocabulary); put it there "

@@ -13,19 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_RECIPE, REPO
 
 from cnclip.finetune import main as finetune_main
 from cnclip.models import encode_images, load_base_model
 from cnclip.recipe import ComposeConfig, ModelConfig
-
-from conftest import DEMO_RECIPE, REPO
 
 TINY_VOCAB = REPO / "recipes" / "models" / "tiny" / "vocab.txt"
 
 
 def make_tiny_clip(out: Path, *, kind: str = "clip", seed: int = 0) -> Path:
     """A tiny random OpenAI-style CLIP (its own image processor: shortest edge + centre crop)."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=64,
                   patch_size=8, initializer_factor=3.0, projection_dim=32)

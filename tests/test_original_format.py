@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_RECIPE, make_tiny_dataset, tiny_overrides
+from reference_impls import cn_clip, modelscope_clip_class
 
 from cnclip.data import preprocess_text, tokenize
 from cnclip.errors import ModelLoadError
@@ -21,9 +23,6 @@ from cnclip.inference import load_for_inference
 from cnclip.models import encode_images, encode_texts, load_base_model
 from cnclip.original_format import read_state_dict
 from cnclip.recipe import ModelConfig
-
-from conftest import DEMO_RECIPE, make_tiny_dataset, tiny_overrides
-from reference_impls import cn_clip, modelscope_clip_class
 
 TEXT = {"vocab_size": 21128, "text_attention_probs_dropout_prob": 0.1, "text_hidden_act": "gelu",
         "text_hidden_dropout_prob": 0.1, "text_hidden_size": 128, "text_initializer_range": 0.02,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import EXIT_DISK_FULL, EXIT_MODEL
 from ..conversion import convert_to_transformers
+from ..errors import EXIT_DISK_FULL, EXIT_MODEL
 from ..original_format import ARCHS
 from .base import exit_status_help, run_command
 from .publish import print_json
