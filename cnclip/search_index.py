@@ -117,8 +117,10 @@ def _digest(data: bytes) -> str:
 
 
 def _folder_items(root: Path, skips: SkipLog) -> list[Item]:
+    from tqdm import tqdm
+
     root = root.resolve()
-    items = []
+    paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
@@ -128,13 +130,16 @@ def _folder_items(root: Path, skips: SkipLog) -> list[Item]:
             if path.is_symlink() and not path.resolve().is_relative_to(root):
                 skips.skip("symlink out of the folder", str(path))
                 continue
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                skips.skip("unreadable file", str(path), exc.strerror or str(exc))
-                continue
-            ref = path.relative_to(root).as_posix()
-            items.append(Item(f"file:{root}:{ref}", "file", str(root), ref, "", _digest(data)))
+            paths.append(path)
+    items = []
+    for path in tqdm(paths, desc=f"reading {root.name}", unit="img", dynamic_ncols=True, leave=False):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            skips.skip("unreadable file", str(path), exc.strerror or str(exc))
+            continue
+        ref = path.relative_to(root).as_posix()
+        items.append(Item(f"file:{root}:{ref}", "file", str(root), ref, "", _digest(data)))
     return items
 
 
