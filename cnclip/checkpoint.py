@@ -60,16 +60,26 @@ def load_trainable(model: torch.nn.Module, path: Path) -> None:
 
 
 def _rng_state() -> dict:
+    """The CPU generator's state and that of this process's own GPU only (each rank drives one).
+
+    Training reseeds every step (cnclip.determinism), so these states only carry what runs
+    between steps; saving one device's keeps a checkpoint loadable with any number of visible GPUs.
+    """
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda, device = state["cuda"], torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU rank 0 saw
+            if device >= len(cuda):
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState) -> Path:

@@ -19,12 +19,19 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
-# Rank 0 runs validation while the others wait at a barrier, and the ranks wait for each other's
-# share of the image cache: the default 10-30 minute collective timeouts would kill such a run.
-DEFAULT_TIMEOUT = timedelta(hours=3)
+# The timeout of the training collectives (all-gathers, gradient all-reduce): a step takes seconds,
+# so a rank that fell out (a desync, a dead node) surfaces within minutes, not hours. Waits for work
+# of unbounded length (rank 0 validating, ranks finishing their share of the image cache) never
+# happen in these collectives: they use `host_barrier`, on a CPU (gloo) group.
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+# host_barrier's timeout: longer than any validation or caching pass (torch needs a finite one).
+HOST_WAIT_TIMEOUT = timedelta(days=7)
+_host_group = None
 
 
 @dataclass(frozen=True)
@@ -56,16 +63,28 @@ def init_distributed(device: str | torch.device = "cpu", timeout: timedelta = DE
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    dist.init_process_group(backend=backend, timeout=timeout, **process_group_kwargs(device))
     result = info()
     log.info("process group: rank %d of %d (local rank %d), backend %s, device %s", result.rank,
              result.world_size, result.local_rank, backend, device)
     return result
 
 
+def process_group_kwargs(device: torch.device, init=None) -> dict:
+    """`device_id` binds the NCCL communicator to this process's GPU at once; only torch >= 2.3's
+    init_process_group takes it, so it is passed where the running torch accepts it."""
+    import inspect
+
+    init = init or dist.init_process_group
+    if device.type == "cuda" and "device_id" in inspect.signature(init).parameters:
+        return {"device_id": device}
+    return {}
+
+
 def shutdown() -> None:
+    global _host_group
     if is_distributed():
+        _host_group = None
         dist.destroy_process_group()
 
 
@@ -95,6 +114,28 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def host_barrier() -> None:
+    """Wait for every rank on the host (a gloo group, timeout HOST_WAIT_TIMEOUT), never in an NCCL
+    collective: for waits of unbounded length, such as the others waiting while rank 0 validates."""
+    global _host_group
+    if not is_distributed():
+        return
+    if _host_group is None:  # created at the first call, which every rank makes at the same point
+        _host_group = dist.new_group(backend="gloo", timeout=HOST_WAIT_TIMEOUT)
+    dist.barrier(group=_host_group)
+
+
+def same_on_every_rank(value, what: str) -> None:
+    """Check that every rank holds the same `value` (e.g. the step a run resumes from); otherwise
+    raise on every rank at once, so no rank is left waiting in a collective the others never join."""
+    if not is_distributed():
+        return
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise ConfigError(f"the ranks disagree on {what}: {', '.join(f'rank {r}: {v}' for r, v in enumerate(values))}")
 
 
 def any_rank(flag: bool, device: str | torch.device = "cpu") -> bool:

@@ -71,7 +71,11 @@ def cached_backward(
         for chunk in chunks:
             states.append(RandState(devices))
             reps.append(embed(chunk))
-    reps_leaf = torch.cat(reps).detach().requires_grad_(True)
+    # The cached gradient d loss / d embeddings is float32 whatever the autocast dtype: it is cast to
+    # the embeddings' dtype only where the full-batch graph casts it too (entering the text tower's
+    # last op), so chunking adds no rounding of its own there. What remains under bf16 is the
+    # rounding of each chunk's parameter gradient before the chunks are summed (tests/test_gradcache.py).
+    reps_leaf = torch.cat(reps).detach().float().requires_grad_(True)
     loss = loss_fn(reps_leaf)
     loss.backward()
     grads = reps_leaf.grad.split([r.shape[0] for r in reps])

@@ -9,7 +9,7 @@ Storage is plain safetensors parts written as they finish (no pre-allocated map 
 killed while caching resumes from the last finished part.
 
 Several processes may share one cache directory (two runs, a run and an evaluate, the ranks of a
-job): one process computes an entry while holding its lock file (`<key>.lock`, released by the OS
+job): one process computes an entry while holding its lock file (`<key>/.lock`, released by the OS
 when the process dies), the others wait for it and then read the finished entry; an entry is read
 only once its manifest exists, and temporaries are removed only when their writer is gone.
 
@@ -149,8 +149,8 @@ class ImageFeatureCache:
         """Hold the entry's lock; when another process holds it, say so and wait for it."""
         from filelock import FileLock, Timeout
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.root / f"{key}.lock"))
+        (self.root / key).mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / key / ".lock"))
         try:
             lock.acquire(timeout=0)
         except Timeout:

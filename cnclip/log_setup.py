@@ -7,8 +7,14 @@ import sys
 from pathlib import Path
 
 
+# `log.info(..., extra=FILE_ONLY)`: for the log file only (what the console already shows, printed).
+FILE_ONLY = {"file_only": True}
+
+
 def setup_logging(log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
+    handlers: list[logging.Handler] = [console]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))

@@ -23,19 +23,30 @@ from torch.utils.checkpoint import checkpoint
 from .models import encode_texts
 
 
-class _Layout:
-    """Where the real tokens sit in the padded (batch, length) grid."""
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.device == device:
+        return t
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
-    def __init__(self, attention_mask: torch.Tensor):
+
+class _Layout:
+    """Where the real tokens sit in the padded (batch, length) grid.
+
+    Built from the host's copy of the mask when there is one (`host_mask`, the same values): the
+    index arithmetic (nonzero, sums) then needs no device-to-host synchronisation on a GPU.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, host_mask: torch.Tensor | None = None):
         self.batch, self.length = attention_mask.shape
-        keep = attention_mask.bool()
-        self.flat = keep.reshape(-1).nonzero().squeeze(1)  # packed row -> position in batch*length
+        keep = (attention_mask if host_mask is None else host_mask).bool()
+        flat = keep.reshape(-1).nonzero().squeeze(1)  # packed row -> position in batch*length
         lengths = keep.sum(1)
-        self.cls_rows = torch.cumsum(lengths, 0) - lengths  # the [CLS] (first) token of each caption
-        self.key_mask = keep[:, None, None, :]  # (batch, 1, 1, length): True = attend
         # No padding at all (every caption as long as the longest): packing is a reshape, and the
         # scatter/gather copies (and the memory autograd keeps for them) are skipped.
-        self.dense = self.flat.numel() == self.batch * self.length
+        self.dense = flat.numel() == self.batch * self.length
+        self.flat = _to_device(flat, attention_mask.device)
+        self.cls_rows = _to_device(torch.cumsum(lengths, 0) - lengths, attention_mask.device)  # [CLS] rows
+        self.key_mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, length): True = attend
 
     def pack(self, grid: torch.Tensor) -> torch.Tensor:
         """(batch*length, hidden) -> (tokens, hidden)."""
@@ -81,24 +92,32 @@ def _last_layer_cls(layer: nn.Module, x: torch.Tensor, layout: _Layout) -> torch
 
 
 def supports_packing(clip: nn.Module) -> bool:
-    """The packed path mirrors ChineseCLIPTextModel's BERT layers; anything else uses the plain path."""
+    """The packed path mirrors ChineseCLIPTextModel's BERT layers as transformers 5 writes them
+    (attention modules with `attention_dropout` and `scaling`); anything else uses the plain path."""
     text = getattr(clip, "text_model", None)
     layers = getattr(getattr(text, "encoder", None), "layer", None)
-    return (layers is not None and len(layers) > 0 and hasattr(layers[0], "attention")
-            and getattr(layers[0], "chunk_size_feed_forward", 0) == 0)
+    if layers is None or len(layers) == 0 or not hasattr(layers[0], "attention"):
+        return False
+    self_attn = getattr(layers[0].attention, "self", None)
+    return (getattr(layers[0], "chunk_size_feed_forward", 0) == 0
+            and all(hasattr(self_attn, a) for a in ("attention_dropout", "scaling", "num_attention_heads")))
 
 
 def encode_texts_packed(clip: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                        token_type_ids: torch.Tensor | None = None,
+                        host_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Projected text embeddings, as models.encode_texts computes them, without padding work.
 
+    `host_attention_mask`: the CPU copy of `attention_mask` (the trainer has it before the copy to
+    the GPU): with it, no step of the layout waits for the device.
     Honours the text tower's gradient checkpointing (transformers' activation_checkpointing_enable).
     Falls back to the plain path when a caption does not start at position 0 (left padding).
     """
-    if not bool(attention_mask[:, 0].all()) or not supports_packing(clip):
+    host = attention_mask if host_attention_mask is None else host_attention_mask
+    if not bool(host[:, 0].all()) or not supports_packing(clip):
         return encode_texts(clip, input_ids, attention_mask, token_type_ids)
     text = clip.text_model
-    layout = _Layout(attention_mask)
+    layout = _Layout(attention_mask, host_attention_mask)
     embedded = text.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # LayerNorm + dropout
     x = layout.pack(embedded.reshape(layout.batch * layout.length, -1))
     layers = text.encoder.layer

@@ -103,6 +103,9 @@ class TrainConfig:
     # Run the text tower on the captions' real tokens only, skipping padding (same result, faster
     # on short uneven captions); off with compile, which needs the tower's own forward.
     packed_text: bool = True
+    # torch's deterministic algorithms (torch.use_deterministic_algorithms; on CUDA also SDPA's math
+    # kernel): bit-identical reruns and resumes on a GPU, somewhat slower. No effect on a CPU.
+    deterministic: bool = False
 
 
 @dataclass

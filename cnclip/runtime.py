@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,33 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 in hardware (Ampere and later): on a T4 or V100 torch emulates
+    it, slowly, or (older torch) fails in autocast."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.4 has no including_emulation (and counts no emulation)
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def pick_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """"auto" precision: bf16 autocast on a GPU with native bf16, fp32 elsewhere (said in the log).
+
+    fp16 is never chosen: the contrastive loss is float32 anyway, and fp16 activations would need a
+    gradient scaler for no gain over fp32 on the GPUs that lack bf16. "bf16" on a CPU is honoured
+    (torch's CPU autocast supports it); on a GPU without native bf16 it is refused.
+    """
     dev = torch.device(resolve_device(device))
+    if dev.type == "cuda" and precision in ("auto", "bf16"):
+        with torch.cuda.device(dev):
+            native = native_bf16(dev)
+        if not native:
+            name = torch.cuda.get_device_name(dev)
+            if precision == "bf16":
+                raise ConfigError(f"recipe key 'train.precision': bf16 was asked for, but {name} ({dev}) has no "
+                                  "native bf16 (torch would emulate it, slowly); use fp32 or auto")
+            log.info("%s has no native bf16: computing in fp32", name)
+            precision = "fp32"
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
     return Runtime(dev, torch.bfloat16 if precision == "bf16" else None)

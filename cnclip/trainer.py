@@ -19,13 +19,14 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
 from .errors import ConfigError, DataError, TrainingDiverged
-from .log_setup import setup_logging
+from .log_setup import FILE_ONLY, setup_logging
 from .data import ImageTransform, Split, gather_tokens, load_data_split, tokenize
 from .skiplog import SkipLog
 from .optim import make_optimizer, warmup_cosine
 from .runtime import Runtime, pick_runtime
 from .retrieval import evaluate_split, format_metrics, scorable_texts
 from .faults import crash_point
+from .determinism import attention_kernels, deterministic_algorithms, seed_step
 from .image_cache import ImageFeatures, split_image_features
 from .atomic import write_json
 from .models import (attach_text_tuning, clamp_logit_scale, describe_trainable, image_tower_fingerprint, load_base_model,
@@ -76,6 +77,35 @@ def build_pairs(split: Split, features: ImageFeatures, tokenizer, context_length
     )
 
 
+def report_epoch(title: str, metrics: dict) -> None:
+    """Validation results: printed, and written to train.log."""
+    print(f"\n{title}:\n{format_metrics(metrics)}\n")
+    log.info("%s:\n%s", title, format_metrics(metrics), extra=FILE_ONLY)
+
+
+def summary_lines(summary: dict, run_dir: Path) -> list[str]:
+    """The end of a run in words: recall before training, after the last epoch and at the best epoch
+    (the model best/, evaluate and export use), zero-shot the same way; a rerun of a finished run says so."""
+    lines = []
+    if summary.get("steps_this_run") == 0 and summary.get("steps"):
+        lines.append(f"nothing to train: {run_dir} had already finished all {summary['steps']} steps; "
+                     "these are its results")
+    before, after, best = summary.get("before"), summary.get("after"), summary.get("best") or {}
+    last_epoch, best_valid = summary.get("last_epoch"), best.get("valid")
+    if before:
+        lines.append(f"mean recall before training: {before['mean_recall']:.2f}")
+    if after and best_valid:
+        lines.append(f"mean recall after training: last epoch ({last_epoch}) {after['mean_recall']:.2f}, "
+                     f"best epoch ({best['epoch']}) {best_valid['mean_recall']:.2f}")
+    if after and "zeroshot" in after and best_valid and "zeroshot" in best_valid:
+        first = f"before training {before['zeroshot']['top1']:.2f}, " if before and "zeroshot" in before else ""
+        lines.append(f"zero-shot top-1: {first}last epoch {after['zeroshot']['top1']:.2f}, "
+                     f"best epoch {best_valid['zeroshot']['top1']:.2f}")
+    if best:
+        lines.append(f"best checkpoint (used by evaluate and export): epoch {best['epoch']} -> {run_dir / 'best'}")
+    return lines
+
+
 class MetricsLog:
     """metrics.jsonl in the run dir; on resume, entries past the checkpoint are dropped (they get redone)."""
 
@@ -101,8 +131,9 @@ class NoMetricsLog:
 
 
 # Keys that change how a step is computed, never what it computes: a run may resume with other values.
-EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "train.compile", "train.packed_text",
-                  "logging.tensorboard"}
+# (train.packed_text and train.compile are not among them: the packed text tower draws its dropout
+# masks per real token, so switching it mid-run would change the rest of the run.)
+EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "logging.tensorboard"}
 
 
 def skip_non_finite_step(state: TrainState, recipe: Recipe, run_dir: Path, metrics_log, loss: torch.Tensor,
@@ -147,7 +178,8 @@ def train(recipe: Recipe) -> dict:
     owns_group = not distributed.is_distributed()
     distributed.init_distributed(runtime.device)
     try:
-        return _train(recipe, runtime)
+        with deterministic_algorithms(recipe.train.deterministic, runtime.device):
+            return _train(recipe, runtime)
     finally:
         if owns_group:
             distributed.shutdown()
@@ -207,6 +239,8 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
     if skips.total:
         log.warning("skipped %d bad items while reading data: %s", skips.total, dict(skips.counts))
     image_bank = train_features.embeddings.to(runtime.device)
+    if image_bank.device.type != "cpu":  # the bank lives on the GPU now: no second, host copy per rank
+        train_features.embeddings = train_features.embeddings[:0]
     log.info("training on %d pairs (%d captions, %d images)", len(pairs), pairs.tokens["input_ids"].shape[0],
              len(train_features.ids))
 
@@ -238,6 +272,16 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
     state = TrainState()
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    # Every rank must resume from the same step: ranks that see another run_dir (a node without the
+    # shared filesystem) would otherwise run collectives that never match.
+    distributed.same_on_every_rank(
+        state.global_step, f"the step to resume from (run_dir {run_dir} and cache.dir must be on a filesystem "
+                           "that every node shares)")
+    start_step = state.global_step
+    if checkpoint is not None and state.global_step >= total_steps:
+        log.info("nothing to train: %s already finished all %d steps (%d epochs); the results are the finished "
+                 "run's", run_dir, total_steps, recipe.train.epochs)
+    elif checkpoint is not None:
         log.info("resuming from %s (epoch %d, step %d of %d)", checkpoint, state.epoch + 1, state.global_step,
                  total_steps)
     metrics_log = (MetricsLog(run_dir / "metrics.jsonl", state.global_step if checkpoint else None)
@@ -251,15 +295,15 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
         if recipe.eval.before_training:
             before = validate()
             if before is not None:
-                print(f"\nvalidation recall before training ({valid_split.name}):\n{format_metrics(before)}\n")
+                report_epoch(f"validation recall before training ({valid_split.name})", before)
                 metrics_log.write(step=0, epoch=0, valid=before)
                 summary["before"] = before
                 write_json(summary_path, summary)
 
-    if distributed.rank() > 0:  # each rank draws its own dropout masks; rank 0 keeps the saved stream
-        torch.manual_seed(recipe.seed + 7919 * distributed.rank() + state.global_step)
+    distributed.host_barrier()  # the others wait here, not in a step's collective, while rank 0 validates
 
     # ---- the loop
+    packed = recipe.train.packed_text and not recipe.train.compile
     model.train()
     lock_image_tower(clip)
     while state.epoch < recipe.train.epochs:
@@ -272,15 +316,19 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
             idx = distributed.local_slice(order[start:start + batch_size])  # this rank's share of the global batch
             image_rows = pairs.image_rows[idx].to(runtime.device, non_blocking=True)
             tokens = gather_tokens(pairs.tokens, pairs.text_rows[idx], runtime.device)
+            if packed:  # the mask's host copy: the packed layout is computed without waiting for the GPU
+                tokens["host_attention_mask"] = pairs.tokens["attention_mask"][pairs.text_rows[idx],
+                                                                               :tokens["attention_mask"].shape[1]]
             optimizer.zero_grad(set_to_none=True)
-            loss = contrastive_step(clip, trainable, tokens, image_bank[image_rows], image_rows,
-                                    pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
-                                    recipe.train.grad_cache_chunk,
-                                    packed=recipe.train.packed_text and not recipe.train.compile)
+            seed_step(recipe.seed, distributed.rank(), state.global_step)  # dropout: same masks however resumed
+            with attention_kernels(recipe.train.deterministic, runtime.device):
+                loss = contrastive_step(clip, trainable, tokens, image_bank[image_rows], image_rows,
+                                        pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
+                                        recipe.train.grad_cache_chunk, packed=packed)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
             lr = scheduler.get_last_lr()[0]  # the rate this step used
-            if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the step's one host-device sync
                 optimizer.step()
             else:  # one bad batch (or an overflow) must not poison the weights: skip the update, count it
                 skip_non_finite_step(state, recipe, run_dir, metrics_log, loss, grad_norm)
@@ -291,9 +339,9 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
             crash_point("train-step")
             seen += len(idx) * world
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            if state.global_step % recipe.train.log_every == 0:
+            if state.global_step % recipe.train.log_every == 0:  # .item() waits for the device: only here
                 elapsed = time.perf_counter() - tic
+                progress.set_postfix(loss=f"{loss.item():.4f}")
                 metrics_log.write(step=state.global_step, epoch=state.epoch, loss=loss.item(),
                                   lr=lr, logit_scale=clip.logit_scale.exp().item(),
                                   samples_per_s=seen / max(elapsed, 1e-9))
@@ -305,12 +353,13 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
         if not main_rank:  # rank 0 validates, keeps the best model and checkpoints
             state.epoch += 1
             state.step_in_epoch = 0
+            distributed.host_barrier()
             continue
 
         metrics = validate()
         finished_epoch = state.epoch + 1
         if metrics is not None:
-            print(f"\nepoch {finished_epoch} validation recall ({valid_split.name}):\n{format_metrics(metrics)}\n")
+            report_epoch(f"epoch {finished_epoch} validation recall ({valid_split.name})", metrics)
             metrics_log.write(step=state.global_step, epoch=finished_epoch, valid=metrics)
         score = metrics["mean_recall"] if metrics is not None else float(finished_epoch)
         if state.best_score is None or score > state.best_score:
@@ -319,17 +368,22 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
                                        "split": valid_split.name if valid_split else None, "valid": metrics})
             summary["best"] = {"epoch": finished_epoch, "valid": metrics}
         summary["after"] = metrics
+        summary["last_epoch"] = finished_epoch
         summary["skipped"] = skips.summary()
         write_json(summary_path, summary)
         write_run_plots(run_dir)  # RUN/plots/*.png, redrawn from metrics.jsonl
         state.epoch += 1
         state.step_in_epoch = 0
         save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        distributed.host_barrier()
 
     distributed.barrier()  # rank 0 finishes its last validation and checkpoint before anyone leaves
     if not main_rank:
         return summary
     summary.setdefault("skipped", skips.summary())
     summary["steps"] = state.global_step
+    summary["steps_this_run"] = state.global_step - start_step  # 0: a finished run, rerun
     write_json(summary_path, summary)
+    for line in summary_lines(summary, run_dir):  # what the command prints, in train.log too
+        log.info(line, extra=FILE_ONLY)
     return summary

@@ -82,6 +82,30 @@ def test_chunked_gradient_equals_full_batch_gradient(tiny_model_dir):
         assert max_diff(chunked, full) < 1e-5, chunk
 
 
+def relative_diff(a: dict, b: dict) -> float:
+    """max |a - b| over each tensor's largest |b| entry, worst tensor."""
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b)
+
+
+def test_chunked_gradient_under_bf16_autocast_is_within_the_stated_bound(tiny_model_dir, monkeypatch):
+    """bf16 autocast (CPU): the loss is the full batch's exactly, and the gradient differs from the
+    full-batch bf16 gradient only by rounding each chunk's parameter gradient to bf16 before the
+    sum: under 2**-6 of the largest entry, and less than bf16 itself differs from fp32."""
+    import test_gradcache
+
+    clip, model, batch = build(tiny_model_dir, lora_dropout=0.0)
+    model.eval()
+    _, fp32 = step_grads(clip, model, batch, chunk=0)
+    monkeypatch.setattr(test_gradcache, "RUNTIME", pick_runtime("cpu", "bf16"))
+    loss_full, full = step_grads(clip, model, batch, chunk=0)
+    bf16_vs_fp32 = relative_diff(full, fp32)
+    assert bf16_vs_fp32 > 1e-3  # autocast is really on
+    for chunk in (1, 3, 4):
+        loss_chunked, chunked = step_grads(clip, model, batch, chunk=chunk)
+        assert loss_chunked == loss_full  # the loss runs on the same float32 embeddings
+        assert relative_diff(chunked, full) < min(2 ** -6, bf16_vs_fp32), chunk
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_dropout_masks_are_replayed_in_the_second_pass(tiny_model_dir, monkeypatch, packed):
     clip, model, batch = build(tiny_model_dir, lora_dropout=0.1)  # and the tower's own dropout 0.1

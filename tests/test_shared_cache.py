@@ -96,5 +96,5 @@ def test_two_processes_build_and_read_the_same_cache_at_once(tmp_path, tiny_mode
     waiter = next(err for (_, err), r in zip(outs, results) if not r["computed"])
     assert "waiting for it" in waiter
     entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    assert len(entries) == 1 and not [p for p in entries[0].iterdir() if p.name.startswith(".")]
+    assert len(entries) == 1 and [p.name for p in entries[0].iterdir() if p.name.startswith(".")] == [".lock"]
     assert torch.isfinite(torch.tensor(results[0]["sum"]))

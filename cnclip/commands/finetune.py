@@ -8,21 +8,19 @@ import os
 from pathlib import Path
 
 from ..recipe import load_recipe
-from ..trainer import train
+from ..trainer import summary_lines, train
 from .base import run_command
 
 
 def report(summary: dict, run_dir: Path) -> None:
-    before, after, best = summary.get("before"), summary.get("after"), summary.get("best")
-    if before and after:
-        print(f"mean recall before training: {before['mean_recall']:.2f}  after: {after['mean_recall']:.2f}")
-        if "zeroshot" in before and "zeroshot" in after:
-            print(f"zero-shot top-1 before training: {before['zeroshot']['top1']:.2f}  "
-                  f"after: {after['zeroshot']['top1']:.2f}")
-    if best:
-        print(f"best checkpoint: epoch {best['epoch']} -> {run_dir / 'best'}")
+    for line in summary_lines(summary, run_dir):
+        print(line)
+    before, after = summary.get("before"), summary.get("after")
+    best = (summary.get("best") or {}).get("valid")
     print(json.dumps({"run_dir": str(run_dir), "before": before and before["mean_recall"],
-                      "after": after and after["mean_recall"], "steps": summary.get("steps")}))
+                      "after": after and after["mean_recall"], "best": best and best["mean_recall"],
+                      "best_epoch": (summary.get("best") or {}).get("epoch"), "steps": summary.get("steps"),
+                      "steps_this_run": summary.get("steps_this_run")}))
 
 
 def main(argv: list[str] | None = None) -> int:
