@@ -64,6 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--exact-sizes", default="", help="sizes measured with the exact index only (e.g. 1000000: "
+                        "where exact search stops being instant; HNSW at that size takes too long to build here)")
     parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (default: faiss's own, all cores); "
                         "on a busy machine 1 thread answers single queries faster than contended threads")
     args = parser.parse_args()
@@ -99,6 +101,15 @@ def main() -> None:
             row[kind] = entry
         results.append(row)
         print(f"{n} vectors: {json.dumps(row)}", file=sys.stderr)
+    for n in (int(x) for x in args.exact_sizes.split(",") if x):
+        data = unit(rng, n)
+        tic = time.perf_counter()
+        index = build_faiss(data, "exact")
+        build = time.perf_counter() - tic
+        timing, _ = measure(index, queries[:20])
+        results.append({"vectors": n, "dim": DIM, "exact": {"build_s": round(build, 2), **timing, "queries": 20}})
+        print(f"{n} vectors: {json.dumps(results[-1])}", file=sys.stderr)
+        del data, index
     print(json.dumps({"benchmark": "search_throughput", "faiss": faiss.__version__,
                       "threads": faiss.omp_get_max_threads(), "cpu": platform.processor() or platform.machine(),
                       "load_average": os.getloadavg(), "queries": args.queries, "results": results}, indent=2))

@@ -11,14 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cnclip.commands.evaluate import main as evaluate_main
-from cnclip.data import load_split, tokenize
+from cnclip.data import ImageTransform, decode_base64_image, load_split, tokenize
 from cnclip.eval_report import THUMB_SIDE, pick_examples, thumbnail_uri, QueryRow
 from cnclip.inference import load_for_inference
 from cnclip.models import encode_images
 from cnclip.retrieval import embed_texts
 from cnclip.runtime import pick_runtime
 from cnclip.skiplog import SkipLog
-from cnclip.data import ImageTransform
 
 from conftest import COLORS, image_bytes, write_split
 
@@ -93,8 +92,8 @@ def test_report_is_self_contained_with_the_right_thumbnails_ranks_and_confusion(
     runtime = pick_runtime("cpu")
     with torch.no_grad():
         text_emb = embed_texts(loaded.clip, tokenize(loaded.tokenizer, [t.text for t in split.texts], 16), runtime, 64)
-        pixels = ImageTransform(loaded.preprocess)([__import__("cnclip.data").data.decode_base64_image(
-            split.images.read(i)) for i in split.images.ids])
+        pixels = ImageTransform(loaded.preprocess)([decode_base64_image(split.images.read(i))
+                                                    for i in split.images.ids])
         image_emb = F.normalize(encode_images(loaded.clip, pixels), dim=-1)
     sims = text_emb @ image_emb.T
     ids = list(split.images.ids)

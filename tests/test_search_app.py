@@ -8,6 +8,7 @@ It is skipped, with the reason, only where no Chromium executable exists; .ci/ru
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,7 +190,7 @@ def test_page_in_a_real_browser(server, demo_index, tmp_path):
             # image search: upload an indexed drawing; it comes back first
             item = index.items[11]
             upload = tmp_path / "query.png"
-            decode_base64_image(__import__("base64").urlsafe_b64encode(read_payload(item))).save(upload)
+            decode_base64_image(base64.urlsafe_b64encode(read_payload(item))).save(upload)
             page.set_input_files("#upload", str(upload))
             page.wait_for_function("document.querySelector('#status').textContent.includes('uploaded image')")
             first = page.get_attribute("#results img.thumb", "data-ref")
