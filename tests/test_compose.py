@@ -165,3 +165,14 @@ def test_recipe_errors_name_the_compose_keys():
                               ("model.compose.colour=x", "unknown recipe key 'model.compose.colour'")):
         with pytest.raises(ConfigError, match=message):
             load_recipe(lit, [override], check_data=False)
+
+
+def test_a_chinese_clip_can_lend_its_image_tower_too(towers, tiny_model_dir):
+    from transformers import ChineseCLIPModel
+
+    base = compose(tiny_model_dir, towers[1])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = ChineseCLIPModel.from_pretrained(tiny_model_dir).eval().get_image_features(pixel_values=pixels)
+        reference = getattr(reference, "pooler_output", reference)
+        assert (encode_images(base.clip, pixels) - reference).abs().max().item() <= 1e-5
