@@ -134,10 +134,12 @@ class ImageFeatureCache:
         if missing:
             self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
                           part_size, shard=(distributed.rank(), distributed.world_size()))
-            distributed.barrier()  # every part is written (the ranks' shares are equal: a short wait)
+            # Every part is written. Waited for on the host, not in an NCCL collective: a resumed cache
+            # can leave the ranks very unequal shares (the parts already on disk are skipped).
+            distributed.host_barrier()
             if distributed.is_main():
                 self._write_manifest(key, images, part_size, clip.visual_projection.out_features)
-            distributed.barrier()
+            distributed.host_barrier()
         cached = self.get(key)
         cached.computed = missing
         for image_id, why in cached.bad.items():
