@@ -48,6 +48,7 @@ from .image_sources import IMAGE_EXTENSIONS, ImageTSV
 from .skiplog import SkipLog
 
 log = logging.getLogger(__name__)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news to a user
 
 INDEX_VERSION = 1
 MANIFEST, ITEMS, VECTORS, FAISS_FILE = "index.json", "items.jsonl", "vectors.safetensors", "faiss.index"
