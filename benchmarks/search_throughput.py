@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cnclip.search_index import HNSW_EF_SEARCH, HNSW_M, build_faiss  # noqa: E402
 
 DIM, K = 512, 10
+EF_SWEEP = (32, 128, 512, 2048)
 
 
 def unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -43,6 +44,20 @@ def unit(rng: np.random.Generator, n: int) -> np.ndarray:
 def overlap(rows: np.ndarray, exact: np.ndarray) -> float:
     """Mean share of the exact top 10 that the approximate top 10 contains."""
     return round(float(np.mean([len(set(a) & set(b)) / K for a, b in zip(rows.tolist(), exact.tolist())])), 4)
+
+
+def ef_sweep(index, queries, near, exact_rows, exact_near) -> list[dict]:
+    """Recall and single-query time at other efSearch values (the same built graph; search-time only)."""
+    out = []
+    for ef in EF_SWEEP:
+        index.hnsw.efSearch = ef
+        timing, rows = measure(index, queries[:50])
+        _, near_rows = index.search(near, K)
+        out.append({"efSearch": ef, "query_ms_median": timing["query_ms_median"],
+                    "recall_at_10_vs_exact": overlap(rows, exact_rows[:50]),
+                    "recall_at_10_vs_exact_near_queries": overlap(near_rows, exact_near)})
+    index.hnsw.efSearch = HNSW_EF_SEARCH
+    return out
 
 
 def measure(index, queries: np.ndarray) -> dict:
@@ -98,6 +113,7 @@ def main() -> None:
                 entry["recall_at_10_vs_exact"] = overlap(rows, exact_rows)
                 entry["recall_at_10_vs_exact_near_queries"] = overlap(near_rows, exact_near)
                 entry["params"] = {"M": HNSW_M, "efSearch": HNSW_EF_SEARCH}
+                entry["ef_sweep"] = ef_sweep(index, queries, near, exact_rows, exact_near)
             row[kind] = entry
         results.append(row)
         print(f"{n} vectors: {json.dumps(row)}", file=sys.stderr)
