@@ -54,12 +54,12 @@ INDEX_VERSION = 1
 MANIFEST, ITEMS, VECTORS, FAISS_FILE = "index.json", "items.jsonl", "vectors.safetensors", "faiss.index"
 KINDS = ("auto", "exact", "hnsw")
 # From this many vectors on, "auto" builds HNSW instead of the exact flat index. Measured with
-# benchmarks/search_throughput.py on a 2-core CPU (dim 512): exact search of one query takes ~2 ms at
-# 10k vectors and ~25 ms at 100k; HNSW (M=32, efSearch=128) ~0.3-0.7 ms with recall@10 >= 0.9
-# against exact at 10k and ~0.5 at 100k on uniformly random vectors (real embeddings cluster and fare better).
-# Below ~50k, exact answers a person's query well under the time a page takes to draw and is never wrong.
-APPROXIMATE_FROM = 50_000
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+# benchmarks/search_throughput.py (2-core CPU under load, one thread, dim 512, random unit vectors): one
+# exact query takes ~2 ms at 10k vectors, ~90 ms at 100k and ~440 ms at 1M; HNSW needs efSearch 512-2048
+# to find 60-90% of the exact top 10 at 100k on such structureless vectors (real embeddings cluster and
+# fare better) and minutes to build. So exact up to where a query nears 150 ms, HNSW past it.
+APPROXIMATE_FROM = 250_000
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 512
 
 
 # ---------------------------------------------------------------- the nearest-neighbour structure

@@ -17,6 +17,8 @@ from .base import exit_status_help, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..search_index import APPROXIMATE_FROM
+
     parser = argparse.ArgumentParser(prog="cnclip search", description="Text-to-image and image-to-image search over "
                                      "your own images.", epilog=exit_status_help((EXIT_USAGE, EXIT_DATA, EXIT_MODEL)))
     sub = parser.add_subparsers(dest="action", required=True)
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", required=True, help="index directory; an existing index is updated incrementally")
     build.add_argument("--split", help="for a data directory: only this split (default: every split found)")
     build.add_argument("--kind", default="auto", choices=("auto", "exact", "hnsw"),
-                       help="exact (flat) or approximate (HNSW); auto = exact below 50,000 images")
+                       help=f"exact (flat) or approximate (HNSW); auto = exact below {APPROXIMATE_FROM:,} images")
     build.add_argument("--rebuild", action="store_true", help="ignore an existing index and embed everything")
     build.add_argument("--cache-dir", default=None, help="image-embedding cache (default: the run's, or ~/.cache)")
     build.add_argument("--batch-size", type=int, default=64)
