@@ -53,9 +53,7 @@ def pick_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """
     dev = torch.device(resolve_device(device))
     if dev.type == "cuda" and precision in ("auto", "bf16"):
-        with torch.cuda.device(dev):
-            native = native_bf16(dev)
-        if not native:
+        if not native_bf16(dev):
             name = torch.cuda.get_device_name(dev)
             if precision == "bf16":
                 raise ConfigError(f"recipe key 'train.precision': bf16 was asked for, but {name} ({dev}) has no "

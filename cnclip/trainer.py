@@ -203,8 +203,8 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
         write_demo_dataset(recipe.data.root, seed=recipe.seed)
     distributed.barrier()
 
-    log.info("device %s, precision %s, %d process(es)", runtime.device, runtime.precision,
-             distributed.world_size())
+    log.info("device %s, precision %s, %d process(es)%s", runtime.device, runtime.precision,
+             distributed.world_size(), ", deterministic algorithms" if recipe.train.deterministic else "")
     base = load_base_model(recipe.model, seed=recipe.seed)
     torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
     # LoRA (a peft model) or the full text tower (the model itself); the image side is the cache either way.

@@ -1,12 +1,13 @@
 """Worker entry point for the multi-process tests, launched with torchrun (see test_distributed.py).
 
-  dist_driver.py [--step IN.pt OUT_DIR] [--stop-after N] [RECIPE key=value ...]
+  dist_driver.py [--step IN.pt OUT_DIR] [--stop-after N] [--node-local-run-dir] [RECIPE key=value ...]
 
 --step: one contrastive step on this rank's slice of the global batch in IN.pt (plain and with
 gradient caching); writes this rank's loss and gradients to OUT_DIR/rank-R.pt. The process group
 is then left up for the fine-tuning run, which joins it.
 RECIPE ...: python -m cnclip.finetune; with --stop-after N > 0 every rank dies in optimizer step N,
 the way a pre-empted job dies: after its last checkpoint, with work in flight.
+--node-local-run-dir: rank R > 0 uses run_dir + "-rankR", as if each node had its own disk.
 """
 
 from __future__ import annotations
@@ -75,5 +76,10 @@ if __name__ == "__main__":
     stop_after = 0
     if args[:1] == ["--stop-after"]:
         stop_after, args = int(args[1]), args[2:]
+    if args[:1] == ["--node-local-run-dir"]:
+        import os
+
+        rank = int(os.environ["RANK"])
+        args = [a + f"-rank{rank}" if a.startswith("run_dir=") and rank > 0 else a for a in args[1:]]
     if args:
         sys.exit(finetune(stop_after, args))

@@ -1,0 +1,208 @@
+"""Guarantees where a real user's machine differs from a one-process fp32 CPU run: several processes
+with dropout on, ranks on nodes without a shared disk, bf16, GPU-only code paths (exercised with
+faked devices), the logit-scale cap, a rerun of a finished run."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cnclip.trainer
+from cnclip import checkpoint, distributed
+from cnclip.determinism import deterministic_algorithms, step_seed
+from cnclip.errors import ConfigError
+from cnclip.finetune import main as finetune_main
+from cnclip.recipe import dump_recipe, load_recipe
+from cnclip.runtime import pick_runtime
+
+from conftest import DEMO_RECIPE, make_tiny_dataset, tiny_overrides
+from test_distributed import final_weights, losses, torchrun
+
+
+def run_overrides(model_dir, data_dir, run_dir, **extra):
+    return tiny_overrides(model_dir, data_dir, run_dir, **{
+        "data.num_workers": 0, "train.save_every": 2, "eval.before_training": False, **extra})
+
+
+# ---- determinism by design: per-(seed, rank, step) random streams
+
+
+def test_step_seeds_depend_on_seed_rank_and_step_only():
+    seeds = {step_seed(s, r, k) for s in (0, 1) for r in (0, 1, 2) for k in range(50)}
+    assert len(seeds) == 2 * 3 * 50 and step_seed(0, 1, 7) == step_seed(0, 1, 7)
+
+
+def test_two_processes_with_dropout_on_resume_bit_identically(tiny_model_dir, tmp_path):
+    """2 gloo processes, the tower's dropout 0.1 and LoRA dropout 0.1: killed in step 3 (after the
+    step-2 checkpoint) and rerun, the run equals an uninterrupted one bit for bit."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())["text_config"]
+    assert config["hidden_dropout_prob"] > 0 and config["attention_probs_dropout_prob"] > 0
+    data = make_tiny_dataset(tmp_path / "data")
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    proc = torchrun(str(DEMO_RECIPE), *run_overrides(tiny_model_dir, data, reference, **{"model.lora_dropout": 0.1}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    overrides = run_overrides(tiny_model_dir, data, run, **{"model.lora_dropout": 0.1})
+    proc = torchrun("--stop-after", "3", str(DEMO_RECIPE), *overrides)
+    assert proc.returncode != 0 and (run / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    proc = torchrun(str(DEMO_RECIPE), *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(run) == losses(reference) and sorted(losses(run)) == list(range(1, 9))
+    got, want = final_weights(run), final_weights(reference)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_ranks_that_see_different_run_dirs_refuse_to_resume(tiny_model_no_dropout_dir, tmp_path, monkeypatch):
+    """Multi-node without a shared filesystem: rank 1 finds no checkpoint where rank 0 resumes from
+    step 4. Every rank stops with the reason instead of running collectives that never match."""
+    run_dir = tmp_path / "run"
+    overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(tmp_path / "data"), run_dir)
+    clamp, calls = cnclip.trainer.clamp_logit_scale, []
+
+    def clamp_then_die(clip):
+        calls.append(1)
+        if len(calls) == 5:  # in step 5, after the epoch-1 checkpoint (step 4)
+            raise SystemExit(17)
+        clamp(clip)
+
+    monkeypatch.setattr(cnclip.trainer, "clamp_logit_scale", clamp_then_die)
+    with pytest.raises(SystemExit):
+        finetune_main([str(DEMO_RECIPE), *overrides])
+    monkeypatch.undo()
+    proc = torchrun("--node-local-run-dir", str(DEMO_RECIPE), *overrides)
+    assert proc.returncode != 0
+    # Both ranks stop with the message (torchrun then reports the failed workers).
+    assert proc.stderr.count("error: the ranks disagree on the step to resume from") == 2, proc.stderr[-3000:]
+    assert "rank 0: 4, rank 1: 0" in proc.stderr and "filesystem that every node shares" in proc.stderr
+
+
+def test_a_changed_packed_text_or_compile_is_refused_on_resume(tmp_path):
+    """Packing changes which dropout masks are drawn: a resumed run would not be the same run."""
+    recipe = load_recipe(DEMO_RECIPE, [f"run_dir={tmp_path}"], check_data=False)
+    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    for key in ("train.packed_text=false", "train.compile=true"):
+        with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
+            cnclip.trainer.check_run_dir(tmp_path, load_recipe(DEMO_RECIPE, [f"run_dir={tmp_path}", key],
+                                                               check_data=False))
+    # How a step is computed, not what: allowed.
+    cnclip.trainer.check_run_dir(tmp_path, load_recipe(DEMO_RECIPE, [f"run_dir={tmp_path}", "train.grad_cache_chunk=8"],
+                                                       check_data=False))
+
+
+def test_deterministic_switch_turns_torch_deterministic_algorithms_on_for_the_run_only():
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(True, torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+# ---- bf16 on a CPU (torch's CPU autocast): training, caching, evaluation; a finished run rerun
+
+
+def test_bf16_training_caching_and_evaluation_then_a_rerun_trains_nothing(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                         capsys):
+    from cnclip.commands.evaluate import main as evaluate_main
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_model_dir, tiny_data_dir, run_dir, **{
+        "train.precision": "bf16", "train.deterministic": True, "data.num_workers": 0})
+    assert finetune_main([str(DEMO_RECIPE), *overrides]) == 0
+    first = capsys.readouterr().out
+    log = (run_dir / "train.log").read_text()
+    assert "precision bf16, 1 process(es), deterministic algorithms" in log
+    # The image cache was computed under bf16 autocast: every embedding is a bf16 value.
+    for part in (tmp_path / "cache").glob("*/part-*.safetensors"):
+        emb = load_file(str(part))["embeddings"]
+        assert torch.equal(emb, emb.bfloat16().float()) and torch.isfinite(emb).all()
+    steps = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(e["loss"]) for e in steps if "loss" in e)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_this_run"] == summary["steps"] == 8 and summary["last_epoch"] == 2
+    # train.log holds the per-epoch results and the summary the console shows.
+    assert "epoch 2 validation recall (valid)" in log and "mean recall after training: last epoch (2)" in log
+    assert "mean recall after training: last epoch (2)" in first and "best epoch (" in first
+
+    assert evaluate_main([str(run_dir), "--split", "valid"]) == 0  # the run's precision: bf16
+    metrics = json.loads((run_dir / "eval" / "valid_metrics.json").read_text())
+    assert 0 <= metrics["mean_recall"] <= 100
+
+    capsys.readouterr()
+    assert finetune_main([str(DEMO_RECIPE), *overrides]) == 0  # the same command again
+    again = capsys.readouterr().out
+    assert again.startswith(f"nothing to train: {run_dir} had already finished all 8 steps")
+    assert json.loads((run_dir / "summary.json").read_text())["steps_this_run"] == 0
+    assert "nothing to train" in (run_dir / "train.log").read_text()
+
+
+def test_the_logit_scale_is_held_at_its_cap_of_100(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A model whose temperature starts above the cap (scale 165): every logged step shows 100."""
+    from transformers import ChineseCLIPModel
+
+    model = ChineseCLIPModel.from_pretrained(str(tiny_model_dir))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0) + 0.5)
+    hot = tmp_path / "hot_model"
+    model.save_pretrained(hot)
+    for name in ("vocab.txt", "tokenizer_config.json", "preprocessor_config.json"):
+        (hot / name).write_bytes((tiny_model_dir / name).read_bytes())
+    run_dir = tmp_path / "run"
+    assert finetune_main([str(DEMO_RECIPE), *tiny_overrides(hot, tiny_data_dir, run_dir, **{
+        "train.epochs": 1, "train.lr": 0.05})]) == 0
+    scales = [json.loads(ln)["logit_scale"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "logit_scale" in ln]
+    assert len(scales) == 4 and max(scales) == pytest.approx(100.0, abs=1e-3)
+    assert all(s <= 100.0 + 1e-4 for s in scales)
+
+
+# ---- GPU-only code paths, with faked devices
+
+
+def test_checkpoint_rng_state_is_the_own_gpus_and_loads_with_fewer_gpus(monkeypatch, tmp_path):
+    states = {i: torch.full((16,), i, dtype=torch.uint8) for i in range(4)}
+    set_calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[device].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: set_calls.append((device, state)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # rank 3 of a 4-GPU job saves
+    checkpoint.save_torch(checkpoint._rng_state(), tmp_path / "rng.pt")
+    saved = torch.load(tmp_path / "rng.pt", weights_only=True)
+    assert torch.equal(saved["cuda"], states[3])
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # resumed as a 1-GPU debug run
+    checkpoint._set_rng_state(saved)
+    assert [(d, s.tolist()) for d, s in set_calls] == [(0, states[3].tolist())]
+    # A checkpoint of the older layout (one state per GPU rank 0 saw) on fewer GPUs: no IndexError.
+    set_calls.clear()
+    older = {"torch": torch.get_rng_state(), "cuda": [states[i] for i in range(4)]}
+    checkpoint._set_rng_state(older)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    checkpoint._set_rng_state(older)
+    assert [d for d, _ in set_calls] == [0]
+
+
+def test_bf16_is_chosen_only_on_gpus_with_native_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    runtime = pick_runtime("cuda", "auto")
+    assert (str(runtime.device), runtime.precision) == ("cuda:0", "fp32")
+    with pytest.raises(ConfigError, match="Tesla T4 .* has no native bf16"):
+        pick_runtime("cuda", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert pick_runtime("cuda", "auto").precision == "bf16"
+    assert pick_runtime("cpu", "bf16").autocast_dtype == torch.bfloat16  # CPU autocast has bf16
+    assert pick_runtime("cpu", "auto").precision == "fp32"
+
+
+def test_device_id_is_passed_only_where_init_process_group_takes_it():
+    def torch_2_2(backend=None, timeout=None, rank=-1, world_size=-1):  # no device_id before torch 2.3
+        pass
+
+    def torch_2_3(backend=None, timeout=None, device_id=None):
+        pass
+
+    cuda = torch.device("cuda:1")
+    assert distributed.process_group_kwargs(cuda, torch_2_2) == {}
+    assert distributed.process_group_kwargs(cuda, torch_2_3) == {"device_id": cuda}
+    assert distributed.process_group_kwargs(torch.device("cpu"), torch_2_3) == {}
+    assert distributed.DEFAULT_TIMEOUT.total_seconds() <= 30 * 60 < distributed.HOST_WAIT_TIMEOUT.total_seconds()
