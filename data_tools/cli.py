@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from cnclip.commands.base import exit_status_help, run_command
-from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WORKER_CRASHED, UsageError,
+from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_USAGE, EXIT_WORKER_CRASHED,
+                           UsageError,
                            WorkerCrashed, is_disk_full)
 from data_tools.config import load_config
 from data_tools.download import DEFAULT_USER_AGENT, DownloadOptions
@@ -33,7 +34,9 @@ kept as metadata. A record with only a `url` is rejected as no_image unless --do
 Stages: parse -> clean and choose a caption (full-width, HTML, URLs, emoji, Traditional ->
 Simplified, length, Chinese ratio, boilerplate) -> query relevance (jieba) -> image checks
 (path safety, size, aspect ratio, decompression bombs, decode, RGB, EXIF orientation, resize)
--> dedup (exact, perceptual, (query, text)) -> per-query cap -> split by image -> write.
+-> with --model, the CLIP score (--min-similarity / --keep-top) -> dedup (exact, perceptual,
+semantic with --model, (query, text)) -> per-query cap (a picture capped in one query is kept
+through its copy in another) -> split by leak-free group (shared caption, near images) -> write.
 
 DIR/report.json accounts for every record read: kept, or rejected with exactly one reason.
 Per-shard results are kept in DIR/.work, so an interrupted run resumes where it stopped and a
@@ -44,7 +47,7 @@ of them are complete; report.json comes last, so a DIR with report.json holds ex
 complete outputs it lists. Killed at any point, the same command resumes and writes the same
 bytes.
 """
-BUILD_PAIRS_EXITS = (EXIT_USAGE, EXIT_DISK_FULL, EXIT_WORKER_CRASHED, EXIT_INTERRUPTED)
+BUILD_PAIRS_EXITS = (EXIT_USAGE, EXIT_DISK_FULL, EXIT_MODEL, EXIT_WORKER_CRASHED, EXIT_INTERRUPTED)
 
 FORMAT_HELP = (
     "output layout: 'cnclip' = Chinese-CLIP {split}_imgs.tsv + {split}_texts.jsonl (+ {split}_meta.jsonl), "

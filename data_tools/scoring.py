@@ -105,6 +105,9 @@ def embed_records(images: WorkImages, texts: list[str], options: ScoringOptions,
 
     loaded = load_for_inference(options.model)
     runtime = pick_runtime(options.device, options.precision)
+    if runtime.autocast_dtype is None:  # fp32 means fp32 on a GPU too (no TF32), so scores match the CPU's
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     clip = loaded.clip.to(runtime.device).train(False)  # inference mode (dropout off)
     skips = SkipLog()
     features = split_image_features(images, clip, ImageTransform(loaded.preprocess), image_tower_fingerprint(clip),

@@ -14,15 +14,18 @@ and so the output, identical from run to run.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-HNSW_LINKS = 32  # M: neighbours per node
-EF_CONSTRUCTION = 80
+HNSW_LINKS = 16  # M: neighbours per node
+EF_CONSTRUCTION = 40
 EF_SEARCH = 64
 PENDING = 256  # vectors compared exactly before they are added to the graph
 
 
 def _faiss():
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked is not news
     import faiss
 
     faiss.omp_set_num_threads(1)  # HNSW insertion order must not depend on thread timing

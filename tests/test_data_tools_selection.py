@@ -242,3 +242,20 @@ def test_a_picture_capped_in_its_first_query_is_kept_through_its_copy_in_another
     result = build(dump, tmp_path / "out", format="pairs", per_query_cap=1, seed=seed_y_loses)
     assert result.report["rejected"] == {"duplicate_image": 1, "query_cap": 1}  # X kept in A: B's copy repeats it
     assert result.report["examples"]["duplicate_image"] == [f"{dump}:3: repeats {dump}:1"]
+
+
+def test_command_line_model_stage(tmp_path, tiny_model_dir, capsys):
+    from cnclip.errors import EXIT_MODEL, EXIT_USAGE
+    from data_tools.cli import main
+
+    dump = scored_dump(tmp_path)
+    (tmp_path / "filters.yaml").write_text(json.dumps(FILTERS))
+    common = [str(dump), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "filters.yaml"), "--no-progress"]
+    assert main(["build-pairs", *common, "--keep-top", "0.5"]) == EXIT_USAGE
+    assert "need --model MODEL" in capsys.readouterr().err
+    assert main(["build-pairs", *common, "--model", str(tmp_path / "no-such-model")]) == EXIT_MODEL
+    capsys.readouterr()
+    assert main(["build-pairs", *common, "--model", str(tiny_model_dir), "--keep-top", "0.5", "--format", "pairs"]) == 0
+    assert "low_similarity         10" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert report["settings"]["scoring"]["keep_top"] == 0.5 and report["similarity"]["histogram"]["count"] == 20
