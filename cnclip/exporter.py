@@ -63,9 +63,24 @@ def probe_embeddings(clip, tokenizer, image_size: int, context_length: int) -> t
     return torch.cat([text, encode_images(clip, pixels)]).float()
 
 
-def save_tokenizer(tokenizer, out_dir: Path) -> None:
+def save_tokenizer(tokenizer, out_dir: Path, context_length: int | None = None) -> None:
     """The tokenizer files transformers writes, plus a BERT vocab.txt for older readers (transformers 4
-    slow tokenizer, ModelScope tooling) that transformers 5's fast-only save leaves out."""
+    slow tokenizer, ModelScope tooling) that transformers 5's fast-only save leaves out.
+
+    Saved clean: a fast tokenizer remembers the truncation and padding of its last call (training's
+    fixed-length batches) in tokenizer.json, which would silently cut or pad every user's text. None
+    is stored; `model_max_length` is the context length the model was trained with, so
+    `truncation=True` cuts there.
+    """
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+    if context_length is not None:
+        tokenizer.model_max_length = context_length
     tokenizer.save_pretrained(str(out_dir))
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -137,7 +152,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
         original = None
         if format == "transformers":
             merged.save_pretrained(str(tmp))
-            save_tokenizer(base.tokenizer, tmp)
+            save_tokenizer(base.tokenizer, tmp, recipe.data.context_length)
             save_image_processor(base.path, tmp, base.processor_config)
         else:
             original = write_original(merged, base, tmp, format, run_dir)

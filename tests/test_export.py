@@ -147,6 +147,29 @@ def test_exported_embeddings_equal_trained_unmerged_model(plain_load, trained_ru
     assert (base_image - got["image_emb"]).abs().max().item() < 1e-5  # the image tower was locked
 
 
+def test_exported_tokenizer_is_clean_and_cuts_at_the_trained_context_length(exported, trained_run):
+    """No truncation or padding of training stored in tokenizer.json; model_max_length is the trained
+    context length: long text with plain transformers is cut there with truncation=True, and only
+    padded as asked."""
+    from transformers import AutoTokenizer, ChineseCLIPModel
+
+    context_length = yaml.safe_load((trained_run / "recipe.yaml").read_text())["data"]["context_length"]
+    stored = json.loads((exported / "tokenizer.json").read_text(encoding="utf-8"))
+    assert stored["truncation"] is None and stored["padding"] is None
+    assert json.loads((exported / "tokenizer_config.json").read_text())["model_max_length"] == context_length
+
+    tok = AutoTokenizer.from_pretrained(str(exported))
+    long = "左上角有一个红色的圆形" * 20
+    assert len(tok(long)["input_ids"]) == 20 * 11 + 2  # not silently cut
+    batch = tok([long, "猫"], padding=True, truncation=True, return_tensors="pt")
+    assert batch["input_ids"].shape == (2, context_length)
+    assert tok(["猫", "一个红色的圆形"], padding=True, return_tensors="pt")["input_ids"].shape == (2, 9)
+    model = ChineseCLIPModel.from_pretrained(str(exported)).eval()
+    with torch.no_grad():
+        emb = model.get_text_features(**batch)
+    assert torch.isfinite(getattr(emb, "pooler_output", emb)).all()
+
+
 def test_adapter_on_base_model_matches_merged(exported, tiny_model_dir, plain_load):
     from peft import PeftModel
     from transformers import ChineseCLIPModel
