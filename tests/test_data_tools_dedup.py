@@ -119,3 +119,18 @@ def test_split_assignment_is_stable_and_proportional():
     assert [assign_split(k, splits, 0) for k in keys[:50]] == [assign_split(k, splits, 0) for k in keys[:50]]
     assert [assign_split(k, splits, 0) for k in keys[:50]] != [assign_split(k, splits, 1) for k in keys[:50]]
     assert {assign_split(k, parse_splits("1,0,0"), 0) for k in keys[:100]} == {"train"}
+
+
+def test_semantic_dedup_benchmark_finds_every_planted_copy_at_small_size():
+    """benchmarks/semantic_dedup.py, one small size: the JSON it reports, and dedup exact on it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "semantic_dedup.py"
+    spec = importlib.util.spec_from_file_location("semantic_dedup_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = bench.one_size(2000, 64)
+    assert run["removed"] == run["planted_copies"] == 200 and run["planted_found"] == 1.0
+    assert 64 * 4 * 0.9 < run["index_bytes_per_image"] < 64 * 4 + 400  # the vector plus its graph links
+    assert run["distances_per_lookup"] > 0 and run["cpu_us_per_image"] > 0
