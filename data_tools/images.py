@@ -123,7 +123,9 @@ def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on bad data
         raise Rejected(Reason.UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}") from None
     if rgb.size != _target_size(rgb.size, config.max_side):
-        rgb = rgb.resize(_target_size(rgb.size, config.max_side), Image.Resampling.BICUBIC)
+        # Area averaging (BOX), the downscale img2dataset applies to LAION (OpenCV INTER_AREA): alias-free
+        # like bicubic, at half its cost, which is the largest single cost of a downloaded record.
+        rgb = rgb.resize(_target_size(rgb.size, config.max_side), Image.Resampling.BOX)
     jpeg = encode_jpeg(rgb, config.jpeg_quality)
     return ProcessedImage(jpeg=jpeg, sha=content_hash(jpeg), phash=perceptual_hash(rgb), width=rgb.width, height=rgb.height)
 

@@ -203,7 +203,7 @@ def _run_records(task: ShardTask, processor: RecordProcessor, indices: Any, jour
                     outcome = _failed(location, err)
             outcome.host = fetched.host
             outcomes[index] = outcome
-            journal.add(index, dataclasses.asdict(outcome))
+            journal.add(index, {field.name: getattr(outcome, field.name) for field in dataclasses.fields(outcome)})
             crash_point("pairs-download")  # this download journaled, others in flight
 
         try:
