@@ -29,7 +29,10 @@ ONE_LEVEL = 1 / 255 / min((0.26862954, 0.26130258, 0.27577711))
 @pytest.mark.parametrize("size_kind", sorted(CONFIG_KINDS))
 @pytest.mark.parametrize("wh", [(64, 64), (97, 41), (33, 120), (20, 15), (500, 375)])
 def test_preprocessing_is_as_close_to_the_torchvision_backend_as_transformers_own_pil_backend(tmp_path, size_kind, wh):
-    pytest.importorskip("torchvision")
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # absent, or a build that does not match torch ("torchvision::nms does not exist")
+        pytest.skip(f"torchvision not usable here: {exc}")
     from transformers import ChineseCLIPImageProcessor
     from transformers.models.chinese_clip.image_processing_pil_chinese_clip import ChineseCLIPImageProcessorPil
 
