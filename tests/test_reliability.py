@@ -155,6 +155,17 @@ def test_the_logit_scale_is_held_at_its_cap_of_100(tiny_model_dir, tiny_data_dir
     assert all(s <= 100.0 + 1e-4 for s in scales)
 
 
+def test_packing_falls_back_where_the_attention_module_is_not_the_one_it_mirrors(tiny_model_dir):
+    """transformers 4's BERT attention has no `attention_dropout`: the plain path runs, no crash."""
+    from cnclip.models import load_clip
+    from cnclip.packed_text import supports_packing
+
+    clip = load_clip(str(tiny_model_dir))
+    assert supports_packing(clip)
+    del clip.text_model.encoder.layer[0].attention.self.attention_dropout
+    assert not supports_packing(clip)
+
+
 # ---- GPU-only code paths, with faked devices
 
 
