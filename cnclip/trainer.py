@@ -98,9 +98,9 @@ def summary_lines(summary: dict, run_dir: Path) -> list[str]:
         lines.append(f"mean recall after training: last epoch ({last_epoch}) {after['mean_recall']:.2f}, "
                      f"best epoch ({best['epoch']}) {best_valid['mean_recall']:.2f}")
     if after and "zeroshot" in after and best_valid and "zeroshot" in best_valid:
-        first = f"before training {before['zeroshot']['top1']:.2f}, " if before and "zeroshot" in before else ""
-        lines.append(f"zero-shot top-1: {first}last epoch {after['zeroshot']['top1']:.2f}, "
-                     f"best epoch {best_valid['zeroshot']['top1']:.2f}")
+        first = f" before training: {before['zeroshot']['top1']:.2f}," if before and "zeroshot" in before else ""
+        lines.append(f"zero-shot top-1{first} last epoch: {after['zeroshot']['top1']:.2f}, "
+                     f"best epoch: {best_valid['zeroshot']['top1']:.2f}")
     if best:
         lines.append(f"best checkpoint (used by evaluate and export): epoch {best['epoch']} -> {run_dir / 'best'}")
     return lines
