@@ -81,8 +81,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--exact-sizes", default="", help="sizes measured with the exact index only (e.g. 1000000: "
                         "where exact search stops being instant; HNSW at that size takes too long to build here)")
-    parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (default: faiss's own, all cores); "
-                        "on a busy machine 1 thread answers single queries faster than contended threads")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="faiss OpenMP threads (default: faiss's own, all cores); on a busy machine 1 thread "
+                             "answers single queries faster than contended threads")
     args = parser.parse_args()
     import faiss
 

@@ -121,13 +121,15 @@ def confusion_png(confusion: dict) -> bytes:
 
 
 CSS = """body{font-family:system-ui,"Noto Sans CJK SC","WenQuanYi Micro Hei",sans-serif;margin:24px;color:#222}
-table.r{border-collapse:collapse;margin:8px 0 20px}table.r td,table.r th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+table.r{border-collapse:collapse;margin:8px 0 20px}
+table.r td,table.r th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 table.r td:first-child,table.r th:first-child{text-align:left}
 .q{margin:14px 0;padding:10px;border:1px solid #ddd;border-radius:6px}.q h3{margin:0 0 6px;font-size:15px}
 .tag{font-size:12px;padding:1px 6px;border-radius:8px;background:#eee;margin-left:6px}.tag.worst{background:#fde2e1}
 .imgs{display:flex;gap:8px;align-items:flex-start}.cell{width:118px;font-size:11px;text-align:center}
 .cell img{width:112px;height:112px;object-fit:contain;border:3px solid #ddd;background:#fafafa}
-.cell.hit img{border-color:#1a9e3f}.cell.gt img{border-color:#d9822b;border-style:dashed}.sep{border-left:2px solid #bbb;margin:0 6px}"""
+.cell.hit img{border-color:#1a9e3f}.cell.gt img{border-color:#d9822b;border-style:dashed}
+.sep{border-left:2px solid #bbb;margin:0 6px}"""
 
 
 def _recall_table(metrics: dict) -> str:

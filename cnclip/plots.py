@@ -53,10 +53,10 @@ def run_series(entries: list[dict]) -> dict[str, dict]:
     before = next((e["valid"] for e in valid if e.get("epoch") == 0), None)
     epochs = [e for e in valid if e.get("epoch", 0) > 0]
     if epochs or before:
+        lines = {name: [e["valid"][key]["mean_recall"] for e in epochs] for key, name, _ in DIRECTIONS}
+        baseline = {name: before[key]["mean_recall"] for key, name, _ in DIRECTIONS} if before else {}
         out["recall"] = {"title": "validation mean recall (R@1, R@5, R@10)", "xlabel": "epoch",
-                         "x": [e["epoch"] for e in epochs],
-                         "lines": {name: [e["valid"][key]["mean_recall"] for e in epochs] for key, name, _ in DIRECTIONS},
-                         "baseline": {name: before[key]["mean_recall"] for key, name, _ in DIRECTIONS} if before else {}}
+                         "x": [e["epoch"] for e in epochs], "lines": lines, "baseline": baseline}
     zs = [e for e in epochs if "zeroshot" in e["valid"]]
     zs_before = before.get("zeroshot") if before else None
     if zs or zs_before:

@@ -31,7 +31,8 @@ def make_eval_data(root):
         for sname, shape in SHAPES.items():
             for k in range(3):
                 images[image_id] = image_bytes(color, (36 + 5 * k, 30 + 2 * k), shape)
-                texts.append({"text_id": image_id, "text": f"{'左右中'[k]}边一个{cname}的{sname}", "image_ids": [image_id]})
+                text = f"{'左右中'[k]}边一个{cname}的{sname}"
+                texts.append({"text_id": image_id, "text": text, "image_ids": [image_id]})
                 image_id += 1
     write_split(root, "valid", images, texts)
     for key, cname in (("red", "红色"), ("blue", "蓝色")):
@@ -82,7 +83,7 @@ def test_report_is_self_contained_with_the_right_thumbnails_ranks_and_confusion(
     assert page.urls and all(u.startswith("data:image/") for u in page.urls)
 
     # recall table = the metrics evaluate printed
-    metrics = json.loads(printed.splitlines()[[i for i, ln in enumerate(printed.splitlines()) if ln.startswith("{")][0]])
+    metrics = json.loads(next(ln for ln in printed.splitlines() if ln.startswith("{")))
     t2i = metrics["text_to_image"]
     assert f"<td>text → image</td><td>{t2i['r1']:.2f}</td><td>{t2i['r5']:.2f}</td>" in text
 

@@ -1,5 +1,6 @@
 """The search index: build, incremental add/remove, answers equal brute force, model check, CLI."""
 
+import io
 import json
 import os
 
@@ -116,6 +117,26 @@ def test_pairs_output_of_build_pairs_is_indexed(tiny_model_dir, tmp_path):
     assert report.total == 2 and [i.caption for i in index.items] == ["红色的圆形", "蓝色的圆形"]
     assert report.skipped["by_reason"] == {"malformed pairs line": 1}
     assert decode_rgb(read_payload(index.items[1])).getpixel((20, 15)) == (0, 0, 200)
+
+
+def test_webdataset_shards_of_build_pairs_are_indexed_in_place(tiny_model_dir, tmp_path):
+    import tarfile
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    with tarfile.open(src / "valid-00000.tar", "w") as tar:
+        for key, text, color in (("a", "红色的圆形", (200, 0, 0)), ("b", "绿色的圆形", (0, 160, 0))):
+            for name, data in ((f"{key}.jpg", image_bytes(color, fmt="JPEG")), (f"{key}.txt", text.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    report = build(src, tmp_path / "idx", tiny_model_dir)
+    index = SearchIndex.load(tmp_path / "idx")
+    assert report.total == 2
+    assert [(i.kind, i.caption) for i in index.items] == [("tar", "红色的圆形"), ("tar", "绿色的圆形")]
+    assert decode_rgb(read_payload(index.items[1])).getpixel((20, 15))[1] > 120
+    hits = Searcher.open(tmp_path / "idx").by_image(decode_rgb(read_payload(index.items[0])), 2)
+    assert hits[0].row == 0
 
 
 def test_empty_folder_and_wrong_out_are_clear_errors(tiny_model_dir, tmp_path):
