@@ -11,7 +11,8 @@ An index is a directory:
 Guarantees:
 
 * Sources: a folder of images (searched recursively), a Chinese-CLIP split (`{split}_imgs.tsv`, with
-  captions from `{split}_texts.jsonl`), or build-pairs output (the same layout, or `{split}_pairs.jsonl`).
+  captions from `{split}_texts.jsonl`), or build-pairs output in any of its formats (that layout,
+  `{split}_pairs.jsonl`, or webdataset `{split}-*.tar` shards, read in place).
   Images are embedded through the image-embedding cache training uses (cnclip.image_cache): a split
   indexed whole hits the cache training filled.
 * Incremental: building into an existing index keeps every row whose key and content digest are
@@ -99,12 +100,12 @@ class Item:
     """One indexed image. `key` is unique in the index and stable across rebuilds."""
 
     key: str
-    kind: str  # "file" (ref = path relative to root), "tsv" (ref = image id), "pairs" (ref = pair id)
+    kind: str  # "file" (ref = path relative to root), "tsv" (ref = image id), "pairs" (ref = pair id), "tar"
     root: str  # absolute path: the folder of a file item, the TSV / JSONL file of the others
     ref: str
     caption: str
     digest: str  # blake2b of the image bytes (base64 payload for TSV / pairs)
-    offset: int = 0  # byte range of the payload (TSV) or line (pairs) in `root`
+    offset: int = 0  # byte range of the payload (TSV), line (pairs) or image member (tar) in `root`
     length: int = 0
 
     @property
@@ -189,6 +190,22 @@ def _pairs_items(path: Path, skips: SkipLog) -> list[Item]:
     return items
 
 
+def _tar_items(shard: Path, skips: SkipLog) -> list[Item]:
+    """A webdataset shard (build-pairs --format webdataset, img2dataset): images read in place by offset."""
+    from .data_formats import WebDatasetShards
+
+    shard = shard.resolve()
+    samples = WebDatasetShards([shard], skips)
+    items = []
+    with open(shard, "rb") as fh:
+        for image_id, caption, _ in samples.texts:
+            _, offset, size = samples._index[image_id]
+            fh.seek(offset)
+            items.append(Item(f"tar:{shard}:{image_id}", "tar", str(shard), str(image_id), caption,
+                              _digest(fh.read(size)), offset, size))
+    return items
+
+
 def discover(sources: list[str | Path], split: str | None, skips: SkipLog) -> list[Item]:
     """Every image the sources hold, in a fixed order; an unusable source is a DataError naming it."""
     items: list[Item] = []
@@ -200,15 +217,20 @@ def discover(sources: list[str | Path], split: str | None, skips: SkipLog) -> li
                 found = _tsv_items(source, skips)
             elif source.name.endswith("_pairs.jsonl"):
                 found = _pairs_items(source, skips)
+            elif source.suffix == ".tar":
+                found = _tar_items(source, skips)
             else:
-                raise DataError(f"{source}: expected a folder, a {{split}}_imgs.tsv or a {{split}}_pairs.jsonl")
+                raise DataError(f"{source}: expected a folder, a {{split}}_imgs.tsv, a {{split}}_pairs.jsonl or a "
+                                f"webdataset .tar")
         else:
             pattern = f"{split or '*'}"
             tsvs = sorted(source.glob(f"{pattern}_imgs.tsv"))
             pairs = sorted(source.glob(f"{pattern}_pairs.jsonl"))
-            if tsvs or pairs:  # a Chinese-CLIP layout or build-pairs output
-                found = [i for f in tsvs for i in _tsv_items(f, skips)] + [
-                    i for f in pairs for i in _pairs_items(f, skips)]
+            tars = sorted(source.glob(f"{pattern}-*.tar"))
+            if tsvs or pairs or tars:  # a Chinese-CLIP layout or build-pairs output (any --format)
+                found = ([i for f in tsvs for i in _tsv_items(f, skips)]
+                         + [i for f in pairs for i in _pairs_items(f, skips)]
+                         + [i for f in tars for i in _tar_items(f, skips)])
             else:
                 found = _folder_items(source, skips)
         if not found:
@@ -247,9 +269,11 @@ def read_payload(item: Item) -> bytes:
             chunk = fh.read(item.length)
     except OSError as exc:
         raise ValueError(f"unreadable: {exc.strerror or exc}") from None
-    payload = chunk if item.kind == "tsv" else json.loads(chunk).get("image", "").encode()
+    payload = chunk if item.kind in ("tsv", "tar") else json.loads(chunk).get("image", "").encode()
     if _digest(payload) != item.digest:
         raise ValueError(f"{item.root} changed since it was indexed; rebuild the index")
+    if item.kind == "tar":
+        return payload  # raw image bytes inside the tar
     return base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4))
 
 
