@@ -114,7 +114,7 @@ def test_export_loads_without_cnclip(plain_load, exported):
     names = {f.path for f in folder_files(exported)}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
             "preprocessor_config.json", "configuration.json", "README.md", "adapter/adapter_config.json",
-            "adapter/adapter_model.safetensors"} == names
+            "adapter/adapter_model.safetensors", "recall.png"} == names  # recall.png: the card's plot
 
 
 def test_exported_embeddings_equal_trained_unmerged_model(plain_load, trained_run, tiny_model_dir):
@@ -274,7 +274,7 @@ def test_dry_run_over_an_earlier_export_replaces_it_and_sends_nothing(trained_ru
                             "--dry-run"]) == 0
         assert hub.requests == []
     stdout, stderr = capfd.readouterr()
-    assert "dry run: would upload 10 files" in stdout and "alice/demo-clip (private)" in stdout
+    assert "dry run: would upload 11 files" in stdout  # with recall.png and "alice/demo-clip (private)" in stdout
     assert re.search(r"\d+\.\d kB  model\.safetensors", stdout)
     assert "a real upload would use the token from $MODELSCOPE_API_TOKEN" in stdout
     assert not (out / "stale.bin").exists()  # the earlier export was replaced whole
