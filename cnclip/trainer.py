@@ -236,6 +236,7 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
         scorable_texts(valid_split, valid_features, skips)  # count, once, the texts recall cannot score
     zeroshot = (ZeroShotTracker.from_recipe(recipe, clip, base.tokenizer, transform, runtime, skips)
                 if main_rank else None)  # only rank 0 validates
+    distributed.host_barrier()  # the others wait on the host while rank 0 embeds the zero-shot folder
     if skips.total:
         log.warning("skipped %d bad items while reading data: %s", skips.total, dict(skips.counts))
     image_bank = train_features.embeddings.to(runtime.device)
