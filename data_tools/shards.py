@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from cnclip.faults import crash_point
 from data_tools.config import FilterConfig
-from data_tools.download import DownloadOptions, Downloader, Fetched
+from data_tools.download import Downloader, DownloadOptions, Fetched
 from data_tools.download_stats import DownloadStats
 from data_tools.fetch_journal import FetchJournal
 from data_tools.files import remove_temporaries, write_atomic
