@@ -1,8 +1,9 @@
 """The fine-tuning loop: LoRA on the text tower against cached image embeddings.
 
-`train(recipe)` is what `python -m cnclip.finetune` runs. Read top to bottom: set up the run directory, data, model and image cache; then the loop
-(batch -> text embeddings -> contrastive loss -> step), with periodic logging, an evaluation and
-checkpoint at each epoch end, and exact resume when the same command is run again.
+`train(recipe)` is what `cnclip finetune` runs. Read top to bottom: set up the run directory, data,
+model and image cache; then the loop (batch -> text embeddings -> contrastive loss -> step), with
+periodic logging, an evaluation and checkpoint at each epoch end, and exact resume when the same
+command is run again.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def train(recipe: Recipe) -> dict:
     Data parallel: train.batch_size is the global batch, split evenly over the processes; the
     loss sees the whole global batch and gradients are averaged, so N processes train exactly
     like one process with the same recipe (up to float rounding). The ranks share the work of
-    the image cache (each embeds its own parts); rank 0 validates and writes every file; the data position in a checkpoint counts global
-    optimizer steps, so a run can resume on a different number of processes.
+    the image cache (each embeds its own parts); rank 0 validates and writes every file; the data
+    position in a checkpoint counts global optimizer steps, so a run can resume on a different
+    number of processes.
     """
     runtime = pick_runtime(recipe.train.device, recipe.train.precision)
     owns_group = not distributed.is_distributed()

@@ -41,7 +41,7 @@ def _coerce(value: Any, tp: Any, key: str, kind: str) -> Any:
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, key, kind)
-            except ConfigError as exc:
+            except ConfigError:
                 if isinstance(value, dict) and dataclasses.is_dataclass(option):
                     raise  # a section (`Section | None`) given as a mapping: its own error names the bad key
                 continue
