@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError
-from .image_sources import IMAGE_EXTENSIONS
+from .image_sources import IMAGE_EXTENSIONS, webdataset_key
 from .skiplog import SkipLog
 
 FORMATS = ("cnclip", "pairs", "webdataset", "hf")
@@ -174,9 +174,7 @@ class WebDatasetShards(_TextsMixin):
                 for member in tar:
                     if not member.isfile():
                         continue
-                    folder, _, base = member.name.rpartition("/")
-                    stem, _, ext = base.partition(".")
-                    member_key = f"{folder}/{stem}" if folder else stem
+                    member_key, ext = webdataset_key(member.name)
                     if member_key != key:
                         if key is not None:
                             yield finished()

@@ -20,6 +20,14 @@ from .skiplog import SkipLog
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
+def webdataset_key(member_name: str) -> tuple[str, str]:
+    """(sample key, extension) of a tar member as webdataset groups them: members whose names agree up to
+    the first dot of the base name are one sample (`a/0001.jpg`, `a/0001.txt` -> key `a/0001`)."""
+    folder, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
 class ImageSource(Protocol):
     path: Path
     ids: Sequence[Hashable]  # every image it holds, in a fixed order

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import pyarrow.parquet as pq
 
 from cnclip.errors import UsageError
-from cnclip.image_sources import IMAGE_EXTENSIONS
+from cnclip.image_sources import IMAGE_EXTENSIONS, webdataset_key
 from data_tools.records import TEXT_FIELDS, RawItem, Reason, Record, Rejected
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".tar": "tar"}
@@ -171,9 +171,7 @@ def _tar_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
         for member in tar:
             if not member.isfile():
                 continue
-            folder, _, base = member.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            member_key = f"{folder}/{stem}" if folder else stem
+            member_key, ext = webdataset_key(member.name)
             if member_key != key and sample:
                 yield RawItem(f"{source.display}:{key}", sample)
                 sample = {}

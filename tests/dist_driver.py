@@ -56,15 +56,9 @@ def finetune(stop_after: int, argv: list[str]) -> int:
     import cnclip.trainer
 
     if stop_after > 0:
-        clamp, calls = cnclip.trainer.clamp_logit_scale, [0]
+        from conftest import clamp_that_stops_in_step
 
-        def clamp_then_die(clip):  # runs once per optimizer step, on every rank
-            calls[0] += 1
-            if calls[0] == stop_after:
-                raise SystemExit(17)
-            clamp(clip)
-
-        cnclip.trainer.clamp_logit_scale = clamp_then_die
+        cnclip.trainer.clamp_logit_scale = clamp_that_stops_in_step(stop_after)
     return cnclip.finetune.main(argv)
 
 

@@ -19,7 +19,8 @@ from cnclip.runtime import pick_runtime, resolve_device
 from cnclip.finetune import main as finetune_main
 from cnclip.train_step import contrastive_step
 
-from conftest import DEMO_RECIPE, lora_model_with_gradients, make_tiny_dataset, tiny_overrides
+from conftest import (DEMO_RECIPE, clamp_that_stops_in_step, lora_model_with_gradients, make_tiny_dataset,
+                      tiny_overrides)
 
 DRIVER = Path(__file__).with_name("dist_driver.py")
 # Entries 1 (rank 0) and 6 (rank 1) share an image; 0 (rank 0) and 5 (rank 1) share a caption:
@@ -149,15 +150,8 @@ def test_one_process_interrupted_then_resumed_on_two(tiny_model_no_dropout_dir, 
                                                      monkeypatch):
     run_dir = tmp_path / "run"
     overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(tmp_path / "data"), run_dir)
-    clamp, calls = cnclip.trainer.clamp_logit_scale, []
-
-    def clamp_then_die(clip):
-        calls.append(1)
-        if len(calls) == 5:  # in step 5, after the epoch-1 checkpoint (step 4)
-            raise SystemExit(17)
-        clamp(clip)
-
-    monkeypatch.setattr(cnclip.trainer, "clamp_logit_scale", clamp_then_die)
+    # in step 5, after the epoch-1 checkpoint (step 4)
+    monkeypatch.setattr(cnclip.trainer, "clamp_logit_scale", clamp_that_stops_in_step(5))
     with pytest.raises(SystemExit):
         finetune_main([str(DEMO_RECIPE), *overrides])
     monkeypatch.undo()

@@ -17,7 +17,7 @@ from cnclip.finetune import main as finetune_main
 from cnclip.recipe import dump_recipe, load_recipe
 from cnclip.runtime import pick_runtime
 
-from conftest import DEMO_RECIPE, make_tiny_dataset, tiny_overrides
+from conftest import DEMO_RECIPE, clamp_that_stops_in_step, make_tiny_dataset, tiny_overrides
 from test_distributed import final_weights, losses, torchrun
 
 
@@ -58,15 +58,8 @@ def test_ranks_that_see_different_run_dirs_refuse_to_resume(tiny_model_no_dropou
     step 4. Every rank stops with the reason instead of running collectives that never match."""
     run_dir = tmp_path / "run"
     overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(tmp_path / "data"), run_dir)
-    clamp, calls = cnclip.trainer.clamp_logit_scale, []
-
-    def clamp_then_die(clip):
-        calls.append(1)
-        if len(calls) == 5:  # in step 5, after the epoch-1 checkpoint (step 4)
-            raise SystemExit(17)
-        clamp(clip)
-
-    monkeypatch.setattr(cnclip.trainer, "clamp_logit_scale", clamp_then_die)
+    # in step 5, after the epoch-1 checkpoint (step 4)
+    monkeypatch.setattr(cnclip.trainer, "clamp_logit_scale", clamp_that_stops_in_step(5))
     with pytest.raises(SystemExit):
         finetune_main([str(DEMO_RECIPE), *overrides])
     monkeypatch.undo()
