@@ -11,7 +11,6 @@ read by `cnclip.image_sources.ImageTSV`.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import logging
@@ -25,7 +24,7 @@ from PIL import Image
 from .errors import DataError
 from .data_formats import open_split
 from .image_sources import ImageSource, ImageTSV
-from .images import decode_rgb, to_rgb
+from .images import decode_base64, decode_rgb, to_rgb
 from .models import ImagePreprocess
 from .skiplog import SkipLog
 
@@ -38,8 +37,7 @@ log = logging.getLogger(__name__)
 def decode_base64_image(payload: bytes) -> Image.Image:
     """Decode one TSV payload into an RGB image; raises ValueError with a short reason."""
     try:
-        # urlsafe_b64decode also accepts the standard alphabet; plain b64decode would drop - and _.
-        raw = base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4))
+        raw = decode_base64(payload)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"invalid base64: {exc}") from None
     return decode_rgb(raw)

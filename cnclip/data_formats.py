@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 from .errors import DataError
 from .image_sources import IMAGE_EXTENSIONS, webdataset_key
+from .images import decode_base64
 from .skiplog import SkipLog
 
 FORMATS = ("cnclip", "pairs", "webdataset", "hf")
@@ -263,7 +264,7 @@ def image_bytes_of(value: Any, base_dir: Path | None) -> bytes:
         return bytes(value)
     if isinstance(value, str):
         payload = value.split(",", 1)[-1].strip()  # a data: URI's payload follows its first comma
-        return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))  # padding is the payload's
+        return decode_base64(payload)
     raise ValueError(f"unsupported image cell of type {type(value).__name__}")
 
 

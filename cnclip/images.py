@@ -8,11 +8,23 @@ before a single pixel is decoded, so a decompression bomb cannot exhaust memory.
 
 from __future__ import annotations
 
+import base64
 import io
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+
+def decode_base64(payload: str | bytes) -> bytes:
+    """Base64 from any source we read (TSV, pairs JSONL, data URIs, crawl fields), with or without padding.
+
+    `urlsafe_b64decode` also accepts the standard alphabet; plain `b64decode` would silently drop `-`
+    and `_`. The padding is computed on `payload` itself, so strip a data URI's prefix first.
+    Raises binascii.Error (a ValueError) on bad input.
+    """
+    pad = -len(payload) % 4
+    return base64.urlsafe_b64decode(payload + ("=" * pad if isinstance(payload, str) else b"=" * pad))
 
 # Pillow's own default bomb limit (~89 MP), enforced by us from the header.
 MAX_PIXELS = 89_478_485

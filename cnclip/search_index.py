@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .atomic import atomic_dir
 from .errors import DataError, UsageError
 from .image_sources import IMAGE_EXTENSIONS, ImageTSV
+from .images import decode_base64
 from .skiplog import SkipLog
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ def read_payload(item: Item) -> bytes:
         raise ValueError(f"{item.root} changed since it was indexed; rebuild the index")
     if item.kind == "tar":
         return payload  # raw image bytes inside the tar
-    return base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4))
+    return decode_base64(payload)
 
 
 class ItemImages:

@@ -7,7 +7,6 @@ can be decided without decoding (path, file size, header dimensions) is decided 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import re
@@ -19,7 +18,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import imagehash
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cnclip.images import to_rgb  # the same RGB conversion training applies to its own images
+from cnclip.images import decode_base64, to_rgb  # the same RGB conversion training applies to its own images
 from data_tools.config import ImageConfig
 from data_tools.records import Reason, Record, Rejected
 
@@ -85,8 +84,7 @@ def _decode_base64(text: str, max_bytes: int) -> bytes:
     if len(payload) * 3 // 4 > max_bytes:
         raise Rejected(Reason.IMAGE_TOO_LARGE, f"base64 of about {len(payload) * 3 // 4} bytes > {max_bytes}")
     try:
-        # urlsafe_b64decode also accepts the standard alphabet (Chinese-CLIP TSVs use urlsafe).
-        return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        return decode_base64(payload)
     except (binascii.Error, ValueError) as err:
         raise Rejected(Reason.UNDECODABLE_IMAGE, f"bad base64: {err}") from None
 
