@@ -197,8 +197,12 @@ class WebDatasetShards(_TextsMixin):
         if key is not None:
             yield finished()
 
+    def image_range(self, image_id: int) -> tuple[int, int, int]:
+        """(shard number, byte offset, size) of an image's member inside its tar: it is read in place."""
+        return self._index[image_id]
+
     def read(self, image_id: int) -> bytes:
-        shard, offset, size = self._index[image_id]
+        shard, offset, size = self.image_range(image_id)
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = open(self.shards[shard], "rb")

@@ -200,7 +200,7 @@ def _tar_items(shard: Path, skips: SkipLog) -> list[Item]:
     items = []
     with open(shard, "rb") as fh:
         for image_id, caption, _ in samples.texts:
-            _, offset, size = samples._index[image_id]
+            _, offset, size = samples.image_range(image_id)
             fh.seek(offset)
             items.append(Item(f"tar:{shard}:{image_id}", "tar", str(shard), str(image_id), caption,
                               _digest(fh.read(size)), offset, size))
