@@ -19,7 +19,7 @@ Guarantees:
   unchanged (its stored vector is reused, never re-embedded), embeds only new or changed images, and
   drops rows whose image is gone. The faiss structure is rebuilt from the stored vectors.
 * Exact below APPROXIMATE_FROM vectors (faiss IndexFlatIP), HNSW from there on (measured with
-  benchmarks/search_throughput.py; see README "Search your images").
+  benchmarks/search_throughput.py; see docs/search.md).
 * The index records the model's weight fingerprint; a query with another model is refused with a
   message saying which model built it.
 * Reading an image back for a thumbnail never leaves the indexed roots: the row's stored path is

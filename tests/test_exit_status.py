@@ -1,4 +1,4 @@
-"""Exit statuses: README's table is cnclip.errors', and every status in it is produced by a test.
+"""Exit statuses: the documented table (docs/exit-status.md) is cnclip.errors', and every status in it is produced by a test.
 
 The statuses that need a real failure of their own (disk full, a dead worker, a hub outage ...) are
 produced where that failure is built; `PRODUCED_BY` names those tests (or the helper a test calls to
@@ -21,6 +21,7 @@ from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_HUB_FA
                            EXIT_REPO_CONFLICT, EXIT_TOKEN_REJECTED, EXIT_USAGE, EXIT_WORKER_CRASHED)
 
 from conftest import DEMO_RECIPE, REPO, tiny_overrides
+from doc_pages import doc_section
 
 # status -> (constant the test asserts with, or the literal status, "file::test")
 PRODUCED_BY = {
@@ -42,9 +43,7 @@ PRODUCED_BY = {
 
 
 def readme_table() -> dict[int, str]:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Exit status"):]
-    section = section[:section.index("\n## ", 1)]
+    section = doc_section("docs/exit-status.md", "Exit status")
     return {int(m[1]): m[2].strip() for m in re.finditer(r"^\| (\d+) \| (.+?) \|$", section, re.M)}
 
 

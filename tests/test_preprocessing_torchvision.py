@@ -8,7 +8,7 @@ tensor); this test proves cnclip is never farther from the torchvision backend t
 own PIL backend is, and bounds that difference.
 
 Needs torchvision, so it is marked: `python -m pytest -m torchvision` in an environment with
-torch + torchvision (README, "Reliability"). Skipped where torchvision is not importable.
+torch + torchvision (docs/reliability.md). Skipped where torchvision is not importable.
 """
 
 import numpy as np

@@ -41,7 +41,7 @@ QUERY = "左上角有一个红色的圆形"
 def demo_index(tiny_model_dir, tmp_path_factory):
     """An index over the demo data set's validation drawings (90 captioned images).
 
-    The model is the demo run's when CNCLIP_SEARCH_DEMO_RUN names one (the README screenshot is taken
+    The model is the demo run's when CNCLIP_SEARCH_DEMO_RUN names one (the docs/search.md screenshot is taken
     that way), else the tiny test model: the assertions compare the page with the library's answers.
     """
     root = tmp_path_factory.mktemp("search_demo")
