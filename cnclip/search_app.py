@@ -164,8 +164,9 @@ def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: st
         try:
             return decode_rgb(body, max_upload_pixels, shrink_jpeg=True)
         except ImageTooLarge as exc:
-            raise BadRequest(413, f"the uploaded image is too large to search with ({exc}; "
-                                  f"at most {max_upload_pixels / 1e6:g} megapixels)") from None
+            raise BadRequest(413, f"the uploaded image is too large to search with ({exc}); a JPEG is decoded "
+                                  f"at 1/2, 1/4 or 1/8 scale when that fits under {max_upload_pixels / 1e6:g} "
+                                  "megapixels") from None
         except ValueError as exc:
             raise BadRequest(400, f"cannot read the uploaded file as an image ({exc})") from None
 
