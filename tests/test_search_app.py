@@ -430,15 +430,15 @@ def post(url: str, data: bytes) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def sixteen_bit_png(size) -> bytes:
-    """A flat grey 16-bit PNG (mode I;16): 81 MP is 162 MB decoded, about 180 kB on the wire."""
+def flat_png(size, mode="I;16", fill=40000) -> bytes:
+    """A flat PNG, by default grey 16-bit (mode I;16): 81 MP is 162 MB decoded, about 180 kB on the wire."""
     buf = io.BytesIO()
-    Image.new("I;16", size, 40000).save(buf, format="PNG")
+    Image.new(mode, size, fill).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def test_a_16_bit_upload_over_the_pixel_budget_is_refused_before_decoding(server):
-    bomb = sixteen_bit_png((9000, 9000))  # 81 MP: under Pillow's 89 MP guard and the 1 MB upload limit
+    bomb = flat_png((9000, 9000))  # 81 MP: under Pillow's 89 MP guard and the 1 MB upload limit
     assert len(bomb) < 2**20 and Image.open(io.BytesIO(bomb)).mode == "I;16"
     assert post(server.url + "api/image?k=1", png())[0] == 200  # warm the server up before measuring
     (status, reply), growth = peak_rss_growth(server.pid, lambda: post(server.url + "api/image?k=1", bomb))
@@ -446,14 +446,16 @@ def test_a_16_bit_upload_over_the_pixel_budget_is_refused_before_decoding(server
     assert growth < 64 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MB"
 
 
-def test_a_16_bit_upload_within_the_budget_decodes_in_bounded_memory(server):
+@pytest.mark.parametrize("mode, fill", [("I;16", 40000), ("RGBA", (200, 0, 0, 128))])
+def test_an_upload_within_the_budget_decodes_in_bounded_memory(server, mode, fill):
+    """30 MP: 16-bit grey took 21 bytes a pixel (float64 copies), RGBA 19 (whole-image RGBA temporaries); now 7, 10."""
     pixels = 6000 * 5000
-    flat = sixteen_bit_png((6000, 5000))  # 30 MP, 60 MB at 16 bits
+    flat = flat_png((6000, 5000), mode, fill)
+    assert Image.open(io.BytesIO(flat)).mode == mode
     assert post(server.url + "api/image?k=1", png())[0] == 200
     (status, reply), growth = peak_rss_growth(server.pid, lambda: post(server.url + "api/image?k=1", flat))
     assert status == 200 and len(reply["results"]) == 1
-    # Pillow's 16-bit image (2 B/px), our uint16 copy (2), the 8-bit result (1) and RGB (3), not float64 (24+)
-    assert growth < 12 * pixels, f"peak RSS grew by {growth / pixels:.1f} bytes a pixel"
+    assert growth < 13 * pixels, f"peak RSS grew by {growth / pixels:.1f} bytes a pixel"
 
 
 def test_page_in_a_real_browser(server, demo_index, tmp_path):
