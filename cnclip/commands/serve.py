@@ -1,4 +1,7 @@
-"""`cnclip serve INDEX [--host 127.0.0.1] [--port 7860]` (also `python -m cnclip.serve`): the search web app."""
+"""`cnclip serve INDEX [--host 127.0.0.1] [--port 7860] [--allowed-host NAME]` (also `python -m cnclip.serve`).
+
+The search web app (cnclip.search_app); it answers only the Host names search_app.allowed_hosts_for gives.
+"""
 
 from __future__ import annotations
 
