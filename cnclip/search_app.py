@@ -61,13 +61,14 @@ from .search_index import Searcher, read_payload
 log = logging.getLogger("cnclip.serve")
 
 DEFAULT_MAX_UPLOAD_MB = 10
-# Decoded upload budget: 40 MP is 120 MB as 8-bit RGB (a 16-bit source briefly holds 2-3 bytes a pixel
-# more); Pillow's own bomb limit (89 MP, cnclip.images.MAX_PIXELS) would let one upload take ~1 GB.
+# Decoded upload budget: 40 MP is 120 MB as 8-bit RGB and at most ~400 MB while decoding (10 bytes a pixel
+# for RGBA, less for the rest); Pillow's own bomb limit (89 MP, cnclip.images.MAX_PIXELS) would allow twice that.
 UPLOAD_MAX_PIXELS = 40_000_000
 MAX_K = 100
 THUMB_SIDE = 256
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-_DIGITS = re.compile(r"[0-9]+")  # not str.isdigit: that accepts '²' and '٣', which int() refuses or reads
+_DIGITS = re.compile(r"[0-9]+")
+COUNT_CAP = 10**15  # more than any limit here
 # A host name or IPv4 address, optionally `*.` in front (TrustedHostMiddleware's suffix pattern).
 _HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
 
@@ -76,6 +77,18 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+def parse_count(text: str) -> int | None:
+    """ASCII digits -> their value (COUNT_CAP for a longer number); None for anything else.
+
+    Not str.isdigit + int(): isdigit accepts '²' (int() raises) and '٣' (int() reads 3), and int() refuses
+    more than 4,300 digits; either way a request could reach a 500.
+    """
+    if not _DIGITS.fullmatch(text):
+        return None
+    digits = text.lstrip("0")
+    return int(digits or "0") if len(digits) <= 15 else COUNT_CAP
 
 
 def host_pattern(value: str, option: str = "--allowed-host") -> str:
@@ -173,10 +186,11 @@ def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: st
 
     async def read_upload(request: Request):
         announced = request.headers.get("content-length")
-        if announced is not None and not _DIGITS.fullmatch(announced):
-            raise BadRequest(400, f"Content-Length must be a number of bytes, got {announced!r}")
-        if announced is not None and int(announced) > max_upload_bytes:
-            raise BadRequest(413, f"the upload is {int(announced) / 2**20:.1f} MB; the limit is "
+        size = None if announced is None else parse_count(announced)
+        if announced is not None and size is None:
+            raise BadRequest(400, f"Content-Length must be a number of bytes, got {announced[:40]!r}")
+        if size is not None and size > max_upload_bytes:
+            raise BadRequest(413, f"the upload is {size / 2**20:.1f} MB; the limit is "
                                   f"{max_upload_bytes / 2**20:.0f} MB")
         body = bytearray()
         async for chunk in request.stream():  # a body without Content-Length is counted as it arrives
@@ -248,9 +262,9 @@ def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: st
 
     async def thumb(request: Request):
         raw = request.path_params["row"]
-        if not _DIGITS.fullmatch(raw) or int(raw) >= len(index):
-            return JSONResponse({"error": f"no image {raw!r} in this index"}, status_code=404)
-        row = int(raw)
+        row = parse_count(raw)
+        if row is None or row >= len(index):
+            return JSONResponse({"error": f"no image {raw[:40]!r} in this index"}, status_code=404)
         try:
             data = await anyio.to_thread.run_sync(thumbnail, row, limiter=decode_limiter)
         except ValueError as exc:  # the reason names the indexed folder's absolute path: logged, not sent
