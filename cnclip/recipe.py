@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from .data_formats import FORMATS as DATA_FORMATS
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
+from .model_reference import parse_model_reference
 from .typed_config import build_config, read_yaml_mapping
 
 
@@ -265,9 +266,21 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
                               "compose copies pretrained towers")
     if m.arch is not None and m.arch not in ORIGINAL_ARCHS:
         raise ConfigError(f"recipe key 'model.arch': got {m.arch!r}, accepted: null, {', '.join(ORIGINAL_ARCHS)}")
+    if check_data:  # a mistyped local path fails here, not after a minute of Hub retries
+        for key, spec in _model_references(m):
+            try:
+                parse_model_reference(spec, f"recipe key '{key}'")
+            except UsageError as exc:
+                raise ConfigError(str(exc)) from None
     if m.random_init and not Path(m.base).is_dir():
         raise ConfigError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
     _validate_zeroshot(recipe, check_data)
+
+
+def _model_references(m: ModelConfig) -> list[tuple[str, str]]:
+    if m.compose is not None:
+        return [("model.compose.image", m.compose.image), ("model.compose.text", m.compose.text)]
+    return [("model.base", m.base)]
 
 
 def _check_data_files(d: DataConfig) -> None:

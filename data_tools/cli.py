@@ -11,6 +11,7 @@ from cnclip.commands.base import exit_status_help, run_command
 from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_USAGE, EXIT_WORKER_CRASHED,
                            UsageError,
                            WorkerCrashed, is_disk_full)
+from cnclip.model_reference import parse_model_reference
 from data_tools.config import load_config
 from data_tools.download import DEFAULT_USER_AGENT, DownloadOptions
 from data_tools.download_stats import summary_lines as download_summary
@@ -185,6 +186,7 @@ def _scoring_options(args: argparse.Namespace) -> ScoringOptions | None:
         if args.min_similarity is not None or args.keep_top is not None or args.similarity_per_query:
             raise UsageError("--min-similarity, --keep-top and --similarity-per-query need --model MODEL")
         return None
+    parse_model_reference(args.model, "--model")  # a mistyped local path fails now, before any stage runs
     return ScoringOptions(model=args.model, min_similarity=args.min_similarity, keep_top=args.keep_top,
                           per_query=args.similarity_per_query, cache_dir=args.embedding_cache, device=args.device,
                           precision=args.precision, batch_size=args.embed_batch_size)

@@ -61,7 +61,7 @@ def _index(args) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = load_for_inference(args.model)
+    loaded = load_for_inference(args.model, what="--model")
     cache_dir = args.cache_dir or (loaded.recipe.cache.dir if loaded.recipe else None) or None
     spec = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     report = build_index(args.sources, args.out, loaded, spec, pick_runtime(args.device, "auto"), split=args.split,

@@ -261,7 +261,7 @@ def run(cfg: ZeroShotRun) -> dict:
                                     folder, runtime, SkipLog(max_examples=0))
         results.append(result)
         del base
-    loaded = load_for_inference(cfg.model, checkpoint=cfg.checkpoint)
+    loaded = load_for_inference(cfg.model, checkpoint=cfg.checkpoint, what="--model")
     name = "tuned" if recipe is not None else "model"
     result, class_emb, images = _score_model(name, loaded.clip, loaded.tokenizer, loaded.preprocess, cfg, templates,
                                              classes, folder, runtime, skips)
