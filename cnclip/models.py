@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from .recipe import ModelConfig
 
 log = logging.getLogger(__name__)
 
+# The one warning attach_lora silences (see there); a regex for warnings.filterwarnings.
+GRADIENT_CHECKPOINTING_WARNING = r"`is_gradient_checkpointing` is deprecated"
 # logit_scale is stored as log(scale); CLIP caps the scale at 100.
 MAX_LOGIT_SCALE = 100.0
 
@@ -184,7 +187,11 @@ def attach_lora(clip: nn.Module, cfg: ModelConfig):
         modules_to_save=["text_projection"] if cfg.train_text_projection else None,
         bias="none",
     )
-    model = get_peft_model(clip, lora)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` property while wrapping the model;
+        # the FutureWarning is about peft's code, not ours: hide exactly that one, here only.
+        warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_WARNING, category=FutureWarning)
+        model = get_peft_model(clip, lora)
     clip.logit_scale.requires_grad_(cfg.train_logit_scale)
     lock_image_tower(clip)
     return model

@@ -160,6 +160,7 @@ class Recipe:
 
 
 _PRECISIONS = ("auto", "fp32", "bf16")
+MAX_SEED = 2**32 - 1
 _GENERATORS = (None, "demo")
 _TEXT_TUNINGS = ("lora", "full")
 # The cn_clip architectures transformers' ChineseCLIPModel can hold (RN50's ResNet tower it cannot).
@@ -221,6 +222,8 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"recipe key '{key}' must be >= 1, got {value}")
+    if not 0 <= recipe.seed <= MAX_SEED:  # the trainer derives per-epoch torch seeds from it (seed * 1000 + epoch)
+        raise ConfigError(f"recipe key 'seed' must be an integer from 0 to {MAX_SEED}, got {recipe.seed}")
     if t.batch_size < 2:
         raise ConfigError("recipe key 'train.batch_size' must be >= 2: a contrastive batch needs negatives")
     if not 0.0 <= m.lora_dropout < 1.0:

@@ -7,9 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cnclip.commands.base import exit_status_help, run_command
-from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_USAGE, EXIT_WORKER_CRASHED,
-                           UsageError,
+from cnclip.commands.base import parser_options, run_command
+from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, EXIT_USAGE, EXIT_WORKER_CRASHED, UsageError,
                            WorkerCrashed, is_disk_full)
 from cnclip.model_reference import parse_model_reference
 from data_tools.config import load_config
@@ -48,7 +47,10 @@ of them are complete; report.json comes last, so a DIR with report.json holds ex
 complete outputs it lists. Killed at any point, the same command resumes and writes the same
 bytes.
 """
-BUILD_PAIRS_EXITS = (EXIT_USAGE, EXIT_DISK_FULL, EXIT_MODEL, EXIT_WORKER_CRASHED, EXIT_INTERRUPTED)
+BUILD_PAIRS_EXITS = (EXIT_DISK_FULL, EXIT_MODEL, EXIT_WORKER_CRASHED)
+FROM_HF_EXITS = (EXIT_DATA, EXIT_DISK_FULL)
+# The seed keys blake2b hashes as 8 signed bytes (data_tools.split, data_tools.selection).
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
 
 FORMAT_HELP = (
     "output layout: 'cnclip' = Chinese-CLIP {split}_imgs.tsv + {split}_texts.jsonl (+ {split}_meta.jsonl), "
@@ -58,7 +60,7 @@ FORMAT_HELP = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -66,15 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: args.run(args), resume_hint=getattr(args, "resume_hint", "rerun the same command"))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data_tools", description="Data preparation tools for cnclip.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data_tools", **parser_options(
+        "Data preparation tools for cnclip.", (*BUILD_PAIRS_EXITS, *FROM_HF_EXITS)))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     build = commands.add_parser(
         "build-pairs",
         help="crawl dumps -> clean Chinese image-text pairs + report.json",
-        description=BUILD_PAIRS_DESCRIPTION,
-        epilog=exit_status_help(BUILD_PAIRS_EXITS),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **parser_options(BUILD_PAIRS_DESCRIPTION, BUILD_PAIRS_EXITS),
     )
     build.add_argument("inputs", nargs="+", metavar="INPUT", help="crawl dump files (.jsonl, .ndjson, .parquet, .tar) or directories of them")
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created if missing); report.json and DIR/.work go here")
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="processes for the per-record stages; the output does not depend on N (default: %(default)s)")
     build.add_argument("--config", type=Path, metavar="FILTERS.yaml", help="filter thresholds (sections text, relevance, image, dedup); unknown keys are errors (default: built-in defaults)")
     build.add_argument("--format", choices=FORMATS, default="cnclip", help=FORMAT_HELP)
-    build.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the per-query cap and the split assignment (default: %(default)s)")
+    build.add_argument("--seed", type=_seed, default=0, metavar="S", help="seed for the per-query cap and the split assignment (default: %(default)s)")
     build.add_argument("--shard-size", type=_positive_int, default=2_000, metavar="N", help="records per shard, the unit of parallel work and of resuming (default: %(default)s)")
     build.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     _add_download_arguments(build)
@@ -114,13 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     hf = commands.add_parser(
         "from-hf",
         help="a Hugging Face `datasets` image-text set -> one split in the Chinese-CLIP layout",
-        description="Write one split of an image-text data set in Hugging Face `datasets` form (a Hub id, a "
-                    "save_to_disk directory, or a .parquet/.jsonl/.csv file) as {split}_imgs.tsv + "
-                    "{split}_texts.jsonl, usable as data.root for python -m cnclip.finetune. Identical images "
-                    "share one image id (several captions of one picture are positives of the same image); rows "
-                    "without a caption or with an undecodable image are skipped and counted in "
-                    "DIR/{split}_from_hf_report.json.",
-        epilog=exit_status_help((EXIT_USAGE, EXIT_DATA, EXIT_DISK_FULL)),
+        **parser_options(
+            "Write one split of an image-text data set in Hugging Face `datasets` form (a Hub id, a save_to_disk "
+            "directory, or a .parquet/.jsonl/.csv file) as {split}_imgs.tsv + {split}_texts.jsonl, usable as "
+            "data.root for python -m cnclip.finetune. Identical images share one image id (several captions of one "
+            "picture are positives of the same image); rows without a caption or with an undecodable image are "
+            "skipped and counted in DIR/{split}_from_hf_report.json.", FROM_HF_EXITS),
     )
     hf.add_argument("source", metavar="DATASET", help="Hub id, save_to_disk directory, or a data file")
     hf.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created if missing)")
@@ -257,6 +257,13 @@ def _non_negative_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer from {SEED_MIN} to {SEED_MAX} (64 bits), got {text!r}")
     return value
 
 
