@@ -17,7 +17,7 @@ import yaml
 from .data_formats import FORMATS as DATA_FORMATS
 from .errors import ConfigError, UsageError
 from .model_reference import parse_model_reference
-from .typed_config import build_config, read_yaml_mapping
+from .typed_config import EMPTY, build_config, read_yaml_mapping
 
 
 @dataclass
@@ -185,7 +185,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key:
             raise ConfigError(f"override '{pair}' must look like key=value (e.g. train.lr=1e-4)")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = yaml.safe_load(text) if text else EMPTY
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{pair}': value is not valid YAML ({exc})") from None
         out.append((key.strip(), value))

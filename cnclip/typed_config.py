@@ -36,8 +36,25 @@ def describe(tp: Any) -> str:
     return "null" if tp is type(None) else tp.__name__
 
 
+class _Empty:
+    """A command-line override with nothing after `=`: null where the key accepts null (`data.generate=`,
+    as an empty value is null in YAML), else the empty string (`zeroshot.images=` clears a path)."""
+
+    def __repr__(self) -> str:
+        return "''"
+
+
+EMPTY = _Empty()
+
+
+def _accepts_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
 def _coerce(value: Any, tp: Any, key: str, kind: str) -> Any:
     """`value` checked against the annotation `tp` (a nested dataclass is built recursively)."""
+    if value is EMPTY:
+        value = None if _accepts_none(tp) else ""
     if dataclasses.is_dataclass(tp):
         return build_config(tp, value, kind, prefix=f"{key}.")
     origin = typing.get_origin(tp)

@@ -86,9 +86,9 @@ def _index(args) -> int:
     if args.json:
         print(json.dumps({"index": str(args.out), **report.to_dict()}, ensure_ascii=False))
     else:
-        print(f"{args.out}: {report.total} images ({report.kind} index); embedded {report.embedded}, "
-              f"reused {report.kept}, removed {report.removed}, undecodable {report.undecodable} "
-              f"in {report.seconds:.1f} s")
+        print(f"{args.out}: {report.total} images ({report.kind} index): {report.kept} reused from the index, "
+              f"{report.from_cache} from the embedding cache, {report.embedded} embedded now; removed "
+              f"{report.removed}, undecodable {report.undecodable}; {report.seconds:.1f} s")
     return 0
 
 
