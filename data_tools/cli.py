@@ -6,20 +6,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnclip.commands.base import parser_options, run_command
 from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, EXIT_USAGE, EXIT_WORKER_CRASHED, UsageError,
                            WorkerCrashed, is_disk_full)
 from cnclip.model_reference import parse_model_reference
-from data_tools.config import load_config
-from data_tools.download import DEFAULT_USER_AGENT, DownloadOptions
-from data_tools.download_stats import summary_lines as download_summary
-from data_tools.engines import ENGINES
-from data_tools.pipeline import BuildOptions, BuildResult, build_pairs
-from data_tools.report import summary
-from data_tools.scoring import ScoringOptions
 from data_tools.split import parse_splits
 from data_tools.writers import FORMATS
+
+if TYPE_CHECKING:  # the stages (pyarrow, httpx, ...) are imported when a command runs, not for --help
+    from data_tools.download import DownloadOptions
+    from data_tools.pipeline import BuildResult
+    from data_tools.scoring import ScoringOptions
 
 BUILD_PAIRS_DESCRIPTION = """\
 Turn query-based crawl dumps into clean Chinese image-text pairs.
@@ -49,6 +48,8 @@ bytes.
 """
 BUILD_PAIRS_EXITS = (EXIT_DISK_FULL, EXIT_MODEL, EXIT_WORKER_CRASHED)
 FROM_HF_EXITS = (EXIT_DATA, EXIT_DISK_FULL)
+# data_tools.engines.ENGINES, written out so that --help does not import pyarrow (tests/test_cli_help.py).
+ENGINES = ("local", "ray")
 # The seed keys blake2b hashes as 8 signed bytes (data_tools.split, data_tools.selection).
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
 
@@ -148,6 +149,9 @@ def _from_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from data_tools.config import load_config
+    from data_tools.pipeline import BuildOptions, build_pairs
+
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out is not a directory: {args.out}")
     config = load_config(args.config)
@@ -186,6 +190,8 @@ def _scoring_options(args: argparse.Namespace) -> ScoringOptions | None:
         if args.min_similarity is not None or args.keep_top is not None or args.similarity_per_query:
             raise UsageError("--min-similarity, --keep-top and --similarity-per-query need --model MODEL")
         return None
+    from data_tools.scoring import ScoringOptions
+
     parse_model_reference(args.model, "--model")  # a mistyped local path fails now, before any stage runs
     return ScoringOptions(model=args.model, min_similarity=args.min_similarity, keep_top=args.keep_top,
                           per_query=args.similarity_per_query, cache_dir=args.embedding_cache, device=args.device,
@@ -207,7 +213,7 @@ def _add_download_arguments(build: argparse.ArgumentParser) -> None:
     group.add_argument("--read-timeout", type=_positive_float, default=20.0, metavar="S", help="longest wait for the next bytes (default: %(default)s)")
     group.add_argument("--download-timeout", type=_positive_float, default=60.0, metavar="S", help="one request, body included, from its start (not the wait for its host's turn) (default: %(default)s)")
     group.add_argument("--retries", type=_non_negative_int, default=3, metavar="N", help="retries after a timeout, connection error, 429 or 5xx, with exponential backoff or Retry-After (default: %(default)s)")
-    group.add_argument("--user-agent", metavar="UA", help=f"User-Agent header (default: {DEFAULT_USER_AGENT!r})")
+    group.add_argument("--user-agent", metavar="UA", help="User-Agent header (default: 'cnclip-data_tools/VERSION (...; honours X-Robots-Tag noai)')")
     group.add_argument("--allow-private-network", action="store_true", help="also download from loopback, private and link-local addresses (off: such URLs are blocked_address)")
     group.add_argument("--retry-failed", action="store_true", help="rerun only the finished shards' retryable failures (timeouts, connection errors, 429, 5xx)")
     group.add_argument("--engine", choices=ENGINES, default="local", help="where the per-shard stages run: local processes or Ray tasks; the output is the same (default: %(default)s)")
@@ -219,6 +225,8 @@ def _download_options(args: argparse.Namespace) -> DownloadOptions | None:
         if args.retry_failed or args.allow_private_network:
             raise UsageError("--retry-failed and --allow-private-network need --download")
         return None
+    from data_tools.download import DEFAULT_USER_AGENT, DownloadOptions
+
     return DownloadOptions(
         concurrency=args.download_concurrency, per_host_connections=args.per_host_connections,
         per_host_rate=args.per_host_rate, connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
@@ -228,6 +236,9 @@ def _download_options(args: argparse.Namespace) -> DownloadOptions | None:
 
 
 def _print_summary(result: BuildResult, out: Path) -> None:
+    from data_tools.download_stats import summary_lines as download_summary
+    from data_tools.report import summary
+
     print(summary(result.report))
     if "downloads" in result.report:
         print("\n".join(download_summary(result.report["downloads"])))

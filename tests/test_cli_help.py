@@ -91,6 +91,13 @@ def test_values_written_out_for_help_match_the_library():
     assert search.APPROXIMATE_FROM == search_index.APPROXIMATE_FROM
     assert serve.DEFAULT_MAX_UPLOAD_MB == search_app.DEFAULT_MAX_UPLOAD_MB
     assert ORIGINAL_ARCHS == tuple(original_format.ARCHS)
+    import data_tools.cli
+    import data_tools.download
+    import data_tools.engines
+
+    assert data_tools.cli.ENGINES == data_tools.engines.ENGINES
+    assert data_tools.download.DEFAULT_USER_AGENT.startswith("cnclip-data_tools/")
+    assert data_tools.download.DEFAULT_USER_AGENT.endswith("; honours X-Robots-Tag noai)")
 
 
 HELP_WITHOUT_TORCH = """
@@ -105,7 +112,7 @@ for argv in runs:
 for argv in (["build-pairs", "--help"], ["from-hf", "--help"]):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
         data_tools_main(argv)
-print(json.dumps(sorted(m for m in ("torch", "transformers", "peft", "faiss") if m in sys.modules)))
+print(json.dumps(sorted(m for m in ("torch", "transformers", "peft", "faiss", "pyarrow", "httpx") if m in sys.modules)))
 """
 
 
