@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="run directory (its best checkpoint), model directory, Hugging Face id "
                                    "(owner/name) or modelscope:<id>")
     p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint of a run directory "
-                                                                  "(default: best)")
+                                                                  f"(default: {ZeroShotRun.checkpoint})")
     p.add_argument("--classes", help="class list: lines 'key: 名称1, 名称2' (key = image sub-folder name), or a shipped list by name: cifar10")
     p.add_argument("--images", help="folder with one sub-folder of images per class key")
     p.add_argument("--templates", help="templates file, one per line with {} (default: the 23 shipped templates)")
@@ -88,14 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-base", action=argparse.BooleanOptionalAction, default=None,
                    help="score the run's base model too and print both side by side")
     p.add_argument("--predict", nargs="+", metavar="IMG", help="label these images (top-k with probabilities)")
-    p.add_argument("--top-k", type=int, help=f"classes listed per --predict image (default: {TOP_K})")
+    p.add_argument("--top-k", type=int, help=f"classes listed per --predict image (default: {ZeroShotRun.top_k})")
     p.add_argument("--out", help="output folder (default RUN/zeroshot, or ./zeroshot)")
     p.add_argument("--cache-dir", help="embedding cache folder (default: the run's cache.dir, or ~/.cache/cnclip)")
-    p.add_argument("--batch-size", type=int, help="images or prompts per model batch (default: 64)")
+    p.add_argument("--batch-size", type=int, help=f"images or prompts per model batch (default: {ZeroShotRun.batch_size})")
     p.add_argument("--context-length", type=int, help="tokens per prompt (default: the run's "
                                                       "data.context_length, or 52)")
-    p.add_argument("--device", help="torch device: auto (cuda when available), cpu, cuda, ... (default: auto)")
-    p.add_argument("--workers", type=int, help="image decoding worker processes (default: 2)")
+    p.add_argument("--device", help="torch device: auto (cuda when available), cpu, cuda, ... "
+                                    f"(default: {ZeroShotRun.device})")
+    p.add_argument("--workers", type=int, help=f"image decoding worker processes (default: {ZeroShotRun.workers})")
     return p
 
 
