@@ -160,7 +160,7 @@ class Recipe:
 
 
 _PRECISIONS = ("auto", "fp32", "bf16")
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1  # recipe `seed`: the range numpy and torch seeds share, with room for seed * 1000 + epoch
 _GENERATORS = (None, "demo")
 _TEXT_TUNINGS = ("lora", "full")
 # The cn_clip architectures transformers' ChineseCLIPModel can hold (RN50's ResNet tower it cannot).
