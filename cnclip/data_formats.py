@@ -25,14 +25,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import DataError
 from .image_sources import IMAGE_EXTENSIONS, webdataset_key
 from .images import decode_base64
 from .skiplog import SkipLog
+from .tar_members import MAX_IMAGE_MEMBER_BYTES, MAX_TEXT_MEMBER_BYTES, BoundedTar, TarMember, TarReadError
 
 FORMATS = ("cnclip", "pairs", "webdataset", "hf")
 TextTuple = tuple[int, str, tuple[int, ...]]  # (text_id, text, image_ids): cnclip.data.TextRecord's fields
@@ -139,7 +140,13 @@ def webdataset_shards(root: str | Path, split: str) -> list[Path]:
 
 
 class WebDatasetShards(_TextsMixin):
-    """Samples of uncompressed tar shards; image ids 1..n in shard and member order."""
+    """Samples of uncompressed tar shards; image ids 1..n in shard and member order.
+
+    Members are read through cnclip.tar_members: an image is hashed as it streams past (never held
+    while indexing) and read later in place, up to MAX_IMAGE_MEMBER_BYTES; a caption or .json up to
+    MAX_TEXT_MEMBER_BYTES. A sample with a member that is never read (too large, sparse, a link or
+    device, a name leaving the archive) is skipped whole and counted under that member's problem.
+    """
 
     def __init__(self, shards: list[Path], skips: SkipLog, path: Path | None = None):
         self.path = Path(path) if path is not None else shards[0].parent
@@ -148,54 +155,53 @@ class WebDatasetShards(_TextsMixin):
         self.texts: list[TextTuple] = []
         digest = hashlib.blake2b(digest_size=16)
         for shard_number, shard in enumerate(self.shards):
-            for key, image, caption in self._samples(shard, skips, digest):
-                where = f"{shard}:{key}"
-                if image is None:
+            for sample in self._samples(shard, skips, digest):
+                where = f"{shard}:{sample.key}"
+                if sample.unread is not None:  # counted under the problem of its first unread member
+                    skips.skip(sample.unread.problem.value, where, sample.unread.detail)
+                elif sample.image is None:
                     skips.skip("webdataset sample without an image", where)
-                elif not caption:
+                elif not sample.caption:
                     skips.skip("webdataset sample without a caption", where)
                 else:
                     image_id = len(self._index) + 1
-                    self._index[image_id] = (shard_number, *image)
-                    self.texts.append((image_id, caption, (image_id,)))
+                    self._index[image_id] = (shard_number, *sample.image)
+                    self.texts.append((image_id, sample.caption, (image_id,)))
         self.ids = list(self._index)
         self.fingerprint = digest.hexdigest()
         self._handles: dict[int, Any] = {}
 
     @staticmethod
-    def _samples(shard: Path, skips: SkipLog, digest) -> Iterable[tuple[str, tuple[int, int] | None, str]]:
-        """(key, (offset, size) of the image or None, caption) per sample, members grouped by key."""
-        key, image, caption, meta = None, None, "", {}
-
-        def finished():
-            return key, image, caption or _caption_from(meta)
-
+    def _samples(shard: Path, skips: SkipLog, digest) -> Iterable[_Sample]:
+        """Members grouped by key into samples; every member's name and data go into `digest`."""
+        sample: _Sample | None = None
         try:
-            with tarfile.open(shard, mode="r:") as tar:  # uncompressed: members can be read in place later
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    member_key, ext = webdataset_key(member.name)
-                    if member_key != key:
-                        if key is not None:
-                            yield finished()
-                        key, image, caption, meta = member_key, None, "", {}
-                    data = tar.extractfile(member).read()
-                    digest.update(member.name.encode() + b"\0" + data)
-                    ext = ext.lower()
-                    if image is None and f".{ext.rpartition('.')[2]}" in IMAGE_EXTENSIONS:
-                        image = (member.offset_data, member.size)
-                    elif ext == "txt":
-                        caption = data.decode("utf-8", errors="replace").strip()
-                    elif ext == "json":
-                        try:
-                            meta = json.loads(data)
-                        except (UnicodeDecodeError, json.JSONDecodeError):
-                            skips.skip("malformed webdataset json", f"{shard}:{member.name}")
-        except (tarfile.TarError, OSError) as exc:
-            raise DataError(f"{shard}: not a readable uncompressed tar ({exc})") from None
-        if key is not None:
-            yield finished()
+            with BoundedTar(shard) as tar:  # uncompressed: members can be read in place later
+                for member in tar.members(_member_limit):
+                    if sample is None or member.key != sample.key:
+                        if sample is not None:
+                            yield sample
+                        sample = _Sample(member.key)
+                    digest.update(member.name.encode("utf-8", "surrogateescape") + b"\0")
+                    if member.problem is not None or sample.unread is not None:
+                        digest.update(f"<unread:{member.size}>".encode())  # the sample is skipped: never read
+                        sample.unread = sample.unread or member
+                    elif _is_image_member(member.ext) and sample.image is None:
+                        for piece in tar.chunks(member):
+                            digest.update(piece)
+                        sample.image = (member.offset, member.size)
+                    elif member.ext in ("txt", "json"):
+                        data = tar.read(member)
+                        digest.update(data)
+                        sample.add_text(member.ext, data, lambda: skips.skip(
+                            "malformed webdataset json", f"{shard}:{member.name}"))
+                    else:  # other members (more images, .cls, ...) are not used: hashed as they stream past
+                        for piece in tar.chunks(member):
+                            digest.update(piece)
+        except TarReadError as exc:
+            raise DataError(f"{exc} (webdataset shards are uncompressed tars)") from None
+        if sample is not None:
+            yield sample
 
     def image_range(self, image_id: int) -> tuple[int, int, int]:
         """(shard number, byte offset, size) of an image's member inside its tar: it is read in place."""
@@ -211,6 +217,41 @@ class WebDatasetShards(_TextsMixin):
 
     def __getstate__(self):
         return {**self.__dict__, "_handles": {}}
+
+
+def _member_limit(ext: str) -> int | None:
+    """Members held in memory have a limit; the rest only stream through the fingerprint."""
+    if _is_image_member(ext):
+        return MAX_IMAGE_MEMBER_BYTES  # read whole later, by `read`
+    return MAX_TEXT_MEMBER_BYTES if ext in ("txt", "json") else None
+
+
+def _is_image_member(ext: str) -> bool:
+    return f".{ext.rpartition('.')[2]}" in IMAGE_EXTENSIONS
+
+
+@dataclass
+class _Sample:
+    """One webdataset sample while its members are read."""
+
+    key: str
+    image: tuple[int, int] | None = None  # (data offset, size) of its first image member
+    text: str = ""  # its .txt
+    meta: Any = None  # its .json
+    unread: TarMember | None = None  # its first member with a problem: the sample is skipped
+
+    @property
+    def caption(self) -> str:
+        return self.text or _caption_from(self.meta)
+
+    def add_text(self, ext: str, data: bytes, malformed: Callable[[], None]) -> None:
+        if ext == "txt":
+            self.text = data.decode("utf-8", errors="replace").strip()
+            return
+        try:
+            self.meta = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            malformed()
 
 
 def _caption_from(meta: Any) -> str:
