@@ -27,10 +27,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from .errors import DataError
-from .image_sources import IMAGE_EXTENSIONS, webdataset_key
+from .image_sources import IMAGE_EXTENSIONS, ImagePathRefused, read_image_file
 from .images import decode_base64
 from .skiplog import SkipLog
 from .tar_members import MAX_IMAGE_MEMBER_BYTES, MAX_TEXT_MEMBER_BYTES, BoundedTar, TarMember, TarReadError
@@ -56,7 +56,11 @@ class _TextsMixin:
 
 
 class PairsJSONL(_TextsMixin):
-    """`{split}_pairs.jsonl`: one image and one caption per line; image id = text id = line number."""
+    """`{split}_pairs.jsonl`: one image and one caption per line; image id = text id = line number.
+
+    An image path is read only inside the file's directory (cnclip.image_sources.read_image_file):
+    a line whose file is refused (leaves it, missing, too large, unreadable) is skipped and counted.
+    """
 
     def __init__(self, path: str | Path, skips: SkipLog):
         self.path = Path(path)
@@ -84,25 +88,19 @@ class PairsJSONL(_TextsMixin):
                 if not isinstance(text, str) or not text.strip():
                     skips.skip("malformed pairs line", where, "text must be a non-empty string")
                     continue
+                if not _is_base64(row["image"]):  # a path: read only inside the file's directory
+                    try:
+                        content = read_image_file(row["image"], self.path.parent)
+                    except ImagePathRefused as refused:
+                        skips.skip(refused.reason, where, refused.detail)
+                        continue
+                    digest.update(content)  # its content is part of the source
                 digest.update(line)
-                if not _is_base64(row["image"]):  # a path: its content is part of the source
-                    digest.update(self._file_bytes(row["image"], where, skips) or b"<missing>")
                 self._index[lineno] = start
                 self.texts.append((lineno, text.strip(), (lineno,)))
         self.ids = list(self._index)
         self.fingerprint = digest.hexdigest()
         self._fh = None
-
-    def _file_bytes(self, relative: str, where: str, skips: SkipLog | None) -> bytes | None:
-        target = (self.path.parent / relative).resolve()
-        if not target.is_relative_to(self.path.parent.resolve()):
-            raise ValueError(f"image path leaves the pairs file's directory: {relative}")
-        try:
-            return target.read_bytes()
-        except OSError as exc:
-            if skips is not None:
-                skips.skip("unreadable image file", where, str(exc))
-            return None
 
     def read(self, image_id: int) -> bytes:
         if self._fh is None:
@@ -111,10 +109,7 @@ class PairsJSONL(_TextsMixin):
         image = json.loads(self._fh.readline())["image"]
         if _is_base64(image):
             return image.split(",", 1)[-1].strip().encode("ascii")
-        data = self._file_bytes(image, f"{self.path}:{image_id}", None)
-        if data is None:
-            raise ValueError(f"image file not readable: {image}")
-        return base64.urlsafe_b64encode(data)
+        return base64.urlsafe_b64encode(read_image_file(image, self.path.parent))  # ValueError if refused
 
     def __getstate__(self):
         return {**self.__dict__, "_fh": None}
@@ -297,13 +292,18 @@ def open_hf(source: str, split: str, config: str | None, image_column: str, stre
     return ds
 
 
-def image_bytes_of(value: Any, base_dir: Path | None) -> bytes:
-    """An image cell as bytes: datasets' {"bytes", "path"} struct, raw bytes, or base64 text."""
+def image_bytes_of(value: Any, base_dir: Path | None, also_inside: Sequence[Path] = ()) -> bytes:
+    """An image cell as bytes: datasets' {"bytes", "path"} struct, raw bytes, or base64 text.
+
+    A path is read only inside `base_dir` (absolute paths: or inside `also_inside`), through
+    cnclip.image_sources.read_image_file: ImagePathRefused (a ValueError) names why it was not.
+    """
     if isinstance(value, dict):
-        if value.get("bytes"):
-            return value["bytes"]
-        if value.get("path") and base_dir is not None:
-            return (base_dir / value["path"]).read_bytes()
+        data, path = value.get("bytes"), value.get("path")
+        if isinstance(data, (bytes, bytearray)) and data:
+            return bytes(data)
+        if isinstance(path, str) and path and base_dir is not None:
+            return read_image_file(path, base_dir, also_inside)
         raise ValueError("image cell has neither bytes nor a readable path")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
@@ -319,11 +319,15 @@ def captions_of(value: Any) -> list[str]:
 
 
 class HFImages(_TextsMixin):
-    """One split of a `datasets` set; image id = the row of the image's first occurrence."""
+    """One split of a `datasets` set; image id = the row of the image's first occurrence.
+
+    A cell holding only a path is read inside the set's directory (a Hub id: the download caches),
+    never elsewhere: any other path is counted as refused (`_data_roots`, read_image_file).
+    """
 
     def __init__(self, source: str, split: str, image_column: str, text_column: str, skips: SkipLog):
         self.path = Path(source)
-        self._base_dir = self.path if self.path.is_dir() else self.path.parent
+        self._base_dir, self._also_inside = _data_roots(self.path)
         ds = open_hf(source, split, None, image_column, streaming=False)
         if text_column not in ds.column_names:
             raise DataError(f"'{source}' has no column '{text_column}'; columns: {', '.join(ds.column_names)}")
@@ -344,7 +348,10 @@ class HFImages(_TextsMixin):
                     skips.skip("row without a caption", where)
                     continue
                 try:
-                    data = image_bytes_of(cell, self._base_dir)
+                    data = image_bytes_of(cell, self._base_dir, self._also_inside)
+                except ImagePathRefused as refused:
+                    skips.skip(refused.reason, where, refused.detail)
+                    continue
                 except (ValueError, OSError) as exc:
                     skips.skip("row without a readable image", where, str(exc))
                     continue
@@ -359,7 +366,22 @@ class HFImages(_TextsMixin):
         self.fingerprint = digest.hexdigest()
 
     def read(self, image_id: int) -> bytes:
-        return base64.urlsafe_b64encode(image_bytes_of(self._images[image_id][self._column], self._base_dir))
+        cell = self._images[image_id][self._column]
+        return base64.urlsafe_b64encode(image_bytes_of(cell, self._base_dir, self._also_inside))
+
+
+def _data_roots(source: Path) -> tuple[Path, tuple[Path, ...]]:
+    """(directory relative image paths are read in, other directories absolute paths may point into).
+
+    A local set: its directory (a data file's folder), and nothing else. A Hub id: where `datasets`
+    put what it downloaded, which is where the absolute paths of its image cells point.
+    """
+    if source.exists():
+        return (source if source.is_dir() else source.parent), ()
+    import datasets
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE), (Path(datasets.config.HF_DATASETS_CACHE),)
 
 
 # ---------------------------------------------------------------- dispatch

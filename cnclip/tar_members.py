@@ -23,18 +23,17 @@ memory. Here, whatever the archive claims:
 
 from __future__ import annotations
 
-import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from .image_sources import webdataset_key
+from .image_sources import MAX_IMAGE_FILE_BYTES, escapes, webdataset_key
 
 CHUNK_BYTES = 1 << 20
-# Largest image member read: build-pairs' default image.max_file_bytes (its readers pass their own).
-MAX_IMAGE_MEMBER_BYTES = 50 * 2**20
+# Largest image member read by the training reader (build-pairs passes its image.max_file_bytes).
+MAX_IMAGE_MEMBER_BYTES = MAX_IMAGE_FILE_BYTES
 # Largest caption or metadata member (.txt, .json) read into memory by the training reader.
 MAX_TEXT_MEMBER_BYTES = 2**20
 
@@ -67,14 +66,8 @@ class TarMember:
     info: tarfile.TarInfo | None = field(default=None, repr=False, compare=False)
 
 
-def unsafe_name(name: str) -> bool:
-    """An absolute name, a Windows drive, or `..` as a part (either slash): never a sample's member."""
-    parts = re.split(r"[\\/]", name)
-    return name.startswith(("/", "\\")) or ".." in parts or re.match(r"[A-Za-z]:", name) is not None
-
-
 def _problem_of(info: tarfile.TarInfo, limit: int | None) -> tuple[MemberProblem | None, str]:
-    if unsafe_name(info.name):
+    if escapes(info.name):
         return MemberProblem.UNSAFE_NAME, f"{info.name!r} leaves the archive"
     if not info.isreg():
         kind = "symlink" if info.issym() else "hard link" if info.islnk() else f"type {info.type!r}"
