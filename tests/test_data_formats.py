@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from cnclip.data import ImageTransform, load_split
+from cnclip.commands.evaluate import main as evaluate_main
 from cnclip.errors import ConfigError, DataError
 from cnclip.finetune import main as finetune_main
 from cnclip.image_cache import split_image_features
@@ -89,7 +90,15 @@ def test_build_pairs_output_trains_in_its_format(built, fmt, tiny_model_dir, tmp
     overrides = tiny_overrides(tiny_model_dir, built / fmt, run_dir, **{"train.epochs": 1, "data.format": fmt})
     assert finetune_main([str(DEMO_RECIPE), *overrides]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] > 0 and summary["after"]["mean_recall"] >= 0
+    train, valid = (load_split(built / fmt, name, SkipLog(), fmt) for name in ("train", "valid"))
+    assert summary["steps"] == len(train.texts) // 4  # one epoch of full batches of 4 pairs (one caption per image)
+    after = summary["after"]
+    assert (after["num_texts"], after["num_images"]) == (len(valid.texts), len(valid.images)) == (6, 6)
+    # The recall it reports is the one `cnclip evaluate` measures on the run's last checkpoint, read the same way.
+    assert evaluate_main([str(run_dir), "--checkpoint", "last", "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "valid_metrics.json").read_text(encoding="utf-8"))
+    assert evaluated["num_texts"] == after["num_texts"]
+    assert evaluated["mean_recall"] == pytest.approx(after["mean_recall"])
 
 
 def write_img2dataset_folder(folder, samples: list[tuple[bytes | None, str]]):
@@ -243,8 +252,6 @@ def test_pairs_paths_leaving_the_directory_are_counted_never_read(tmp_path, secr
 
 
 def test_evaluate_counts_a_pairs_path_leaving_the_directory(tmp_path, secret, tiny_model_dir, capsys):
-    from cnclip.commands.evaluate import main as evaluate_main
-
     write_pairs_with_escaping_paths(tmp_path / "data", secret)
     with opens_recorded() as opened:
         code = evaluate_main([str(tiny_model_dir), "--data", str(tmp_path / "data"), "--format", "pairs",
