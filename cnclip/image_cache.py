@@ -309,8 +309,8 @@ class BadCacheData(DataError):
 
 def _content_digest(ids: torch.Tensor, embeddings: torch.Tensor) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(ids.numpy().tobytes())
-    digest.update(embeddings.numpy().tobytes())
+    digest.update(ids.contiguous().numpy())  # hashed in place through the buffer protocol, never copied
+    digest.update(embeddings.contiguous().numpy())
     return digest.hexdigest()
 
 

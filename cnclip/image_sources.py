@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Hashable, Protocol, Sequence
@@ -51,7 +52,7 @@ def read_image_file(name: str, root: Path, also_inside: Sequence[Path] = ()) -> 
     path outside the roots, a symlink resolving outside them), "image file missing" (also a
     directory, FIFO or device: never opened), "image file too large", "unreadable image file".
     """
-    if "\0" in name or _URL_SCHEME.match(name):
+    if "\0" in name or _URL_SCHEME.match(name) or not _encodable(name):
         raise ImagePathRefused("unsafe image path", f"not a file path: {name[:200]!r}")
     absolute = Path(name).is_absolute()
     if escapes(name) and not absolute:
@@ -73,6 +74,15 @@ def read_image_file(name: str, root: Path, also_inside: Sequence[Path] = ()) -> 
     if len(data) > MAX_IMAGE_FILE_BYTES:
         raise ImagePathRefused("image file too large", f"{name[:200]}: more than {MAX_IMAGE_FILE_BYTES} bytes")
     return data
+
+
+def _encodable(name: str) -> bool:
+    """Whether the OS can be given `name` at all (a lone surrogate from a JSON escape cannot)."""
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return False
+    return True
 
 
 def webdataset_key(member_name: str) -> tuple[str, str]:

@@ -290,3 +290,15 @@ def test_hf_cells_with_paths_leaving_the_set_are_counted_never_read(tmp_path, se
     assert skips.counts == {"unsafe image path": 2}
     assert images[1] == base64.urlsafe_b64encode(image_bytes((30, 170, 60)))
     assert str(secret) not in opened
+
+
+def test_pairs_paths_the_os_cannot_take_are_counted(tmp_path):
+    inline = base64.b64encode(image_bytes()).decode()
+    (tmp_path / "valid_pairs.jsonl").write_text(
+        '{"image": "\\ud800.png", "text": "孤立代理项"}\n{"image": "a\\u0000.png", "text": "空字符"}\n'
+        '{"image": "file:///etc/hostname.png", "text": "网址"}\n{"image": "C:\\\\x.png", "text": "盘符"}\n'
+        + json.dumps({"image": inline, "text": "好的"}) + "\n", encoding="utf-8")
+    skips = SkipLog()
+    split = load_split(tmp_path, "valid", skips, "pairs")
+    assert [t.text for t in split.texts] == ["好的"]
+    assert skips.counts == {"unsafe image path": 4}
