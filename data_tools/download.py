@@ -114,13 +114,19 @@ class Fetched:
 
 
 def redact(url: str) -> str:
-    """The URL as it may appear in reports and logs: no user:password@, no query string or fragment."""
+    """The URL as it may appear in reports and logs: no user:password@, no query string or fragment.
+
+    Without an authority ("//host"), nothing tells a host from a path ("javascript:user:pw@host/",
+    "http:/user:pw@host"), so only the scheme is shown.
+    """
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "<unparsable URL>"
+    if not parts.netloc:
+        return f"{parts.scheme[:20]}:..." if parts.scheme else "<URL without scheme or host>"
     if ":" in host:
         host = f"[{host}]"
     query = "?..." if parts.query else ""
