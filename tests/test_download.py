@@ -268,6 +268,7 @@ def test_guard_refuses_every_non_public_range():
 
 def test_helpers():
     assert redact("https://user:pw@img.example.com:8443/a/b.jpg?sig=SECRET#x") == "https://img.example.com:8443/a/b.jpg?..."
+    assert redact("javascript:user:pw@img.example.com/x") == "javascript:..."  # no "//": host and path are one blur
     assert robots_disallow(["noai"]) == "noai"
     assert robots_disallow(["otherbot: noindex", "max-image-preview:large"]) is None
     assert robots_disallow(["CNCLIP: noimageai, nofollow"]) == "noimageai"
