@@ -333,7 +333,7 @@ class Downloader:
                 raise _Failure(Reason.BLOCKED_ADDRESS, str(err)) from None
             except httpx.TimeoutException as err:
                 raise _Failure(Reason.DOWNLOAD_TIMEOUT, f"{redact(url)}: {type(err).__name__}") from None
-            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as err:
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError) as err:  # UnicodeError: a host IDNA refuses
                 raise _Failure(Reason.BAD_URL, f"{redact(url)}: {type(err).__name__}") from None
             except httpx.RequestError as err:  # connect, read, write and protocol errors
                 raise _Failure(Reason.CONNECTION_ERROR, f"{redact(url)}: {type(err).__name__}: {_first_line(err)}") from None

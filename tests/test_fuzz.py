@@ -446,6 +446,8 @@ def check_urls(parts: list[tuple[str, ...]]) -> None:
 @given(parts=st.lists(URL_PARTS, min_size=1, max_size=6))
 # Found by this test: redact() showed the path of a URL without "//", where the password then sat.
 @example(parts=[("javascript:", "user:PASSWORD1@", "example.com", "", "/", ""), ("http:/", "user:PASSWORD1@", "example.com", "", "/", "")])
+# Found by the long run: httpx lets idna's InvalidCodepoint (a UnicodeError) out for this host: was unexpected_error.
+@example(parts=[("http://", "", "xn--fiqs8s.cn", "", "&#0;&#xd800;&#x110000;猫", "")])
 def test_url_guard(parts):
     check_urls(parts)
 
