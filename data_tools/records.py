@@ -63,6 +63,7 @@ class Reason(StrEnum):
     TOO_LARGE = "too_large"  # body (declared or streamed) beyond image.max_file_bytes; reading stops there
     NOT_AN_IMAGE = "not_an_image"  # Content-Type is not an image type (an HTML page, JSON...)
     NOT_IMAGE_BYTES = "not_image_bytes"  # declared an image, but the bytes start like no image format
+    BAD_ENCODING = "bad_encoding"  # Content-Encoding stacked ("gzip, gzip"), not gzip/deflate, or the body does not decode
     ROBOTS_DISALLOWED = "robots_disallowed"  # X-Robots-Tag noai/noimageai/noindex/noimageindex
     # Global stages.
     DUPLICATE_IMAGE = "duplicate_image"
