@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from cnclip.counts import parse_count
 from data_tools import __version__
 from data_tools.netguard import BlockedAddress, GuardedBackend
 from data_tools.records import Reason
@@ -181,8 +182,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = parse_count(value)  # ASCII digits only: '²' and '٣' are digits to str.isdigit
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -360,7 +362,8 @@ class Downloader:
         if not (content_type.startswith("image/") or content_type in _IMAGE_CONTENT_TYPES):
             raise _Failure(Reason.NOT_AN_IMAGE, f"{redact(url)}: Content-Type {content_type[:80]}")
         declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        declared_bytes = parse_count(declared.strip())
+        if declared_bytes is not None and declared_bytes > self.max_bytes:
             raise _Failure(Reason.TOO_LARGE, f"{redact(url)}: Content-Length {declared} > {self.max_bytes}")
         return await self._body(response, url)
 
