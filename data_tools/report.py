@@ -142,9 +142,9 @@ def split_warnings(counts: dict[str, int], fractions: dict[str, float]) -> list[
         if n == 0 and fractions.get(name, 0) > 0:
             expected = kept * fractions[name]
             warnings.append(
-                f"split '{name}' is empty: {kept} pairs kept, {fractions[name]:g} of them is {expected:.1f}, and "
-                f"pairs go to a split in whole leak-free groups; add crawl data, or give '{name}' a larger "
-                f"share with --splits TRAIN,VALID,TEST (e.g. --splits 0.8,0.1,0.1)")
+                f"split '{name}' is empty: {100 * fractions[name]:g}% of the {kept} pairs kept is {expected:.1f} "
+                f"pairs, and pairs go to a split in whole leak-free groups; add crawl data, or give '{name}' a "
+                f"larger share with --splits TRAIN,VALID,TEST (e.g. --splits 0.8,0.1,0.1)")
     return warnings
 
 
