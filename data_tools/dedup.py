@@ -44,13 +44,8 @@ class HammingIndex:
         self._bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
         self._tables: list[dict[int, list[tuple[int, int]]]] = [defaultdict(list) for _ in self._bands]
 
-    def first_near(self, value: int) -> int | None:
-        """The payload of the earliest-added stored hash within max_distance of `value`, or None."""
-        found = self.all_near(value)
-        return min(found) if found else None
-
     def contains_near(self, value: int) -> bool:
-        return self.first_near(value) is not None
+        return bool(self.all_near(value))
 
     def all_near(self, value: int) -> set[int]:
         """Payloads of every stored hash within max_distance of `value`."""
