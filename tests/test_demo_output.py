@@ -76,23 +76,45 @@ def test_the_documented_demo_output_has_the_form_the_demo_prints():
     parse_summary(documented_demo_output())
 
 
-def test_the_demo_prints_what_the_documentation_shows(demo_run):
-    work, stdout = demo_run
+def check_demo_summary(lines: list[str], chance: float) -> str:
+    """What the demo promises on every machine; returns the best checkpoint's path."""
     (before,), (last_epoch, last, best_epoch, best), (zs_before, zs_last, zs_best), (ckpt_epoch, ckpt) = \
-        parse_summary(demo_summary(stdout))
-    assert json.loads(stdout.rstrip().splitlines()[-1])["run_dir"] == "runs/demo"
-    summary = json.loads((work / "runs" / "demo" / "summary.json").read_text(encoding="utf-8"))
-    valid = summary["best"]["valid"]
-    assert (valid["num_texts"], valid["num_images"]) == (90, 90)  # new drawings, unseen wordings
-    chance = chance_recall(valid["num_texts"], valid["num_images"])
-    assert f"{chance:.2f}" == "5.93"
+        parse_summary(lines)
     # The untrained tiny model ranks like a random one: within a factor of two of chance (its exact
     # value is a float result of random weights, so it is not pinned).
     assert chance / 2 <= float(before) <= 2 * chance
     assert int(last_epoch) == 30 and 1 <= int(best_epoch) <= 30 and ckpt_epoch == best_epoch
     assert float(last) > 5 * chance and float(best) >= float(last)  # best/ is the epoch of highest recall
     assert float(zs_last) >= float(zs_before) and float(zs_best) >= float(zs_before)  # no forgetting
-    assert (work / ckpt).is_dir()
+    return ckpt
+
+
+def test_the_demo_prints_what_the_documentation_shows(demo_run):
+    work, stdout = demo_run
+    assert json.loads(stdout.rstrip().splitlines()[-1])["run_dir"] == "runs/demo"
+    summary = json.loads((work / "runs" / "demo" / "summary.json").read_text(encoding="utf-8"))
+    valid = summary["best"]["valid"]
+    assert (valid["num_texts"], valid["num_images"]) == (90, 90)  # new drawings, unseen wordings
+    chance = chance_recall(valid["num_texts"], valid["num_images"])
+    assert f"{chance:.2f}" == "5.93"
+    assert (work / check_demo_summary(demo_summary(stdout), chance)).is_dir()
+
+
+AMD_EPYC_OUTPUT = """mean recall before training: 5.93
+mean recall after training: last epoch (30) 65.56, best epoch (28) 66.11
+zero-shot top-1 before training: 19.44, last epoch: 100.00, best epoch: 100.00
+best checkpoint (used by evaluate and export): epoch 28 -> runs/demo/best"""
+
+
+def test_another_cpus_numbers_pass_and_a_broken_run_does_not():
+    chance = chance_recall(90, 90)
+    assert check_demo_summary(AMD_EPYC_OUTPUT.splitlines(), chance) == "runs/demo/best"  # float results differ by CPU
+    for broken in (AMD_EPYC_OUTPUT.replace("training: 5.93", "training: 31.20"),  # the untrained model is not random
+                   AMD_EPYC_OUTPUT.replace("(30) 65.56", "(30) 12.00"),  # training did not learn
+                   AMD_EPYC_OUTPUT.replace("(28) 66.11", "(28) 60.00"),  # best below last
+                   AMD_EPYC_OUTPUT.replace("last epoch: 100.00", "last epoch: 10.00")):  # forgetting
+        with pytest.raises(AssertionError):
+            check_demo_summary(broken.splitlines(), chance)
 
 
 def test_fine_tuning_improves_held_out_retrieval_far_beyond_chance(demo_run):
