@@ -117,5 +117,6 @@ class Record:
     jpeg: bytes = b""
     image_sha: bytes = b""  # exact-duplicate key: hash of the normalised pixels
     phash: int = 0  # 64-bit perceptual hash for near duplicates
+    colour: bytes = b""  # colour signature (data_tools.images.colour_signature): near duplicates share it too
     width: int = 0
     height: int = 0
