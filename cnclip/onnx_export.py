@@ -40,7 +40,7 @@ from torch import nn
 from .atomic import atomic_dir, write_json
 from .data import ImageTransform, preprocess_text, tokenize
 from .errors import ModelLoadError, UsageError
-from .models import ImagePreprocess, encode_images, encode_texts, load_image_preprocess
+from .models import ImagePreprocess, encode_images, encode_texts
 from .modelscope_upload import folder_files, format_size
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ MANIFEST = "cnclip_onnx.json"
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 PRECISIONS = ("fp32", "fp16", "int8")
-# The lowest opset onnxruntime and the dynamo exporter both treat as current (opset 18: ReduceL2 etc. take axes as input).
+# The opset torch's exporter translates to natively (torch.onnx's TORCHLIB_OPSET in torch 2.13: no version
+# conversion step); onnxruntime runs it from 1.14 on.
 OPSET = 18
 FP32_TOLERANCE = 1e-4
 # fp16 weights and activations: ~1e-3 on normalised embeddings; a graph off by more is broken, not rounded.
@@ -103,12 +104,15 @@ def check_out_dir(out_dir: Path) -> None:
                          "would be replaced whole, so choose a new or empty directory")
 
 
-def check_exportable(clip: nn.Module, context_length: int) -> None:
+def check_exportable(clip: nn.Module, tokenizer, context_length: int) -> None:
     """What the graphs assume of the model, checked before tracing so the error names the cause."""
     from transformers import ChineseCLIPModel
 
     if not isinstance(clip, ChineseCLIPModel):
         raise ModelLoadError(f"cannot export a {type(clip).__name__} to ONNX: only ChineseCLIPModel is supported")
+    if tokenizer.pad_token_id is None:
+        raise ModelLoadError(f"cannot export to ONNX: the run's tokenizer ({type(tokenizer).__name__}) has no pad "
+                             "token, and the text graph takes right-padded batches")
     positions = clip.config.text_config.max_position_embeddings
     if context_length > positions:
         raise UsageError(f"cannot export to ONNX: data.context_length {context_length} exceeds the text tower's "
@@ -287,8 +291,10 @@ product is the cosine similarity. Batch size is dynamic; text length is dynamic 
 
 | file | input | output | size |
 |---|---|---|---|
-| `{image_file}` | `pixel_values` float32 [batch, 3, {size}, {size}] | `image_embeds` float32 [batch, {dim}] | {image_bytes} |
-| `{text_file}` | `input_ids`, `attention_mask` int64 [batch, seq] | `text_embeds` float32 [batch, {dim}] | {text_bytes} |
+| `{image_file}` | `pixel_values` float32 [batch, 3, {size}, {size}] | `image_embeds` float32 \
+[batch, {dim}] | {image_bytes} |
+| `{text_file}` | `input_ids`, `attention_mask` int64 [batch, seq] | `text_embeds` float32 [batch, {dim}] \
+| {text_bytes} |
 
 Agreement with the PyTorch model on probe inputs (max abs difference of embeddings): text {diff_text:.1e},
 image {diff_image:.1e}.
@@ -364,7 +370,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, precision: str = "f
     merged = merge_checked(run_dir)
     clip, base, recipe = merged.clip.eval(), merged.base, merged.recipe
     context_length = recipe.data.context_length
-    check_exportable(clip, context_length)
+    check_exportable(clip, base.tokenizer, context_length)
     image_size = clip.config.vision_config.image_size
     tokens, pixels = probe_inputs(base.tokenizer, image_size, context_length)
 
@@ -383,9 +389,9 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, precision: str = "f
             raise ModelLoadError(f"the run's tokenizer ({type(base.tokenizer).__name__}) has no fast tokenizer.json; "
                                  "an ONNX export needs one for runtimes without transformers")
         save_image_processor(base.path, tmp, base.processor_config)
-        preprocess = load_image_preprocess(str(tmp))  # what the copied preprocessor_config.json says
         source = {"model": recipe.model.base, "run": run_dir.resolve().name}
-        meta = manifest(clip, base.tokenizer, preprocess, context_length, precision, source)
+        # the preprocessing the run trained and evaluated with (the same settings preprocessor_config.json holds)
+        meta = manifest(clip, base.tokenizer, base.preprocess, context_length, precision, source)
         write_json(tmp / MANIFEST, meta)
         sizes = {name: graph_bytes(tmp, name) for name in (IMAGE_FILE, TEXT_FILE)}
         (tmp / "README.md").write_text(render_card(out_dir.resolve().name, meta, diff, sizes), encoding="utf-8")

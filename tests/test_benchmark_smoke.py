@@ -71,3 +71,45 @@ def test_memory_probe_reports_both_phases(bench):
     # here (the benchmark runs each probe in a fresh process; PeakMemory itself is tested above).
     assert set(probe) == {"step_peak_rise_mb", "cache_peak_rise_mb"}
     assert all(isinstance(v, float) for v in probe.values())
+
+
+def test_inference_throughput_small(tmp_path, capsys):
+    """benchmarks/inference_throughput.py --small: one document whose numbers agree with the work it reports."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    spec = importlib.util.spec_from_file_location("inference_throughput",
+                                                  REPO / "benchmarks" / "inference_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--small", "--threads", "1", "--repeats", "1:4,32:2", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == doc  # the JSON on stdout is the document
+    assert doc["small"] is True and doc["batches"] == [1, 32] and doc["repeats"] == {"1": 4, "32": 2}
+    assert doc["runtimes"] == ["pytorch", "onnx_fp32", "onnx_int8"] and list(doc["threads"]) == ["1"]
+    exported = doc["export"]
+    for tower in ("image", "text"):
+        assert 0 < exported["file_bytes"]["int8"][tower] < exported["file_bytes"]["fp32"][tower]
+    assert max(exported["max_abs_diff_vs_pytorch"]["fp32"].values()) <= 1e-4
+    # int8 differs from fp32 (it was quantized) but still embeds nearly the same (unit vectors: <= 2 apart)
+    assert 1e-6 < max(exported["max_abs_diff_vs_pytorch"]["int8"].values()) < 0.2
+    results, ratios = doc["threads"]["1"]["results"], doc["threads"]["1"]["ratios"]
+    for runtime, r in results.items():
+        assert r["threads"] == 1 and r["import_s"] > 0 and r["peak_rss_mb"] > 10
+        assert r["torch_imported"] is (runtime == "pytorch")  # the ONNX workers run without torch
+        for tower in ("image", "text"):
+            for batch in ("1", "32"):
+                t = r[tower][batch]
+                assert t["runs"] == doc["repeats"][batch] and 0 < t["median_ms"] <= t["p95_ms"]
+                assert t["samples_per_s"] == pytest.approx(int(batch) / (t["median_ms"] / 1000), rel=1e-3)
+                speedup = ratios[tower][batch]
+                if runtime != "pytorch":
+                    assert speedup[f"{runtime}_speedup_vs_pytorch"] == pytest.approx(
+                        r_torch_ms(results, tower, batch) / t["median_ms"], rel=1e-2)
+    # a process without torch is smaller than one with it
+    assert results["onnx_fp32"]["peak_rss_mb"] < results["pytorch"]["peak_rss_mb"]
+    assert results["onnx_fp32"]["import_s"] < results["pytorch"]["import_s"]
+
+
+def r_torch_ms(results: dict, tower: str, batch: str) -> float:
+    return results["pytorch"][tower][batch]["median_ms"]
