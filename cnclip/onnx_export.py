@@ -19,9 +19,12 @@ Guarantees:
   A graph that disagrees is never written.
 * OUT_DIR is written under a temporary name and swapped in whole (cnclip.atomic.atomic_dir).
 
-Why torch.onnx.export(dynamo=True): the legacy TorchScript tracer records the Python branches taken for the
-example input; transformers drops an all-ones attention mask in Python, so a traced text graph ignored padding
-(max abs diff 0.19 on padded rows, torch 2.13 / transformers 5.25). torch.export keeps the mask as data.
+Why torch.onnx.export(dynamo=True) (torch 2.13, transformers 5.25): the legacy TorchScript tracer records the
+Python branches taken for the example input, and transformers drops an all-ones attention mask in Python, so a
+text graph traced from an unpadded example ignored padding (max abs diff 0.19 on padded rows); traced from a padded
+example it agrees, a correctness that hangs on the example. Its graph also fails onnxconverter-common's fp16
+conversion (Conv bound to float and float16), and the legacy exporter is deprecated. torch.export keeps the mask
+as data whatever the example (export_graphs still passes a padded one).
 """
 
 from __future__ import annotations
