@@ -1,5 +1,6 @@
 """Pictures of training: RUN/plots/*.png drawn from metrics.jsonl, TensorBoard logging, the card's recall plot."""
 
+import importlib.util
 import io
 import json
 
@@ -10,7 +11,7 @@ from cnclip.exporter import export_run
 from cnclip.finetune import main as finetune_main
 from cnclip.plots import SERIES_KEY, figure, read_metrics, run_series, write_run_plots
 
-from conftest import DEMO_RECIPE, tiny_overrides
+from conftest import DEMO_RECIPE, require, tiny_overrides
 
 
 def png_series(path):
@@ -30,8 +31,10 @@ def run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("plots")
     data = make_tiny_dataset(root / "data")
     run_dir = root / "run"
+    # TensorBoard on where it imports: the plots do not need it, test_tensorboard_holds_the_same_numbers does.
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
     assert finetune_main([str(DEMO_RECIPE), *tiny_overrides(tiny_model_dir, data, run_dir,
-                                                            **{"logging.tensorboard": True})]) == 0
+                                                            **{"logging.tensorboard": tensorboard})]) == 0
     return run_dir
 
 
@@ -84,6 +87,7 @@ def test_plotting_never_stops_training(tmp_path):
 
 
 def test_tensorboard_holds_the_same_numbers(run):
+    require("tensorboard", "pip install 'cnclip[tensorboard]'; the test extra brings it")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     entries = read_metrics(run / "metrics.jsonl")
