@@ -167,7 +167,7 @@ def clamp_that_stops_in_step(step: int):
     return clamp
 
 
-# ---- optional test dependencies: skipped on a developer's machine, required in CI ----
+# ---- optional test dependencies (skipped on a developer's machine, required in CI); fresh-process results ----
 # CI (.ci/run, with the environment variable CI set) installs the test extra, the reference cn_clip,
 # Chromium and a CJK font: there a missing one is a broken environment, and a test that skipped
 # would pass without checking anything. The one exception is torchvision: CI deliberately lacks it
@@ -208,4 +208,17 @@ def torchvision_or_skip() -> ModuleType:
     return torchvision
 
 
-# ---- end of optional test dependencies ----
+def in_fresh_process(code: str, hash_seed: int = 12345):
+    """What `code` prints as JSON (its last line), run in a new interpreter of this checkout with another
+    str-hash salt (PYTHONHASHSEED) and fresh global random state: a result that has to be a function of
+    its arguments alone must come out the same there as in the test's own process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- end of optional test dependencies and fresh-process results ----
