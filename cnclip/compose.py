@@ -8,7 +8,13 @@ zero-shot, export, publishing) treats it like any Chinese CLIP. Guarantees:
 * the vision tower and the visual projection are the image checkpoint's, copied tensor for tensor
   (a `CLIPModel`, `CLIPVisionModelWithProjection` or `ChineseCLIPModel`), so image embeddings equal
   the source's `get_image_features`;
-* the text tower is the BERT's weights (its pooler, unused by CLIP embeddings, is left out);
+* the text tower is the encoder's weights (its pooler, unused by CLIP embeddings, is left out). A BERT
+  (`model_type` bert: bert-base-chinese, hfl's RoBERTa-wwm and MacBERT, which are BERTs in transformers),
+  a RoBERTa / XLM-RoBERTa (`roberta`, `xlm-roberta`) or an ERNIE (`ernie`) is accepted: RoBERTa and ERNIE
+  are BERT layers with a different embedding front, rewritten into BERT's so that the [CLS] state is the
+  source model's (RoBERTa's positions start at padding_idx + 1: its position table is shifted; ERNIE's
+  task-type embedding, always row 0 without task ids, is folded into the token-type table). Anything
+  else (pre-LayerNorm variants such as Megatron-BERT, ALBERT's shared layers...) is refused by name;
 * the text projection is new, drawn from a seed (normal, std hidden**-0.5, as cn_clip initialises
   it), and the logit scale starts at 1/0.07;
 * the tokenizer is the BERT's, the image preprocessing the image checkpoint's (so the cache and the
@@ -25,7 +31,8 @@ import torch
 from .errors import ModelLoadError
 
 IMAGE_TYPES = ("clip", "clip_vision_model", "chinese_clip")
-TEXT_TYPES = ("bert",)
+# model_type -> how its weights become a BERT's (see _as_bert_weights).
+TEXT_TYPES = ("bert", "roberta", "xlm-roberta", "ernie")
 INITIAL_TEMPERATURE = 0.07
 
 
@@ -65,13 +72,14 @@ def load_image_tower(path: str):
 
 
 def load_text_tower(path: str):
-    """(BertModel, tokenizer) of a BERT-family Chinese encoder."""
+    """(encoder model, tokenizer) of a BERT-family Chinese encoder (one of TEXT_TYPES)."""
     from transformers import AutoModel, AutoTokenizer
 
     kind = _model_type(path, "text")
     if kind not in TEXT_TYPES:
         raise ModelLoadError(f"model.compose.text '{path}' is a {kind!r} model; expected a BERT-family encoder "
-                             "(e.g. hfl/chinese-roberta-wwm-ext, bert-base-chinese): ChineseCLIP's text tower is a BERT")
+                             f"(model_type one of {', '.join(TEXT_TYPES)}; e.g. hfl/chinese-roberta-wwm-ext, "
+                             "bert-base-chinese): ChineseCLIP's text tower is a BERT")
     try:
         bert = AutoModel.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -80,11 +88,39 @@ def load_text_tower(path: str):
     return bert, tokenizer
 
 
+def _position_offset(config) -> int:
+    """Where the encoder's position ids start: 0 for BERT, padding_idx + 1 for the RoBERTa family."""
+    return config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
+
+
 def _text_config(bert_config) -> dict:
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
             "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")
-    return {k: getattr(bert_config, k) for k in keys}
+    config = {k: getattr(bert_config, k) for k in keys}
+    config["max_position_embeddings"] -= _position_offset(bert_config)
+    return config
+
+
+def _as_bert_weights(encoder) -> dict[str, torch.Tensor]:
+    """The encoder's state dict in BERT's layout and meaning, pooler left out.
+
+    The layers of every TEXT_TYPES model are BERT's under the same names; only the embedding front differs.
+    RoBERTa numbers the positions of a right-padded text padding_idx + 1, padding_idx + 2, ...: dropping the
+    first rows of its table gives BERT's 0, 1, ... the same vectors. ERNIE adds task_type_embeddings[0] to
+    every token when no task ids are given (cnclip never gives any): the same sum as adding that row to
+    every token-type row.
+    """
+    weights = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
+    offset = _position_offset(encoder.config)
+    if offset:
+        key = "embeddings.position_embeddings.weight"
+        weights[key] = weights[key][offset:].clone()
+    task = weights.pop("embeddings.task_type_embeddings.weight", None)
+    if task is not None:
+        key = "embeddings.token_type_embeddings.weight"
+        weights[key] = weights[key] + task[0]
+    return weights
 
 
 def _vision_config(config) -> dict:
@@ -107,8 +143,7 @@ def compose_clip(image: str, text: str, seed: int = 0) -> Composed:
     clip = ChineseCLIPModel(config)
     clip.vision_model.load_state_dict(vision.state_dict(), strict=True)
     clip.visual_projection.load_state_dict(visual_projection.state_dict(), strict=True)
-    text_weights = {k: v for k, v in bert.state_dict().items() if not k.startswith("pooler.")}
-    missing, unexpected = clip.text_model.load_state_dict(text_weights, strict=False)
+    missing, unexpected = clip.text_model.load_state_dict(_as_bert_weights(bert), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ModelLoadError(f"model.compose.text '{text}': its weights do not fit ChineseCLIP's BERT text tower "

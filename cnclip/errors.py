@@ -3,7 +3,7 @@
 Every user-facing error derives from `CnclipError`, carries a one-line message that names the input
 at fault, and its class fixes the exit status. `cnclip.commands.base.run_command` is the one place
 that turns them into `error: ...` on stderr and that status; no command catches them itself.
-The table in README ("Exit status") is this module's, row for row.
+The table in docs/exit-status.md is this module's, row for row.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ EXIT_REPO_CONFLICT = 11
 EXIT_HUB_FAILED = 12
 EXIT_INTERRUPTED = 130
 
-# Status -> what it means; README's table and `--help` epilogs are generated from or checked against this.
+# Status -> what it means; docs/exit-status.md's table and `--help` epilogs are generated from or checked against this.
 EXIT_MEANINGS: dict[int, str] = {
     EXIT_OK: "done",
     EXIT_INTERNAL: "internal error (a bug; a traceback is printed)",

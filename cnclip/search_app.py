@@ -6,43 +6,134 @@ server is ~200 lines whose every route is visible here, and it adds two small pa
 Gradio's tree. Uploads are raw request bodies, so no multipart parser is needed either.
 
 Safety, by construction:
+* Only the Host names the server was started for are answered (Starlette's TrustedHostMiddleware, in
+  front of every route): any other Host header gets a plain-text 400 "Invalid host header", so a web
+  page that re-points its own name at this machine (DNS rebinding) cannot read the index or the
+  images. allowed_hosts_for says which names a listening address allows.
+* Nothing a response carries names an absolute path: /api/info gives the indexed roots' base names,
+  results give the path relative to the indexed folder (or the image id), and a thumbnail that can
+  no longer be read says so without saying where it was.
 * Uploads are refused past `max_upload_bytes` (from Content-Length, and counted while streaming
-  for a body that does not announce its size) and decoded only by cnclip.images.decode_rgb, which
-  checks the pixel count from the header before decoding.
-* A thumbnail is addressed by its row number, never by a path: the path comes from the index and
-  cnclip.search_index.read_payload keeps it inside the indexed roots and checks its digest.
-* Every failure is a JSON `{"error": "..."}` with a 4xx status; the page shows the message and stays usable.
+  for a body that does not announce its size: reading stops at the limit). An upload is decoded in a
+  worker thread, one at a time (thumbnails share that slot), by cnclip.images.decode_rgb under a
+  budget of `max_upload_pixels` (40 megapixels, 8 bits a channel once decoded): the pixel count is
+  checked from the header before decoding, a larger JPEG is decoded at 1/2, 1/4 or 1/8 scale when
+  that fits, anything else larger gets 413. So the event loop never decodes, and decoding costs at
+  most about 10 bytes a decoded pixel, 400 MB at the budget (peak RSS measured at 40 MP: RGBA PNG
+  370 MB, CMYK JPEG 310, 16-bit grey PNG 270, RGB PNG 150).
+* A thumbnail is addressed by its row number (ASCII digits only), never by a path: the path comes
+  from the index and cnclip.search_index.read_payload keeps it inside the indexed roots and checks
+  its digest.
+* Every failure past the host check is a JSON `{"error": "..."}` with a 4xx status; the page shows
+  the message and stays usable.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import ipaddress
 import json
+import logging
+import re
+import socket
 import threading
 import time
+from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import CnclipError
-from .images import decode_rgb
+from .errors import CnclipError, UsageError
+from .images import ImageTooLarge, decode_rgb
 from .prompts import load_templates, parse_classes
 from .search_index import Searcher, read_payload
 
+log = logging.getLogger("cnclip.serve")
+
 DEFAULT_MAX_UPLOAD_MB = 10
+# Decoded upload budget: 40 MP is 120 MB as 8-bit RGB and at most ~400 MB while decoding (10 bytes a pixel
+# for RGBA, less for the rest); Pillow's own bomb limit (89 MP, cnclip.images.MAX_PIXELS) would allow twice that.
+UPLOAD_MAX_PIXELS = 40_000_000
 MAX_K = 100
 THUMB_SIDE = 256
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_DIGITS = re.compile(r"[0-9]+")
+COUNT_CAP = 10**15  # more than any limit here
+# A host name or IPv4 address, optionally `*.` in front (TrustedHostMiddleware's suffix pattern).
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
 
 
 class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+def parse_count(text: str) -> int | None:
+    """ASCII digits -> their value (COUNT_CAP for a longer number); None for anything else.
+
+    Not str.isdigit + int(): isdigit accepts '²' (int() raises) and '٣' (int() reads 3), and int() refuses
+    more than 4,300 digits; either way a request could reach a 500.
+    """
+    if not _DIGITS.fullmatch(text):
+        return None
+    digits = text.lstrip("0")
+    return int(digits or "0") if len(digits) <= 15 else COUNT_CAP
+
+
+def host_pattern(value: str, option: str = "--allowed-host") -> str:
+    """A Host name as TrustedHostMiddleware compares it: lower case, no port, an IPv6 address in brackets.
+
+    UsageError, naming `option`, for anything else, and for `*` alone (that answers every Host, which is
+    what lets a rebinding page in).
+    """
+    text = value.strip().lower()
+    try:
+        return f"[{ipaddress.IPv6Address(text.strip('[]'))}]"
+    except ValueError:
+        pass
+    if text == "*":
+        raise UsageError(f"{option} '*' would answer any Host header, so any web page could read this server "
+                         "through DNS rebinding; name the hosts (a '*.example.com' suffix is allowed)")
+    if not _HOST_NAME.fullmatch(text):
+        raise UsageError(f"{option} {value!r}: give a host name or address as the browser sends it, without "
+                         "scheme, port or path (e.g. photos.example.com, 192.168.1.20, [fd00::1], *.example.com)")
+    return text
+
+
+def allowed_hosts_for(bind_host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The Host header values answered by a server listening on `bind_host`, plus `extra` (--allowed-host).
+
+    Always the address or name listened on (as the startup line prints it). Loopback (127.0.0.1, the
+    default; ::1; localhost): also 127.0.0.1, localhost and [::1]. Every interface (0.0.0.0 or ::): those
+    and this machine's host name (socket.gethostname()); the machine's network addresses and any other
+    name it is reached by must be given with --allowed-host. Ports are not compared (TrustedHostMiddleware
+    drops them). A rebinding page's requests carry its own name, never one of these.
+    """
+    try:
+        address = ipaddress.ip_address(bind_host.strip("[]"))
+        loopback, everywhere = address.is_loopback, address.is_unspecified
+    except ValueError:
+        loopback, everywhere = bind_host.lower() == "localhost", bind_host == ""
+    hosts = list(LOOPBACK_HOSTS) if loopback or everywhere else []
+    if bind_host:
+        hosts.append(host_pattern(bind_host, "--host"))  # an address typed into the browser as printed
+    if everywhere:
+        name = socket.gethostname().lower()
+        if _HOST_NAME.fullmatch(name):
+            hosts.append(name)
+    hosts += [host_pattern(h) for h in extra]
+    return list(dict.fromkeys(hosts))
 
 
 def classes_from_form(text: str):
@@ -57,10 +148,16 @@ def classes_from_form(text: str):
 
 
 def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: str | None = None,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20, default_k: int = 12) -> Starlette:
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20, default_k: int = 12,
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+               max_upload_pixels: int = UPLOAD_MAX_PIXELS) -> Starlette:
+    """The app; `allowed_hosts` are TrustedHostMiddleware patterns (allowed_hosts_for makes them)."""
     index = searcher.index
     templates = load_templates(templates_path)
     model_lock = threading.Lock()  # one model call at a time: bounded memory, no thread contention
+    # One image decode at a time (uploads and thumbnails), waiting in the event loop rather than in a
+    # worker thread, so decoding memory is bounded once instead of once per concurrent request.
+    decode_limiter = anyio.CapacityLimiter(1)
 
     def results(hits, started: float) -> dict:
         return {"results": [{"rank": h.rank, "score": round(h.score, 4), "label": index.items[h.row].label,
@@ -77,22 +174,32 @@ def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: st
             raise BadRequest(400, f"k must be between 1 and {MAX_K}, got {k}")
         return k
 
+    def decode_upload(body: bytes):
+        try:
+            return decode_rgb(body, max_upload_pixels, shrink_jpeg=True)
+        except ImageTooLarge as exc:
+            raise BadRequest(413, f"the uploaded image is too large to search with ({exc}); a JPEG is decoded "
+                                  f"at 1/2, 1/4 or 1/8 scale when that fits under {max_upload_pixels / 1e6:g} "
+                                  "megapixels") from None
+        except ValueError as exc:
+            raise BadRequest(400, f"cannot read the uploaded file as an image ({exc})") from None
+
     async def read_upload(request: Request):
         announced = request.headers.get("content-length")
-        if announced and announced.isdigit() and int(announced) > max_upload_bytes:
-            raise BadRequest(413, f"the upload is {int(announced) / 2**20:.1f} MB; the limit is "
+        size = None if announced is None else parse_count(announced)
+        if announced is not None and size is None:
+            raise BadRequest(400, f"Content-Length must be a number of bytes, got {announced[:40]!r}")
+        if size is not None and size > max_upload_bytes:
+            raise BadRequest(413, f"the upload is {size / 2**20:.1f} MB; the limit is "
                                   f"{max_upload_bytes / 2**20:.0f} MB")
         body = bytearray()
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # a body without Content-Length is counted as it arrives
             body.extend(chunk)
             if len(body) > max_upload_bytes:
                 raise BadRequest(413, f"the upload is over the limit of {max_upload_bytes / 2**20:.0f} MB")
         if not body:
             raise BadRequest(400, "no image in the request: choose or drop an image file")
-        try:
-            return decode_rgb(bytes(body))
-        except ValueError as exc:
-            raise BadRequest(400, f"cannot read the uploaded file as an image ({exc})") from None
+        return await anyio.to_thread.run_sync(decode_upload, bytes(body), limiter=decode_limiter)
 
     def guarded(handler):
         async def endpoint(request: Request):
@@ -115,8 +222,9 @@ def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: st
 
     async def info(request: Request):
         m = index.manifest
-        return JSONResponse({"images": len(index), "kind": m["kind"], "model": m["model"]["spec"],
-                             "roots": m["roots"], "max_upload_bytes": max_upload_bytes})
+        return JSONResponse({"images": len(index), "kind": m["kind"], "model": model_name(m["model"]["spec"]),
+                             "roots": [Path(r).name for r in m["roots"]], "max_upload_bytes": max_upload_bytes,
+                             "max_upload_pixels": max_upload_pixels})
 
     async def search_text(request: Request):
         started = time.perf_counter()
@@ -154,18 +262,23 @@ def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: st
 
     async def thumb(request: Request):
         raw = request.path_params["row"]
-        if not raw.isdigit() or int(raw) >= len(index):
-            return JSONResponse({"error": f"no image {raw!r} in this index"}, status_code=404)
+        row = parse_count(raw)
+        if row is None or row >= len(index):
+            return JSONResponse({"error": f"no image {raw[:40]!r} in this index"}, status_code=404)
         try:
-            data = await run_in_threadpool(thumbnail, int(raw))
-        except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=410)
+            data = await anyio.to_thread.run_sync(thumbnail, row, limiter=decode_limiter)
+        except ValueError as exc:  # the reason names the indexed folder's absolute path: logged, not sent
+            log.warning("thumbnail %d (%s): %s", row, index.items[row].ref, exc)
+            return JSONResponse({"error": f"image {row} ({index.items[row].ref}) can no longer be read: it moved, "
+                                          "changed or was deleted since indexing; rebuild the index"},
+                                status_code=410)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     async def not_found(request: Request, exc):
         return JSONResponse({"error": f"nothing at {request.url.path}"}, status_code=404)
 
-    return Starlette(exception_handlers={404: not_found}, routes=[
+    host_check = Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
+    return Starlette(exception_handlers={404: not_found}, middleware=[host_check], routes=[
         Route("/", page),
         Route("/api/info", info),
         Route("/api/search", guarded(search_text)),
@@ -175,9 +288,14 @@ def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: st
     ])
 
 
+def model_name(spec: str) -> str:
+    """A model spec without its folders: a run directory's absolute path stays on the server."""
+    return spec.rstrip("/").rsplit("/", 1)[-1]
+
+
 def render_page(index, classes_text: str, default_k: int, max_upload_bytes: int) -> str:
     m = index.manifest
-    subtitle = (f"{len(index)} images · {m['kind']} index · model {m['model']['spec'].rsplit('/', 1)[-1]}")
+    subtitle = f"{len(index)} images · {m['kind']} index · model {model_name(m['model']['spec'])}"
     return (PAGE.replace("{{SUBTITLE}}", html.escape(subtitle))
             .replace("{{CLASSES}}", html.escape(classes_text))
             .replace("{{K}}", str(default_k))

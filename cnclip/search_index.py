@@ -19,7 +19,7 @@ Guarantees:
   unchanged (its stored vector is reused, never re-embedded), embeds only new or changed images, and
   drops rows whose image is gone. The faiss structure is rebuilt from the stored vectors.
 * Exact below APPROXIMATE_FROM vectors (faiss IndexFlatIP), HNSW from there on (measured with
-  benchmarks/search_throughput.py; see README "Search your images").
+  benchmarks/search_throughput.py; see docs/search.md).
 * The index records the model's weight fingerprint; a query with another model is refused with a
   message saying which model built it.
 * Reading an image back for a thumbnail never leaves the indexed roots: the row's stored path is
@@ -56,10 +56,14 @@ INDEX_VERSION = 1
 MANIFEST, ITEMS, VECTORS, FAISS_FILE = "index.json", "items.jsonl", "vectors.safetensors", "faiss.index"
 KINDS = ("auto", "exact", "hnsw")
 # From this many vectors on, "auto" builds HNSW instead of the exact flat index. Measured with
-# benchmarks/search_throughput.py (2-core CPU under load, one thread, dim 512, random unit vectors): one
-# exact query takes ~2 ms at 10k vectors, ~90 ms at 100k and ~440 ms at 1M; HNSW needs efSearch 512-2048
-# to find 60-90% of the exact top 10 at 100k on such structureless vectors (real embeddings cluster and
-# fare better) and minutes to build. So exact up to where a query nears 150 ms, HNSW past it.
+# `benchmarks/search_throughput.py --threads 1 --exact-sizes 1000000` (the table in README "Search your
+# images": one faiss thread on a 2-core CPU that other jobs kept busy, load average 6-10; dim 512, random
+# unit vectors; median of single queries): one exact query takes 1.8 ms at 10k vectors, 52 ms at 100k and
+# 272 ms at 1M. Re-measured exact-only (`--exact-sizes 10000,100000,250000,1000000`, 20 queries each, load
+# average 5): 0.9, 38, 106 (p95 129) and 324 ms. HNSW (efSearch 512) takes 5 minutes to build at 100k and
+# finds 58-67% of the exact top 10 there on such structureless vectors (real embeddings cluster and fare
+# better); efSearch 2048 finds 91-95%, at 42 ms a query. So exact up to 250k, where a query takes about
+# 0.1 s (p95 near 150 ms), HNSW past it.
 APPROXIMATE_FROM = 250_000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 512
 

@@ -17,6 +17,7 @@ import pytest
 from cnclip.commands import COMMANDS
 
 from conftest import REPO, make_tiny_model
+from doc_pages import doc_section
 
 PACKAGES = ("cnclip", "data_tools")
 
@@ -117,8 +118,7 @@ def test_every_subcommand_has_its_python_m_module():
 
 
 def test_the_module_map_in_readme_names_every_module():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    layout = readme[readme.index("## Layout"):]
+    layout = doc_section("docs/layout.md", "Layout")  # the module map README links to
     missing = [str(p.relative_to(REPO)) for name, p in all_modules().items()
                if p.name != "__init__.py" or name == "cnclip.commands"
                if f"`{p.relative_to(REPO)}`" not in layout]

@@ -176,3 +176,66 @@ def test_a_chinese_clip_can_lend_its_image_tower_too(towers, tiny_model_dir):
         reference = ChineseCLIPModel.from_pretrained(tiny_model_dir).eval().get_image_features(pixel_values=pixels)
         reference = getattr(reference, "pooler_output", reference)
         assert (encode_images(base.clip, pixels) - reference).abs().max().item() <= 1e-5
+
+
+def make_tiny_encoder(out: Path, model_type: str, seed: int = 2) -> Path:
+    """A tiny random RoBERTa / XLM-RoBERTa / ERNIE (with task-type embeddings) saved with from_pretrained's layout."""
+    from transformers import ErnieConfig, ErnieModel, RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel
+
+    make_tiny_bert(out)  # the vocabulary and tokenizer files; the weights are replaced below
+    vocab_size = len(TINY_VOCAB.read_text(encoding="utf-8").splitlines())
+    shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=66)
+    config_cls, model_cls = {"roberta": (RobertaConfig, RobertaModel), "xlm-roberta": (XLMRobertaConfig, XLMRobertaModel),
+                             "ernie": (ErnieConfig, ErnieModel)}[model_type]
+    extra = dict(use_task_id=True, task_type_vocab_size=3) if model_type == "ernie" else dict(pad_token_id=1)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**shape, **extra))
+    with torch.no_grad():  # random, far from zero, so that a dropped or misplaced row cannot go unnoticed
+        for name, param in model.named_parameters():
+            if "embeddings" in name:
+                param.normal_(0, 1)
+    (out / "model.safetensors").unlink()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "ernie"])
+def test_roberta_and_ernie_text_towers_give_the_source_models_states(towers, tmp_path, model_type):
+    """transformers' own RobertaModel / ErnieModel is the reference: on right-padded batches the composed
+    text tower's hidden state at every real token (the [CLS] one is the text embedding's input) equals the
+    source model's, although RoBERTa numbers positions from padding_idx + 1 and ERNIE adds a task embedding."""
+    from transformers import AutoModel
+
+    source_dir = make_tiny_encoder(tmp_path / model_type, model_type)
+    base = compose(towers[0], source_dir)
+    source = AutoModel.from_pretrained(source_dir).eval()
+    assert source.config.model_type == model_type
+    pad = source.config.pad_token_id
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, source.config.vocab_size, (3, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate((12, 7, 3)):  # right padding, as the tokenizer pads
+        ids[row, length:], mask[row, length:] = pad, 0
+    with torch.no_grad():
+        theirs = source(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours = base.clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    diff = (ours[real] - theirs[real]).abs().max().item()
+    scale = theirs[real].abs().max().item()
+    print(f"{model_type}: composed vs source hidden states, max abs diff {diff:.2e} (values up to {scale:.1f})")
+    assert diff <= 1e-4
+    # The full position table is usable: RoBERTa's two reserved rows are gone, so 64 positions remain.
+    assert base.clip.config.text_config.max_position_embeddings == 66 - (pad + 1 if model_type != "ernie" else 0)
+
+
+def test_compose_refuses_a_pre_layernorm_encoder_by_name(towers, tmp_path):
+    from transformers import MegatronBertConfig, MegatronBertModel
+
+    from cnclip.errors import ModelLoadError
+
+    out = tmp_path / "megatron"
+    MegatronBertModel(MegatronBertConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2)).save_pretrained(out)
+    with pytest.raises(ModelLoadError, match="'megatron-bert' model; expected .*bert, roberta, xlm-roberta, ernie"):
+        compose(towers[0], out)

@@ -1,4 +1,5 @@
-"""Exit statuses: README's table is cnclip.errors', and every status in it is produced here, for real.
+"""Exit statuses: the documented table (docs/exit-status.md) is cnclip.errors', and every status in it is
+produced here, for real.
 
 `SCENARIOS` maps each status of the table to the cheapest real run into the failure that gives it: a
 command with a missing file, a full disk (RLIMIT_FSIZE), a worker killed with SIGKILL, NaN gradients,
@@ -26,7 +27,8 @@ from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_HUB_FA
                            EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_MEANINGS, EXIT_MODEL, EXIT_NO_TOKEN, EXIT_OK,
                            EXIT_REPO_CONFLICT, EXIT_TOKEN_REJECTED, EXIT_USAGE, EXIT_WORKER_CRASHED)
 
-from conftest import DEMO_RECIPE, REPO, tiny_overrides
+from conftest import DEMO_RECIPE, tiny_overrides
+from doc_pages import doc_section
 from test_crash_build_pairs import FILTERS, _jpeg_or_png
 from test_crash_build_pairs import command as build_pairs_command
 from test_crash_build_pairs import run as run_build_pairs
@@ -52,15 +54,13 @@ def produces(status: int):
     return register
 
 
-def readme_table() -> dict[int, str]:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Exit status"):]
-    section = section[:section.index("\n## ", 1)]
+def documented_table() -> dict[int, str]:
+    section = doc_section("docs/exit-status.md", "Exit status")
     return {int(m[1]): m[2].strip() for m in re.finditer(r"^\| (\d+) \| (.+?) \|$", section, re.M)}
 
 
-def test_readme_table_is_the_one_in_cnclip_errors():
-    assert readme_table() == EXIT_MEANINGS
+def test_documented_table_is_the_one_in_cnclip_errors():
+    assert documented_table() == EXIT_MEANINGS
 
 
 def test_every_status_in_the_table_has_a_scenario():

@@ -8,7 +8,7 @@ tensor); this test proves cnclip is never farther from the torchvision backend t
 own PIL backend is, and bounds that difference.
 
 Needs torchvision, so it is marked: `python -m pytest -m torchvision` in an environment with
-torch + torchvision (README, "Reliability"). Skipped where torchvision is not importable, CI included
+torch + torchvision (docs/reliability.md). Skipped where torchvision is not importable, CI included
 (deliberately: the registry's torchvision does not import beside torch 2.13.0+cpu).
 """
 

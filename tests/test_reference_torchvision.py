@@ -2,7 +2,7 @@
 
 tests/test_original_format.py checks cn_clip's model, tokenizer and `create_model` without torchvision.
 What needs torchvision is checked here, in an environment where it imports beside torch (marked
-`torchvision`: `python -m pytest -m torchvision`; README, "Original Chinese-CLIP format"; skipped where
+`torchvision`: `python -m pytest -m torchvision`; docs/formats.md, "Original Chinese-CLIP format"; skipped where
 torchvision does not import, CI included, deliberately: the registry's build does not import beside torch 2.13.0+cpu):
 
 * cn_clip's `image_transform` (torchvision Resize/ToTensor/Normalize) equals the preprocessing cnclip

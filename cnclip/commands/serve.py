@@ -1,4 +1,7 @@
-"""`cnclip serve INDEX [--host 127.0.0.1] [--port 7860]` (also `python -m cnclip.serve`): the search web app."""
+"""`cnclip serve INDEX [--host 127.0.0.1] [--port 7860] [--allowed-host NAME]` (also `python -m cnclip.serve`).
+
+The search web app (cnclip.search_app); it answers only the Host names search_app.allowed_hosts_for gives.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: loopback only; 0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests whose Host header is NAME (repeatable; a name or address "
+                             "without port, or *.example.com), e.g. the name a reverse proxy forwards. Only "
+                             "127.0.0.1, localhost and [::1] are answered on loopback, plus this machine's "
+                             "host name with --host 0.0.0.0: any other Host gets 400, so a web page cannot "
+                             "read your images through DNS rebinding")
     parser.add_argument("--model", help="query model (default: the one that built the index; another is refused)")
     parser.add_argument("--classes", help="class list that pre-fills the zero-shot box ('key: 名称1, 名称2' lines)")
     parser.add_argument("--templates", help="prompt templates file (default: the shipped Chinese templates)")
@@ -38,7 +47,7 @@ def _serve(args) -> int:
     import uvicorn
 
     from ..prompts import load_classes
-    from ..search_app import create_app
+    from ..search_app import allowed_hosts_for, create_app
     from ..search_index import Searcher
 
     if not 0 <= args.port <= 65535:
@@ -51,9 +60,11 @@ def _serve(args) -> int:
         classes_text = "\n".join(f"{k}: {', '.join(n)}" for k, n in zip(classes.keys, classes.names))
     if args.templates and not Path(args.templates).is_file():
         raise UsageError(f"--templates: file not found: {args.templates}")
+    allowed_hosts = allowed_hosts_for(args.host, args.allowed_host)
     searcher = Searcher.open(args.index, args.model, args.device)
     app = create_app(searcher, classes_text=classes_text, templates_path=args.templates,
-                     max_upload_bytes=int(args.max_upload_mb * 2**20), default_k=args.k)
+                     max_upload_bytes=int(args.max_upload_mb * 2**20), default_k=args.k,
+                     allowed_hosts=allowed_hosts)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -61,6 +72,6 @@ def _serve(args) -> int:
     if not loopback:
         log.warning("listening on %s: anyone who can reach this machine can search these images", args.host)
     print(f"serving {len(searcher.index)} images from {args.index} on http://{args.host}:{args.port}/ "
-          f"(Ctrl-C stops)", flush=True)
+          f"to Host {', '.join(allowed_hosts)} (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
