@@ -103,12 +103,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
             tmp.unlink()
 
 
-def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """safetensors, serialised in memory and written by Python, so a full disk raises OSError (ENOSPC /
     EFBIG) like every other write instead of a library-specific error."""
     from safetensors.torch import save
 
-    Path(path).write_bytes(save(tensors))
+    Path(path).write_bytes(save(tensors, metadata=metadata))
 
 
 def save_torch(obj, path: str | os.PathLike) -> None:

@@ -25,14 +25,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from .errors import DataError
-from .image_sources import IMAGE_EXTENSIONS, webdataset_key
+from .image_sources import IMAGE_EXTENSIONS, ImagePathRefused, read_image_file
 from .images import decode_base64
 from .skiplog import SkipLog
+from .tar_members import MAX_IMAGE_MEMBER_BYTES, MAX_TEXT_MEMBER_BYTES, BoundedTar, TarMember, TarReadError
 
 FORMATS = ("cnclip", "pairs", "webdataset", "hf")
 TextTuple = tuple[int, str, tuple[int, ...]]  # (text_id, text, image_ids): cnclip.data.TextRecord's fields
@@ -55,7 +56,11 @@ class _TextsMixin:
 
 
 class PairsJSONL(_TextsMixin):
-    """`{split}_pairs.jsonl`: one image and one caption per line; image id = text id = line number."""
+    """`{split}_pairs.jsonl`: one image and one caption per line; image id = text id = line number.
+
+    An image path is read only inside the file's directory (cnclip.image_sources.read_image_file):
+    a line whose file is refused (leaves it, missing, too large, unreadable) is skipped and counted.
+    """
 
     def __init__(self, path: str | Path, skips: SkipLog):
         self.path = Path(path)
@@ -83,25 +88,19 @@ class PairsJSONL(_TextsMixin):
                 if not isinstance(text, str) or not text.strip():
                     skips.skip("malformed pairs line", where, "text must be a non-empty string")
                     continue
+                if not _is_base64(row["image"]):  # a path: read only inside the file's directory
+                    try:
+                        content = read_image_file(row["image"], self.path.parent)
+                    except ImagePathRefused as refused:
+                        skips.skip(refused.reason, where, refused.detail)
+                        continue
+                    digest.update(content)  # its content is part of the source
                 digest.update(line)
-                if not _is_base64(row["image"]):  # a path: its content is part of the source
-                    digest.update(self._file_bytes(row["image"], where, skips) or b"<missing>")
                 self._index[lineno] = start
                 self.texts.append((lineno, text.strip(), (lineno,)))
         self.ids = list(self._index)
         self.fingerprint = digest.hexdigest()
         self._fh = None
-
-    def _file_bytes(self, relative: str, where: str, skips: SkipLog | None) -> bytes | None:
-        target = (self.path.parent / relative).resolve()
-        if not target.is_relative_to(self.path.parent.resolve()):
-            raise ValueError(f"image path leaves the pairs file's directory: {relative}")
-        try:
-            return target.read_bytes()
-        except OSError as exc:
-            if skips is not None:
-                skips.skip("unreadable image file", where, str(exc))
-            return None
 
     def read(self, image_id: int) -> bytes:
         if self._fh is None:
@@ -110,10 +109,7 @@ class PairsJSONL(_TextsMixin):
         image = json.loads(self._fh.readline())["image"]
         if _is_base64(image):
             return image.split(",", 1)[-1].strip().encode("ascii")
-        data = self._file_bytes(image, f"{self.path}:{image_id}", None)
-        if data is None:
-            raise ValueError(f"image file not readable: {image}")
-        return base64.urlsafe_b64encode(data)
+        return base64.urlsafe_b64encode(read_image_file(image, self.path.parent))  # ValueError if refused
 
     def __getstate__(self):
         return {**self.__dict__, "_fh": None}
@@ -139,7 +135,13 @@ def webdataset_shards(root: str | Path, split: str) -> list[Path]:
 
 
 class WebDatasetShards(_TextsMixin):
-    """Samples of uncompressed tar shards; image ids 1..n in shard and member order."""
+    """Samples of uncompressed tar shards; image ids 1..n in shard and member order.
+
+    Members are read through cnclip.tar_members: an image is hashed as it streams past (never held
+    while indexing) and read later in place, up to MAX_IMAGE_MEMBER_BYTES; a caption or .json up to
+    MAX_TEXT_MEMBER_BYTES. A sample with a member that is never read (too large, sparse, a link or
+    device, a name leaving the archive) is skipped whole and counted under that member's problem.
+    """
 
     def __init__(self, shards: list[Path], skips: SkipLog, path: Path | None = None):
         self.path = Path(path) if path is not None else shards[0].parent
@@ -148,54 +150,53 @@ class WebDatasetShards(_TextsMixin):
         self.texts: list[TextTuple] = []
         digest = hashlib.blake2b(digest_size=16)
         for shard_number, shard in enumerate(self.shards):
-            for key, image, caption in self._samples(shard, skips, digest):
-                where = f"{shard}:{key}"
-                if image is None:
+            for sample in self._samples(shard, skips, digest):
+                where = f"{shard}:{sample.key}"
+                if sample.unread is not None:  # counted under the problem of its first unread member
+                    skips.skip(sample.unread.problem.value, where, sample.unread.detail)
+                elif sample.image is None:
                     skips.skip("webdataset sample without an image", where)
-                elif not caption:
+                elif not sample.caption:
                     skips.skip("webdataset sample without a caption", where)
                 else:
                     image_id = len(self._index) + 1
-                    self._index[image_id] = (shard_number, *image)
-                    self.texts.append((image_id, caption, (image_id,)))
+                    self._index[image_id] = (shard_number, *sample.image)
+                    self.texts.append((image_id, sample.caption, (image_id,)))
         self.ids = list(self._index)
         self.fingerprint = digest.hexdigest()
         self._handles: dict[int, Any] = {}
 
     @staticmethod
-    def _samples(shard: Path, skips: SkipLog, digest) -> Iterable[tuple[str, tuple[int, int] | None, str]]:
-        """(key, (offset, size) of the image or None, caption) per sample, members grouped by key."""
-        key, image, caption, meta = None, None, "", {}
-
-        def finished():
-            return key, image, caption or _caption_from(meta)
-
+    def _samples(shard: Path, skips: SkipLog, digest) -> Iterable[_Sample]:
+        """Members grouped by key into samples; every member's name and data go into `digest`."""
+        sample: _Sample | None = None
         try:
-            with tarfile.open(shard, mode="r:") as tar:  # uncompressed: members can be read in place later
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    member_key, ext = webdataset_key(member.name)
-                    if member_key != key:
-                        if key is not None:
-                            yield finished()
-                        key, image, caption, meta = member_key, None, "", {}
-                    data = tar.extractfile(member).read()
-                    digest.update(member.name.encode() + b"\0" + data)
-                    ext = ext.lower()
-                    if image is None and f".{ext.rpartition('.')[2]}" in IMAGE_EXTENSIONS:
-                        image = (member.offset_data, member.size)
-                    elif ext == "txt":
-                        caption = data.decode("utf-8", errors="replace").strip()
-                    elif ext == "json":
-                        try:
-                            meta = json.loads(data)
-                        except (UnicodeDecodeError, json.JSONDecodeError):
-                            skips.skip("malformed webdataset json", f"{shard}:{member.name}")
-        except (tarfile.TarError, OSError) as exc:
-            raise DataError(f"{shard}: not a readable uncompressed tar ({exc})") from None
-        if key is not None:
-            yield finished()
+            with BoundedTar(shard) as tar:  # uncompressed: members can be read in place later
+                for member in tar.members(_member_limit):
+                    if sample is None or member.key != sample.key:
+                        if sample is not None:
+                            yield sample
+                        sample = _Sample(member.key)
+                    digest.update(member.name.encode("utf-8", "surrogateescape") + b"\0")
+                    if member.problem is not None or sample.unread is not None:
+                        digest.update(f"<unread:{member.size}>".encode())  # the sample is skipped: never read
+                        sample.unread = sample.unread or member
+                    elif _is_image_member(member.ext) and sample.image is None:
+                        for piece in tar.chunks(member):
+                            digest.update(piece)
+                        sample.image = (member.offset, member.size)
+                    elif member.ext in ("txt", "json"):
+                        data = tar.read(member)
+                        digest.update(data)
+                        sample.add_text(member.ext, data, lambda: skips.skip(
+                            "malformed webdataset json", f"{shard}:{member.name}"))
+                    else:  # other members (more images, .cls, ...) are not used: hashed as they stream past
+                        for piece in tar.chunks(member):
+                            digest.update(piece)
+        except TarReadError as exc:
+            raise DataError(f"{exc} (webdataset shards are uncompressed tars)") from None
+        if sample is not None:
+            yield sample
 
     def image_range(self, image_id: int) -> tuple[int, int, int]:
         """(shard number, byte offset, size) of an image's member inside its tar: it is read in place."""
@@ -211,6 +212,41 @@ class WebDatasetShards(_TextsMixin):
 
     def __getstate__(self):
         return {**self.__dict__, "_handles": {}}
+
+
+def _member_limit(ext: str) -> int | None:
+    """Members held in memory have a limit; the rest only stream through the fingerprint."""
+    if _is_image_member(ext):
+        return MAX_IMAGE_MEMBER_BYTES  # read whole later, by `read`
+    return MAX_TEXT_MEMBER_BYTES if ext in ("txt", "json") else None
+
+
+def _is_image_member(ext: str) -> bool:
+    return f".{ext.rpartition('.')[2]}" in IMAGE_EXTENSIONS
+
+
+@dataclass
+class _Sample:
+    """One webdataset sample while its members are read."""
+
+    key: str
+    image: tuple[int, int] | None = None  # (data offset, size) of its first image member
+    text: str = ""  # its .txt
+    meta: Any = None  # its .json
+    unread: TarMember | None = None  # its first member with a problem: the sample is skipped
+
+    @property
+    def caption(self) -> str:
+        return self.text or _caption_from(self.meta)
+
+    def add_text(self, ext: str, data: bytes, malformed: Callable[[], None]) -> None:
+        if ext == "txt":
+            self.text = data.decode("utf-8", errors="replace").strip()
+            return
+        try:
+            self.meta = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            malformed()
 
 
 def _caption_from(meta: Any) -> str:
@@ -256,13 +292,18 @@ def open_hf(source: str, split: str, config: str | None, image_column: str, stre
     return ds
 
 
-def image_bytes_of(value: Any, base_dir: Path | None) -> bytes:
-    """An image cell as bytes: datasets' {"bytes", "path"} struct, raw bytes, or base64 text."""
+def image_bytes_of(value: Any, base_dir: Path | None, also_inside: Sequence[Path] = ()) -> bytes:
+    """An image cell as bytes: datasets' {"bytes", "path"} struct, raw bytes, or base64 text.
+
+    A path is read only inside `base_dir` (absolute paths: or inside `also_inside`), through
+    cnclip.image_sources.read_image_file: ImagePathRefused (a ValueError) names why it was not.
+    """
     if isinstance(value, dict):
-        if value.get("bytes"):
-            return value["bytes"]
-        if value.get("path") and base_dir is not None:
-            return (base_dir / value["path"]).read_bytes()
+        data, path = value.get("bytes"), value.get("path")
+        if isinstance(data, (bytes, bytearray)) and data:
+            return bytes(data)
+        if isinstance(path, str) and path and base_dir is not None:
+            return read_image_file(path, base_dir, also_inside)
         raise ValueError("image cell has neither bytes nor a readable path")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
@@ -278,11 +319,15 @@ def captions_of(value: Any) -> list[str]:
 
 
 class HFImages(_TextsMixin):
-    """One split of a `datasets` set; image id = the row of the image's first occurrence."""
+    """One split of a `datasets` set; image id = the row of the image's first occurrence.
+
+    A cell holding only a path is read inside the set's directory (a Hub id: the download caches),
+    never elsewhere: any other path is counted as refused (`_data_roots`, read_image_file).
+    """
 
     def __init__(self, source: str, split: str, image_column: str, text_column: str, skips: SkipLog):
         self.path = Path(source)
-        self._base_dir = self.path if self.path.is_dir() else self.path.parent
+        self._base_dir, self._also_inside = _data_roots(self.path)
         ds = open_hf(source, split, None, image_column, streaming=False)
         if text_column not in ds.column_names:
             raise DataError(f"'{source}' has no column '{text_column}'; columns: {', '.join(ds.column_names)}")
@@ -303,7 +348,10 @@ class HFImages(_TextsMixin):
                     skips.skip("row without a caption", where)
                     continue
                 try:
-                    data = image_bytes_of(cell, self._base_dir)
+                    data = image_bytes_of(cell, self._base_dir, self._also_inside)
+                except ImagePathRefused as refused:
+                    skips.skip(refused.reason, where, refused.detail)
+                    continue
                 except (ValueError, OSError) as exc:
                     skips.skip("row without a readable image", where, str(exc))
                     continue
@@ -318,7 +366,22 @@ class HFImages(_TextsMixin):
         self.fingerprint = digest.hexdigest()
 
     def read(self, image_id: int) -> bytes:
-        return base64.urlsafe_b64encode(image_bytes_of(self._images[image_id][self._column], self._base_dir))
+        cell = self._images[image_id][self._column]
+        return base64.urlsafe_b64encode(image_bytes_of(cell, self._base_dir, self._also_inside))
+
+
+def _data_roots(source: Path) -> tuple[Path, tuple[Path, ...]]:
+    """(directory relative image paths are read in, other directories absolute paths may point into).
+
+    A local set: its directory (a data file's folder), and nothing else. A Hub id: where `datasets`
+    put what it downloaded, which is where the absolute paths of its image cells point.
+    """
+    if source.exists():
+        return (source if source.is_dir() else source.parent), ()
+    import datasets
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE), (Path(datasets.config.HF_DATASETS_CACHE),)
 
 
 # ---------------------------------------------------------------- dispatch

@@ -6,7 +6,15 @@ cache key is a fingerprint of the image tower's weights, the preprocessing, the 
 precision and the image set's content, so any change to one of them computes a fresh cache.
 
 Storage is plain safetensors parts written as they finish (no pre-allocated map file): a run
-killed while caching resumes from the last finished part.
+killed while caching resumes from the last finished part. Part i holds the images
+`ids[i * part_size:(i + 1) * part_size]`, and nothing on disk is trusted for being there: a part
+proves what it holds before it is reused or read. Its header records how many images it covers,
+which of them could not be decoded (with why) and a digest of its ids and embeddings; it counts
+only if its embedded ids plus its undecodable ones are exactly its share of the image ids, in
+order, and the digest matches. A part that fails (written with another part_size, truncated,
+corrupted, from an older cache version) is computed again, never used. The manifest, written
+last, is checked the same way on every read: it must cover every image id exactly once, or the
+entry is rebuilt.
 
 Several processes may share one cache directory (two runs, a run and an evaluate, the ranks of a
 job): one process computes an entry while holding its lock file (`<key>/.lock`, released by the OS
@@ -14,11 +22,12 @@ when the process dies), the others wait for it and then read the finished entry;
 only once its manifest exists, and temporaries are removed only when their writer is gone.
 
 Under torchrun (`sharded=True`, every rank calling with the same images) the ranks share the work
-instead of waiting for one of them (the lock above is for independent processes):
-part i is embedded by rank i % world, each rank writes its own parts, and rank 0 writes the
-manifest once every part is on disk. Part boundaries depend only on `part_size`, so the entry is
-byte-identical to a single process's, and a job killed mid-cache resumes (on any number of
-processes) from the parts already written.
+instead of waiting for one of them: rank 0 holds the entry's lock for the whole job (so
+independent processes wait for the job and the job for them, exactly as for one process), part i
+is embedded by rank i % world, each rank writes its own parts, and rank 0 writes the manifest once
+every part is on disk. Part boundaries depend only on `part_size`, so the entry is byte-identical
+to a single process's, and a job killed mid-cache resumes (on any number of processes) from the
+parts already written.
 """
 
 from __future__ import annotations
@@ -33,9 +42,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from tqdm import tqdm
 
+from .errors import DataError
 from .data import ImageArrays, ImageTransform, collate_image_arrays
 from .image_sources import ImageTSV
 from .skiplog import SkipLog
@@ -46,7 +56,8 @@ from . import distributed
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# 2: parts prove their content (header metadata), undecodable images live in the parts' headers.
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -80,21 +91,42 @@ class ImageFeatureCache:
     def __init__(self, root: str | Path | None):
         self.root = Path(root) if root else default_cache_dir()
 
-    def get(self, key: str) -> ImageFeatures | None:
+    def get(self, key: str, ids: list[int]) -> ImageFeatures | None:
+        """The finished entry for the images `ids`, or None: not finished, or failing its check."""
         entry = self.root / key
         manifest = entry / "manifest.json"
         if not manifest.is_file():
             return None
-        meta = json.loads(manifest.read_text(encoding="utf-8"))
-        ids: list[int] = []
-        chunks = []
-        for part in meta["parts"]:
-            tensors = load_file(str(entry / part))
-            ids.extend(tensors["ids"].tolist())
-            chunks.append(tensors["embeddings"])
-        bad = {int(k): v for k, v in meta["bad"].items()}
-        embeddings = torch.cat(chunks) if chunks else torch.zeros(0, meta["dim"])
-        return ImageFeatures(ids, embeddings, bad, computed=False)
+        try:
+            return self._read_entry(entry, manifest, ids)
+        except BadCacheData as exc:
+            log.warning("image cache entry %s fails its check (%s); it will be computed again", entry, exc)
+            return None
+
+    @staticmethod
+    def _read_entry(entry: Path, manifest: Path, ids: list[int]) -> ImageFeatures:
+        try:
+            meta = json.loads(manifest.read_text(encoding="utf-8"))
+            version, count, part_size, dim = meta["version"], meta["count"], int(meta["part_size"]), int(meta["dim"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BadCacheData(f"unreadable manifest ({type(exc).__name__}: {exc})") from None
+        if version != CACHE_VERSION or count != len(ids) or part_size < 1:
+            raise BadCacheData(f"manifest of version {version} for {count} images, "
+                               f"expected version {CACHE_VERSION} for {len(ids)}")
+        if meta.get("parts") != _part_names(len(ids), part_size):
+            raise BadCacheData("manifest does not list one part per share of the image ids")
+        out_ids: list[int] = []
+        chunks, bad = [], {}
+        for start, part in zip(range(0, len(ids), part_size), meta["parts"]):
+            part_ids, embeddings, part_bad = _read_part(entry / part, ids[start:start + part_size], dim)
+            out_ids.extend(part_ids)
+            chunks.append(embeddings)
+            bad.update(part_bad)
+        # Each part holds exactly its own share, so together they hold every id once; checked all the same.
+        if len(out_ids) + len(bad) != len(ids) or set(out_ids) | set(bad) != set(ids):
+            raise BadCacheData("the parts do not cover every image id exactly once")
+        embeddings = torch.cat(chunks) if chunks else torch.zeros(0, dim)
+        return ImageFeatures(out_ids, embeddings, bad, computed=False)
 
     def get_or_compute(
         self,
@@ -114,15 +146,14 @@ class ImageFeatureCache:
         if sharded and distributed.is_distributed():
             return self._get_or_compute_sharded(key, clip, images, transform, device, batch_size, num_workers,
                                                 autocast_dtype, skips, desc, part_size)
-        cached = self.get(key)
+        cached = self.get(key, images.ids)
         if cached is None:
             with self.lock(key):
-                cached = self.get(key)  # finished by another process while we waited for the lock
+                cached = self.get(key, images.ids)  # finished by another process while we waited for the lock
                 if cached is None:
                     self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype,
                                   desc, part_size)
-                    cached = self.get(key)
-                    cached.computed = True
+                    cached = self._written(key, images)
         for image_id, why in cached.bad.items():
             skips.skip("undecodable image", f"{images.path} image_id {image_id}", why)
         return cached
@@ -130,21 +161,52 @@ class ImageFeatureCache:
     def _get_or_compute_sharded(self, key, clip, images, transform, device, batch_size, num_workers, autocast_dtype,
                                 skips, desc, part_size) -> ImageFeatures:
         """Every rank embeds its share of the parts; rank 0 writes the manifest when all are on disk."""
-        missing = distributed.any_rank(self.get(key) is None, device)  # one decision for every rank
-        if missing:
-            self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
-                          part_size, shard=(distributed.rank(), distributed.world_size()))
-            # Every part is written. Waited for on the host, not in an NCCL collective: a resumed cache
-            # can leave the ranks very unequal shares (the parts already on disk are skipped).
-            distributed.host_barrier()
-            if distributed.is_main():
-                self._write_manifest(key, images, part_size, clip.visual_projection.out_features)
-            distributed.host_barrier()
-        cached = self.get(key)
-        cached.computed = missing
+        with self._job_lock(key):
+            missing = distributed.any_rank(self.get(key, images.ids) is None, device)  # one decision for every rank
+            if missing:
+                self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
+                              part_size, shard=(distributed.rank(), distributed.world_size()))
+                # Every part is written. Waited for on the host, not in an NCCL collective: a resumed cache
+                # can leave the ranks very unequal shares (the parts already on disk are skipped).
+                distributed.host_barrier()
+                if distributed.is_main():
+                    try:  # never raised here: the other ranks would wait for rank 0 at the barrier forever
+                        self._write_manifest(key, images, part_size, clip.visual_projection.out_features)
+                    except BadCacheData as exc:
+                        log.error("image cache entry %s: %s", self.root / key, exc)
+                distributed.host_barrier()
+        cached = self._written(key, images) if missing else self.get(key, images.ids)
+        if cached is None:  # changed between the decision and this read: another writer ignores the lock
+            raise DataError(f"image cache entry {self.root / key} changed while being read; rerun")
         for image_id, why in cached.bad.items():
             skips.skip("undecodable image", f"{images.path} image_id {image_id}", why)
         return cached
+
+    def _written(self, key: str, images) -> ImageFeatures:
+        """The entry this process (or job) has just finished, which must pass its check."""
+        cached = self.get(key, images.ids)
+        if cached is None:
+            raise DataError(f"image cache entry {self.root / key} failed its check right after it was written "
+                            f"(see the warning above); is something else writing to this cache directory?")
+        cached.computed = True
+        return cached
+
+    @contextmanager
+    def _job_lock(self, key: str) -> Iterator[None]:
+        """Under torchrun, rank 0 holds the entry's lock on behalf of the whole job.
+
+        A lock per rank cannot work (the ranks write one entry together), and without one a job and an
+        independent process (another run, an evaluate) would compute the same entry side by side. The
+        other ranks wait for rank 0 on the host (it may wait long for another process to finish), and rank
+        0 lets go only after the last barrier, when every rank's parts and the manifest are on disk.
+        """
+        if not distributed.is_main():
+            distributed.host_barrier()
+            yield
+            return
+        with self.lock(key):
+            distributed.host_barrier()
+            yield
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -175,39 +237,44 @@ class ImageFeatureCache:
         starts = list(range(0, len(ids), part_size))[rank::world]
         progress = tqdm(total=sum(min(part_size, len(ids) - s) for s in starts), desc=desc, unit="img",
                         dynamic_ncols=True, disable=rank > 0)
+        dim = clip.visual_projection.out_features
         for start in starts:
-            name = _part_name(start, part_size)
-            bad_file = entry / f"{name}.bad.json"
-            if (entry / name).is_file() and bad_file.is_file():  # finished by an earlier (killed) run
-                progress.update(min(part_size, len(ids) - start))
-                continue
+            part, expected = entry / _part_name(start, part_size), ids[start:start + part_size]
+            if part.exists():  # written by an earlier (killed) run: reused only if it proves its content
+                try:
+                    _read_part(part, expected, dim)
+                    progress.update(len(expected))
+                    continue
+                except BadCacheData as exc:
+                    log.warning("image cache part %s is computed again: %s", part, exc)
             part_ids, part_emb, part_bad = self._encode(
-                clip, images, ids[start:start + part_size], transform, device, batch_size, num_workers,
-                autocast_dtype, progress,
+                clip, images, expected, transform, device, batch_size, num_workers, autocast_dtype, progress,
             )
-            dim = clip.visual_projection.out_features
             emb = torch.cat(part_emb) if part_emb else torch.zeros(0, dim)
-            with atomic_file(entry / bad_file.name, "w", encoding="utf-8") as fh:
-                json.dump({str(k): v for k, v in part_bad.items()}, fh)
-            tmp = temporary_path(entry / name)
-            save_tensors({"ids": torch.tensor(part_ids, dtype=torch.int64), "embeddings": emb.contiguous()}, tmp)
-            os.replace(tmp, entry / name)
+            _write_part(part, part_ids, emb, part_bad, len(expected))
             crash_point("cache-part")
         progress.close()
         if world == 1:
             self._write_manifest(key, images, part_size, clip.visual_projection.out_features)
 
     def _write_manifest(self, key: str, images, part_size: int, dim: int) -> None:
-        """The manifest that makes an entry readable: every part, and every undecodable image, in part order."""
+        """The manifest that makes an entry readable, written only once every part proves its share.
+
+        Called by the entry's lock holder only, which also removes parts no manifest of this part_size
+        lists (left by a killed run with another part_size): a finished entry holds nothing else.
+        """
         entry = self.root / key
-        parts, bad = [], {}
-        for start in range(0, len(images.ids), part_size):
-            name = _part_name(start, part_size)
-            bad.update(json.loads((entry / f"{name}.bad.json").read_text(encoding="utf-8")))
-            parts.append(name)
+        parts, bad = _part_names(len(images.ids), part_size), {}
+        if len(set(images.ids)) != len(images.ids):
+            raise BadCacheData("the image ids are not unique")
+        for start, part in zip(range(0, len(images.ids), part_size), parts):
+            bad.update(_read_part(entry / part, images.ids[start:start + part_size], dim)[2])
+        for stale in sorted(set(p.name for p in entry.glob("part-*")) - set(parts)):
+            (entry / stale).unlink(missing_ok=True)
         write_json(entry / "manifest.json",
-                   {"version": CACHE_VERSION, "parts": parts, "bad": bad, "count": len(images.ids),
-                    "dim": dim, "images": str(images.path)})
+                   {"version": CACHE_VERSION, "parts": parts, "part_size": part_size,
+                    "bad": {str(k): v for k, v in bad.items()}, "count": len(images.ids), "dim": dim,
+                    "images": str(images.path)})
 
     @staticmethod
     def _encode(clip, images, ids, transform, device, batch_size, num_workers, autocast_dtype, progress):
@@ -230,6 +297,58 @@ class ImageFeatureCache:
 
 def _part_name(start: int, part_size: int) -> str:
     return f"part-{start // part_size:05d}.safetensors"
+
+
+def _part_names(count: int, part_size: int) -> list[str]:
+    return [_part_name(start, part_size) for start in range(0, count, part_size)]
+
+
+class BadCacheData(DataError):
+    """A part or manifest on disk that does not prove it holds what it should (never used: rebuilt)."""
+
+
+def _content_digest(ids: torch.Tensor, embeddings: torch.Tensor) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(ids.contiguous().numpy())  # hashed in place through the buffer protocol, never copied
+    digest.update(embeddings.contiguous().numpy())
+    return digest.hexdigest()
+
+
+def _write_part(path: Path, ids: list[int], embeddings: torch.Tensor, bad: dict[int, str], count: int) -> None:
+    """One part, its proof in its header: how many images it covers, the undecodable ones, a digest."""
+    tensors = {"ids": torch.tensor(ids, dtype=torch.int64), "embeddings": embeddings.float().contiguous()}
+    # One metadata key: safetensors writes several in a random order, and parts must be byte-identical.
+    proof = {"count": count, "bad": {str(k): v for k, v in bad.items()},
+             "digest": _content_digest(tensors["ids"], tensors["embeddings"])}
+    tmp = temporary_path(path)
+    save_tensors(tensors, tmp, metadata={"cnclip": json.dumps(proof, sort_keys=True, ensure_ascii=False)})
+    os.replace(tmp, path)
+
+
+def _read_part(path: Path, expected: list[int], dim: int) -> tuple[list[int], torch.Tensor, dict[int, str]]:
+    """(ids, embeddings, undecodable ids with why) of a part that proves it holds exactly `expected`.
+
+    BadCacheData otherwise: unreadable, another share of ids (another part_size), a wrong count or
+    shape, or content that does not match its digest.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            proof = json.loads((fh.metadata() or {})["cnclip"])
+            ids, embeddings = fh.get_tensor("ids"), fh.get_tensor("embeddings")
+        bad = {int(k): str(v) for k, v in proof["bad"].items()}
+        count, digest = int(proof["count"]), proof["digest"]
+    except Exception as exc:  # safetensors' own errors, a missing key, bad JSON: not a part we wrote
+        raise BadCacheData(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
+    if count != len(expected):
+        raise BadCacheData(f"{path.name}: covers {count} images, its share is {len(expected)}")
+    if ids.dtype != torch.int64 or embeddings.dtype != torch.float32 or tuple(embeddings.shape) != (len(ids), dim):
+        raise BadCacheData(f"{path.name}: tensors of the wrong type or shape")
+    id_list = ids.tolist()
+    if not set(bad) <= set(expected) or id_list != [i for i in expected if i not in bad]:
+        raise BadCacheData(f"{path.name}: holds other image ids than its share")
+    if _content_digest(ids, embeddings) != digest:
+        raise BadCacheData(f"{path.name}: content does not match its digest")
+    return id_list, embeddings, bad
 
 
 def split_image_features(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Hashable, Protocol, Sequence
 
@@ -18,6 +20,69 @@ from .skiplog import SkipLog
 
 # File suffixes read as images, wherever images are found by name (folders, tar members, crawl dumps).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+# Largest image file read by path (a pairs file's relative paths, a `datasets` cell's path), and
+# largest image member read from a tar: build-pairs' default image.max_file_bytes.
+MAX_IMAGE_FILE_BYTES = 50 * 2**20
+# A URL (file://, hf://, data:...) is no path; two letters at least: "C:" is a drive, which `escapes`.
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+:")
+
+
+def escapes(name: str) -> bool:
+    """A name that is absolute, starts with a Windows drive, or climbs with `..` (either slash): it
+    cannot be taken as relative to a data root. The one rule for image paths and tar member names."""
+    parts = re.split(r"[\\/]", name)
+    return name.startswith(("/", "\\")) or ".." in parts or re.match(r"[A-Za-z]:", name) is not None
+
+
+class ImagePathRefused(ValueError):
+    """An image named by a path that is not read; `reason` is what the row is counted under."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def read_image_file(name: str, root: Path, also_inside: Sequence[Path] = ()) -> bytes:
+    """The image file `name`, relative to the data root `root`, read only if it is a regular file inside
+    it (or, for an absolute `name`, inside `root` or one of `also_inside`) of at most MAX_IMAGE_FILE_BYTES.
+
+    Refused with ImagePathRefused, never read: "unsafe image path" (`..`, a URL, a NUL, an absolute
+    path outside the roots, a symlink resolving outside them), "image file missing" (also a
+    directory, FIFO or device: never opened), "image file too large", "unreadable image file".
+    """
+    if "\0" in name or _URL_SCHEME.match(name) or not _encodable(name):
+        raise ImagePathRefused("unsafe image path", f"not a file path: {name[:200]!r}")
+    absolute = Path(name).is_absolute()
+    if escapes(name) and not absolute:
+        raise ImagePathRefused("unsafe image path", f"leaves the data directory: {name[:200]}")
+    roots = [root] + (list(also_inside) if absolute else [])
+    try:
+        allowed = [r.resolve() for r in roots]
+        path = (allowed[0] / name).resolve()
+        if not any(path.is_relative_to(r) for r in allowed):  # an absolute path elsewhere, a symlink out
+            raise ImagePathRefused("unsafe image path", f"resolves outside {', '.join(map(str, roots))}: {name[:200]}")
+        if not path.is_file():
+            raise ImagePathRefused("image file missing", name[:200])
+        if (size := path.stat().st_size) > MAX_IMAGE_FILE_BYTES:
+            raise ImagePathRefused("image file too large", f"{name[:200]}: {size} bytes > {MAX_IMAGE_FILE_BYTES}")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_IMAGE_FILE_BYTES + 1)  # bounded even if the file grew since stat
+    except (OSError, RuntimeError) as exc:  # permissions, name too long, symlink loop
+        raise ImagePathRefused("unreadable image file", f"{name[:200]}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise ImagePathRefused("image file too large", f"{name[:200]}: more than {MAX_IMAGE_FILE_BYTES} bytes")
+    return data
+
+
+def _encodable(name: str) -> bool:
+    """Whether the OS can be given `name` at all (a lone surrogate from a JSON escape cannot)."""
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return False
+    return True
 
 
 def webdataset_key(member_name: str) -> tuple[str, str]:

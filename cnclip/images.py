@@ -16,7 +16,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def decode_base64(payload: str | bytes) -> bytes:
@@ -100,10 +100,18 @@ def decode_rgb(raw: bytes, max_pixels: int = MAX_PIXELS, *, shrink_jpeg: bool = 
             return to_rgb(img)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image too large: {exc}") from None
+    except UnidentifiedImageError:  # its message holds a memory address: keep reports reproducible
+        raise ValueError("undecodable image: not a recognised image format") from None
     except ValueError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error, ... on bad data
-        raise ValueError(f"undecodable image: {type(exc).__name__}") from None
+        raise ValueError(f"undecodable image: {describe_decode_error(exc)}") from None
+
+
+def describe_decode_error(exc: BaseException) -> str:
+    """`OSError: image file is truncated (3 bytes not processed)`: the type and Pillow's own words, on one line."""
+    words = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {words}" if words else type(exc).__name__
 
 
 def _draft_within(img: Image.Image, max_pixels: int) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from .checkpoint import TRAINABLE, latest_checkpoint, load_trainable
 from .models import (ImagePreprocess, attach_text_tuning, load_base_model, load_clip, load_image_preprocess,
                      load_tokenizer, merged_model, resolve_model_path)
+from .model_reference import hub_access, parse_model_reference
 from .original_format import is_original_format
 from .recipe import Recipe, load_recipe
 
@@ -47,14 +48,19 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
     return peft_model.eval(), base, recipe
 
 
-def load_for_inference(path: str, checkpoint: str = "best") -> InferenceModel:
+def load_for_inference(path: str, checkpoint: str = "best", what: str = "model") -> InferenceModel:
+    """A run directory, a model directory, a cn_clip checkpoint, a Hub id or `modelscope:<id>`; a local path
+    that does not exist is a UsageError naming `what` (the argument) before anything is loaded
+    (cnclip.model_reference)."""
     if is_run_dir(path):
         peft_model, base, recipe = load_run(path, checkpoint)
         return InferenceModel(merged_model(peft_model), base.tokenizer, base.preprocess, recipe)
-    resolved = resolve_model_path(path)
+    resolved = resolve_model_path(path, what)
     if is_original_format(resolved):  # a cn_clip .pt or a ModelScope-layout directory, converted in memory
         from .recipe import ModelConfig
 
         base = load_base_model(ModelConfig(base=resolved))
         return InferenceModel(base.clip.eval(), base.tokenizer, base.preprocess, None)
-    return InferenceModel(load_clip(resolved).eval(), load_tokenizer(resolved), load_image_preprocess(resolved), None)
+    with hub_access(parse_model_reference(resolved)):
+        return InferenceModel(load_clip(resolved).eval(), load_tokenizer(resolved), load_image_preprocess(resolved),
+                              None)

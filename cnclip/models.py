@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,29 +16,32 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .model_reference import MODELSCOPE_PREFIX, hub_access, parse_model_reference  # noqa: F401 - re-exported
 from .recipe import ModelConfig
 
 log = logging.getLogger(__name__)
 
-MODELSCOPE_PREFIX = "modelscope:"
+# The one warning attach_lora silences (see there); a regex for warnings.filterwarnings.
+GRADIENT_CHECKPOINTING_WARNING = r"`is_gradient_checkpointing` is deprecated"
 # logit_scale is stored as log(scale); CLIP caps the scale at 100.
 MAX_LOGIT_SCALE = 100.0
 
 
-def resolve_model_path(spec: str) -> str:
-    """Turn `modelscope:<id>` into a local snapshot; local dirs and HF ids pass through.
+def resolve_model_path(spec: str, what: str = "model") -> str:
+    """What from_pretrained should load for `spec` (rule: cnclip.model_reference): an existing local path,
+    a Hub id (transformers resolves it and its cache), or the local snapshot of `modelscope:<id>`.
 
-    transformers' from_pretrained resolves HF ids (and their cache) itself.
+    A local path that does not exist raises UsageError here, before any network access.
     """
-    if spec.startswith(MODELSCOPE_PREFIX):
-        model_id = spec[len(MODELSCOPE_PREFIX):]
+    ref = parse_model_reference(spec, what)
+    if ref.kind == "modelscope":
         from modelscope import snapshot_download  # heavy import, only when asked for
 
         try:
-            return snapshot_download(model_id)
+            return snapshot_download(ref.name)
         except Exception as exc:  # noqa: BLE001 - network / auth / not-found all end here
-            raise ModelLoadError(f"could not download '{model_id}' from ModelScope: {exc}") from exc
-    return spec
+            raise ModelLoadError(f"could not download '{ref.name}' from ModelScope: {exc}") from exc
+    return ref.name
 
 
 def load_tokenizer(path: str):
@@ -133,11 +137,13 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
     if cfg.compose is not None:
         from .compose import compose_clip
 
-        image_path = resolve_model_path(cfg.compose.image)
-        composed = compose_clip(image_path, resolve_model_path(cfg.compose.text), seed)
-        return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer,
-                         preprocess=load_image_preprocess(image_path), path=image_path)
-    path = resolve_model_path(cfg.base)
+        image_path = resolve_model_path(cfg.compose.image, "model.compose.image")
+        text_path = resolve_model_path(cfg.compose.text, "model.compose.text")
+        with hub_access(parse_model_reference(image_path)), hub_access(parse_model_reference(text_path)):
+            composed = compose_clip(image_path, text_path, seed)
+            preprocess = load_image_preprocess(image_path)
+        return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer, preprocess=preprocess, path=image_path)
+    path = resolve_model_path(cfg.base, "model.base")
     if is_original_format(path):
         original = load_original(path, cfg.arch)
         return BaseModel(clip=original.clip, tokenizer=original.tokenizer,
@@ -146,8 +152,10 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
     if Path(path).exists() and not Path(path).is_dir():
         raise ModelLoadError(f"model.base '{cfg.base}' is a file but not a cn_clip checkpoint (.pt); expected a "
                              "model directory, a hub id or a cn_clip .pt")
-    clip = load_clip(path, cfg.random_init, seed)
-    return BaseModel(clip=clip, tokenizer=load_tokenizer(path), preprocess=load_image_preprocess(path), path=path)
+    with hub_access(parse_model_reference(path)):
+        clip = load_clip(path, cfg.random_init, seed)
+        return BaseModel(clip=clip, tokenizer=load_tokenizer(path), preprocess=load_image_preprocess(path),
+                         path=path)
 
 
 def lock_image_tower(clip: nn.Module) -> None:
@@ -179,7 +187,11 @@ def attach_lora(clip: nn.Module, cfg: ModelConfig):
         modules_to_save=["text_projection"] if cfg.train_text_projection else None,
         bias="none",
     )
-    model = get_peft_model(clip, lora)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` property while wrapping the model;
+        # the FutureWarning is about peft's code, not ours: hide exactly that one, here only.
+        warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_WARNING, category=FutureWarning)
+        model = get_peft_model(clip, lora)
     clip.logit_scale.requires_grad_(cfg.train_logit_scale)
     lock_image_tower(clip)
     return model

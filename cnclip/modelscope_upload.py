@@ -45,9 +45,10 @@ REPLACEABLE = frozenset({"README.md", "configuration.json"})
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def check_repo_id(repo_id: str) -> str:
+def check_repo_id(repo_id: str, argument: str = "repo_id") -> str:
+    """`repo_id` itself, or a UsageError naming `argument`: the option or argument the user gave it as."""
     if not REPO_ID.match(repo_id or ""):
-        raise UsageError(f"--upload '{repo_id}': expected owner/name (letters, digits, '-', '_', '.'), "
+        raise UsageError(f"{argument} '{repo_id}': expected owner/name (letters, digits, '-', '_', '.'), "
                          "e.g. alice/chinese-clip-muge")
     return repo_id
 
@@ -174,10 +175,11 @@ def _is_public(info) -> bool | None:
 
 
 def publish(folder: str | Path, repo_id: str, *, private: bool = False, overwrite: bool = False,
-            dry_run: bool = False, echo: Callable[[str], None] = print) -> dict:
-    """Upload `folder` to the ModelScope model repository `repo_id`; returns a JSON-able report."""
+            dry_run: bool = False, echo: Callable[[str], None] = print, repo_argument: str = "repo_id") -> dict:
+    """Upload `folder` to the ModelScope model repository `repo_id`; returns a JSON-able report.
+    `repo_argument` is how the caller's user gave `repo_id` (`--upload`), for the error message."""
     folder = Path(folder)
-    check_repo_id(repo_id)
+    check_repo_id(repo_id, repo_argument)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a directory")
     files = folder_files(folder)

@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from .data_formats import FORMATS as DATA_FORMATS
-from .errors import ConfigError
-from .typed_config import build_config, read_yaml_mapping
+from .errors import ConfigError, UsageError
+from .model_reference import parse_model_reference
+from .typed_config import EMPTY, build_config, read_yaml_mapping
 
 
 @dataclass
@@ -159,6 +160,7 @@ class Recipe:
 
 
 _PRECISIONS = ("auto", "fp32", "bf16")
+MAX_SEED = 2**32 - 1  # recipe `seed`: the range numpy and torch seeds share, with room for seed * 1000 + epoch
 _GENERATORS = (None, "demo")
 _TEXT_TUNINGS = ("lora", "full")
 # The cn_clip architectures transformers' ChineseCLIPModel can hold (RN50's ResNet tower it cannot).
@@ -183,7 +185,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key:
             raise ConfigError(f"override '{pair}' must look like key=value (e.g. train.lr=1e-4)")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = yaml.safe_load(text) if text else EMPTY
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{pair}': value is not valid YAML ({exc})") from None
         out.append((key.strip(), value))
@@ -220,6 +222,8 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"recipe key '{key}' must be >= 1, got {value}")
+    if not 0 <= recipe.seed <= MAX_SEED:  # the trainer derives per-epoch torch seeds from it (seed * 1000 + epoch)
+        raise ConfigError(f"recipe key 'seed' must be an integer from 0 to {MAX_SEED}, got {recipe.seed}")
     if t.batch_size < 2:
         raise ConfigError("recipe key 'train.batch_size' must be >= 2: a contrastive batch needs negatives")
     if not 0.0 <= m.lora_dropout < 1.0:
@@ -265,9 +269,21 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
                               "compose copies pretrained towers")
     if m.arch is not None and m.arch not in ORIGINAL_ARCHS:
         raise ConfigError(f"recipe key 'model.arch': got {m.arch!r}, accepted: null, {', '.join(ORIGINAL_ARCHS)}")
+    if check_data:  # a mistyped local path fails here, not after a minute of Hub retries
+        for key, spec in _model_references(m):
+            try:
+                parse_model_reference(spec, f"recipe key '{key}'")
+            except UsageError as exc:
+                raise ConfigError(str(exc)) from None
     if m.random_init and not Path(m.base).is_dir():
         raise ConfigError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
     _validate_zeroshot(recipe, check_data)
+
+
+def _model_references(m: ModelConfig) -> list[tuple[str, str]]:
+    if m.compose is not None:
+        return [("model.compose.image", m.compose.image), ("model.compose.text", m.compose.text)]
+    return [("model.base", m.base)]
 
 
 def _check_data_files(d: DataConfig) -> None:

@@ -375,6 +375,7 @@ class BuildReport:
     total: int
     kept: int  # rows reused from the existing index, not re-embedded
     embedded: int  # new or changed images embedded now
+    from_cache: int  # new or changed images whose embeddings the image-embedding cache already held
     removed: int  # rows dropped: the image is gone or changed
     undecodable: int
     kind: str
@@ -411,6 +412,7 @@ def build_index(sources: list[str], out: str | Path, loaded, model_spec: str, ru
 
     new_vectors: dict[str, np.ndarray] = {}
     bad: dict[str, str] = {}
+    from_cache = False
     if todo:
         transform = ImageTransform(loaded.preprocess)
         tower = image_tower_fingerprint(clip)
@@ -419,6 +421,9 @@ def build_index(sources: list[str], out: str | Path, loaded, model_spec: str, ru
         source = ImageTSV(whole_tsv, SkipLog(max_examples=0)) if whole_tsv else ItemImages(todo)
         features = split_image_features(source, clip, transform, tower, runtime, cache_dir, batch_size, num_workers,
                                         by_id)
+        # The cache answers for a whole entry: loaded as it was, or (partly) computed now, when a part left by
+        # an interrupted run counts as embedded now.
+        from_cache = not features.computed
         emb = F.normalize(features.embeddings.float(), dim=-1).numpy()
         if whole_tsv:
             by_ref = {str(image_id): row for row, image_id in enumerate(features.ids)}
@@ -456,7 +461,8 @@ def build_index(sources: list[str], out: str | Path, loaded, model_spec: str, ru
     }
     SearchIndex(out, manifest, rows, matrix, build_faiss(matrix, chosen)).write()
     kept = sum(r is not None for r in keep_rows)
-    return BuildReport(total=len(rows), kept=kept, embedded=len(new_vectors),
+    return BuildReport(total=len(rows), kept=kept, embedded=0 if from_cache else len(new_vectors),
+                       from_cache=len(new_vectors) if from_cache else 0,
                        removed=(len(old.items) - kept) if old else 0, undecodable=len(bad), kind=chosen,
                        seconds=round(time.perf_counter() - tic, 3), skipped=skips.summary())
 

@@ -7,7 +7,7 @@ starts. Only `yaml.safe_load` is used: a `!!python/...` tag is refused, never ru
 
 Accepted, because users expect them and nothing is lost: an int where a float is wanted, a
 string that reads as a float ("1e-4", which YAML 1.1 leaves a string), and "a,b" on the command
-line for a list. A bool is never taken as an int.
+line for a list. A bool is never taken as an int, and an int must fit in 64 bits (signed).
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ import yaml
 
 from .errors import ConfigError
 
+# Every int key must fit the 64-bit integers that torch, numpy and our binary formats hold: a larger one
+# would otherwise surface as an OverflowError (exit 1) deep inside the work instead of naming the key.
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
 
 def describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -32,8 +36,25 @@ def describe(tp: Any) -> str:
     return "null" if tp is type(None) else tp.__name__
 
 
+class _Empty:
+    """A command-line override with nothing after `=`: null where the key accepts null (`data.generate=`,
+    as an empty value is null in YAML), else the empty string (`zeroshot.images=` clears a path)."""
+
+    def __repr__(self) -> str:
+        return "''"
+
+
+EMPTY = _Empty()
+
+
+def _accepts_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
 def _coerce(value: Any, tp: Any, key: str, kind: str) -> Any:
     """`value` checked against the annotation `tp` (a nested dataclass is built recursively)."""
+    if value is EMPTY:
+        value = None if _accepts_none(tp) else ""
     if dataclasses.is_dataclass(tp):
         return build_config(tp, value, kind, prefix=f"{key}.")
     origin = typing.get_origin(tp)
@@ -60,6 +81,9 @@ def _coerce(value: Any, tp: Any, key: str, kind: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise ConfigError(f"{kind} key '{key}': {value} is out of range (a 64-bit integer, "
+                                  f"{INT64_MIN} to {INT64_MAX})")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

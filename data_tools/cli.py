@@ -6,20 +6,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cnclip.commands.base import exit_status_help, run_command
-from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_USAGE, EXIT_WORKER_CRASHED,
-                           UsageError,
+from cnclip.commands.base import parser_options, run_command
+from cnclip.errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, EXIT_USAGE, EXIT_WORKER_CRASHED, UsageError,
                            WorkerCrashed, is_disk_full)
-from data_tools.config import load_config
-from data_tools.download import DEFAULT_USER_AGENT, DownloadOptions
-from data_tools.download_stats import summary_lines as download_summary
-from data_tools.engines import ENGINES
-from data_tools.pipeline import BuildOptions, BuildResult, build_pairs
-from data_tools.report import summary
-from data_tools.scoring import ScoringOptions
+from cnclip.model_reference import parse_model_reference
 from data_tools.split import parse_splits
 from data_tools.writers import FORMATS
+
+if TYPE_CHECKING:  # the stages (pyarrow, httpx, ...) are imported when a command runs, not for --help
+    from data_tools.download import DownloadOptions
+    from data_tools.pipeline import BuildResult
+    from data_tools.scoring import ScoringOptions
 
 BUILD_PAIRS_DESCRIPTION = """\
 Turn query-based crawl dumps into clean Chinese image-text pairs.
@@ -47,7 +46,12 @@ of them are complete; report.json comes last, so a DIR with report.json holds ex
 complete outputs it lists. Killed at any point, the same command resumes and writes the same
 bytes.
 """
-BUILD_PAIRS_EXITS = (EXIT_USAGE, EXIT_DISK_FULL, EXIT_MODEL, EXIT_WORKER_CRASHED, EXIT_INTERRUPTED)
+BUILD_PAIRS_EXITS = (EXIT_DISK_FULL, EXIT_MODEL, EXIT_WORKER_CRASHED)
+FROM_HF_EXITS = (EXIT_DATA, EXIT_DISK_FULL)
+# data_tools.engines.ENGINES, written out so that --help does not import pyarrow (tests/test_cli_help.py).
+ENGINES = ("local", "ray")
+# The seed keys blake2b hashes as 8 signed bytes (data_tools.split, data_tools.selection).
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
 
 FORMAT_HELP = (
     "output layout: 'cnclip' = Chinese-CLIP {split}_imgs.tsv + {split}_texts.jsonl (+ {split}_meta.jsonl), "
@@ -57,7 +61,7 @@ FORMAT_HELP = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -65,15 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: args.run(args), resume_hint=getattr(args, "resume_hint", "rerun the same command"))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data_tools", description="Data preparation tools for cnclip.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data_tools", **parser_options(
+        "Data preparation tools for cnclip.", (*BUILD_PAIRS_EXITS, *FROM_HF_EXITS)))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     build = commands.add_parser(
         "build-pairs",
         help="crawl dumps -> clean Chinese image-text pairs + report.json",
-        description=BUILD_PAIRS_DESCRIPTION,
-        epilog=exit_status_help(BUILD_PAIRS_EXITS),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **parser_options(BUILD_PAIRS_DESCRIPTION, BUILD_PAIRS_EXITS),
     )
     build.add_argument("inputs", nargs="+", metavar="INPUT", help="crawl dump files (.jsonl, .ndjson, .parquet, .tar) or directories of them")
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created if missing); report.json and DIR/.work go here")
@@ -88,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="processes for the per-record stages; the output does not depend on N (default: %(default)s)")
     build.add_argument("--config", type=Path, metavar="FILTERS.yaml", help="filter thresholds (sections text, relevance, image, dedup); unknown keys are errors (default: built-in defaults)")
     build.add_argument("--format", choices=FORMATS, default="cnclip", help=FORMAT_HELP)
-    build.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the per-query cap and the split assignment (default: %(default)s)")
+    build.add_argument("--seed", type=_seed, default=0, metavar="S", help="seed for the per-query cap and the split assignment (default: %(default)s)")
     build.add_argument("--shard-size", type=_positive_int, default=2_000, metavar="N", help="records per shard, the unit of parallel work and of resuming (default: %(default)s)")
     build.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     _add_download_arguments(build)
@@ -113,13 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     hf = commands.add_parser(
         "from-hf",
         help="a Hugging Face `datasets` image-text set -> one split in the Chinese-CLIP layout",
-        description="Write one split of an image-text data set in Hugging Face `datasets` form (a Hub id, a "
-                    "save_to_disk directory, or a .parquet/.jsonl/.csv file) as {split}_imgs.tsv + "
-                    "{split}_texts.jsonl, usable as data.root for python -m cnclip.finetune. Identical images "
-                    "share one image id (several captions of one picture are positives of the same image); rows "
-                    "without a caption or with an undecodable image are skipped and counted in "
-                    "DIR/{split}_from_hf_report.json.",
-        epilog=exit_status_help((EXIT_USAGE, EXIT_DATA, EXIT_DISK_FULL)),
+        **parser_options(
+            "Write one split of an image-text data set in Hugging Face `datasets` form (a Hub id, a save_to_disk "
+            "directory, or a .parquet/.jsonl/.csv file) as {split}_imgs.tsv + {split}_texts.jsonl, usable as "
+            "data.root for python -m cnclip.finetune. Identical images share one image id (several captions of one "
+            "picture are positives of the same image); rows without a caption or with an undecodable image are "
+            "skipped and counted in DIR/{split}_from_hf_report.json.", FROM_HF_EXITS),
     )
     hf.add_argument("source", metavar="DATASET", help="Hub id, save_to_disk directory, or a data file")
     hf.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created if missing)")
@@ -147,6 +149,9 @@ def _from_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _build_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from data_tools.config import load_config
+    from data_tools.pipeline import BuildOptions, build_pairs
+
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out is not a directory: {args.out}")
     config = load_config(args.config)
@@ -185,6 +190,9 @@ def _scoring_options(args: argparse.Namespace) -> ScoringOptions | None:
         if args.min_similarity is not None or args.keep_top is not None or args.similarity_per_query:
             raise UsageError("--min-similarity, --keep-top and --similarity-per-query need --model MODEL")
         return None
+    from data_tools.scoring import ScoringOptions
+
+    parse_model_reference(args.model, "--model")  # a mistyped local path fails now, before any stage runs
     return ScoringOptions(model=args.model, min_similarity=args.min_similarity, keep_top=args.keep_top,
                           per_query=args.similarity_per_query, cache_dir=args.embedding_cache, device=args.device,
                           precision=args.precision, batch_size=args.embed_batch_size)
@@ -205,7 +213,7 @@ def _add_download_arguments(build: argparse.ArgumentParser) -> None:
     group.add_argument("--read-timeout", type=_positive_float, default=20.0, metavar="S", help="longest wait for the next bytes (default: %(default)s)")
     group.add_argument("--download-timeout", type=_positive_float, default=60.0, metavar="S", help="one request, body included, from its start (not the wait for its host's turn) (default: %(default)s)")
     group.add_argument("--retries", type=_non_negative_int, default=3, metavar="N", help="retries after a timeout, connection error, 429 or 5xx, with exponential backoff or Retry-After (default: %(default)s)")
-    group.add_argument("--user-agent", metavar="UA", help=f"User-Agent header (default: {DEFAULT_USER_AGENT!r})")
+    group.add_argument("--user-agent", metavar="UA", help="User-Agent header (default: 'cnclip-data_tools/VERSION (...; honours X-Robots-Tag noai)')")
     group.add_argument("--allow-private-network", action="store_true", help="also download from loopback, private and link-local addresses (off: such URLs are blocked_address)")
     group.add_argument("--retry-failed", action="store_true", help="rerun only the finished shards' retryable failures (timeouts, connection errors, 429, 5xx)")
     group.add_argument("--engine", choices=ENGINES, default="local", help="where the per-shard stages run: local processes or Ray tasks; the output is the same (default: %(default)s)")
@@ -217,6 +225,8 @@ def _download_options(args: argparse.Namespace) -> DownloadOptions | None:
         if args.retry_failed or args.allow_private_network:
             raise UsageError("--retry-failed and --allow-private-network need --download")
         return None
+    from data_tools.download import DEFAULT_USER_AGENT, DownloadOptions
+
     return DownloadOptions(
         concurrency=args.download_concurrency, per_host_connections=args.per_host_connections,
         per_host_rate=args.per_host_rate, connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
@@ -226,6 +236,9 @@ def _download_options(args: argparse.Namespace) -> DownloadOptions | None:
 
 
 def _print_summary(result: BuildResult, out: Path) -> None:
+    from data_tools.download_stats import summary_lines as download_summary
+    from data_tools.report import summary
+
     print(summary(result.report))
     if "downloads" in result.report:
         print("\n".join(download_summary(result.report["downloads"])))
@@ -255,6 +268,13 @@ def _non_negative_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer from {SEED_MIN} to {SEED_MAX} (64 bits), got {text!r}")
     return value
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 from cnclip.atomic import atomic_file, write_json
 from cnclip.data_formats import captions_of, image_bytes_of, open_hf
 from cnclip.errors import DataError
+from cnclip.image_sources import ImagePathRefused
 from cnclip.images import decode_rgb
 
 
@@ -72,6 +73,9 @@ def convert(rows: Iterable[dict], out: Path, split: str, image_column: str, text
             try:
                 data = image_bytes_of(row.get(image_column), base_dir)
                 decode_rgb(data)
+            except ImagePathRefused as refused:  # a path leaving the set's directory, missing, too large
+                result.skip(refused.reason, row_number, refused.detail)
+                continue
             except (ValueError, OSError) as exc:
                 result.skip("undecodable image", row_number, str(exc))
                 continue

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any, BinaryIO
 import pyarrow.parquet as pq
 
 from cnclip.errors import UsageError
-from cnclip.image_sources import IMAGE_EXTENSIONS, webdataset_key
+from cnclip.image_sources import IMAGE_EXTENSIONS
+from cnclip.tar_members import BoundedTar, MemberProblem, TarReadError
 from data_tools.records import TEXT_FIELDS, RawItem, Reason, Record, Rejected
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".tar": "tar"}
@@ -33,7 +33,11 @@ PARQUET_BATCH_ROWS = 1024
 MAX_FIELD_CHARS = 65_536
 _MIN_RECORD_LIMIT = 2**20
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_UNSAFE_MEMBER = "/unsafe-name"  # sample key (extensions never contain "/") marking a member name that escapes the archive
+# Sample key (extensions never contain "/") marking a member that was not read: (MemberProblem name, detail).
+_UNREAD_MEMBER = "/unread-member"
+_UNREAD_REASONS = {MemberProblem.UNSAFE_NAME.name: Reason.UNSAFE_IMAGE_PATH,
+                   MemberProblem.NOT_REGULAR.name: Reason.UNSUPPORTED_TAR_MEMBER,
+                   MemberProblem.SPARSE.name: Reason.UNSUPPORTED_TAR_MEMBER}
 
 
 class InputReadError(Exception):
@@ -118,7 +122,7 @@ def iter_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
             yield from _parquet_items(source)
         else:
             yield from _tar_items(source, max_member_bytes)
-    except (OSError, tarfile.TarError, ValueError, EOFError) as err:  # pyarrow errors are OSError/ValueError
+    except (OSError, TarReadError, ValueError, EOFError) as err:  # pyarrow errors are OSError/ValueError
         raise InputReadError(f"{source.display}: {type(err).__name__}: {err}") from err
 
 
@@ -162,35 +166,30 @@ def _parquet_items(source: InputFile) -> Iterator[RawItem]:
 def _tar_items(source: InputFile, max_member_bytes: int) -> Iterator[RawItem]:
     """webdataset samples: consecutive members sharing a key (name up to the first dot).
 
-    Members are read into memory, never extracted: nothing in an archive is written to disk, so a
-    member named `../../x` cannot land anywhere; such a sample is still rejected as unsafe.
+    Members are read through cnclip.tar_members, into memory, never extracted: nothing in an
+    archive is written to disk, and a member is read only up to its limit (images
+    `max_member_bytes`, other members `record_limit`). A member that is not read (a name leaving
+    the archive, a link, device or sparse file, too large) marks its sample, which parse_item
+    rejects with the member's reason.
     """
     key, sample = None, {}
     text_limit = record_limit(max_member_bytes)
-    with tarfile.open(source.path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = webdataset_key(member.name)
-            if member_key != key and sample:
+    with BoundedTar(source.path, stream=True) as tar:
+        for member in tar.members(lambda ext: max_member_bytes if ext in IMAGE_SUFFIXES else text_limit):
+            if member.key != key and sample:
                 yield RawItem(f"{source.display}:{key}", sample)
                 sample = {}
-            key = member_key
-            ext = ext.lower()
-            limit = max_member_bytes if ext in IMAGE_SUFFIXES else text_limit
-            if _escapes_archive(member.name):
-                sample[_UNSAFE_MEMBER] = member.name
-            elif member.size > limit:
-                sample[ext] = OversizedMember(member.size, limit)
+            key = member.key
+            if _UNREAD_MEMBER in sample:  # rejected already: the rest of the sample is not read
+                continue
+            if member.problem is MemberProblem.TOO_LARGE:
+                sample[member.ext] = OversizedMember(member.size, member.limit or 0)
+            elif member.problem is not None:
+                sample.setdefault(_UNREAD_MEMBER, (member.problem.name, member.detail))
             else:
-                sample[ext] = tar.extractfile(member).read()
+                sample[member.ext] = tar.read(member)
         if sample:
             yield RawItem(f"{source.display}:{key}", sample)
-
-
-def _escapes_archive(name: str) -> bool:
-    parts = re.split(r"[\\/]", name)
-    return name.startswith(("/", "\\")) or ".." in parts or re.match(r"[A-Za-z]:", name) is not None
 
 
 def parse_item(item: RawItem, kind: str, base_dir: Path) -> Record:
@@ -231,8 +230,9 @@ def _json_object(line: bytes, what: str = "line") -> dict[str, Any]:
 
 def _tar_mapping(sample: dict[str, Any]) -> dict[str, Any]:
     """img2dataset layout: metadata in .json, caption in .txt (used as `alt`), image bytes."""
-    if _UNSAFE_MEMBER in sample:
-        raise Rejected(Reason.UNSAFE_IMAGE_PATH, f"tar member name escapes the archive: {sample[_UNSAFE_MEMBER]}")
+    if _UNREAD_MEMBER in sample:
+        problem, detail = sample[_UNREAD_MEMBER]
+        raise Rejected(_UNREAD_REASONS[problem], detail)
     for ext, value in sample.items():
         if isinstance(value, OversizedMember) and ext not in IMAGE_SUFFIXES:
             raise Rejected(Reason.RECORD_TOO_LARGE, f".{ext} member of {value.size} bytes > {value.limit}")

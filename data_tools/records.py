@@ -32,6 +32,7 @@ class Reason(StrEnum):
     BAD_URL = "bad_url"
     NO_IMAGE = "no_image"
     UNSAFE_IMAGE_PATH = "unsafe_image_path"
+    UNSUPPORTED_TAR_MEMBER = "unsupported_tar_member"  # a link, device, FIFO or sparse file in a tar: never read
     # Text.
     NO_TEXT = "no_text"
     BOILERPLATE_TEXT = "boilerplate_text"

@@ -9,6 +9,7 @@ OUT_DIR/rank-R.json: how many images this process embedded and the cache entry i
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def main(model_dir: str, data_dir: str, cache_dir: str, part_size: str, out_dir:
     from cnclip.runtime import pick_runtime
     from cnclip.skiplog import SkipLog
 
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the tests read what the cache says
     runtime = pick_runtime("cpu")
     info = distributed.init_distributed(runtime.device)
     embedded = [0]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ DRIVER = Path(__file__).with_name("cache_driver.py")
 PART_SIZE = 3  # the tiny train split has 16 images: 6 parts
 
 
-def run_driver(model_dir: Path, data: Path, cache: Path, out: Path, nproc: int, crash_at: str | None = None):
+def driver_command(model_dir: Path, data: Path, cache: Path, out: Path, nproc: int,
+                   crash_at: str | None = None) -> tuple[list[str], dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_VARS}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -26,8 +29,12 @@ def run_driver(model_dir: Path, data: Path, cache: Path, out: Path, nproc: int, 
         env["CNCLIP_CRASH_AT"] = crash_at
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    return subprocess.run([*launcher, str(DRIVER), str(model_dir), str(data), str(cache), str(PART_SIZE), str(out)],
-                          env=env, capture_output=True, text=True, timeout=240)
+    return [*launcher, str(DRIVER), str(model_dir), str(data), str(cache), str(PART_SIZE), str(out)], env
+
+
+def run_driver(model_dir: Path, data: Path, cache: Path, out: Path, nproc: int, crash_at: str | None = None):
+    command, env = driver_command(model_dir, data, cache, out, nproc, crash_at)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
 def entry_files(cache: Path) -> dict[str, bytes]:
@@ -73,3 +80,34 @@ def test_a_cache_killed_midway_resumes_from_its_parts(single_process_cache, tiny
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert entry_files(tmp_path / "cache") == expected
     assert sum(r["embedded"] for r in reports(tmp_path / "out2")) == 16 - 2 * PART_SIZE  # finished parts are not redone
+
+
+def test_a_torchrun_job_waits_for_the_entry_lock_like_any_process(single_process_cache, tiny_model_dir, tmp_path):
+    """Rank 0 holds the entry's lock for the job: a job never computes an entry beside another process."""
+    from filelock import FileLock
+
+    data, expected, _ = single_process_cache
+    key = next(iter(expected)).split("/")[0]
+    (tmp_path / "cache" / key).mkdir(parents=True)
+    lock = FileLock(str(tmp_path / "cache" / key / ".lock"))  # another process computing this entry
+    lock.acquire()
+    command, env = driver_command(tiny_model_dir, data, tmp_path / "cache", tmp_path / "out", nproc=2)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "waiting for it" not in (tmp_path / "stderr.txt").read_text() and time.monotonic() < deadline:
+            assert job.poll() is None, "the job finished while another process held the entry's lock"
+            time.sleep(0.2)
+        assert "waiting for it" in (tmp_path / "stderr.txt").read_text()
+        time.sleep(2)
+        assert job.poll() is None and not list((tmp_path / "cache" / key).glob("part-*"))  # nothing written
+    except BaseException:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)  # torchrun and its ranks
+        raise
+    finally:
+        lock.release()
+    assert job.wait(timeout=240) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert entry_files(tmp_path / "cache") == expected
+    assert [r["embedded"] for r in reports(tmp_path / "out")] == [9, 7]

@@ -4,10 +4,14 @@ train without conversion, and the image-embedding cache sees the same images wha
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
 import shutil
+import sys
 import tarfile
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -15,6 +19,7 @@ import pytest
 from PIL import Image
 
 from cnclip.data import ImageTransform, load_split
+from cnclip.commands.evaluate import main as evaluate_main
 from cnclip.errors import ConfigError, DataError
 from cnclip.finetune import main as finetune_main
 from cnclip.image_cache import split_image_features
@@ -85,7 +90,15 @@ def test_build_pairs_output_trains_in_its_format(built, fmt, tiny_model_dir, tmp
     overrides = tiny_overrides(tiny_model_dir, built / fmt, run_dir, **{"train.epochs": 1, "data.format": fmt})
     assert finetune_main([str(DEMO_RECIPE), *overrides]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] > 0 and summary["after"]["mean_recall"] >= 0
+    train, valid = (load_split(built / fmt, name, SkipLog(), fmt) for name in ("train", "valid"))
+    assert summary["steps"] == len(train.texts) // 4  # one epoch of full batches of 4 pairs (one caption per image)
+    after = summary["after"]
+    assert (after["num_texts"], after["num_images"]) == (len(valid.texts), len(valid.images)) == (6, 6)
+    # The recall it reports is the one `cnclip evaluate` measures on the run's last checkpoint, read the same way.
+    assert evaluate_main([str(run_dir), "--checkpoint", "last", "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "valid_metrics.json").read_text(encoding="utf-8"))
+    assert evaluated["num_texts"] == after["num_texts"]
+    assert evaluated["mean_recall"] == pytest.approx(after["mean_recall"])
 
 
 def write_img2dataset_folder(folder, samples: list[tuple[bytes | None, str]]):
@@ -179,3 +192,113 @@ def test_recipe_names_a_bad_format_and_missing_shards(tmp_path):
         load_recipe(None, [f"data.root={tmp_path}", "data.format=webdataset"])
     with pytest.raises(ConfigError, match="train_pairs.jsonl"):
         load_recipe(None, [f"data.root={tmp_path}", "data.format=pairs"])
+
+
+# ---------------------------------------------------------------- image paths never leave the data root
+
+OPENED: list[str] = []
+_RECORDING = [False]
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if event == "open" and _RECORDING[0] and isinstance(args[0], (str, bytes, os.PathLike)):
+        OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_opens)  # audit hooks cannot be removed: this one records only inside `opens_recorded`
+
+
+@contextlib.contextmanager
+def opens_recorded():
+    """Every file this process opens meanwhile, however it is opened (Python's "open" audit event)."""
+    OPENED.clear()
+    _RECORDING[0] = True
+    try:
+        yield OPENED
+    finally:
+        _RECORDING[0] = False
+
+
+@pytest.fixture()
+def secret(tmp_path) -> Path:
+    """A real image outside the data directory: read, it would train, evaluate and index fine."""
+    (tmp_path / "outside").mkdir()
+    path = tmp_path / "outside" / "secret.png"
+    path.write_bytes(image_bytes((1, 2, 3)))
+    return path
+
+
+def write_pairs_with_escaping_paths(data: Path, secret: Path) -> None:
+    data.mkdir()
+    (data / "inside.png").write_bytes(image_bytes((220, 30, 30)))
+    os.symlink(secret, data / "link.png")
+    inline = base64.b64encode(image_bytes((30, 30, 220))).decode()
+    rows = [("inside.png", "红色的圆形"), ("../outside/secret.png", "相对路径逃出去"), (str(secret), "绝对路径"),
+            ("link.png", "符号链接指向外面"), ("missing.png", "不存在的文件"), (inline, "内嵌的蓝色圆形")]
+    (data / "valid_pairs.jsonl").write_text("".join(json.dumps({"image": image, "text": text}, ensure_ascii=False)
+                                                    + "\n" for image, text in rows), encoding="utf-8")
+
+
+def test_pairs_paths_leaving_the_directory_are_counted_never_read(tmp_path, secret):
+    write_pairs_with_escaping_paths(tmp_path / "data", secret)
+    skips = SkipLog()
+    with opens_recorded() as opened:
+        split = load_split(tmp_path / "data", "valid", skips, "pairs")
+        images = [split.images.read(image_id) for image_id in split.images.ids]
+    assert [t.text for t in split.texts] == ["红色的圆形", "内嵌的蓝色圆形"]
+    assert skips.counts == {"unsafe image path": 3, "image file missing": 1}
+    assert images[0] == base64.urlsafe_b64encode(image_bytes((220, 30, 30)))
+    assert str(secret) not in opened and any(path.endswith("inside.png") for path in opened)
+
+
+def test_evaluate_counts_a_pairs_path_leaving_the_directory(tmp_path, secret, tiny_model_dir, capsys):
+    write_pairs_with_escaping_paths(tmp_path / "data", secret)
+    with opens_recorded() as opened:
+        code = evaluate_main([str(tiny_model_dir), "--data", str(tmp_path / "data"), "--format", "pairs",
+                              "--split", "valid", "--out", str(tmp_path / "eval"), "--cache-dir",
+                              str(tmp_path / "cache"), "--device", "cpu"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert str(secret) not in opened
+    assert "skipped 4 bad items: {'unsafe image path': 3, 'image file missing': 1}" in out.out
+    assert json.loads((tmp_path / "eval" / "valid_metrics.json").read_text(encoding="utf-8"))["num_texts"] == 2
+
+
+def write_hf_parquet_with_paths(data: Path, secret: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data.mkdir()
+    (data / "inside.png").write_bytes(image_bytes((30, 170, 60)))
+    cells = [({"bytes": image_bytes((220, 30, 30)), "path": None}, "红色的圆形"),
+             ({"bytes": None, "path": "../outside/secret.png"}, "相对路径逃出去"),
+             ({"bytes": None, "path": str(secret)}, "绝对路径"),
+             ({"bytes": None, "path": "inside.png"}, "绿色的圆形")]
+    table = pa.table({"image": pa.array([c for c, _ in cells], pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      "text": [t for _, t in cells]})
+    pq.write_table(table, data / "train.parquet")
+    return data / "train.parquet"
+
+
+def test_hf_cells_with_paths_leaving_the_set_are_counted_never_read(tmp_path, secret):
+    source = write_hf_parquet_with_paths(tmp_path / "data", secret)
+    skips = SkipLog()
+    with opens_recorded() as opened:
+        split = load_split(source, "train", skips, "hf", "image", "text")
+        images = [split.images.read(image_id) for image_id in split.images.ids]
+    assert [t.text for t in split.texts] == ["红色的圆形", "绿色的圆形"]
+    assert skips.counts == {"unsafe image path": 2}
+    assert images[1] == base64.urlsafe_b64encode(image_bytes((30, 170, 60)))
+    assert str(secret) not in opened
+
+
+def test_pairs_paths_the_os_cannot_take_are_counted(tmp_path):
+    inline = base64.b64encode(image_bytes()).decode()
+    (tmp_path / "valid_pairs.jsonl").write_text(
+        '{"image": "\\ud800.png", "text": "孤立代理项"}\n{"image": "a\\u0000.png", "text": "空字符"}\n'
+        '{"image": "file:///etc/hostname.png", "text": "网址"}\n{"image": "C:\\\\x.png", "text": "盘符"}\n'
+        + json.dumps({"image": inline, "text": "好的"}) + "\n", encoding="utf-8")
+    skips = SkipLog()
+    split = load_split(tmp_path, "valid", skips, "pairs")
+    assert [t.text for t in split.texts] == ["好的"]
+    assert skips.counts == {"unsafe image path": 4}

@@ -253,7 +253,7 @@ def test_command_line_model_stage(tmp_path, tiny_model_dir, capsys):
     common = [str(dump), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "filters.yaml"), "--no-progress"]
     assert main(["build-pairs", *common, "--keep-top", "0.5"]) == EXIT_USAGE
     assert "need --model MODEL" in capsys.readouterr().err
-    assert main(["build-pairs", *common, "--model", str(tmp_path / "no-such-model")]) == EXIT_MODEL
+    assert main(["build-pairs", *common, "--model", str(tmp_path / "no-such-model")]) == EXIT_USAGE  # a missing path
     capsys.readouterr()
     assert main(["build-pairs", *common, "--model", str(tiny_model_dir), "--keep-top", "0.5", "--format", "pairs"]) == 0
     assert "low_similarity         10" in capsys.readouterr().out

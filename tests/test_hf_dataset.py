@@ -74,3 +74,24 @@ def test_cli_names_a_missing_text_column(tmp_path, capsys):
     make_dataset().to_parquet(str(tmp_path / "ds.parquet"))
     assert main(["from-hf", str(tmp_path / "ds.parquet"), "--out", str(tmp_path / "out")]) == EXIT_DATA
     assert "no column 'text'" in capsys.readouterr().err
+
+
+def test_cells_with_paths_leaving_the_set_are_counted_not_converted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret.png"
+    secret.write_bytes(image_bytes((1, 2, 3)))  # a real image: read, it would be converted
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "inside.png").write_bytes(image_bytes((30, 170, 60)))
+    cells = [{"bytes": None, "path": "../outside/secret.png"}, {"bytes": None, "path": str(secret)},
+             {"bytes": None, "path": "inside.png"}, {"bytes": None, "path": "missing.png"}]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array(cells, image_type), "text": ["逃出去", "绝对路径", "里面的", "没有"]}),
+                   tmp_path / "ds" / "train.parquet")
+    rows = open_rows(str(tmp_path / "ds" / "train.parquet"), "train", None, "image")
+    result = convert(rows, tmp_path / "out", "train", "image", "text", base_dir=tmp_path / "ds")
+    assert result.to_dict()["skipped"] == {"unsafe image path": 2, "image file missing": 1}
+    assert (result.images, result.texts) == (1, 1)
+    assert load_split(tmp_path / "out", "train", SkipLog()).texts[0].text == "里面的"

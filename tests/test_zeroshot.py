@@ -233,7 +233,7 @@ def test_planted_class_embeddings_give_the_known_answer(tiny_model_dir, tmp_path
                             8, 0, SkipLog())
     perm = [1, 2, 3, 0]  # class c looks like the image of class perm[c]
     planted = emb.embeddings[[emb.labels.tolist().index(p) for p in perm]]
-    monkeypatch.setattr(cnclip.commands.zeroshot, "class_embeddings", lambda *a, **k: planted)
+    monkeypatch.setattr(cnclip.classifier, "class_embeddings", lambda *a, **k: planted)
 
     assert run_cli("--model", tiny_model_dir, "--classes", classes_file, "--images", images, "--out", tmp_path / "o",
                    "--cache-dir", tmp_path / "cache", "--predict", images / "green" / "0.png") == 0

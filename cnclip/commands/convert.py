@@ -9,25 +9,33 @@ from __future__ import annotations
 
 import argparse
 
-from ..conversion import convert_to_transformers
 from ..errors import EXIT_DISK_FULL, EXIT_MODEL
-from ..original_format import ARCHS
-from .base import exit_status_help, run_command
+from ..recipe import ORIGINAL_ARCHS
+from .base import parser_options, run_command
 from .publish import print_json
 
+EXITS = (EXIT_DISK_FULL, EXIT_MODEL)
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cnclip convert",
-        description="Convert a cn_clip .pt checkpoint or a ModelScope-layout Chinese-CLIP directory into a "
-                    "directory plain transformers loads (ChineseCLIPModel + tokenizer + image processor). The "
-                    "conversion is checked: every tensor is used and converts back bit for bit.",
-        epilog=exit_status_help((EXIT_MODEL, EXIT_DISK_FULL)),
-    )
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnclip convert", **parser_options(
+        "Convert a cn_clip .pt checkpoint or a ModelScope-layout Chinese-CLIP directory into a directory plain "
+        "transformers loads (ChineseCLIPModel + tokenizer + image processor). The conversion is checked: every "
+        "tensor is used and converts back bit for bit.", EXITS))
     parser.add_argument("src", help="a cn_clip checkpoint (.pt) or a ModelScope-layout directory (pytorch_model.bin, "
                                     "vision_model_config.json, text_model_config.json, vocab.txt)")
     parser.add_argument("--to", required=True, metavar="OUT_DIR", help="new or empty directory to write")
-    parser.add_argument("--arch", choices=tuple(ARCHS), default=None,
+    parser.add_argument("--arch", choices=ORIGINAL_ARCHS, default=None,
                         help="architecture of a .pt (default: inferred from its tensor shapes)")
-    args = parser.parse_args(argv)
-    return run_command(lambda: print_json(convert_to_transformers(args.src, args.to, args.arch)))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: print_json(_convert(args)))
+
+
+def _convert(args: argparse.Namespace) -> dict:
+    from ..conversion import convert_to_transformers
+
+    return convert_to_transformers(args.src, args.to, args.arch)

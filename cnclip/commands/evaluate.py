@@ -6,26 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
-from ..data import ImageTransform, load_split
 from ..data_formats import FORMATS
+from ..errors import EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, UsageError
 from ..skiplog import SkipLog
-from ..errors import UsageError
-from ..image_cache import split_image_features
-from ..inference import load_for_inference
-from ..models import image_tower_fingerprint
-from ..retrieval import evaluate_split, format_metrics, write_outputs
-from ..runtime import pick_runtime
-from .base import run_command
+from .base import parser_options, run_command
+
+EXITS = (EXIT_DISK_FULL, EXIT_DATA, EXIT_MODEL)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cnclip evaluate",
-        description="Retrieval Recall@1/5/10 and mean recall of a fine-tuned run or a model directory, "
-                    "plus Chinese-CLIP-compatible prediction and result files.",
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnclip evaluate", **parser_options(
+        "Retrieval Recall@1/5/10 and mean recall of a fine-tuned run or a model directory, plus "
+        "Chinese-CLIP-compatible prediction and result files.", EXITS))
     parser.add_argument("model", help="a run directory written by cnclip.finetune (its best checkpoint is used), "
-                                      "or a model directory / hub id that ChineseCLIPModel.from_pretrained loads")
+                                      "a model directory, a Hugging Face id (owner/name) or modelscope:<id>; "
+                                      "a path that does not exist is an error, never a Hub lookup")
     parser.add_argument("--data", help="data directory in the Chinese-CLIP layout (default: the run's data.root)")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="format of --data (cnclip/data_formats.py; default: the run's data.format, or cnclip)")
@@ -33,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where prediction and result files go (default: RUN/eval, or ./eval)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="which checkpoint of a run directory to use")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="images or captions per model batch")
     parser.add_argument("--context-length", type=int, default=None,
                         help="tokens per caption (default: the run's data.context_length, or 52)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda, "
+                                                          "cuda:1, ...")
     parser.add_argument("--cache-dir", default=None, help="image-embedding cache (default: the run's, or ~/.cache)")
     report = parser.add_argument_group("HTML report (cnclip/eval_report.py)")
     report.add_argument("--report", nargs="?", const="", default=None, metavar="FILE",
@@ -47,12 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--zeroshot-images", help="classification folder for the report's confusion matrix "
                                                  "(default: the run's zeroshot.images)")
     report.add_argument("--zeroshot-classes", help="its class list (default: the run's zeroshot.classes)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return run_command(lambda: _evaluate(args))
 
 
 def _evaluate(args) -> int:
+    from ..data import ImageTransform, load_split
+    from ..image_cache import split_image_features
+    from ..inference import load_for_inference
+    from ..models import image_tower_fingerprint
+    from ..retrieval import evaluate_split, format_metrics, write_outputs
+    from ..runtime import pick_runtime
+
     loaded = load_for_inference(args.model, checkpoint=args.checkpoint)
     recipe = loaded.recipe
     data_root = args.data or (recipe.data.root if recipe else None)

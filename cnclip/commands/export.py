@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, PublishError, UsageError
-from ..exporter import FORMATS, export_run
 from ..modelscope_upload import check_repo_id, file_table, folder_files, format_size, publish
-from .base import exit_status_help, run_command
+from .base import parser_options, run_command
 from .publish import UPLOAD_EXITS, add_upload_flags, print_json
 
-EXPORT_EXITS = tuple(sorted({*UPLOAD_EXITS, EXIT_DISK_FULL, EXIT_DATA, EXIT_MODEL}))
+EXITS = tuple(sorted({*UPLOAD_EXITS, EXIT_DISK_FULL, EXIT_DATA, EXIT_MODEL}))
+# cnclip.exporter.FORMATS, written out so that --help does not import torch (tests/test_cli_help.py compares them).
+FORMATS = ("transformers", "modelscope", "cn_clip")
 
 
 def _export_and_publish(args) -> dict:
+    from ..exporter import export_run
+
     if args.upload:
-        check_repo_id(args.upload)
+        check_repo_id(args.upload, "--upload")
     elif args.private or args.overwrite:
         raise UsageError("--private and --overwrite go with --upload owner/name")
     report = export_run(args.run_dir, args.to, repo_id=args.upload, dataset=args.dataset, license=args.license,
@@ -34,21 +37,18 @@ def _export_and_publish(args) -> dict:
         return {"export": report}
     try:
         published = publish(args.to, args.upload, private=args.private, overwrite=args.overwrite,
-                            dry_run=args.dry_run)
+                            dry_run=args.dry_run, repo_argument="--upload")
     except PublishError as exc:
         retry = f"cnclip publish {args.to} {args.upload}" + (" --private" if args.private else "")
         raise type(exc)(f"{exc}\nthe export in {args.to} is complete; retry only the upload with: {retry}") from None
     return {"export": report, "publish": published}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cnclip export",
-        description="Merge a fine-tuned run's LoRA into its base model and write a directory that plain "
-                    "transformers loads (plus the bare adapter, configuration.json and a model card); "
-                    "optionally publish it to ModelScope.",
-        epilog=exit_status_help(EXPORT_EXITS),
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnclip export", **parser_options(
+        "Merge a fine-tuned run's LoRA into its base model and write a directory that plain transformers loads "
+        "(plus the bare adapter, configuration.json and a model card); optionally publish it to ModelScope.",
+        EXITS))
     parser.add_argument("run_dir", help="run directory written by python -m cnclip.finetune (its best checkpoint "
                                         "is exported)")
     parser.add_argument("--to", required=True, metavar="OUT_DIR", help="directory to write (new, empty, or an "
@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                                           "the run's data.root directory)")
     parser.add_argument("--license", default="apache-2.0", help="license for the card; it must agree with the "
                                                                "base model's (default: apache-2.0)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return run_command(lambda: print_json(_export_and_publish(args)))
 

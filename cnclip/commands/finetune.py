@@ -7,12 +7,23 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import EXIT_DATA, EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_MODEL, EXIT_WORKER_CRASHED
 from ..recipe import load_recipe
-from ..trainer import summary_lines, train
-from .base import run_command
+from .base import parser_options, run_command
+
+EXITS = (EXIT_DISK_FULL, EXIT_DATA, EXIT_MODEL, EXIT_DIVERGED, EXIT_WORKER_CRASHED)
+
+
+def train(recipe):
+    """cnclip.trainer.train, imported when a run starts: `--help` does not load torch."""
+    from ..trainer import train as run_training
+
+    return run_training(recipe)
 
 
 def report(summary: dict, run_dir: Path) -> None:
+    from ..trainer import summary_lines
+
     for line in summary_lines(summary, run_dir):
         print(line)
     before, after = summary.get("before"), summary.get("after")
@@ -23,17 +34,20 @@ def report(summary: dict, run_dir: Path) -> None:
                       "steps_this_run": summary.get("steps_this_run")}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cnclip finetune",
-        description="Fine-tune a Chinese CLIP: image tower locked (its embeddings cached on disk), text tower "
-                    "LoRA-tuned under a symmetric contrastive loss. Running the same command again on an "
-                    "existing run directory resumes it.",
-        epilog="example: python -m cnclip.finetune recipes/muge.yaml train.lr=1e-4 run_dir=runs/muge-lr1e-4",
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnclip finetune", **parser_options(
+        "Fine-tune a Chinese CLIP: image tower locked (its embeddings cached on disk), text tower LoRA-tuned "
+        "under a symmetric contrastive loss. Running the same command again on an existing run directory "
+        "resumes it.", EXITS,
+        epilog="example:\n  python -m cnclip.finetune recipes/muge.yaml train.lr=1e-4 run_dir=runs/muge-lr1e-4"))
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys, e.g. train.epochs=5")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys, e.g. train.epochs=5 "
+                                                     "(the value is YAML: null, 1e-4, [query, value])")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return run_command(lambda: _finetune(args))
 
 

@@ -11,7 +11,7 @@ import json
 from ..errors import (EXIT_HUB_FAILED, EXIT_HUB_UNREACHABLE, EXIT_NO_TOKEN, EXIT_REPO_CONFLICT,
                       EXIT_TOKEN_REJECTED, EXIT_USAGE)
 from ..modelscope_upload import TOKEN_ENV, publish
-from .base import exit_status_help, run_command
+from .base import parser_options, run_command
 
 UPLOAD_EXITS = (EXIT_USAGE, EXIT_NO_TOKEN, EXIT_TOKEN_REJECTED, EXIT_HUB_UNREACHABLE, EXIT_REPO_CONFLICT,
                 EXIT_HUB_FAILED)
@@ -31,17 +31,22 @@ def add_upload_flags(parser: argparse.ArgumentParser) -> None:
                              "theirs; files only on ModelScope stay)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cnclip publish",
-        description="Upload a directory written by `python -m cnclip.export` to a ModelScope model repository. "
-                    f"Token: ${TOKEN_ENV} or the SDK's saved login. Rerun after a failure to resume.",
-        epilog=exit_status_help(UPLOAD_EXITS),
-    )
+EXITS = UPLOAD_EXITS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnclip publish", **parser_options(
+        "Upload a directory written by `python -m cnclip.export` to a ModelScope model repository. "
+        f"Token: ${TOKEN_ENV} or the SDK's saved login. Rerun after a failure to resume.", EXITS))
     parser.add_argument("folder", help="the exported model directory (OUT_DIR of cnclip.export)")
-    parser.add_argument("repo_id", help="owner/name of the ModelScope model repository")
+    parser.add_argument("repo_id", metavar="OWNER/NAME", help="the ModelScope model repository to upload to")
     add_upload_flags(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return run_command(lambda: print_json(publish(args.folder, args.repo_id, private=args.private,
-                                                  overwrite=args.overwrite, dry_run=args.dry_run)))
+                                                  overwrite=args.overwrite, dry_run=args.dry_run,
+                                                  repo_argument="the OWNER/NAME argument")))
 

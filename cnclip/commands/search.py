@@ -12,43 +12,59 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import EXIT_DATA, EXIT_MODEL, EXIT_USAGE, DataError, UsageError
-from .base import exit_status_help, run_command
+from ..errors import EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, DataError, UsageError
+from .base import parser_options, run_command
+
+INDEX_EXITS = (EXIT_DISK_FULL, EXIT_DATA, EXIT_MODEL)
+QUERY_EXITS = (EXIT_DATA, EXIT_MODEL)
+EXITS = tuple(sorted({*INDEX_EXITS, *QUERY_EXITS}))
+# cnclip.search_index.APPROXIMATE_FROM, written out so that --help does not import torch (tests/test_cli_help.py
+# compares them).
+APPROXIMATE_FROM = 250_000
+DEVICE_HELP = "torch device: auto (cuda when available), cpu, cuda, cuda:1, ..."
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..search_index import APPROXIMATE_FROM
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnclip search", **parser_options(
+        "Text-to-image and image-to-image search over your own images.", EXITS))
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    parser = argparse.ArgumentParser(prog="cnclip search", description="Text-to-image and image-to-image search over "
-                                     "your own images.", epilog=exit_status_help((EXIT_USAGE, EXIT_DATA, EXIT_MODEL)))
-    sub = parser.add_subparsers(dest="action", required=True)
-
-    build = sub.add_parser("index", help="embed images and write (or update) an index")
+    build = sub.add_parser("index", help="embed images and write (or update) an index", **parser_options(
+        "Embed images with a model and write a search index; run again to update it incrementally (only new "
+        "or changed images are embedded, the others come from the index or the embedding cache).", INDEX_EXITS))
     build.add_argument("sources", nargs="+", metavar="SOURCE",
                        help="a folder of images (recursive), a Chinese-CLIP data directory or {split}_imgs.tsv, "
                             "or build-pairs output")
-    build.add_argument("--model", required=True, help="run directory (best checkpoint) or model directory / hub id")
+    build.add_argument("--model", required=True, help="run directory (best checkpoint), model directory, Hugging "
+                                                      "Face id (owner/name) or modelscope:<id>")
     build.add_argument("--out", required=True, help="index directory; an existing index is updated incrementally")
     build.add_argument("--split", help="for a data directory: only this split (default: every split found)")
     build.add_argument("--kind", default="auto", choices=("auto", "exact", "hnsw"),
-                       help=f"exact (flat) or approximate (HNSW); auto = exact below {APPROXIMATE_FROM:,} images")
+                       help=f"exact (flat) or approximate (HNSW); auto = exact below {APPROXIMATE_FROM:,} images "
+                            "(default: %(default)s)")
     build.add_argument("--rebuild", action="store_true", help="ignore an existing index and embed everything")
     build.add_argument("--cache-dir", default=None, help="image-embedding cache (default: the run's, or ~/.cache)")
-    build.add_argument("--batch-size", type=int, default=64)
-    build.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
-    build.add_argument("--device", default="auto")
+    build.add_argument("--batch-size", type=int, default=64, help="images per model batch")
+    build.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (0: decode in "
+                                                              "this process)")
+    build.add_argument("--device", default="auto", help=DEVICE_HELP)
     build.add_argument("--json", action="store_true", help="print the build report as JSON")
 
     for name, what, help_text in (("query", "text", "the Chinese query text"),
                                   ("image", "image", "an image file to find similar images to")):
-        p = sub.add_parser(name, help=f"search the index with {'a text' if what == 'text' else 'an image'}")
-        p.add_argument("index")
+        about = f"search the index with {'a text' if what == 'text' else 'an image'}"
+        p = sub.add_parser(name, help=about, **parser_options(about[0].upper() + about[1:] + ".", QUERY_EXITS))
+        p.add_argument("index", metavar="INDEX", help="an index directory written by `cnclip search index`")
         p.add_argument(what, help=help_text)
         p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
         p.add_argument("--model", help="query model (default: the one that built the index; another is refused)")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.action == "index":
         return run_command(lambda: _index(args))
     return run_command(lambda: _query(args))
@@ -61,7 +77,7 @@ def _index(args) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = load_for_inference(args.model)
+    loaded = load_for_inference(args.model, what="--model")
     cache_dir = args.cache_dir or (loaded.recipe.cache.dir if loaded.recipe else None) or None
     spec = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     report = build_index(args.sources, args.out, loaded, spec, pick_runtime(args.device, "auto"), split=args.split,
@@ -70,9 +86,9 @@ def _index(args) -> int:
     if args.json:
         print(json.dumps({"index": str(args.out), **report.to_dict()}, ensure_ascii=False))
     else:
-        print(f"{args.out}: {report.total} images ({report.kind} index); embedded {report.embedded}, "
-              f"reused {report.kept}, removed {report.removed}, undecodable {report.undecodable} "
-              f"in {report.seconds:.1f} s")
+        print(f"{args.out}: {report.total} images ({report.kind} index): {report.kept} reused from the index, "
+              f"{report.from_cache} from the embedding cache, {report.embedded} embedded now; removed "
+              f"{report.removed}, undecodable {report.undecodable}; {report.seconds:.1f} s")
     return 0
 
 

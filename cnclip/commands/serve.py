@@ -10,22 +10,23 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from ..errors import EXIT_DATA, EXIT_MODEL, EXIT_USAGE, UsageError
-from .base import exit_status_help, run_command
+from ..errors import EXIT_DATA, EXIT_MODEL, UsageError
+from .base import parser_options, run_command
 
 log = logging.getLogger("cnclip.serve")
+EXITS = (EXIT_DATA, EXIT_MODEL)
+# cnclip.search_app.DEFAULT_MAX_UPLOAD_MB, written out so that --help does not import torch (tests/test_cli_help.py).
+DEFAULT_MAX_UPLOAD_MB = 10
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..search_app import DEFAULT_MAX_UPLOAD_MB
-
-    parser = argparse.ArgumentParser(
-        prog="cnclip serve", description="Serve a page to search an index with Chinese text or an image, and to "
-        "classify an uploaded image zero-shot.", epilog=exit_status_help((EXIT_USAGE, EXIT_DATA, EXIT_MODEL)))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnclip serve", **parser_options(
+        "Serve a page to search an index with Chinese text or an image, and to classify an uploaded image "
+        "zero-shot.", EXITS))
     parser.add_argument("index", help="an index written by `cnclip search index`")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: loopback only; 0.0.0.0 exposes it to the network)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="also answer requests whose Host header is NAME (repeatable; a name or address "
                              "without port, or *.example.com), e.g. the name a reverse proxy forwards. Only "
@@ -37,9 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--templates", help="prompt templates file (default: the shipped Chinese templates)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest accepted upload (default {DEFAULT_MAX_UPLOAD_MB} MB)")
-    parser.add_argument("-k", type=int, default=12, help="results shown by default")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
+    parser.add_argument("-k", type=int, default=12, help="results shown per query (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda, ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return run_command(lambda: _serve(args))
 
 

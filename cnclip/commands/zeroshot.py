@@ -15,23 +15,23 @@ import json
 import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..atomic import atomic_file, write_json
-from ..classifier import (TOP_K, FolderEmbeddings, class_cache_dir, class_embeddings, folder_embeddings,
-                          logit_scale_of, predict_images, score, similarities)
-from ..data import ImageTransform
-from ..errors import ConfigError
-from ..image_sources import ImageFolder
-from ..inference import RECIPE_FILE, is_run_dir, load_for_inference
-from ..models import load_base_model
-from ..prompts import ClassList, load_classes, load_templates
-from ..recipe import Recipe, load_recipe
-from ..runtime import pick_runtime
-from ..skiplog import SkipLog
+from ..errors import EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, ConfigError
+from ..prompts import ClassList
+from ..recipe import Recipe
 from ..typed_config import build_config, read_yaml_mapping
-from .base import run_command
+from .base import parser_options, run_command
+
+if TYPE_CHECKING:  # only for annotations: torch is imported when the command runs, not for --help
+    import torch
+
+    from ..classifier import FolderEmbeddings
+    from ..skiplog import SkipLog
+
+EXITS = (EXIT_DISK_FULL, EXIT_DATA, EXIT_MODEL)
+# cnclip.classifier.TOP_K, written out so that --help does not import torch (tests/test_cli_help.py compares them).
+TOP_K = 5
 
 
 @dataclass
@@ -67,20 +67,19 @@ class ZeroShotRun:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cnclip zeroshot",
-        description="Zero-shot image classification with Chinese prompt templates (prompt ensembling on by "
-                    "default): accuracy, per-class accuracy and confusion matrix for a folder of class "
-                    "sub-folders, or top-k labels for single images.",
+    p = argparse.ArgumentParser(prog="cnclip zeroshot", **parser_options(
+        "Zero-shot image classification with Chinese prompt templates (prompt ensembling on by default): "
+        "accuracy, per-class accuracy and confusion matrix for a folder of class sub-folders, or top-k labels "
+        "for single images.", EXITS,
         epilog="examples:\n  python -m cnclip.zeroshot --model runs/demo --compare-base\n"
                "  python -m cnclip.zeroshot --model OFA-Sys/chinese-clip-vit-base-patch16 "
                "--classes cifar10 --images data/cifar10/test\n"
-               "  cnclip zeroshot recipes/zeroshot/demo.yaml --predict cat.jpg",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+               "  cnclip zeroshot recipes/zeroshot/demo.yaml --predict cat.jpg"))
     p.add_argument("recipe", nargs="?", help="optional YAML file with the keys below (see recipes/zeroshot/demo.yaml)")
-    p.add_argument("--model", help="run directory (its best checkpoint), or model directory / hub id")
-    p.add_argument("--checkpoint", choices=("best", "last"))
+    p.add_argument("--model", help="run directory (its best checkpoint), model directory, Hugging Face id "
+                                   "(owner/name) or modelscope:<id>")
+    p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint of a run directory "
+                                                                  f"(default: {ZeroShotRun.checkpoint})")
     p.add_argument("--classes", help="class list: lines 'key: 名称1, 名称2' (key = image sub-folder name), or a shipped list by name: cifar10")
     p.add_argument("--images", help="folder with one sub-folder of images per class key")
     p.add_argument("--templates", help="templates file, one per line with {} (default: the 23 shipped templates)")
@@ -89,13 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-base", action=argparse.BooleanOptionalAction, default=None,
                    help="score the run's base model too and print both side by side")
     p.add_argument("--predict", nargs="+", metavar="IMG", help="label these images (top-k with probabilities)")
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-k", type=int, help=f"classes listed per --predict image (default: {ZeroShotRun.top_k})")
     p.add_argument("--out", help="output folder (default RUN/zeroshot, or ./zeroshot)")
     p.add_argument("--cache-dir", help="embedding cache folder (default: the run's cache.dir, or ~/.cache/cnclip)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--context-length", type=int)
-    p.add_argument("--device")
-    p.add_argument("--workers", type=int, help="image decoding worker processes")
+    p.add_argument("--batch-size", type=int, help=f"images or prompts per model batch (default: {ZeroShotRun.batch_size})")
+    p.add_argument("--context-length", type=int, help="tokens per prompt (default: the run's "
+                                                      "data.context_length, or 52)")
+    p.add_argument("--device", help="torch device: auto (cuda when available), cpu, cuda, ... "
+                                    f"(default: {ZeroShotRun.device})")
+    p.add_argument("--workers", type=int, help=f"image decoding worker processes (default: {ZeroShotRun.workers})")
     return p
 
 
@@ -124,6 +125,9 @@ def load_run_config(args: argparse.Namespace) -> ZeroShotRun:
 
 def _fill_from_run(cfg: ZeroShotRun) -> Recipe | None:
     """Defaults from a run directory's recipe: its zero-shot folder, class list, templates, cache."""
+    from ..inference import RECIPE_FILE, is_run_dir
+    from ..recipe import load_recipe
+
     if not is_run_dir(cfg.model):
         return None
     recipe = load_recipe(Path(cfg.model) / RECIPE_FILE, check_data=False)
@@ -146,6 +150,9 @@ class ModelResult:
 
 def _score_model(name: str, clip, tokenizer, preprocess, cfg: ZeroShotRun, templates, classes, folder,
                  runtime, skips: SkipLog) -> tuple[ModelResult, torch.Tensor, FolderEmbeddings | None]:
+    from ..classifier import class_cache_dir, class_embeddings, folder_embeddings, logit_scale_of, score, similarities
+    from ..data import ImageTransform
+
     clip = clip.to(runtime.device).eval()
     class_emb = class_embeddings(clip, tokenizer, templates, classes, runtime, cfg.context_length, cfg.batch_size,
                                  class_cache_dir(cfg.cache_dir or None))
@@ -235,6 +242,15 @@ def format_predictions(predictions: list[dict], classes: ClassList) -> str:
 
 
 def run(cfg: ZeroShotRun) -> dict:
+    from ..atomic import atomic_file, write_json
+    from ..classifier import predict_images
+    from ..image_sources import ImageFolder
+    from ..inference import load_for_inference
+    from ..models import load_base_model
+    from ..prompts import load_classes, load_templates
+    from ..runtime import pick_runtime
+    from ..skiplog import SkipLog
+
     recipe = _fill_from_run(cfg)
     if not cfg.classes:
         raise ConfigError("no class list: pass --classes classes.txt (lines 'key: 名称1, 名称2')")
@@ -261,7 +277,7 @@ def run(cfg: ZeroShotRun) -> dict:
                                     folder, runtime, SkipLog(max_examples=0))
         results.append(result)
         del base
-    loaded = load_for_inference(cfg.model, checkpoint=cfg.checkpoint)
+    loaded = load_for_inference(cfg.model, checkpoint=cfg.checkpoint, what="--model")
     name = "tuned" if recipe is not None else "model"
     result, class_emb, images = _score_model(name, loaded.clip, loaded.tokenizer, loaded.preprocess, cfg, templates,
                                              classes, folder, runtime, skips)
