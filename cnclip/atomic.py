@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .counts import parse_count
+
 # A temporary written by another host cannot be checked for liveness: it is left alone this long.
 FOREIGN_TEMPORARY_MAX_AGE_S = 24 * 3600
 
@@ -60,13 +62,14 @@ def writer_alive(temporary: Path) -> bool:
     """
     owner = temporary.name.rsplit(".tmp-", 1)[-1] if ".tmp-" in temporary.name else \
         temporary.name.rsplit(".old-", 1)[-1]
-    host, _, pid = owner.rpartition("-")
-    if not pid.isdigit():
+    host, _, pid_text = owner.rpartition("-")
+    pid = parse_count(pid_text)  # ASCII digits only: a name holding '²' is nobody's pid
+    if pid is None or not 0 < pid < 2**31:  # pid 0 is our process group; os.kill overflows past a C int
         return False
-    if int(pid) == os.getpid() and host in ("", _host_tag()):
+    if pid == os.getpid() and host in ("", _host_tag()):
         return False  # our own leftover from an earlier, failed write: nothing of ours is in flight
     if host in ("", _host_tag()):
-        return _pid_alive(int(pid))
+        return _pid_alive(pid)
     try:
         return time.time() - temporary.lstat().st_mtime < FOREIGN_TEMPORARY_MAX_AGE_S
     except OSError:

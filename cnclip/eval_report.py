@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import decode_base64_image, tokenize
+from .plots import chinese_text
 from .retrieval import embed_texts, scorable_texts
 
 TOP = 5
@@ -89,6 +90,7 @@ def thumbnail_uri(images, image_id) -> str | None:
     return _data_uri(buf.getvalue(), "image/jpeg")
 
 
+@chinese_text()  # the class names are Chinese
 def confusion_png(confusion: dict) -> bytes:
     """The confusion matrix (rows: true class, columns: predicted) as a PNG with counts in the cells."""
     import matplotlib

@@ -2,8 +2,15 @@
 
 * loss.png, lr.png, logit_scale.png: one point per logged step (skipped non-finite steps are left out);
 * recall.png: validation mean recall per epoch, text->image and image->text, with the
-  before-training baseline (epoch 0, `eval.before_training`) as a dashed line of the same colour;
-* zeroshot.png: zero-shot top-1 / top-5 per epoch with its dashed baseline (runs that track it).
+  before-training baseline (epoch 0, `eval.before_training`) as a dashed line of the same colour,
+  its value in the legend; baselines dash in turn, so two equal ones show both colours, not one;
+* zeroshot.png: zero-shot top-1 / top-5 per epoch with its dashed baseline (runs that track it);
+* both mark the best epoch (the highest validation mean recall: the model best/ holds) with a dotted
+  vertical line labelled with its number.
+
+Text is drawn with DejaVu Sans and, for the characters it lacks (Chinese class names, captions),
+an installed CJK font (`cjk_font`: Noto Sans CJK, WenQuanYi, ... or any font whose character map
+covers Chinese); with none installed a warning says so once and Chinese renders as empty boxes.
 
 Every PNG carries the exact series it was drawn from as JSON in its "cnclip:series" text chunk, so a
 reader (and the tests) can check the picture against metrics.jsonl. The trainer redraws them at
@@ -13,9 +20,12 @@ on the Agg backend: no display needed.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .atomic import atomic_file
@@ -26,6 +36,11 @@ PLOTS_DIR = "plots"
 SERIES_KEY = "cnclip:series"
 RECALL_PNG = "recall.png"
 DIRECTIONS = (("text_to_image", "text → image", "tab:blue"), ("image_to_text", "image → text", "tab:orange"))
+DASH = 4  # points: each baseline is on for DASH, then off while the others take their turn
+# Tried first, in this order (simplified Chinese first); any other font covering CJK_PROBE is taken after them.
+CJK_FONT_NAMES = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Micro Hei",
+                  "WenQuanYi Zen Hei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "SimHei", "AR PL UMing CN")
+CJK_PROBE = "中文红色蓝色验证"  # a font must cover these to count as a Chinese font
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -52,23 +67,104 @@ def run_series(entries: list[dict]) -> dict[str, dict]:
     valid = [e for e in entries if isinstance(e.get("valid"), dict)]
     before = next((e["valid"] for e in valid if e.get("epoch") == 0), None)
     epochs = [e for e in valid if e.get("epoch", 0) > 0]
+    best = best_epoch(epochs)
     if epochs or before:
         lines = {name: [e["valid"][key]["mean_recall"] for e in epochs] for key, name, _ in DIRECTIONS}
         baseline = {name: before[key]["mean_recall"] for key, name, _ in DIRECTIONS} if before else {}
         out["recall"] = {"title": "validation mean recall (R@1, R@5, R@10)", "xlabel": "epoch",
-                         "x": [e["epoch"] for e in epochs], "lines": lines, "baseline": baseline}
+                         "x": [e["epoch"] for e in epochs], "lines": lines, "baseline": baseline, "best": best}
     zs = [e for e in epochs if "zeroshot" in e["valid"]]
     zs_before = before.get("zeroshot") if before else None
     if zs or zs_before:
         top_k = [k for k in ("top1", "top5") if all(k in e["valid"]["zeroshot"] for e in zs)]
         out["zeroshot"] = {"title": "zero-shot accuracy (%)", "xlabel": "epoch", "x": [e["epoch"] for e in zs],
                            "lines": {k: [e["valid"]["zeroshot"][k] for e in zs] for k in top_k},
-                           "baseline": {k: zs_before[k] for k in top_k if k in zs_before} if zs_before else {}}
+                           "baseline": {k: zs_before[k] for k in top_k if k in zs_before} if zs_before else {},
+                           "best": best}
     return out
 
 
+def best_epoch(epochs: list[dict]) -> int | None:
+    """The epoch the trainer keeps as best/: the first with the highest validation mean recall."""
+    best, best_score = None, None
+    for entry in epochs:
+        valid = entry["valid"]
+        score = valid.get("mean_recall", sum(valid[key]["mean_recall"] for key, _, _ in DIRECTIONS) / len(DIRECTIONS))
+        if best_score is None or score > best_score:  # strictly greater, as the trainer compares
+            best, best_score = entry["epoch"], score
+    return best
+
+
+def _font_covers(path: str, text: str) -> bool:
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        charmap = FT2Font(path).get_charmap()
+    except (OSError, RuntimeError, ValueError):  # unreadable or not a font FreeType opens
+        return False
+    return all(ord(char) in charmap for char in text)
+
+
+def find_cjk_font(fonts: Iterable[tuple[str, str]]) -> str | None:
+    """The family name of the first (name, file) whose font covers CJK_PROBE: CJK_FONT_NAMES first."""
+    fonts = list(fonts)
+    rank = {name: i for i, name in enumerate(CJK_FONT_NAMES)}
+    for name, path in sorted(fonts, key=lambda font: rank.get(font[0], len(rank))):
+        if _font_covers(path, CJK_PROBE):
+            return name
+    return None
+
+
+def _known_fonts() -> list[tuple[str, str]]:
+    """(family, file) of every font matplotlib knows (its cached font list)."""
+    from matplotlib import font_manager
+
+    return [(font.name, font.fname) for font in font_manager.fontManager.ttflist]
+
+
+def _system_font_files() -> list[str]:
+    """Font files installed on the system; matplotlib's cached list misses fonts installed after it was built."""
+    from matplotlib import font_manager
+
+    return font_manager.findSystemFonts()
+
+
+@functools.cache
+def cjk_font() -> str | None:
+    """The family of an installed font that covers Chinese, or None (logged once: Chinese will show as boxes)."""
+    family = find_cjk_font(_known_fonts())
+    if family is None:
+        from matplotlib import font_manager
+
+        known = {path for _, path in _known_fonts()}
+        for path in _system_font_files():
+            if path not in known and _font_covers(path, CJK_PROBE):
+                font_manager.fontManager.addfont(path)
+                family = font_manager.FontProperties(fname=path).get_name()
+                break
+    if family is None:
+        log.warning("no font with Chinese characters is installed: Chinese text in plots will show as empty boxes; "
+                    "install one (e.g. apt-get install fonts-wqy-microhei, or fonts-noto-cjk)")
+    return family
+
+
+@contextmanager
+def chinese_text() -> Iterator[None]:
+    """Figures made and saved inside draw text in DejaVu Sans, falling back glyph by glyph to cjk_font()."""
+    import matplotlib
+
+    family = cjk_font()
+    if family is None:
+        yield
+        return
+    with matplotlib.rc_context({"font.family": ["sans-serif", family]}):
+        yield
+
+
+@chinese_text()
 def figure(series: dict):
-    """A matplotlib Figure of one series: solid lines, each baseline dashed in its line's colour."""
+    """A matplotlib Figure of one series: solid lines, each baseline dashed in its line's colour and
+    labelled with its value, and the best epoch as a dotted vertical line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,22 +173,34 @@ def figure(series: dict):
     fig = Figure(figsize=(6.4, 3.6), dpi=100)
     ax = fig.add_subplot()
     colors = dict((name, color) for _, name, color in DIRECTIONS)
+    baselines = [label for label in series["lines"] if label in series["baseline"]]
     for i, (label, ys) in enumerate(series["lines"].items()):
         color = colors.get(label, f"C{i}")
         ax.plot(series["x"], ys, marker="o" if series["xlabel"] == "epoch" else None, markersize=3,
                 color=color, label=label)
         if label in series["baseline"]:
-            ax.axhline(series["baseline"][label], color=color, linestyle="--", linewidth=1,
-                       label=f"{label}, before training")
+            # Baselines take turns along one dash cycle: equal ones (5.93 both ways before training)
+            # interleave their colours instead of the last one hiding the others.
+            turn = baselines.index(label)
+            ax.axhline(series["baseline"][label], color=color, linewidth=1,
+                       linestyle=(turn * DASH, (DASH, DASH * (len(baselines) - 1) or DASH)),
+                       label=f"{label}, before training ({series['baseline'][label]:.2f})")
+    if series.get("best") is not None:
+        ax.axvline(series["best"], color="0.4", linestyle=":", linewidth=1.2, label=f"best epoch ({series['best']})")
     ax.set_title(series["title"])
     ax.set_xlabel(series["xlabel"])
+    if series["xlabel"] == "epoch":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.2
     ax.grid(alpha=0.3)
-    if len(series["lines"]) > 1 or series["baseline"]:
+    if len(series["lines"]) > 1 or series["baseline"] or series.get("best") is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
+@chinese_text()
 def png_bytes(fig, series: dict) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={SERIES_KEY: json.dumps(series, ensure_ascii=False)})

@@ -53,6 +53,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from .counts import parse_count
 from .errors import CnclipError, UsageError
 from .images import ImageTooLarge, decode_rgb
 from .prompts import load_templates, parse_classes
@@ -67,8 +68,6 @@ UPLOAD_MAX_PIXELS = 40_000_000
 MAX_K = 100
 THUMB_SIDE = 256
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-_DIGITS = re.compile(r"[0-9]+")
-COUNT_CAP = 10**15  # more than any limit here
 # A host name or IPv4 address, optionally `*.` in front (TrustedHostMiddleware's suffix pattern).
 _HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
 
@@ -77,18 +76,6 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def parse_count(text: str) -> int | None:
-    """ASCII digits -> their value (COUNT_CAP for a longer number); None for anything else.
-
-    Not str.isdigit + int(): isdigit accepts '²' (int() raises) and '٣' (int() reads 3), and int() refuses
-    more than 4,300 digits; either way a request could reach a 500.
-    """
-    if not _DIGITS.fullmatch(text):
-        return None
-    digits = text.lstrip("0")
-    return int(digits or "0") if len(digits) <= 15 else COUNT_CAP
 
 
 def host_pattern(value: str, option: str = "--allowed-host") -> str:

@@ -31,6 +31,7 @@ Guarantees:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_dir
 from .errors import DataError, UsageError
+from .global_state import faiss_threads
 from .image_sources import IMAGE_EXTENSIONS, ImageTSV
 from .images import decode_base64
 from .skiplog import SkipLog
@@ -501,12 +503,10 @@ class Searcher:
         self.index, self.loaded, self.runtime = index, loaded, runtime
         self.clip = loaded.clip.to(runtime.device).eval()
         index.check_model(model_fingerprint(self.clip), model_spec)
-        if index.manifest["kind"] == "exact":
-            import faiss
-
-            # One query at a time over at most APPROXIMATE_FROM vectors: one thread is faster than several
-            # contending for busy cores (benchmarks/search_throughput.py: 2.1 vs 37 ms at 10k on a loaded 2-core CPU).
-            faiss.omp_set_num_threads(1)
+        # One query at a time over at most APPROXIMATE_FROM vectors: one thread is faster than several
+        # contending for busy cores (benchmarks/search_throughput.py: 2.1 vs 37 ms at 10k on a loaded 2-core CPU).
+        # Set around each search only: the process' faiss thread count is the caller's.
+        self._search_threads = 1 if index.manifest["kind"] == "exact" else None
         self.context_length = int(index.manifest.get("context_length", 52))
         from .data import ImageTransform
 
@@ -523,7 +523,8 @@ class Searcher:
         return cls(index, load_for_inference(spec), pick_runtime(device, "auto"), spec)
 
     def _hits(self, query: np.ndarray, k: int) -> list[Hit]:
-        scores, rows = self.index.search(query[None, :], k)
+        with faiss_threads(self._search_threads) if self._search_threads else contextlib.nullcontext():
+            scores, rows = self.index.search(query[None, :], k)
         hits = []
         for rank, (score, row) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), start=1):
             if row < 0:  # HNSW can return fewer than k

@@ -204,6 +204,11 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
 
         write_demo_dataset(recipe.data.root, seed=recipe.seed)
     distributed.barrier()
+    # Every split the run needs is read (and an empty or unusable one refused, DataError) before the
+    # model is loaded and the image cache is built: a data set with no validation pairs fails in seconds.
+    skips = SkipLog()
+    train_split = load_data_split(recipe.data, recipe.data.train_split, skips)
+    valid_split = load_data_split(recipe.data, recipe.data.valid_split, skips) if recipe.data.valid_split else None
 
     log.info("device %s, precision %s, %d process(es)%s", runtime.device, runtime.precision,
              distributed.world_size(), ", deterministic algorithms" if recipe.train.deterministic else "")
@@ -218,7 +223,6 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
     log.info(describe_trainable(model))
 
     # ---- data and the image-embedding cache (the image tower runs here, and only here)
-    skips = SkipLog()
     transform = ImageTransform(base.preprocess)
     tower = image_tower_fingerprint(clip)
 
@@ -228,12 +232,10 @@ def _train(recipe: Recipe, runtime: Runtime) -> dict:
                                     recipe.cache.batch_size, recipe.data.num_workers, skips, recipe.cache.part_size,
                                     sharded=True)
 
-    train_split = load_data_split(recipe.data, recipe.data.train_split, skips)
     train_features = features_of(train_split)
     pairs = build_pairs(train_split, train_features, base.tokenizer, recipe.data.context_length, skips)
-    valid_split = valid_features = None
-    if recipe.data.valid_split:
-        valid_split = load_data_split(recipe.data, recipe.data.valid_split, skips)
+    valid_features = None
+    if valid_split is not None:
         valid_features = features_of(valid_split)
         scorable_texts(valid_split, valid_features, skips)  # count, once, the texts recall cannot score
     zeroshot = (ZeroShotTracker.from_recipe(recipe, clip, base.tokenizer, transform, runtime, skips)

@@ -84,6 +84,10 @@ class DedupConfig:
     """Near-duplicate thresholds; exact image and (query, text) duplicates are always removed."""
 
     phash_max_distance: int | None = 4  # Hamming distance of 64-bit pHashes; null disables
+    # ...and only when their colours match too: the largest chroma difference over a 4x4 grid (0-255
+    # YCbCr units, data_tools.images.colour_distance). A re-encoded, resized or brightened copy stays
+    # within 20; another colour of the same product (red vs blue: 120+) does not. null: pHash alone.
+    colour_max_distance: float | None = 20.0
     # Cosine similarity of image embeddings at or above which an image repeats an earlier kept one
     # (crops, watermarks, re-uploads); needs --model; null disables.
     semantic_threshold: float | None = 0.95
@@ -91,6 +95,7 @@ class DedupConfig:
     def __post_init__(self) -> None:
         if self.phash_max_distance is not None:
             _require(0 <= self.phash_max_distance <= 32, "dedup.phash_max_distance", "an integer in [0, 32] or null")
+        _check_colour_distance(self.colour_max_distance, "dedup.colour_max_distance")
         if self.semantic_threshold is not None:
             _require(-1.0 <= self.semantic_threshold <= 1.0, "dedup.semantic_threshold", "a number in [-1, 1] or null")
 
@@ -100,11 +105,13 @@ class SplitConfig:
     """Pairs this close go to the same split (with pairs sharing a caption): looser than dedup."""
 
     phash_max_distance: int | None = 8  # null: pHash does not group
+    colour_max_distance: float | None = 32.0  # with pHash: as dedup's, looser; null: pHash alone groups
     semantic_threshold: float | None = 0.9  # needs --model; null: embeddings do not group
 
     def __post_init__(self) -> None:
         if self.phash_max_distance is not None:
             _require(0 <= self.phash_max_distance <= 16, "split.phash_max_distance", "an integer in [0, 16] or null")
+        _check_colour_distance(self.colour_max_distance, "split.colour_max_distance")
         if self.semantic_threshold is not None:
             _require(-1.0 <= self.semantic_threshold <= 1.0, "split.semantic_threshold", "a number in [-1, 1] or null")
 
@@ -125,6 +132,12 @@ class FilterConfig:
         if d.phash_max_distance is not None and (s.phash_max_distance is None or s.phash_max_distance < d.phash_max_distance):
             raise ConfigError("filter config key 'split.phash_max_distance': expected an integer >= "
                               f"dedup.phash_max_distance ({d.phash_max_distance})")
+        if s.colour_max_distance is not None and d.colour_max_distance is None:
+            raise ConfigError("filter config key 'split.colour_max_distance': expected null, as "
+                              "dedup.colour_max_distance is (pHash alone makes a near duplicate, whatever the colours)")
+        if s.colour_max_distance is not None and s.colour_max_distance < d.colour_max_distance:
+            raise ConfigError("filter config key 'split.colour_max_distance': expected null or a number >= "
+                              f"dedup.colour_max_distance ({d.colour_max_distance})")
         if d.semantic_threshold is not None and (s.semantic_threshold is None or s.semantic_threshold > d.semantic_threshold):
             raise ConfigError("filter config key 'split.semantic_threshold': expected a number <= "
                               f"dedup.semantic_threshold ({d.semantic_threshold})")
@@ -144,6 +157,12 @@ def load_config(path: Path | None) -> FilterConfig:
 def config_from_dict(data: Any) -> FilterConfig:
     """Build a FilterConfig from parsed YAML, rejecting unknown keys and wrong types."""
     return build_config(FilterConfig, data, "filter config")
+
+
+def _check_colour_distance(value: float | None, key: str) -> None:
+    if value is not None:
+        # 361 > the largest possible distance (255 * sqrt 2): colour never decides
+        _require(0.0 <= value <= 361.0, key, "a number in [0, 361] or null")
 
 
 def _require(condition: bool, key: str, expected: str) -> None:

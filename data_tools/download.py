@@ -13,8 +13,13 @@ Guarantees, for every URL handed to `Downloader.run`:
   backoff (or after Retry-After, if the server says so and it is within `max_retry_after`);
 * at most `max_redirects` redirects; a loop is recognised as such;
 * the body is streamed and abandoned as soon as it passes `max_bytes` (a declared
-  Content-Length beyond it is refused before reading), and the Content-Type and the first bytes
-  (magic numbers) are checked before anything is decoded;
+  Content-Length beyond it is refused before reading). The cap holds for the raw bytes received
+  and for the bytes a Content-Encoding decodes to: the body is read raw and decoded here, each
+  step asked for at most the bytes left under the cap, so a compression bomb costs no more
+  memory than an honest body of `max_bytes` (tests/test_download.py measures both bombs). One coding is accepted, identity, gzip (x-gzip)
+  or deflate; stacked codings ("gzip, gzip") and any other are refused unread (`bad_encoding`);
+* the Content-Type and the first decoded bytes (magic numbers) are checked before the image is
+  decoded;
 * `X-Robots-Tag: noai`, `noimageai`, `noindex` or `noimageindex`, for every user agent or for
   ours ("cnclip: noai"), refuses the image, the way img2dataset does.
 
@@ -33,6 +38,7 @@ import functools
 import logging
 import ssl
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -41,6 +47,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from cnclip.counts import parse_count
 from data_tools import __version__
 from data_tools.netguard import BlockedAddress, GuardedBackend
 from data_tools.records import Reason
@@ -56,6 +63,10 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _IMAGE_CONTENT_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/binary",
                                   "application/force-download", "application/x-download"})
 _MAGIC_BYTES_NEEDED = 12
+# Content-Encodings decoded under the size cap, with their zlib window bits. Brotli and zstd are
+# refused: we ask for identity (Accept-Encoding), and decoding them under a cap needs decoder APIs
+# (an output limit per call) that not every installed version of their libraries has.
+_ZLIB_CODINGS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
 
 
 @dataclass(frozen=True)
@@ -104,13 +115,19 @@ class Fetched:
 
 
 def redact(url: str) -> str:
-    """The URL as it may appear in reports and logs: no user:password@, no query string or fragment."""
+    """The URL as it may appear in reports and logs: no user:password@, no query string or fragment.
+
+    Without an authority ("//host"), nothing tells a host from a path ("javascript:user:pw@host/",
+    "http:/user:pw@host"), so only the scheme is shown.
+    """
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "<unparsable URL>"
+    if not parts.netloc:
+        return f"{parts.scheme[:20]}:..." if parts.scheme else "<URL without scheme or host>"
     if ":" in host:
         host = f"[{host}]"
     query = "?..." if parts.query else ""
@@ -165,8 +182,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = parse_count(value)  # ASCII digits only: '²' and '٣' are digits to str.isdigit
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -317,10 +335,8 @@ class Downloader:
                 raise _Failure(Reason.BLOCKED_ADDRESS, str(err)) from None
             except httpx.TimeoutException as err:
                 raise _Failure(Reason.DOWNLOAD_TIMEOUT, f"{redact(url)}: {type(err).__name__}") from None
-            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as err:
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError) as err:  # UnicodeError: a host IDNA refuses
                 raise _Failure(Reason.BAD_URL, f"{redact(url)}: {type(err).__name__}") from None
-            except httpx.DecodingError:  # a Content-Encoding (gzip...) whose data does not decode
-                raise _Failure(Reason.NOT_IMAGE_BYTES, f"{redact(url)}: body does not decode as its Content-Encoding") from None
             except httpx.RequestError as err:  # connect, read, write and protocol errors
                 raise _Failure(Reason.CONNECTION_ERROR, f"{redact(url)}: {type(err).__name__}: {_first_line(err)}") from None
 
@@ -346,20 +362,26 @@ class Downloader:
         if not (content_type.startswith("image/") or content_type in _IMAGE_CONTENT_TYPES):
             raise _Failure(Reason.NOT_AN_IMAGE, f"{redact(url)}: Content-Type {content_type[:80]}")
         declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        declared_bytes = parse_count(declared.strip())
+        if declared_bytes is not None and declared_bytes > self.max_bytes:
             raise _Failure(Reason.TOO_LARGE, f"{redact(url)}: Content-Length {declared} > {self.max_bytes}")
         return await self._body(response, url)
 
     async def _body(self, response: httpx.Response, url: str) -> bytes:
-        """The body, streamed: abandoned past max_bytes, or as soon as its first bytes are no image."""
+        """The body, streamed raw and decoded here: abandoned past max_bytes (raw or decoded), or as
+        soon as its first bytes are no image."""
+        decoder = CappedDecoder(content_coding(response.headers.get_list("content-encoding", split_commas=True), url),
+                                self.max_bytes, url)
         chunks: list[bytes] = []
-        size = 0
+        size = raw = 0
         checked = False
-        async for chunk in response.aiter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > self.max_bytes:
+        async for chunk in response.aiter_raw():  # not aiter_bytes: httpx would decode without a cap
+            raw += len(chunk)
+            if raw > self.max_bytes:  # e.g. endless data after the end of a gzip stream
                 raise _Failure(Reason.TOO_LARGE, f"{redact(url)}: body beyond {self.max_bytes} bytes")
+            decoded = decoder.feed(chunk)
+            chunks.append(decoded)
+            size += len(decoded)
             if not checked and size >= _MAGIC_BYTES_NEEDED:
                 self._check_magic(b"".join(chunks)[:_MAGIC_BYTES_NEEDED], url)
                 checked = True
@@ -390,6 +412,63 @@ class Downloader:
         if 400 <= status < 500:
             return _Failure(Reason.HTTP_4XX, detail)
         return _Failure(Reason.BAD_REDIRECT, f"{detail} (a 3xx that is no redirect)")
+
+
+def content_coding(values: list[str], url: str) -> str:
+    """The one Content-Encoding to decode ("identity" for none); raises _Failure(BAD_ENCODING) for a
+    stack of codings or one not in _ZLIB_CODINGS. `identity` entries are no-ops and are dropped."""
+    codings = [value.strip().lower() for value in values]
+    codings = [coding for coding in codings if coding and coding != "identity"]
+    if len(codings) > 1:  # each layer multiplies a bomb's ratio (about 1000x per gzip)
+        raise _Failure(Reason.BAD_ENCODING, f"{redact(url)}: stacked Content-Encoding {', '.join(codings)[:80]}")
+    if codings and codings[0] not in _ZLIB_CODINGS:
+        raise _Failure(Reason.BAD_ENCODING, f"{redact(url)}: unsupported Content-Encoding {codings[0][:40]}")
+    return codings[0] if codings else "identity"
+
+
+class CappedDecoder:
+    """Decodes a body chunk by chunk and fails with TOO_LARGE as soon as the output passes `limit`.
+
+    Every zlib call is given the bytes left under the limit (plus one, to see it pass) as its
+    `max_length`, and the input it could not consume yet is fed again in the next call, so no
+    call ever produces more than the limit, whatever the compression ratio. All output is
+    returned to the caller, which keeps it: at most `limit` + 1 decoded bytes exist at any time.
+    """
+
+    def __init__(self, coding: str, limit: int, url: str) -> None:
+        self.coding, self.limit, self.url = coding, limit, url
+        self.produced = 0
+        self._zlib = zlib.decompressobj(_ZLIB_CODINGS[coding]) if coding != "identity" else None
+        self._started = False
+
+    def feed(self, raw: bytes) -> bytes:
+        if self._zlib is None:
+            return self._count(raw)
+        try:
+            return self._inflate(raw)
+        except zlib.error:
+            if self.coding == "deflate" and not self._started:
+                # "deflate" is meant to be zlib-wrapped, but some servers send a raw deflate stream (as httpx accepts)
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                self._started = True
+                return self.feed(raw)
+            raise _Failure(Reason.BAD_ENCODING, f"{redact(self.url)}: body does not decode as {self.coding}") from None
+
+    def _inflate(self, data: bytes) -> bytes:
+        assert self._zlib is not None
+        parts = []
+        while data and not self._zlib.eof:  # after the end of the stream, trailing bytes are ignored (as httpx does)
+            out = self._zlib.decompress(data, self.limit - self.produced + 1)
+            self._started = True
+            parts.append(self._count(out))
+            data = self._zlib.unconsumed_tail
+        return b"".join(parts)
+
+    def _count(self, out: bytes) -> bytes:
+        self.produced += len(out)
+        if self.produced > self.limit:
+            raise _Failure(Reason.TOO_LARGE, f"{redact(self.url)}: body decodes beyond {self.limit} bytes")
+        return out
 
 
 def _first_line(err: Exception) -> str:

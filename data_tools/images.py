@@ -16,6 +16,7 @@ from hashlib import blake2b
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import imagehash
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnclip.images import decode_base64, to_rgb  # the same RGB conversion training applies to its own images
@@ -27,6 +28,8 @@ _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+:")  # two letters at least: 
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_\-=\s]+")
 _PHASH_SIDE = 32  # imagehash.phash: hash_size 8 x highfreq_factor 4
 _MIN_BASE64_CHARS = 64  # no real image encodes shorter; paths this long without a dot are implausible
+COLOUR_GRID = 4  # the colour signature is the mean chroma of each cell of a 4x4 grid
+COLOUR_SIGNATURE_BYTES = COLOUR_GRID * COLOUR_GRID * 2
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class ProcessedImage:
     jpeg: bytes
     sha: bytes  # content hash of the normalised image: exact duplicates regardless of file encoding
     phash: int
+    colour: bytes  # colour_signature: pHash sees only luminance
     width: int
     height: int
 
@@ -126,7 +130,8 @@ def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
         # like bicubic, at half its cost, which is the largest single cost of a downloaded record.
         rgb = rgb.resize(_target_size(rgb.size, config.max_side), Image.Resampling.BOX)
     jpeg = encode_jpeg(rgb, config.jpeg_quality)
-    return ProcessedImage(jpeg=jpeg, sha=content_hash(jpeg), phash=perceptual_hash(rgb), width=rgb.width, height=rgb.height)
+    return ProcessedImage(jpeg=jpeg, sha=content_hash(jpeg), phash=perceptual_hash(rgb), colour=colour_signature(rgb),
+                          width=rgb.width, height=rgb.height)
 
 
 def _open_checked(data: bytes, config: ImageConfig) -> Image.Image:
@@ -183,3 +188,29 @@ def perceptual_hash(image: Image.Image) -> int:
     """
     thumbnail = image.convert("L").resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)
     return int(str(imagehash.phash(thumbnail)), 16)  # imagehash's own resize to 32x32 is then a no-op
+
+
+def colour_signature(image: Image.Image) -> bytes:
+    """Where the picture has which colour: the mean chroma (Cb, Cr of YCbCr, 0-255) of each cell of a
+    4x4 grid, 32 bytes.
+
+    pHash is computed from luminance alone, so a red and a blue version of one product photo hash
+    alike; this tells them apart. Chroma leaves brightness out, so a brightened or re-encoded copy
+    keeps its signature (within a few units); the grid keeps a red top over a blue skirt apart from the
+    reverse. Area averaging (BOX) makes each value the mean over its whole cell.
+    """
+    cells = image.convert("RGB").resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX).convert("YCbCr")
+    return np.asarray(cells, dtype=np.uint8)[:, :, 1:].tobytes()
+
+
+def colour_distance(a: np.ndarray | bytes, b: np.ndarray | bytes) -> np.ndarray:
+    """The largest chroma difference over the grid cells (Euclidean in the CbCr plane, 0-255 units) of
+    two colour signatures, or elementwise over rows of two (n, 32) uint8 arrays.
+
+    The largest cell, not the mean: a colour change confined to the product (a quarter of the picture)
+    must count in full, not diluted by the unchanged background.
+    """
+    a = np.frombuffer(a, dtype=np.uint8) if isinstance(a, bytes) else a
+    b = np.frombuffer(b, dtype=np.uint8) if isinstance(b, bytes) else b
+    diff = a.astype(np.int32).reshape(*a.shape[:-1], -1, 2) - b.astype(np.int32).reshape(*b.shape[:-1], -1, 2)
+    return np.sqrt((diff * diff).sum(axis=-1)).max(axis=-1)

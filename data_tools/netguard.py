@@ -13,10 +13,15 @@ address is not a public unicast address, and connects to the checked address its
 second lookup can swap it. Every redirect hop opens its connection through the same backend,
 so redirects are checked too. A refused host sees no packet, let alone a request.
 
-Refused (unless the user passes --allow-private-network): loopback, private, link-local,
-shared (CGNAT 100.64/10), multicast, reserved and unspecified ranges, IPv4 addresses embedded
-in IPv6 (mapped, NAT64, 6to4) when the embedded address is refused, and the cloud metadata
-addresses, listed explicitly even where a range rule already covers them.
+Allowed (unless the user passes --allow-private-network, which lifts the guard): an address
+`ipaddress` calls global that is not multicast, is in IPv6's global unicast space 2000::/3, and is
+in none of `DENIED_NETWORKS` (our own copy of the IANA special-purpose blocks that are not
+globally reachable, plus the globally reachable anycast and identifier blocks that are no image
+host, so the decision does not depend on the Python patch release: 3.11.7's `ipaddress` calls
+fec0::/10, 3fff::/20 and 192.0.0.8 global) and is no cloud metadata address. An IPv6 address
+that embeds an IPv4 address (IPv4-mapped, NAT64 64:ff9b::/96, 6to4 2002::/16, Teredo) is judged
+by the IPv4 address it reaches; Teredo is refused in any case (2001::/32). tests/test_netguard.py
+checks a sample of every block of both IANA registries.
 """
 
 from __future__ import annotations
@@ -38,8 +43,36 @@ METADATA_ADDRESSES = frozenset(
     for a in ("169.254.169.254", "169.254.170.2", "169.254.0.23", "100.100.100.200", "192.0.0.192", "fd00:ec2::254")
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
+_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+# IANA special-purpose blocks (IPv4 and IPv6 registries) refused whatever `ipaddress` says of them.
+# Sub-blocks the registry calls globally reachable are refused with their parent (PCP/TURN anycast
+# in 192.0.0.0/24; AMT, AS112, ORCHIDv2, drone DETs and anycast in 2001::/23), as is the deprecated
+# 6to4 relay anycast: no image is served from them. The registry's other globally reachable blocks
+# (192.31.196.0/24, 192.52.193.0/24, 192.175.48.0/24, 2620:4f:8000::/48: AS112, AMT) are allowed.
+DENIED_NETWORKS: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, str] = {
+    ipaddress.ip_network(block): why
+    for block, why in (
+        ("0.0.0.0/8", "'this network'"),
+        ("100.64.0.0/10", "shared address space (CGNAT)"),
+        ("192.0.0.0/24", "IETF protocol assignments (incl. PCP/TURN anycast, NAT64 discovery)"),
+        ("192.0.2.0/24", "documentation (TEST-NET-1)"),
+        ("192.88.99.0/24", "deprecated 6to4 relay anycast"),
+        ("198.18.0.0/15", "benchmarking"),
+        ("198.51.100.0/24", "documentation (TEST-NET-2)"),
+        ("203.0.113.0/24", "documentation (TEST-NET-3)"),
+        ("240.0.0.0/4", "reserved"),
+        ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation"),
+        ("100::/64", "discard-only"),
+        ("100:0:0:1::/64", "dummy IPv6 prefix"),
+        ("2001::/23", "IETF protocol assignments (Teredo, benchmarking, ORCHID, AMT, AS112, anycast)"),
+        ("2001:db8::/32", "documentation"),
+        ("3fff::/20", "documentation"),
+        ("5f00::/16", "segment routing (SRv6) SIDs"),
+        ("fc00::/7", "unique local"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "deprecated site-local"),
+    )
+}
 class BlockedAddress(Exception):
     """The host resolves to an address downloads may not connect to; nothing was sent."""
 
@@ -47,29 +80,40 @@ class BlockedAddress(Exception):
 def blocked_reason(address: IPAddress) -> str | None:
     """Why a crawl must not connect to `address`, or None if it is a public unicast address."""
     embedded = _embedded_ipv4(address)
-    if embedded is not None:
-        reason = blocked_reason(embedded)
-        return f"embeds {embedded}, {reason}" if reason else None
+    for inner in embedded:
+        reason = blocked_reason(inner)
+        if reason is not None:
+            return f"embeds {inner}, {reason}"
+    if embedded and isinstance(address, ipaddress.IPv6Address) and address.teredo is None:
+        return None  # mapped, NAT64, 6to4: the packet goes to the public IPv4 address; Teredo is judged below
     if address in METADATA_ADDRESSES:
         return "a cloud metadata address"
+    for network, why in DENIED_NETWORKS.items():
+        if address in network:
+            return f"in {network}, {why}"
     for flag in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
         if getattr(address, f"is_{flag}"):
             return f"a {flag.replace('_', '-')} address"
-    if not address.is_global:  # shared address space 100.64/10, documentation, benchmarking ranges...
+    if isinstance(address, ipaddress.IPv6Address) and address not in _GLOBAL_UNICAST_V6:
+        return "outside the IPv6 global unicast space 2000::/3"
+    if not address.is_global:
         return "not a globally routable address"
     return None
 
 
-def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+def _embedded_ipv4(address: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address hands its packets to: mapped, NAT64, 6to4, Teredo (server, client)."""
     if not isinstance(address, ipaddress.IPv6Address):
-        return None
+        return ()
     if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+        return (address.ipv4_mapped,)
     if address.sixtofour is not None:
-        return address.sixtofour
+        return (address.sixtofour,)
     if address in _NAT64:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return None
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    if address.teredo is not None:
+        return address.teredo
+    return ()
 
 
 async def resolve(host: str, port: int) -> list[IPAddress]:

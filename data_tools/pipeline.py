@@ -119,6 +119,7 @@ def build_pairs(options: BuildOptions) -> BuildResult:
         report = build_report(
             tally,
             splits=selection.split_counts,
+            split_fractions=dict(options.splits),
             outputs=outputs + [REPORT_NAME],
             input_errors=input_errors,
             settings=_settings(inputs, options),

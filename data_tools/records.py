@@ -63,6 +63,7 @@ class Reason(StrEnum):
     TOO_LARGE = "too_large"  # body (declared or streamed) beyond image.max_file_bytes; reading stops there
     NOT_AN_IMAGE = "not_an_image"  # Content-Type is not an image type (an HTML page, JSON...)
     NOT_IMAGE_BYTES = "not_image_bytes"  # declared an image, but the bytes start like no image format
+    BAD_ENCODING = "bad_encoding"  # Content-Encoding stacked ("gzip, gzip"), not gzip/deflate, or the body does not decode
     ROBOTS_DISALLOWED = "robots_disallowed"  # X-Robots-Tag noai/noimageai/noindex/noimageindex
     # Global stages.
     DUPLICATE_IMAGE = "duplicate_image"
@@ -116,5 +117,6 @@ class Record:
     jpeg: bytes = b""
     image_sha: bytes = b""  # exact-duplicate key: hash of the normalised pixels
     phash: int = 0  # 64-bit perceptual hash for near duplicates
+    colour: bytes = b""  # colour signature (data_tools.images.colour_signature): near duplicates share it too
     width: int = 0
     height: int = 0

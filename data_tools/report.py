@@ -103,6 +103,7 @@ def build_report(
     tally: Tally,
     *,
     splits: dict[str, int],
+    split_fractions: dict[str, float],
     outputs: list[str],
     input_errors: list[str],
     settings: dict[str, Any],
@@ -113,6 +114,7 @@ def build_report(
         for reason, n in counts["rejected"].items():
             reasons[reason] = reasons.get(reason, 0) + n
     return {
+        "warnings": split_warnings(splits, split_fractions),
         "records_read": sum(c["read"] for c in tally.files.values()),
         "kept": sum(c["kept"] for c in tally.files.values()),
         "rejected_total": sum(reasons.values()),
@@ -127,6 +129,23 @@ def build_report(
         "settings": settings,
         "outputs": outputs,
     }
+
+
+def split_warnings(counts: dict[str, int], fractions: dict[str, float]) -> list[str]:
+    """One line per requested split (fraction > 0) that came out empty, saying how to fix it.
+
+    Nothing else notices: the build succeeds, and fine-tuning refuses the empty split only later.
+    """
+    kept = sum(counts.values())
+    warnings = []
+    for name, n in counts.items():
+        if n == 0 and fractions.get(name, 0) > 0:
+            expected = kept * fractions[name]
+            warnings.append(
+                f"split '{name}' is empty: {100 * fractions[name]:g}% of the {kept} pairs kept is {expected:.1f} "
+                f"pairs, and pairs go to a split in whole leak-free groups; add crawl data, or give '{name}' a "
+                f"larger share with --splits TRAIN,VALID,TEST (e.g. --splits 0.8,0.1,0.1)")
+    return warnings
 
 
 def summary(report: dict[str, Any], top: int = 8) -> str:
@@ -146,6 +165,7 @@ def summary(report: dict[str, Any], top: int = 8) -> str:
     if capped:
         lines.append(f"queries capped: {len(capped)} of {len(report['per_query'])}")
     lines += [f"input error: {error}" for error in report["input_errors"]]
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
     return "\n".join(lines)
 
 

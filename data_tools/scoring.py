@@ -14,6 +14,7 @@ The image embeddings also drive semantic dedup and the semantic part of split gr
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import math
 from bisect import bisect_right
@@ -93,21 +94,27 @@ class WorkImages:
 def embed_records(images: WorkImages, texts: list[str], options: ScoringOptions, default_cache: Path,
                   progress: bool) -> Embeddings:
     """Image embeddings (through the cache) and image-text similarities of every accepted record."""
+    from cnclip.global_state import exact_float32
+    from cnclip.inference import load_for_inference
+    from cnclip.runtime import pick_runtime
+
+    loaded = load_for_inference(options.model)
+    runtime = pick_runtime(options.device, options.precision)
+    # fp32 means fp32 on a GPU too (no TF32), so scores match the CPU's; only for this call, not the process
+    with exact_float32() if runtime.autocast_dtype is None else contextlib.nullcontext():
+        return _embed(images, texts, options, default_cache, progress, loaded, runtime)
+
+
+def _embed(images: WorkImages, texts: list[str], options: ScoringOptions, default_cache: Path, progress: bool,
+           loaded: Any, runtime: Any) -> Embeddings:
     import torch
     from tqdm import tqdm
 
     from cnclip.data import ImageTransform, tokenize
     from cnclip.image_cache import split_image_features
-    from cnclip.inference import load_for_inference
     from cnclip.models import encode_texts, image_tower_fingerprint
-    from cnclip.runtime import pick_runtime
     from cnclip.skiplog import SkipLog
 
-    loaded = load_for_inference(options.model)
-    runtime = pick_runtime(options.device, options.precision)
-    if runtime.autocast_dtype is None:  # fp32 means fp32 on a GPU too (no TF32), so scores match the CPU's
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     clip = loaded.clip.to(runtime.device).train(False)  # inference mode (dropout off)
     skips = SkipLog()
     features = split_image_features(images, clip, ImageTransform(loaded.preprocess), image_tower_fingerprint(clip),

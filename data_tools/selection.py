@@ -3,13 +3,13 @@
 1. score    (with --model) image-text similarity of every record; --min-similarity / --keep-top
             drop records as `low_similarity` (a property of the record itself, like its caption,
             so it runs before dedup: a copy with a better caption can still be kept)
-2. group    duplicate groups: identical image, pHash neighbour, semantic neighbour (with --model),
+2. group    duplicate groups: identical image, pHash and colour neighbour, semantic neighbour (with --model),
             same (query, text); the first record of a group is its representative
 3. cap      per query over groups; a group refused by its representative's query is offered to
             the query of its next copy (data_tools.cap), so a picture survives when any copy can
 4. account  every record gets exactly one fate, in input order: kept; `query_cap` when its
             query refused its group; else the duplicate reason relating it to its group
-5. split    leak-free groups (shared caption, pHash and semantic neighbourhoods) go whole to
+5. split    leak-free groups (shared caption, pHash-and-colour and semantic neighbourhoods) go whole to
             one split (data_tools.split)
 
 Memory: a few small fields per accepted record (hashes, query, caption) and, with --model, its
@@ -33,7 +33,7 @@ from data_tools.report import Tally
 from data_tools.scoring import Embeddings, ScoringOptions, WorkImages, embed_records, histogram, select_by_similarity
 from data_tools.semantic import SemanticIndex, similar_pairs
 from data_tools.shards import read_light
-from data_tools.split import assign_split, leak_free_groups
+from data_tools.split import assign_split, colour_array, leak_free_groups
 
 KEPT = None
 
@@ -64,6 +64,7 @@ class _Records:
     text: list[str] = field(default_factory=list)
     sha: list[bytes] = field(default_factory=list)
     phash: list[int] = field(default_factory=list)
+    colour: list[bytes] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -120,8 +121,9 @@ def _read_records(shard_paths: list[Path], progress: bool) -> tuple[_Records, li
     for index, path in enumerate(tqdm(shard_paths, desc="dedup", unit="shard", file=sys.stderr, disable=not progress)):
         columns = read_light(path)
         counts.append(len(columns["sha"]))
-        for row, (location, query, text, sha, phash) in enumerate(zip(
-                columns["location"], columns["query"], columns["text"], columns["sha"], columns["phash"])):
+        for row, (location, query, text, sha, phash, colour) in enumerate(zip(
+                columns["location"], columns["query"], columns["text"], columns["sha"], columns["phash"],
+                columns["colour"])):
             records.shard.append(index)
             records.row.append(row)
             records.location.append(location)
@@ -129,6 +131,7 @@ def _read_records(shard_paths: list[Path], progress: bool) -> tuple[_Records, li
             records.text.append(text)
             records.sha.append(sha)
             records.phash.append(phash)
+            records.colour.append(colour)
     return records, counts
 
 
@@ -137,14 +140,14 @@ def _group(records: _Records, passed: np.ndarray, embeddings: Embeddings | None,
     semantic = None
     if embeddings is not None and dedup_config.semantic_threshold is not None:
         semantic = SemanticIndex(embeddings.images.shape[1], dedup_config.semantic_threshold)
-    dedup = Deduplicator(dedup_config.phash_max_distance, semantic)
+    dedup = Deduplicator(dedup_config.phash_max_distance, semantic, dedup_config.colour_max_distance)
     group_of: dict[int, int] = {}  # representative -> group index
     members: list[list[int]] = []
     reasons: dict[int, Reason] = {}
     for number in np.flatnonzero(passed).tolist():
         vector = embeddings.images[number] if embeddings is not None else None
         duplicate = dedup.check(number, records.sha[number], records.phash[number], records.query[number],
-                                records.text[number], vector)
+                                records.text[number], vector, records.colour[number])
         if duplicate is None:
             group_of[number] = len(members)
             members.append([number])
@@ -184,7 +187,9 @@ def _leak_free_splits(records: _Records, kept: list[int], embeddings: Embeddings
     if embeddings is not None and split_config.semantic_threshold is not None and kept:
         semantic_pairs = similar_pairs(embeddings.images[kept], split_config.semantic_threshold)
     groups = leak_free_groups([records.text[n] for n in kept], np.array([records.phash[n] for n in kept], dtype=np.uint64),
-                              split_config.phash_max_distance, semantic_pairs)
+                              split_config.phash_max_distance, semantic_pairs,
+                              colours=colour_array([records.colour[n] for n in kept]),
+                              colour_max_distance=split_config.colour_max_distance)
     roots = [groups.find(i) for i in range(len(kept))]
     sizes: dict[int, int] = {}
     for root in roots:

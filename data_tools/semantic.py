@@ -8,8 +8,8 @@ costs a fixed number of bytes (its vector plus about 2*M neighbour links), so wo
 image stay flat as the corpus grows (benchmarks/semantic_dedup.py measures both). HNSW is
 approximate: a true neighbour is missed with a small probability (recall > 0.99 at the settings
 below). Vectors are added in small batches; until then the newest ones are compared exactly,
-so "the nearest kept image" includes the records just before. One faiss thread keeps the graph,
-and so the output, identical from run to run.
+so "the nearest kept image" includes the records just before. One faiss thread (for these calls only: the
+process' setting is restored after each) keeps the graph, and so the output, identical from run to run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+
+from cnclip.global_state import faiss_threads
 
 HNSW_LINKS = 16  # M: neighbours per node
 EF_CONSTRUCTION = 40
@@ -28,8 +30,13 @@ def _faiss():
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked is not news
     import faiss
 
-    faiss.omp_set_num_threads(1)  # HNSW insertion order must not depend on thread timing
     return faiss
+
+
+def _one_thread():
+    """One faiss thread for each add and search: HNSW insertion order must not depend on thread timing.
+    Scoped, so the caller's own faiss thread count is left as it was."""
+    return faiss_threads(1, _faiss())
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -63,7 +70,8 @@ class SemanticIndex:
         """The record number of the most similar kept image at or above the threshold, else None."""
         best, best_sim = None, self.threshold
         if self._index.ntotal:
-            sims, rows = self._index.search(vector.reshape(1, -1), 1)
+            with _one_thread():
+                sims, rows = self._index.search(vector.reshape(1, -1), 1)
             if rows[0, 0] >= 0 and sims[0, 0] >= best_sim:
                 best, best_sim = self._payloads[rows[0, 0]], float(sims[0, 0])
         pending = len(self._pending_payloads)
@@ -78,7 +86,8 @@ class SemanticIndex:
         self._pending[len(self._pending_payloads)] = vector
         self._pending_payloads.append(payload)
         if len(self._pending_payloads) == PENDING:
-            self._index.add(self._pending)
+            with _one_thread():
+                self._index.add(self._pending)
             self._payloads.extend(self._pending_payloads)
             self._pending_payloads.clear()
 
@@ -93,8 +102,9 @@ def similar_pairs(vectors: np.ndarray, threshold: float, neighbours: int = 16) -
     if n < 2:
         return []
     index = _hnsw(vectors.shape[1])
-    index.add(vectors)
-    sims, rows = index.search(vectors, min(neighbours + 1, n))
+    with _one_thread():
+        index.add(vectors)
+        sims, rows = index.search(vectors, min(neighbours + 1, n))
     pairs = set()
     for i in range(n):
         for sim, j in zip(sims[i], rows[i]):

@@ -40,7 +40,7 @@ from data_tools.records import RawItem, Reason, Record, Rejected
 from data_tools.report import Tally
 from data_tools.stages import RecordProcessor
 
-WORK_FORMAT = 3  # bump when the shard file layout or a per-record stage changes behaviour
+WORK_FORMAT = 4  # bump when the shard file layout or a per-record stage changes behaviour (4: colour column)
 _TALLY_KEY = b"data_tools.tally"
 _DOWNLOADS_KEY = b"data_tools.downloads"  # DownloadStats of the shard
 _RETRY_KEY = b"data_tools.retryable"  # records whose failure --retry-failed reruns
@@ -53,6 +53,7 @@ SCHEMA = pa.schema(
         ("text_field", pa.string()),
         ("sha", pa.binary()),
         ("phash", pa.uint64()),
+        ("colour", pa.binary()),  # colour signature: near duplicates need both it and the pHash close
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("jpeg", pa.binary()),
@@ -61,7 +62,7 @@ SCHEMA = pa.schema(
         ("meta", pa.string()),  # JSON of the unknown input fields
     ]
 )
-LIGHT_COLUMNS = ["location", "query", "text", "sha", "phash"]
+LIGHT_COLUMNS = ["location", "query", "text", "sha", "phash", "colour"]
 log = logging.getLogger(__name__)
 
 
@@ -221,6 +222,7 @@ def _accepted(record: Record) -> _Outcome:
         "text_field": record.text_field,
         "sha": record.image_sha,
         "phash": record.phash,
+        "colour": record.colour,
         "width": record.width,
         "height": record.height,
         "jpeg": record.jpeg,

@@ -1,7 +1,8 @@
 """train/valid/test assignment by leak-free group.
 
 Two pairs that share a normalised caption, or whose images are near each other (pHash within
-`split.phash_max_distance` bits, or image-embedding cosine >= `split.semantic_threshold` when a
+`split.phash_max_distance` bits with colour signatures within `split.colour_max_distance`, as
+dedup defines a near duplicate, or image-embedding cosine >= `split.semantic_threshold` when a
 model scores the pairs), are linked; the connected components of these links are the groups, and
 every pair of a group goes to the same split. So no caption and no near-duplicate pair (at those
 thresholds, which are looser than dedup's: they catch what dedup let through) crosses splits.
@@ -20,6 +21,7 @@ from hashlib import blake2b
 import numpy as np
 
 from cnclip.errors import UsageError
+from data_tools.images import COLOUR_SIGNATURE_BYTES, colour_distance
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -106,15 +108,25 @@ def hamming_pairs(hashes: np.ndarray, max_distance: int) -> Iterable[tuple[np.nd
                     yield members[a + row], members[b]
 
 
+def colour_array(signatures: list[bytes]) -> np.ndarray:
+    """Colour signatures as an (n, 32) uint8 array, one row per pair."""
+    return np.frombuffer(b"".join(signatures), dtype=np.uint8).reshape(len(signatures), COLOUR_SIGNATURE_BYTES)
+
+
 def leak_free_groups(captions: list[str], phashes: np.ndarray, phash_max_distance: int | None,
-                     semantic_pairs: Iterable[tuple[int, int]] = ()) -> UnionFind:
-    """Link pairs by identical caption_key, pHash neighbourhood and the given semantic pairs."""
+                     semantic_pairs: Iterable[tuple[int, int]] = (), colours: np.ndarray | None = None,
+                     colour_max_distance: float | None = None) -> UnionFind:
+    """Link pairs by identical caption_key, near picture (pHash, and colour signature when both
+    `colours` and `colour_max_distance` are given) and the given semantic pairs."""
     groups = UnionFind(len(captions))
     first_with: dict[str, int] = {}
     for i, caption in enumerate(captions):
         groups.union(first_with.setdefault(caption_key(caption), i), i)
     if phash_max_distance is not None:
         for a, b in hamming_pairs(phashes, phash_max_distance):
+            if colours is not None and colour_max_distance is not None:
+                same_colours = colour_distance(colours[a], colours[b]) <= colour_max_distance
+                a, b = a[same_colours], b[same_colours]
             for i, j in zip(a.tolist(), b.tolist()):
                 groups.union(i, j)
     for i, j in semantic_pairs:

@@ -118,4 +118,5 @@ class RecordProcessor:
         record.jpeg = processed.jpeg
         record.image_sha = processed.sha
         record.phash = processed.phash
+        record.colour = processed.colour
         record.width, record.height = processed.width, processed.height

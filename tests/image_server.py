@@ -16,16 +16,23 @@ Routes (N is any integer; images are deterministic in N, so runs can be compared
   /noai             the image with X-Robots-Tag: noai
   /truncated        the first half of a JPEG
   /badgzip          image/jpeg with Content-Encoding: gzip and a body that does not decode
+  /gzip/N, /deflate/N, /rawdeflate/N   the image of /img/N.jpg sent gzip, zlib or raw-deflate encoded
+  /gzipbomb         Content-Encoding: gzip, no Content-Length, 2.1 MB that decode to a JPEG start and 2 GiB of zeros
+  /gzip2bomb        Content-Encoding: gzip, gzip, no Content-Length: 4.9 KB that decode (twice) to the same 2 GiB
+  /br               Content-Encoding: br (never decoded by the client)
   /tiny             a 16x16 JPEG
 Every request is counted by path (`server.counts`) and timed (`server.times`).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -38,6 +45,46 @@ def jpeg(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(cells).resize(size, Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
+
+
+BOMB_MIB = 2048  # what the bombs decode to
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """A gzip stream of a JPEG start and BOMB_MIB MiB of zeros, built in about half a second.
+
+    Deflate is asked for a full flush after each MiB, which resets its state, so every MiB of zeros
+    compresses to the same bytes: the stream is one compressed MiB repeated, not 2 GiB compressed.
+    """
+    block = bytes(1 << 20)
+    head = b"\xff\xd8\xff\xe0" + block[4:]
+
+    def deflated(data: bytes) -> bytes:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+
+    crc = zlib.crc32(head)
+    for _ in range(BOMB_MIB - 1):
+        crc = zlib.crc32(block, crc)
+    end = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS).flush()
+    trailer = struct.pack("<II", crc, (BOMB_MIB << 20) & 0xFFFFFFFF)
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + deflated(head) + deflated(block) * (BOMB_MIB - 1) + end + trailer
+
+
+def gzip_twice_bomb() -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    return compressor.compress(gzip_bomb()) + compressor.flush()
+
+
+def gzip(data: bytes) -> bytes:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    return compressor.compress(data) + compressor.flush()
+
+
+def raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
 
 
 HTML = b"<!doctype html><html><head><title>not an image</title></head><body>hello</body></html>"
@@ -101,19 +148,39 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, data[: len(data) // 2])
         elif route == "badgzip":
             self._send(200, b"\x1f\x8b\x08\x00garbage, not a gzip stream", headers={"Content-Encoding": "gzip"})
+        elif route == "gzip":
+            self._send(200, gzip(jpeg(int(parts[1]))), headers={"Content-Encoding": "gzip"})
+        elif route == "deflate":
+            self._send(200, zlib.compress(jpeg(int(parts[1]))), headers={"Content-Encoding": "deflate"})
+        elif route == "rawdeflate":
+            self._send(200, raw_deflate(jpeg(int(parts[1]))), headers={"Content-Encoding": "deflate"})
+        elif route == "gzipbomb":
+            self._send(200, gzip_bomb(), headers={"Content-Encoding": "gzip"}, chunked=True)
+        elif route == "gzip2bomb":
+            self._send(200, gzip_twice_bomb(), headers={"Content-Encoding": "gzip, gzip"}, chunked=True)
+        elif route == "br":
+            self._send(200, b"\x1b\x03\x00\xf8\x25\x00\x22\x00", headers={"Content-Encoding": "br"})
         elif route == "tiny":
             self._send(200, jpeg(9, (16, 16)))
         else:
             self._send(404, b"no such route", "text/plain")
 
-    def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", headers: dict[str, str] | None = None) -> None:
+    def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", headers: dict[str, str] | None = None,
+              chunked: bool = False) -> None:
+        """`chunked`: no Content-Length, so only the client's streamed count can refuse a large body."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
+        except OSError:
+            self.close_connection = True  # the client hung up: what a refused bomb looks like from here
 
     def _endless(self) -> None:
         self.send_response(200)

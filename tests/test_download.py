@@ -10,17 +10,22 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import image_server
 from image_server import ImageServer
 
 from data_tools import netguard
 from data_tools.config import config_from_dict
 from data_tools.download import (
+    CappedDecoder,
     Downloader,
     DownloadOptions,
+    _Failure,
+    content_coding,
     image_signature,
     parse_retry_after,
     redact,
@@ -48,9 +53,16 @@ CASES = {
     "/loop/a": Reason.REDIRECT_LOOP,
     "/noai": Reason.ROBOTS_DISALLOWED,
     "/truncated": Reason.UNDECODABLE_IMAGE,
-    "/badgzip": Reason.NOT_IMAGE_BYTES,
+    "/badgzip": Reason.BAD_ENCODING,
     "/tiny": Reason.IMAGE_TOO_SMALL,
+    "/gzip/10": None,  # a legitimately encoded image, decoded
+    "/deflate/11": None,
+    "/rawdeflate/12": None,
+    "/gzipbomb": Reason.TOO_LARGE,  # 2 GiB of zeros: stopped when the decoded bytes pass the cap
+    "/gzip2bomb": Reason.BAD_ENCODING,  # stacked codings: refused unread
+    "/br": Reason.BAD_ENCODING,
 }
+FETCHED = 10  # 8 kept + the truncated and the tiny image, rejected after the fetch
 
 
 def write_crawl(path: Path, urls: list[str]) -> Path:
@@ -79,6 +91,7 @@ def reasons_by_url(report: dict, urls: list[str]) -> dict[str, str]:
 
 @pytest.fixture()
 def server():
+    image_server.gzip_twice_bomb()  # built once, before any request: building takes longer than FAST's read timeout
     with ImageServer() as running:
         yield running
 
@@ -106,11 +119,50 @@ def test_every_case_lands_on_its_own_reason(server, tmp_path):
     assert server.counts["/loop/a"] == 1 and server.counts["/loop/b"] == 1
     downloads = report["downloads"]
     assert downloads["attempted"] == len(CASES)
-    assert downloads["fetched"] == 7  # 5 kept + the truncated and the tiny image, rejected after the fetch
-    assert downloads["success_rate"] == round(7 / len(CASES), 4)
+    assert downloads["fetched"] == FETCHED
+    assert downloads["success_rate"] == round(FETCHED / len(CASES), 4)
     assert downloads["retryable_failures"] == 1  # the timeout
     (host,) = downloads["top_failing_hosts"]
-    assert host["host"] == "127.0.0.1" and host["attempted"] - host["fetched"] == len(CASES) - 7
+    assert host["host"] == "127.0.0.1" and host["attempted"] - host["fetched"] == len(CASES) - FETCHED
+
+
+@pytest.mark.parametrize(("path", "reason"), [("/gzipbomb", Reason.TOO_LARGE), ("/gzip2bomb", Reason.BAD_ENCODING)])
+def test_compression_bomb_costs_no_more_than_the_cap(server, path, reason):
+    """Both bombs decode to 2 GiB; the cap is above the gzip bomb's 2.1 MB on the wire, so only the count
+    of decoded bytes can stop it. Python's allocations during the download stay within a few caps
+    (before: httpx decoded each 64 KB network chunk whole, about 64 MB, and a gzip, gzip body to 2 GiB)."""
+    cap = 4 * 2**20
+    downloader = Downloader(DownloadOptions(allow_private_network=True, **FAST), max_bytes=cap)
+    results = []
+    tracemalloc.start()
+    try:
+        downloader.run([(0, server.url(path))], lambda key, fetched: results.append(fetched))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r.reason for r in results] == [reason]
+    assert peak < 4 * cap, f"{peak / 2**20:.0f} MiB allocated"
+
+
+def test_capped_decoder_never_produces_more_than_the_cap_in_one_step():
+    """The whole 2.1 MB gzip bomb in one feed: one zlib call per step, each asked for the room left."""
+    decoder = CappedDecoder("gzip", 100_000, "http://bomb.example/x.jpg")
+    with pytest.raises(_Failure) as failure:
+        decoder.feed(image_server.gzip_bomb())
+    assert failure.value.reason is Reason.TOO_LARGE and decoder.produced == 100_001
+    exact = image_server.gzip(b"\xff\xd8\xff" + bytes(99_997))  # exactly the cap decodes in full
+    assert len(CappedDecoder("gzip", 100_000, "u").feed(exact)) == 100_000
+
+
+def test_content_coding_accepts_one_known_coding():
+    assert content_coding([], "u") == "identity"
+    assert content_coding(["identity"], "u") == "identity"
+    assert content_coding([" GZip "], "u") == "gzip"
+    assert content_coding(["identity", "deflate"], "u") == "deflate"  # identity is a no-op, not a layer
+    for values in (["gzip", "gzip"], ["gzip", "deflate"], ["br"], ["zstd"], ["compress"], ["x-custom"]):
+        with pytest.raises(_Failure) as failure:
+            content_coding(values, "u")
+        assert failure.value.reason is Reason.BAD_ENCODING, values
 
 
 def test_refused_addresses_get_no_request(server, tmp_path):
@@ -216,6 +268,7 @@ def test_guard_refuses_every_non_public_range():
 
 def test_helpers():
     assert redact("https://user:pw@img.example.com:8443/a/b.jpg?sig=SECRET#x") == "https://img.example.com:8443/a/b.jpg?..."
+    assert redact("javascript:user:pw@img.example.com/x") == "javascript:..."  # no "//": host and path are one blur
     assert robots_disallow(["noai"]) == "noai"
     assert robots_disallow(["otherbot: noindex", "max-image-preview:large"]) is None
     assert robots_disallow(["CNCLIP: noimageai, nofollow"]) == "noimageai"

@@ -3,6 +3,9 @@
 import importlib.util
 import io
 import json
+import logging
+import subprocess
+import warnings
 
 import pytest
 from PIL import Image
@@ -107,3 +110,123 @@ def test_model_card_embeds_the_recall_plot(run, tmp_path):
     assert "](recall.png)" in card
     assert (tmp_path / "export" / "recall.png").read_bytes() == (run / "plots" / "recall.png").read_bytes()
     Image.open(io.BytesIO((tmp_path / "export" / "recall.png").read_bytes())).verify()
+
+
+# ---------------------------------------------------------------- best epoch, overlapping baselines
+
+
+def recall_entries(t2i: list[float], i2t: list[float], before=(5.93, 5.93)) -> list[dict]:
+    valid = lambda a, b: {"text_to_image": {"mean_recall": a}, "image_to_text": {"mean_recall": b},  # noqa: E731
+                          "mean_recall": (a + b) / 2, "zeroshot": {"top1": a, "top5": b}}
+    return [{"step": 0, "epoch": 0, "valid": valid(*before)},
+            *({"step": 10 * e, "epoch": e, "valid": valid(a, b)} for e, (a, b) in enumerate(zip(t2i, i2t), start=1))]
+
+
+def test_the_best_epoch_is_the_trainers_and_is_marked_on_recall_and_zero_shot():
+    series = run_series(recall_entries([10, 40, 35, 20], [10, 30, 35, 20]))  # epochs 2 and 3 tie: the first wins
+    assert series["recall"]["best"] == series["zeroshot"]["best"] == 2
+    for name in ("recall", "zeroshot"):
+        ax = figure(series[name]).axes[0]
+        marks = [ln for ln in ax.lines if ln.get_label() == "best epoch (2)"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [2, 2]
+        assert "best epoch (2)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_the_best_epoch_of_a_run_is_the_one_best_holds(run):
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    assert png_series(run / "plots" / "recall.png")["best"] == summary["best"]["epoch"]
+
+
+def colour_pixels(png: bytes, row: int, rgb: tuple[int, int, int]) -> int:
+    """Pixels within a few levels of `rgb` on rows row-1..row+1 (antialiasing spreads a 1 px line)."""
+    import numpy as np
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)[row - 1:row + 2]
+    return int((np.abs(pixels - np.array(rgb)).max(axis=-1) <= 40).sum())
+
+
+def test_equal_before_training_baselines_both_show_and_are_labelled_apart():
+    from cnclip.plots import png_bytes
+
+    series = run_series(recall_entries([60, 70], [62, 71]))["recall"]  # both baselines 5.93: one y
+    fig = figure(series)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "text → image, before training (5.93)" in labels and "image → text, before training (5.93)" in labels
+    png = png_bytes(fig, series)
+    row = round(fig.bbox.height - ax.transData.transform((1, 5.93))[1])  # pixel rows count from the top
+    blue, orange = colour_pixels(png, row, (31, 119, 180)), colour_pixels(png, row, (255, 127, 14))
+    assert blue > 50 and orange > 50, (blue, orange)  # each dashes in its turn: neither hides the other
+
+
+# ---------------------------------------------------------------- Chinese text
+
+
+def installed_chinese_fonts() -> str:
+    try:
+        return subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True, timeout=60).stdout.strip()
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def fresh_font_choice():
+    from cnclip.plots import cjk_font
+
+    cjk_font.cache_clear()
+    yield cjk_font
+    cjk_font.cache_clear()
+
+
+def drawing_warnings(draw) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draw()
+    return [str(w.message) for w in caught]
+
+
+CHINESE_CLASSES = ["红色", "蓝色", "绿色连衣裙"]
+
+
+@pytest.mark.skipif(not installed_chinese_fonts(), reason="no font with Chinese characters (apt-get install "
+                                                           "fonts-wqy-microhei)")
+def test_chinese_text_is_drawn_with_an_installed_chinese_font(fresh_font_choice):
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    from cnclip.eval_report import confusion_png
+    from cnclip.plots import png_bytes
+
+    family = fresh_font_choice()
+    assert family is not None
+    charmap = FT2Font(font_manager.findfont(font_manager.FontProperties(family=family))).get_charmap()
+    assert all(ord(char) in charmap for char in "".join(CHINESE_CLASSES))
+    confusion = {"labels": CHINESE_CLASSES, "matrix": [[3, 1, 0], [0, 4, 0], [1, 0, 2]]}
+    assert drawing_warnings(lambda: confusion_png(confusion)) == []  # matplotlib warns of every missing glyph
+    series = {"title": "零样本准确率", "xlabel": "epoch", "x": [1, 2], "lines": {"红色": [1, 2]}, "baseline": {}}
+    assert drawing_warnings(lambda: png_bytes(figure(series), series)) == []
+
+
+def test_without_a_chinese_font_a_warning_says_so_once(fresh_font_choice, monkeypatch, caplog):
+    import cnclip.plots
+
+    monkeypatch.setattr(cnclip.plots, "_known_fonts", lambda: [])
+    monkeypatch.setattr(cnclip.plots, "_system_font_files", lambda: [])
+    series = run_series(recall_entries([60, 70], [62, 71]))["recall"]
+    with caplog.at_level(logging.WARNING, logger="cnclip.plots"):
+        cnclip.plots.png_bytes(figure(series), series)
+        figure(series)
+    assert fresh_font_choice() is None
+    messages = [r.getMessage() for r in caplog.records if r.name == "cnclip.plots"]
+    assert len(messages) == 1 and "no font with Chinese characters" in messages[0]
+    assert "fonts-wqy-microhei" in messages[0]
+
+
+def test_a_chinese_font_missing_from_matplotlibs_cache_is_found_on_the_system(fresh_font_choice, monkeypatch):
+    import cnclip.plots
+
+    fonts = [path for path in cnclip.plots._system_font_files() if cnclip.plots._font_covers(path, "中文")]
+    if not fonts:
+        pytest.skip("no font with Chinese characters installed")
+    monkeypatch.setattr(cnclip.plots, "_known_fonts", lambda: [("DejaVu Sans", "/nonexistent.ttf")])
+    assert fresh_font_choice() is not None
