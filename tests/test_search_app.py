@@ -3,7 +3,8 @@
 The browser test starts `cnclip serve` as a user would, on 127.0.0.1, drives the page in headless
 Chromium from the OS packages (playwright-python with the system executable: playwright's own
 browser download is not used), and saves a screenshot to tests/artifacts/search_app.png.
-It is skipped, with the reason, only where no Chromium executable exists; .ci/run installs one.
+It is skipped, with the reason, only where no Chromium executable exists, and fails instead under CI
+(the CI environment variable set), where .ci/run installs one.
 
 The same server answers the Host-header tests over real HTTP and the upload memory tests, which read
 its peak RSS from /proc (Linux). Checks that a real server's HTTP parser would stop first (a Content-Length
@@ -42,7 +43,7 @@ from cnclip.inference import load_for_inference
 from cnclip.runtime import pick_runtime
 from cnclip.search_index import Searcher, SearchIndex, build_index, read_payload
 
-from conftest import REPO, image_bytes
+from conftest import REPO, image_bytes, missing_dependency, require
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 BROWSER_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -468,8 +469,8 @@ def test_an_upload_within_the_budget_decodes_in_bounded_memory(server, mode, fil
 def test_page_in_a_real_browser(server, demo_index, tmp_path):
     browser_path = find_browser()
     if browser_path is None:
-        pytest.skip("no Chromium executable found (apt-get install chromium; .ci/run does)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright-python is in the test extra")
+        missing_dependency("no Chromium executable found (apt-get install chromium; .ci/run does)")
+    sync_api = require("playwright.sync_api", "playwright-python is in the test extra")
     index_path, model, _ = demo_index
     index = SearchIndex.load(index_path)
     searcher = Searcher.open(index_path, model, "cpu")
