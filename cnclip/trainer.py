@@ -238,6 +238,7 @@ class FinetuneRun:
         self.runtime = runtime
 
     def run(self) -> dict:
+        """Train every epoch not yet done; the run's summary (summary.json's contents)."""
         self.setup()
         while self.state.epoch < self.recipe.train.epochs:
             self.train_epoch()
@@ -247,7 +248,11 @@ class FinetuneRun:
 
     # ---- setup
     def setup(self) -> None:
+        """Everything before the first step, in this order on every rank: the run directory (logging,
+        the recipe check), the demo data, the splits, the model, the image cache and training pairs,
+        the optimizer, the state to resume from, and (on a fresh run) the validation before training."""
         self._setup_run_dir()
+        self._write_demo_data()
         self._read_splits()
         self._setup_model()
         self._setup_data()
@@ -275,6 +280,8 @@ class FinetuneRun:
         if self.main_rank:
             dump_recipe(recipe, run_dir / RECIPE_FILE)
 
+    def _write_demo_data(self) -> None:
+        recipe = self.recipe
         if recipe.data.generate == "demo" and self.main_rank:
             from .demo_data import write_demo_dataset
 
