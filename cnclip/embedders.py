@@ -85,6 +85,12 @@ def ensemble(text_emb: np.ndarray, owners: Sequence[int], num_classes: int) -> n
 def open_embedder(backend: str, spec: str, device: str = "auto", threads: int | None = None) -> Embedder:
     """The embedder for `spec` on `backend`; `threads` caps the threads one embedding call uses."""
     if backend == "torch":
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise UsageError("--backend torch needs torch, which is not installed here (an install of "
+                             "'cnclip[serve]' alone runs --backend onnx only); install cnclip with its "
+                             "dependencies, or use --backend onnx with an ONNX export")
         return TorchEmbedder.load(spec, device)
     if backend == "onnx":
         from .onnx_runtime import OnnxEmbedder

@@ -158,7 +158,7 @@ def _folder_items(root: Path, skips: SkipLog) -> list[Item]:
 
 def _captions(texts_path: Path) -> dict[int, str]:
     """image id -> its first caption, from a `{split}_texts.jsonl` (bad lines are simply not captions)."""
-    from .data import read_texts
+    from .texts import read_texts
 
     captions: dict[int, str] = {}
     if texts_path.is_file():
