@@ -5,8 +5,8 @@
 * `onnx` (cnclip.onnx_runtime.OnnxEmbedder): a directory written by `cnclip export RUN --format onnx`, run
   with onnxruntime, the `tokenizers` library and Pillow only.
 
-This module imports neither torch nor onnxruntime: `open_embedder` imports the backend asked for, so the
-onnx path runs where torch is not installed (`pip install "cnclip[serve]"`).
+This module imports neither torch nor onnxruntime: cnclip.search_index.open_embedder imports the backend
+asked for, so the onnx path runs where torch is not installed (`pip install "cnclip[serve]"`).
 
 Every embedder returns float32 unit rows as numpy arrays, and names the weights it embeds with
 (`fingerprint`): a search index records it and refuses a query model with other weights. A torch model
@@ -24,7 +24,6 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import UsageError
 from .image_sources import ImageSource
 from .prompts import ClassList
 from .skiplog import SkipLog
@@ -80,25 +79,6 @@ def ensemble(text_emb: np.ndarray, owners: Sequence[int], num_classes: int) -> n
     sums = np.zeros((num_classes, emb.shape[1]), np.float32)
     np.add.at(sums, owner, emb)
     return unit_rows(sums / counts[:, None])
-
-
-def open_embedder(backend: str, spec: str, device: str = "auto", threads: int | None = None) -> Embedder:
-    """The embedder for `spec` on `backend`; `threads` caps the threads one embedding call uses."""
-    if backend == "torch":
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
-            raise UsageError("--backend torch needs torch, which is not installed here (an install of "
-                             "'cnclip[serve]' alone runs --backend onnx only); install cnclip with its "
-                             "dependencies, or use --backend onnx with an ONNX export")
-        return TorchEmbedder.load(spec, device)
-    if backend == "onnx":
-        from .onnx_runtime import OnnxEmbedder
-
-        if device not in ("auto", "cpu"):
-            raise UsageError(f"--device {device}: the onnx backend runs on the CPU (onnxruntime's CPU provider)")
-        return OnnxEmbedder.load(spec, threads=threads)
-    raise UsageError(f"--backend {backend!r}: choose from {', '.join(BACKENDS)}")
 
 
 def model_spec(model: str) -> str:

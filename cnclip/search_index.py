@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_dir
-from .embedders import Embedder, open_embedder
+from .embedders import BACKENDS, Embedder, TorchEmbedder
 from .errors import DataError, UsageError
 from .global_state import faiss_threads
 from .image_sources import IMAGE_EXTENSIONS, ImageTSV
@@ -474,6 +474,26 @@ def _whole_tsv(todo: list[Item], items: list[Item]) -> str | None:
 
 
 # ---------------------------------------------------------------- querying with a model
+
+
+def open_embedder(backend: str, spec: str, device: str = "auto", threads: int | None = None) -> Embedder:
+    """The embedder for `spec` on `backend`; `threads` caps the threads one embedding call uses."""
+    if backend == "torch":
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise UsageError("--backend torch needs torch, which is not installed here (an install of "
+                             "'cnclip[serve]' alone runs --backend onnx only); install cnclip with its "
+                             "dependencies, or use --backend onnx with an ONNX export")
+        return TorchEmbedder.load(spec, device)
+    if backend == "onnx":
+        from .onnx_runtime import OnnxEmbedder
+
+        if device not in ("auto", "cpu"):
+            raise UsageError(f"--device {device}: the onnx backend runs on the CPU (onnxruntime's CPU provider)")
+        return OnnxEmbedder.load(spec, threads=threads)
+    raise UsageError(f"--backend {backend!r}: choose from {', '.join(BACKENDS)}")
+
 
 
 @dataclass

@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _index(args) -> int:
-    from ..embedders import model_spec, open_embedder
-    from ..search_index import build_index
+    from ..embedders import model_spec
+    from ..search_index import build_index, open_embedder
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
