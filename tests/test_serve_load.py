@@ -110,3 +110,4 @@ def test_workers_must_be_positive():
     from cnclip.commands.serve import main as serve_main
 
     assert serve_main(["nowhere", "--workers", "0"]) == 2
+    assert serve_main(["nowhere", "--workers", "100000"]) == 2  # not 100,000 threads

@@ -20,6 +20,8 @@ log = logging.getLogger("cnclip.serve")
 EXITS = (EXIT_DATA, EXIT_MODEL)
 # cnclip.search_app.DEFAULT_MAX_UPLOAD_MB, written out so that --help does not import torch (tests/test_cli_help.py).
 DEFAULT_MAX_UPLOAD_MB = 10
+# Past a few per core, more embedding threads only queue inside onnxruntime and hold more activations at once.
+MAX_WORKERS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +72,8 @@ def _serve(args) -> int:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
     if args.max_upload_mb <= 0:
         raise UsageError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
-    if args.workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be 1..{MAX_WORKERS} (threads of this process), got {args.workers}")
     classes_text = ""
     if args.classes:
         classes = load_classes(args.classes)  # checked now: a bad file stops here, naming the line
