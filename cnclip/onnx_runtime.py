@@ -115,8 +115,9 @@ class OnnxTokenizer:
 
 
 def _files_digest(paths: Sequence[Path]) -> str:
+    """The graphs' bytes, with the weights of a large tower kept beside its graph (`FILE.onnx.data`)."""
     h = hashlib.blake2b(digest_size=16)
-    for path in paths:
+    for path in (p for graph in paths for p in (graph, graph.with_name(graph.name + ".data")) if p.is_file()):
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)

@@ -281,3 +281,20 @@ def test_search_query_runs_in_a_venv_without_torch(serve_venv, tiny_export, phot
     refused = run_installed(serve_venv, [cnclip, "search", "query", str(tmp_path / "idx"), "蓝色", "--backend",
                                          "torch", "--model", str(tiny_export)], tmp_path)
     assert refused.returncode == 2 and "--backend torch needs torch" in refused.stderr, refused.stderr[-3000:]
+
+
+def test_without_a_recorded_source_the_files_are_the_fingerprint(tiny_export, tmp_path):
+    """Graphs and any external weights beside them (FILE.onnx.data, large towers) identify the weights."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in tiny_export.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    config = json.loads((copy / "cnclip_onnx.json").read_text(encoding="utf-8"))
+    del config["source"]["fingerprint"]
+    (copy / "cnclip_onnx.json").write_text(json.dumps(config), encoding="utf-8")
+    first = OnnxEmbedder(copy).fingerprint
+    assert first.startswith("onnx-") and first == OnnxEmbedder(copy).fingerprint
+    (copy / "image_encoder.onnx.data").write_bytes(b"weights, version 1")
+    second = OnnxEmbedder(copy).fingerprint
+    (copy / "image_encoder.onnx.data").write_bytes(b"weights, version 2")
+    assert len({first, second, OnnxEmbedder(copy).fingerprint}) == 3
