@@ -13,8 +13,9 @@ Guarantees:
 * Sources: a folder of images (searched recursively), a Chinese-CLIP split (`{split}_imgs.tsv`, with
   captions from `{split}_texts.jsonl`), or build-pairs output in any of its formats (that layout,
   `{split}_pairs.jsonl`, or webdataset `{split}-*.tar` shards, read in place).
-  Images are embedded through the image-embedding cache training uses (cnclip.image_cache): a split
-  indexed whole hits the cache training filled.
+  With the torch backend, images are embedded through the image-embedding cache training uses
+  (cnclip.image_cache): a split indexed whole hits the cache training filled. The onnx backend embeds
+  them in this process, a batch of resized crops at a time.
 * Incremental: building into an existing index keeps every row whose key and content digest are
   unchanged (its stored vector is reused, never re-embedded), embeds only new or changed images, and
   drops rows whose image is gone. The faiss structure is rebuilt from the stored vectors.

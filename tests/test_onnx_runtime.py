@@ -280,6 +280,7 @@ def test_search_query_runs_in_a_venv_without_torch(serve_venv, tiny_export, phot
     assert not where.stdout.strip().startswith(str(REPO))  # the wheel, not the checkout
     refused = run_installed(serve_venv, [cnclip, "search", "query", str(tmp_path / "idx"), "蓝色", "--backend",
                                          "torch", "--model", str(tiny_export)], tmp_path)
+    assert_serves_without_torch(cnclip, tmp_path / "idx", rows)
     assert refused.returncode == 2 and "--backend torch needs torch" in refused.stderr, refused.stderr[-3000:]
 
 
@@ -298,3 +299,34 @@ def test_without_a_recorded_source_the_files_are_the_fingerprint(tiny_export, tm
     second = OnnxEmbedder(copy).fingerprint
     (copy / "image_encoder.onnx.data").write_bytes(b"weights, version 2")
     assert len({first, second, OnnxEmbedder(copy).fingerprint}) == 3
+
+
+def assert_serves_without_torch(cnclip: str, index: Path, rows: list[int]) -> None:
+    """`cnclip serve` from the torch-free venv answers the page's text search with the same ranking."""
+    import httpx
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    server = subprocess.Popen([cnclip, "serve", str(index), "--port", str(port), "--workers", "2"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stdout.read().decode(errors="replace")[-3000:]
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/api/search", params={"q": "蓝色的正方形", "k": 3})
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not answer within 60 s"
+                time.sleep(0.3)
+        assert response.status_code == 200, response.text
+        assert [int(r["thumb"].rsplit("/", 1)[1]) for r in response.json()["results"]] == rows
+        assert httpx.get(f"http://127.0.0.1:{port}/api/info").json()["backend"] == "onnx"
+        assert "libtorch" not in Path(f"/proc/{server.pid}/maps").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
