@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -136,19 +137,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
 
     log.info("loading %s from %s", checkpoint, run_dir)
     peft_model, base, recipe = load_run(run_dir)
-    clip = base.clip
-    image_size = clip.config.vision_config.image_size
-    before = probe_embeddings(clip, base.tokenizer, image_size, recipe.data.context_length)
 
     with atomic_dir(out_dir) as tmp:
         if is_lora(peft_model) and format == "transformers":
             save_adapter(peft_model, tmp, recipe)
-        merged = merged_model(peft_model)  # a full text-tuning run is its model already
-        after = probe_embeddings(merged, base.tokenizer, image_size, recipe.data.context_length)
-        diff = (after - before).abs().max().item()
-        if diff > MERGE_TOLERANCE * max(1.0, before.abs().max().item()):
-            raise RuntimeError(f"merged model embeds differently from the trained one (max abs diff {diff:.2e}); "
-                               "not exporting")
+        merged, diff = merge_and_check(peft_model, base, recipe)
         original = None
         if format == "transformers":
             merged.save_pretrained(str(tmp))
@@ -176,6 +169,39 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
         "files": [{"path": f.path, "size": f.size} for f in files],
         "total_bytes": sum(f.size for f in files),
     }
+
+
+def merge_and_check(peft_model, base, recipe) -> tuple[torch.nn.Module, float]:
+    """The plain model of a trained one (LoRA merged in; a full text-tuning run is its model already) and the
+    max abs difference of probe embeddings before and after; raises if merging changed what the model embeds."""
+    image_size = base.clip.config.vision_config.image_size
+    before = probe_embeddings(base.clip, base.tokenizer, image_size, recipe.data.context_length)  # LoRA injected
+    merged = merged_model(peft_model)
+    after = probe_embeddings(merged, base.tokenizer, image_size, recipe.data.context_length)
+    diff = (after - before).abs().max().item()
+    if diff > MERGE_TOLERANCE * max(1.0, before.abs().max().item()):
+        raise RuntimeError(f"merged model embeds differently from the trained one (max abs diff {diff:.2e}); "
+                           "not exporting")
+    return merged, diff
+
+
+@dataclass
+class MergedRun:
+    clip: torch.nn.Module  # the run's ChineseCLIPModel, LoRA merged in
+    base: object  # cnclip.models.BaseModel: tokenizer, preprocess, path of the base
+    recipe: object
+    checkpoint: Path  # the checkpoint directory the weights came from
+    merge_max_abs_diff: float
+
+
+def merge_checked(run_dir: Path) -> MergedRun:
+    """A run's best (else latest) checkpoint as the merged model every export format writes
+    (`cnclip export --format onnx` uses it; export_run merges inline, after saving the adapter)."""
+    checkpoint = run_weights(run_dir, "best").parent
+    log.info("loading %s from %s", checkpoint.name, run_dir)
+    peft_model, base, recipe = load_run(run_dir)
+    merged, diff = merge_and_check(peft_model, base, recipe)
+    return MergedRun(merged, base, recipe, checkpoint, diff)
 
 
 def save_adapter(peft_model, tmp: Path, recipe) -> None:

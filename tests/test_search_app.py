@@ -39,8 +39,7 @@ from cnclip.data import decode_base64_image
 from cnclip.errors import UsageError
 from cnclip.images import decode_rgb
 from cnclip.demo_data import write_demo_dataset, write_demo_zeroshot
-from cnclip.inference import load_for_inference
-from cnclip.runtime import pick_runtime
+from cnclip.embedders import TorchEmbedder
 from cnclip.search_index import Searcher, SearchIndex, build_index, read_payload
 
 from conftest import REPO, image_bytes, missing_dependency, require
@@ -62,8 +61,7 @@ def demo_index(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("search_demo")
     data = write_demo_dataset(root / "data")
     model = os.environ.get("CNCLIP_SEARCH_DEMO_RUN") or str(tiny_model_dir)
-    loaded = load_for_inference(model)
-    build_index([str(data / "valid_imgs.tsv")], root / "index", loaded, model, pick_runtime("cpu"),
+    build_index([str(data / "valid_imgs.tsv")], root / "index", TorchEmbedder.load(model, "cpu"),
                 cache_dir=str(root / "cache"))
     write_demo_zeroshot(root / "data")
     return root / "index", model, data / "zeroshot_classes.txt"
@@ -327,8 +325,8 @@ def test_a_thumbnail_that_leaves_its_folder_is_refused_without_naming_the_folder
     photos.mkdir()
     for i, color in enumerate([(200, 0, 0), (0, 0, 200)]):
         (photos / f"{i}.png").write_bytes(image_bytes(color))
-    build_index([str(photos)], tmp_path / "idx", load_for_inference(str(tiny_model_dir)), str(tiny_model_dir),
-                pick_runtime("cpu"), cache_dir=str(tmp_path / "cache"))
+    build_index([str(photos)], tmp_path / "idx", TorchEmbedder.load(str(tiny_model_dir), "cpu"),
+                cache_dir=str(tmp_path / "cache"))
     secret = tmp_path / "secret.png"
     secret.write_bytes((photos / "0.png").read_bytes())  # same bytes, so only the folder check can refuse it
     (photos / "0.png").unlink()

@@ -11,8 +11,7 @@ import pytest
 from cnclip.commands.search import main as search_main
 from cnclip.errors import DataError, UsageError
 from cnclip.images import decode_rgb
-from cnclip.inference import load_for_inference
-from cnclip.runtime import pick_runtime
+from cnclip.embedders import TorchEmbedder
 from cnclip.search_index import (Searcher, SearchIndex, build_faiss, build_index, choose_kind, read_payload,
                                  APPROXIMATE_FROM)
 
@@ -38,9 +37,8 @@ def make_photos(root, n_per=2):
 
 
 def build(src, out, model_dir, **kw):
-    loaded = load_for_inference(str(model_dir))
-    return build_index([str(s) for s in (src if isinstance(src, list) else [src])], out, loaded, str(model_dir),
-                       pick_runtime("cpu"), cache_dir=str(out.parent / "cache"), **kw)
+    return build_index([str(s) for s in (src if isinstance(src, list) else [src])], out,
+                       TorchEmbedder.load(str(model_dir), "cpu"), cache_dir=str(out.parent / "cache"), **kw)
 
 
 def brute_force(index, query, k):

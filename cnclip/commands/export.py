@@ -1,7 +1,8 @@
 """`cnclip export RUN_DIR --to OUT_DIR [--upload owner/name]` (also `python -m cnclip.export`).
 
 Merges the run's LoRA and writes a model directory (`cnclip.exporter`), then optionally publishes it
-(`cnclip.modelscope_upload`).
+(`cnclip.modelscope_upload`); `--format onnx [--quantize int8 | --fp16]` writes ONNX encoders instead
+(`cnclip.onnx_export`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .publish import UPLOAD_EXITS, add_upload_flags, print_json
 EXITS = tuple(sorted({*UPLOAD_EXITS, EXIT_DISK_FULL, EXIT_DATA, EXIT_MODEL}))
 # cnclip.exporter.FORMATS, written out so that --help does not import torch (tests/test_cli_help.py compares them).
 FORMATS = ("transformers", "modelscope", "cn_clip")
+ONNX = "onnx"  # cnclip.onnx_export: encoders for onnxruntime rather than a weights layout
 
 
 def _export_and_publish(args) -> dict:
@@ -25,11 +27,23 @@ def _export_and_publish(args) -> dict:
         check_repo_id(args.upload, "--upload")
     elif args.private or args.overwrite:
         raise UsageError("--private and --overwrite go with --upload owner/name")
-    report = export_run(args.run_dir, args.to, repo_id=args.upload, dataset=args.dataset, license=args.license,
-                        format=args.format)
+    precision = onnx_precision(args)
+    if args.format == ONNX and args.upload:
+        raise UsageError("--upload goes with the transformers, modelscope and cn_clip formats, which ModelScope's "
+                         "loaders read; an ONNX export is not published")
+    if args.format == ONNX:
+        from ..onnx_export import export_onnx
+
+        report = export_onnx(args.run_dir, args.to, precision=precision)
+    else:
+        report = export_run(args.run_dir, args.to, repo_id=args.upload, dataset=args.dataset, license=args.license,
+                            format=args.format)
     files = folder_files(args.to)
     print(f"exported {args.run_dir} -> {args.to} ({len(files)} files, {format_size(report['total_bytes'])}); "
           f"merged vs trained embeddings: max abs diff {report['merge_max_abs_diff']:.1e}")
+    if args.format == ONNX:
+        d = report["onnx_max_abs_diff"]
+        print(f"{precision} ONNX vs PyTorch embeddings: max abs diff text {d['text']:.1e}, image {d['image']:.1e}")
     if not args.upload:
         print(file_table(files))
         if args.dry_run:
@@ -44,6 +58,16 @@ def _export_and_publish(args) -> dict:
     return {"export": report, "publish": published}
 
 
+def onnx_precision(args) -> str:
+    """fp32, or what --quantize int8 / --fp16 ask for (ONNX only)."""
+    if args.quantize and args.fp16:
+        raise UsageError("--quantize int8 and --fp16 are two precisions; choose one")
+    precision = args.quantize or ("fp16" if args.fp16 else "fp32")
+    if precision != "fp32" and args.format != ONNX:
+        raise UsageError(f"--quantize and --fp16 go with --format onnx (got --format {args.format})")
+    return precision
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnclip export", **parser_options(
         "Merge a fine-tuned run's LoRA into its base model and write a directory that plain transformers loads "
@@ -53,10 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                                         "is exported)")
     parser.add_argument("--to", required=True, metavar="OUT_DIR", help="directory to write (new, empty, or an "
                                                                        "earlier export, which is replaced)")
-    parser.add_argument("--format", choices=FORMATS, default="transformers",
+    parser.add_argument("--format", choices=(*FORMATS, ONNX), default="transformers",
                         help="weights layout: transformers (default; ChineseCLIPModel.from_pretrained), modelscope "
                              "(the original layout ModelScope's pipeline(Tasks.multi_modal_embedding) loads), "
-                             "cn_clip (a .pt for cn_clip's load_from_name)")
+                             "cn_clip (a .pt for cn_clip's load_from_name), onnx (image_encoder.onnx and "
+                             "text_encoder.onnx with normalised embeddings, tokenizer, preprocessing and a card; "
+                             "needs pip install \"cnclip[onnx]\")")
+    parser.add_argument("--quantize", choices=("int8",), help="with --format onnx: int8 weights for MatMul/Gemm "
+                                                              "(onnxruntime dynamic quantization)")
+    parser.add_argument("--fp16", action="store_true", help="with --format onnx: fp16 weights and compute "
+                                                             "(inputs and outputs stay float32)")
     parser.add_argument("--upload", metavar="OWNER/NAME", help="then publish OUT_DIR to this ModelScope model "
                                                               "repository (token: $MODELSCOPE_API_TOKEN or the "
                                                               "SDK's saved login)")
