@@ -207,3 +207,26 @@ def test_the_image_bank_on_the_host_is_the_cache_itself():
     host = features.embeddings
     assert cnclip.trainer.image_bank_on(features, torch.device("cpu")) is host
     assert features.embeddings is host  # nothing copied, nothing freed
+
+
+def test_the_adapter_config_is_written_the_same_in_every_process(tmp_path, monkeypatch):
+    """peft keeps target_modules as a set, whose order string hashing changes from process to process:
+    best/adapter_config.json lists them sorted, so reruns of a recipe write the same bytes."""
+    import peft
+    from peft import LoraConfig
+
+    from cnclip.checkpoint import save_best
+
+    class Adapter(torch.nn.Module):  # the part of a peft model that save_best reads
+        def __init__(self, order):
+            super().__init__()
+            self.peft_config = {"default": LoraConfig(r=2, target_modules=list(order))}
+            self.peft_config["default"].target_modules = list(order)  # the order one process's set gave
+
+    monkeypatch.setattr(peft, "get_peft_model_state_dict", lambda model: {})  # no LoRA weights to save here
+    written = []
+    for n, order in enumerate((["value", "dense", "query", "key"], ["key", "query", "dense", "value"])):
+        save_best(tmp_path / f"run{n}", Adapter(order), {"epoch": 1})
+        written.append((tmp_path / f"run{n}" / "best" / "adapter_config.json").read_bytes())
+    assert written[0] == written[1]
+    assert json.loads(written[0])["target_modules"] == ["dense", "key", "query", "value"]
