@@ -118,6 +118,19 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     return TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
 
 
+def stabilise_adapter_config(path: Path, **changes) -> None:
+    """Rewrite peft's adapter_config.json with `target_modules` sorted (and `changes` applied).
+
+    peft keeps target_modules as a set and writes it in set order, which string hashing changes from one
+    process to the next: two runs of the same recipe would write different bytes.
+    """
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config.update(changes)
+    write_json(path, config)
+
+
 def save_best(run_dir: Path, peft_model, metrics: dict) -> None:
     """The best model so far, as a peft adapter users can load on its own (LoRA runs), plus our trainables
     (with model.text_tuning=full: the whole text tower)."""
@@ -128,6 +141,7 @@ def save_best(run_dir: Path, peft_model, metrics: dict) -> None:
             # peft's save_pretrained layout (adapter_config.json + adapter_model.safetensors), written
             # through save_tensors so that a full disk is reported like any other write failure.
             peft_model.peft_config["default"].save_pretrained(str(tmp))
+            stabilise_adapter_config(tmp / "adapter_config.json")
             save_tensors({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
                          tmp / "adapter_model.safetensors")
         save_tensors(trainable_state(peft_model), tmp / TRAINABLE)

@@ -12,7 +12,6 @@ read by `cnclip.image_sources.ImageTSV`.
 from __future__ import annotations
 
 import binascii
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,10 @@ from PIL import Image
 from .errors import DataError
 from .data_formats import open_split
 from .image_sources import ImageSource, ImageTSV
-from .images import decode_base64, decode_rgb, to_rgb
-from .models import ImagePreprocess
+# MAX_RESIZED_PIXELS is re-exported: it was defined here before the PIL part moved to cnclip.images.
+from .images import MAX_RESIZED_PIXELS, ImagePreprocess, ImageResize, decode_base64, decode_rgb  # noqa: F401
 from .skiplog import SkipLog
+from .texts import TextRecord, read_texts  # noqa: F401 (re-exported: they were defined here)
 
 log = logging.getLogger(__name__)
 
@@ -44,54 +44,6 @@ def decode_base64_image(payload: bytes) -> Image.Image:
 
 
 # ---------------------------------------------------------------- texts (JSONL)
-
-
-@dataclass(frozen=True)
-class TextRecord:
-    text_id: int
-    text: str
-    image_ids: tuple[int, ...]
-
-
-def _valid_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def read_texts(path: str | Path, skips: SkipLog) -> list[TextRecord]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"text file not found: {path}")
-    records: list[TextRecord] = []
-    seen: set[int] = set()
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                skips.skip("malformed text line", where, "not UTF-8")
-                continue
-            except json.JSONDecodeError as exc:
-                skips.skip("malformed text line", where, f"invalid JSON: {exc.msg}")
-                continue
-            if not isinstance(obj, dict):
-                skips.skip("malformed text line", where, "not a JSON object")
-                continue
-            text_id, text, image_ids = obj.get("text_id"), obj.get("text"), obj.get("image_ids", [])
-            if not _valid_id(text_id):
-                skips.skip("malformed text line", where, "text_id must be an integer")
-            elif not isinstance(text, str) or not text.strip():
-                skips.skip("malformed text line", where, "text must be a non-empty string")
-            elif not isinstance(image_ids, list) or not all(_valid_id(i) for i in image_ids):
-                skips.skip("malformed text line", where, "image_ids must be a list of integers")
-            elif text_id in seen:
-                skips.skip("duplicate text id", where, f"text_id {text_id} seen before; first kept")
-            else:
-                seen.add(text_id)
-                records.append(TextRecord(text_id, text.strip(), tuple(dict.fromkeys(image_ids))))
-    return records
 
 
 @dataclass
@@ -146,74 +98,18 @@ def load_data_split(data, split: str, skips: SkipLog) -> Split:
 # ---------------------------------------------------------------- preprocessing
 
 
-# The largest resize made whole (8 megapixels: any sane photo under any Chinese-CLIP config). Past it,
-# only the centre crop's region is resized, or, without a centre crop, the image is refused (a 1x20000
-# image under shortest_edge 224 would otherwise be resized to 1 gigapixel).
-MAX_RESIZED_PIXELS = 8_000_000
-
-
-class ImageTransform:
-    """The checkpoint's image preprocessing, split into a per-image PIL part and a batched tensor part.
+class ImageTransform(ImageResize):
+    """The checkpoint's image preprocessing: the per-image PIL part (cnclip.images.ImageResize, torch-free) and
+    a batched tensor part.
 
     Equal to transformers' ChineseCLIPImageProcessor for the same preprocessor_config.json:
     PIL resize with the configured filter, integer-offset centre crop, rescale, normalise.
     """
 
     def __init__(self, cfg: ImagePreprocess):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
-
-    def _target_size(self, width: int, height: int) -> tuple[int, int]:
-        c = self.cfg
-        if c.shortest_edge is None:
-            return c.resize_width, c.resize_height
-        short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = c.shortest_edge, int(c.shortest_edge * long / short)
-        return (new_short, new_long) if width <= height else (new_long, new_short)
-
-    def _crop_box(self, width: int, height: int, size: tuple[int, int]) -> tuple[tuple[int, int], tuple] | None:
-        """The source region that becomes the centre crop of an image resized to `size`, or None.
-
-        Resizing only that region to the crop's size samples the same positions at the same scale
-        as resizing the whole image and cropping, without allocating the full resized image (a
-        1x20000 image under shortest_edge 224 would become 224x4,480,000). Pillow orders the two
-        filter passes differently for a region, so pixels can differ by a few levels of 255: used
-        only where the full resize would exceed MAX_RESIZED_PIXELS.
-        """
-        c = self.cfg
-        new_w, new_h = size
-        if not c.do_center_crop or new_w < c.crop_width or new_h < c.crop_height:
-            return None
-        top, left = (new_h - c.crop_height) // 2, (new_w - c.crop_width) // 2
-        sx, sy = width / new_w, height / new_h
-        box = (left * sx, top * sy, (left + c.crop_width) * sx, (top + c.crop_height) * sy)
-        return (c.crop_width, c.crop_height), box
-
-    def pil_to_array(self, img: Image.Image) -> np.ndarray:
-        """uint8 HxWx3 after resize and crop: cheap to ship from DataLoader workers."""
-        img = to_rgb(img)  # transparency onto white, as transformers' convert_to_rgb does
-        size = self._target_size(*img.size)
-        if size[0] * size[1] > MAX_RESIZED_PIXELS:  # bounded before resizing: only what is kept is made
-            cropped = self._crop_box(*img.size, size)
-            if cropped is not None:
-                out_size, box = cropped
-                return np.ascontiguousarray(np.asarray(img.resize(out_size, resample=self.cfg.resample, box=box)))
-            raise ValueError(f"image too elongated: {img.size[0]}x{img.size[1]} would be resized to "
-                             f"{size[0]}x{size[1]} (limit {MAX_RESIZED_PIXELS} pixels)")
-        img = img.resize(size, resample=self.cfg.resample)
-        arr = np.asarray(img)
-        if self.cfg.do_center_crop:
-            h, w = arr.shape[:2]
-            ch, cw = self.cfg.crop_height, self.cfg.crop_width
-            if h < ch or w < cw:  # smaller than the crop: pad with zeros like transformers does
-                padded = np.zeros((max(h, ch), max(w, cw), 3), dtype=arr.dtype)
-                top, left = (padded.shape[0] - h + 1) // 2, (padded.shape[1] - w + 1) // 2
-                padded[top:top + h, left:left + w] = arr
-                arr, h, w = padded, *padded.shape[:2]
-            top, left = (h - ch) // 2, (w - cw) // 2
-            arr = arr[top:top + ch, left:left + cw]
-        return np.ascontiguousarray(arr)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NxHxWx3 -> float32 Nx3xHxW, rescaled and normalised (works on any device)."""

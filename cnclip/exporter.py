@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from .atomic import atomic_dir, write_json
+from .checkpoint import stabilise_adapter_config
 from .plots import copy_recall_plot
 from .model_card import CardInputs, base_model_id, configuration_json, read_run_metrics, render_card
 from .models import encode_images, encode_texts, is_lora, merged_model
@@ -209,10 +210,8 @@ def save_adapter(peft_model, tmp: Path, recipe) -> None:
     peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
     (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's empty template; the card covers it
     # peft records the base's load path; a local path means nothing elsewhere (and may name a home dir)
-    adapter_config = tmp / ADAPTER_DIR / "adapter_config.json"
-    config = json.loads(adapter_config.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = recipe.model.base if base_model_id(recipe.model.base) else None
-    write_json(adapter_config, config)
+    stabilise_adapter_config(tmp / ADAPTER_DIR / "adapter_config.json",
+                             base_model_name_or_path=recipe.model.base if base_model_id(recipe.model.base) else None)
 
 
 def write_original(clip, base, tmp: Path, format: str, run_dir: Path) -> dict:

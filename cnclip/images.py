@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -125,3 +126,129 @@ def _draft_within(img: Image.Image, max_pixels: int) -> None:
         return
     scale = next((s for s in (2, 4, 8) if -(-width // s) * -(-height // s) <= max_pixels), 8)
     img.draft(None, (max(1, width // scale), max(1, height // scale)))
+
+
+# ---------------------------------------------------------------- preprocessing for a model
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """The checkpoint's own image-processor settings (preprocessor_config.json)."""
+
+    resize_height: int | None  # fixed (h, w) resize: Chinese-CLIP squashes to a square
+    resize_width: int | None
+    shortest_edge: int | None  # or resize the short side, keep aspect
+    do_center_crop: bool
+    crop_height: int
+    crop_width: int
+    resample: int
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ImagePreprocess":
+        # Defaults are ChineseCLIPImageProcessor's class defaults, used when a key is absent.
+        size = cfg.get("size", {"shortest_edge": 224})
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        crop = cfg.get("crop_size", {"height": 224, "width": 224})
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        has_hw = "height" in size and "width" in size
+        return cls(
+            resize_height=size["height"] if has_hw else None,
+            resize_width=size["width"] if has_hw else None,
+            shortest_edge=None if has_hw else int(size["shortest_edge"]),
+            do_center_crop=bool(cfg.get("do_center_crop", True)),
+            crop_height=int(crop["height"]),
+            crop_width=int(crop["width"]),
+            resample=int(cfg.get("resample", 3)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            mean=tuple(cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+            std=tuple(cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+        )
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+# The largest resize made whole (8 megapixels: any sane photo under any Chinese-CLIP config). Past it,
+# only the centre crop's region is resized, or, without a centre crop, the image is refused (a 1x20000
+# image under shortest_edge 224 would otherwise be resized to 1 gigapixel).
+MAX_RESIZED_PIXELS = 8_000_000
+
+
+class ImageResize:
+    """The per-image part of the checkpoint's preprocessing, torch-free: resize and centre crop to uint8 arrays,
+    and (`pixels`) the same rescale and normalisation cnclip.data.ImageTransform applies with torch.
+
+    The ONNX runtime (cnclip.onnx_runtime) uses this class as is, so both backends see the same pixels.
+    """
+
+    def __init__(self, cfg: ImagePreprocess):
+        self.cfg = cfg
+
+    def _target_size(self, width: int, height: int) -> tuple[int, int]:
+        c = self.cfg
+        if c.shortest_edge is None:
+            return c.resize_width, c.resize_height
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = c.shortest_edge, int(c.shortest_edge * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def _crop_box(self, width: int, height: int, size: tuple[int, int]) -> tuple[tuple[int, int], tuple] | None:
+        """The source region that becomes the centre crop of an image resized to `size`, or None.
+
+        Resizing only that region to the crop's size samples the same positions at the same scale
+        as resizing the whole image and cropping, without allocating the full resized image (a
+        1x20000 image under shortest_edge 224 would become 224x4,480,000). Pillow orders the two
+        filter passes differently for a region, so pixels can differ by a few levels of 255: used
+        only where the full resize would exceed MAX_RESIZED_PIXELS.
+        """
+        c = self.cfg
+        new_w, new_h = size
+        if not c.do_center_crop or new_w < c.crop_width or new_h < c.crop_height:
+            return None
+        top, left = (new_h - c.crop_height) // 2, (new_w - c.crop_width) // 2
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + c.crop_width) * sx, (top + c.crop_height) * sy)
+        return (c.crop_width, c.crop_height), box
+
+    def pil_to_array(self, img: Image.Image) -> np.ndarray:
+        """uint8 HxWx3 after resize and crop: cheap to ship from DataLoader workers."""
+        img = to_rgb(img)  # transparency onto white, as transformers' convert_to_rgb does
+        size = self._target_size(*img.size)
+        if size[0] * size[1] > MAX_RESIZED_PIXELS:  # bounded before resizing: only what is kept is made
+            cropped = self._crop_box(*img.size, size)
+            if cropped is not None:
+                out_size, box = cropped
+                return np.ascontiguousarray(np.asarray(img.resize(out_size, resample=self.cfg.resample, box=box)))
+            raise ValueError(f"image too elongated: {img.size[0]}x{img.size[1]} would be resized to "
+                             f"{size[0]}x{size[1]} (limit {MAX_RESIZED_PIXELS} pixels)")
+        img = img.resize(size, resample=self.cfg.resample)
+        arr = np.asarray(img)
+        if self.cfg.do_center_crop:
+            h, w = arr.shape[:2]
+            ch, cw = self.cfg.crop_height, self.cfg.crop_width
+            if h < ch or w < cw:  # smaller than the crop: pad with zeros like transformers does
+                padded = np.zeros((max(h, ch), max(w, cw), 3), dtype=arr.dtype)
+                top, left = (padded.shape[0] - h + 1) // 2, (padded.shape[1] - w + 1) // 2
+                padded[top:top + h, left:left + w] = arr
+                arr, h, w = padded, *padded.shape[:2]
+            top, left = (h - ch) // 2, (w - cw) // 2
+            arr = arr[top:top + ch, left:left + cw]
+        return np.ascontiguousarray(arr)
+
+    def pixels(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images -> float32 Nx3xHxW, rescaled and normalised, as ImageTransform() gives with torch."""
+        return self.normalize_arrays(np.stack([self.pil_to_array(i) for i in images]))
+
+    def normalize_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 NxHxWx3 (pil_to_array's) -> float32 Nx3xHxW: ImageTransform.normalize's arithmetic in numpy."""
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(self.cfg.rescale_factor)
+        mean = np.asarray(self.cfg.mean, np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.cfg.std, np.float32).reshape(1, 3, 1, 1)
+        return np.ascontiguousarray((x - mean) / std)

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+# Defined in cnclip.images so that the torch-free ONNX runtime parses the same settings; imported from here too.
+from .images import ImagePreprocess  # noqa: F401
 from .model_reference import MODELSCOPE_PREFIX, hub_access, parse_model_reference  # noqa: F401 - re-exported
 from .recipe import ModelConfig
 
@@ -63,50 +65,6 @@ def load_clip(path: str, random_init: bool = False, seed: int = 0):
         return ChineseCLIPModel.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     except OSError as exc:
         raise ModelLoadError(f"could not load a ChineseCLIP model from '{path}': {exc}") from exc
-
-
-@dataclass(frozen=True)
-class ImagePreprocess:
-    """The checkpoint's own image-processor settings (preprocessor_config.json)."""
-
-    resize_height: int | None  # fixed (h, w) resize: Chinese-CLIP squashes to a square
-    resize_width: int | None
-    shortest_edge: int | None  # or resize the short side, keep aspect
-    do_center_crop: bool
-    crop_height: int
-    crop_width: int
-    resample: int
-    rescale_factor: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ImagePreprocess":
-        # Defaults are ChineseCLIPImageProcessor's class defaults, used when a key is absent.
-        size = cfg.get("size", {"shortest_edge": 224})
-        if isinstance(size, int):
-            size = {"shortest_edge": size}
-        crop = cfg.get("crop_size", {"height": 224, "width": 224})
-        if isinstance(crop, int):
-            crop = {"height": crop, "width": crop}
-        has_hw = "height" in size and "width" in size
-        return cls(
-            resize_height=size["height"] if has_hw else None,
-            resize_width=size["width"] if has_hw else None,
-            shortest_edge=None if has_hw else int(size["shortest_edge"]),
-            do_center_crop=bool(cfg.get("do_center_crop", True)),
-            crop_height=int(crop["height"]),
-            crop_width=int(crop["width"]),
-            resample=int(cfg.get("resample", 3)),
-            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
-            mean=tuple(cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-            std=tuple(cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-        )
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
 
 
 def load_image_preprocess(path: str) -> ImagePreprocess:

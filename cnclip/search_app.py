@@ -26,6 +26,13 @@ Safety, by construction:
   its digest.
 * Every failure past the host check is a JSON `{"error": "..."}` with a 4xx status; the page shows
   the message and stays usable.
+
+Concurrency: one process holds the model and the index once; at most `workers` model calls (queries,
+uploads, zero-shot) run at a time, each in a worker thread, and further requests wait in the event loop
+without holding a thread or a decoded image. Several processes (uvicorn's workers) would each hold their
+own copy of the model and the index; the onnx backend's sessions run concurrently from threads instead,
+and onnxruntime releases the GIL while it computes. With `workers` above 1 each call should use fewer
+threads (cnclip serve gives each onnx session cores / workers), so the calls do not contend for cores.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ import json
 import logging
 import re
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -46,7 +52,6 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -137,11 +142,15 @@ def classes_from_form(text: str):
 def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20, default_k: int = 12,
                allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
-               max_upload_pixels: int = UPLOAD_MAX_PIXELS) -> Starlette:
-    """The app; `allowed_hosts` are TrustedHostMiddleware patterns (allowed_hosts_for makes them)."""
+               max_upload_pixels: int = UPLOAD_MAX_PIXELS, workers: int = 1) -> Starlette:
+    """The app; `allowed_hosts` are TrustedHostMiddleware patterns (allowed_hosts_for makes them); at most
+    `workers` model calls run at once."""
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
     index = searcher.index
     templates = load_templates(templates_path)
-    model_lock = threading.Lock()  # one model call at a time: bounded memory, no thread contention
+    # At most `workers` model calls at a time (bounded memory, no thread contention); the rest wait in the loop.
+    model_limiter = anyio.CapacityLimiter(workers)
     # One image decode at a time (uploads and thumbnails), waiting in the event loop rather than in a
     # worker thread, so decoding memory is bounded once instead of once per concurrent request.
     decode_limiter = anyio.CapacityLimiter(1)
@@ -199,10 +208,7 @@ def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: st
         return endpoint
 
     def locked(fn, *args):
-        def call():
-            with model_lock:
-                return fn(*args)
-        return run_in_threadpool(call)
+        return anyio.to_thread.run_sync(fn, *args, limiter=model_limiter)
 
     async def page(request: Request):
         return HTMLResponse(render_page(index, classes_text, default_k, max_upload_bytes))
@@ -210,6 +216,7 @@ def create_app(searcher: Searcher, *, classes_text: str = "", templates_path: st
     async def info(request: Request):
         m = index.manifest
         return JSONResponse({"images": len(index), "kind": m["kind"], "model": model_name(m["model"]["spec"]),
+                             "backend": searcher.embedder.backend, "workers": workers,
                              "roots": [Path(r).name for r in m["roots"]], "max_upload_bytes": max_upload_bytes,
                              "max_upload_pixels": max_upload_pixels})
 

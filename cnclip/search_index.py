@@ -13,15 +13,20 @@ Guarantees:
 * Sources: a folder of images (searched recursively), a Chinese-CLIP split (`{split}_imgs.tsv`, with
   captions from `{split}_texts.jsonl`), or build-pairs output in any of its formats (that layout,
   `{split}_pairs.jsonl`, or webdataset `{split}-*.tar` shards, read in place).
-  Images are embedded through the image-embedding cache training uses (cnclip.image_cache): a split
-  indexed whole hits the cache training filled.
+  With the torch backend, images are embedded through the image-embedding cache training uses
+  (cnclip.image_cache): a split indexed whole hits the cache training filled. The onnx backend embeds
+  them in this process, a batch of resized crops at a time.
 * Incremental: building into an existing index keeps every row whose key and content digest are
   unchanged (its stored vector is reused, never re-embedded), embeds only new or changed images, and
   drops rows whose image is gone. The faiss structure is rebuilt from the stored vectors.
 * Exact below APPROXIMATE_FROM vectors (faiss IndexFlatIP), HNSW from there on (measured with
   benchmarks/search_throughput.py; see docs/search.md).
-* The index records the model's weight fingerprint; a query with another model is refused with a
-  message saying which model built it.
+* The index records the backend (torch or onnx, cnclip.embedders), the model and its weight
+  fingerprint; a query with other weights is refused with a message saying which model built it. A
+  torch model and an ONNX export of the same weights are interchangeable when the export records the
+  weights' fingerprint (cnclip.onnx_runtime); an export that does not is accepted only by an index it
+  built itself.
+* This module imports no torch: the onnx backend runs without it.
 * Reading an image back for a thumbnail never leaves the indexed roots: the row's stored path is
   resolved (symlinks included) and must lie inside its root, and its content must still match the
   digest recorded when it was indexed.
@@ -36,15 +41,15 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .atomic import atomic_dir
+from .embedders import BACKENDS, Embedder, TorchEmbedder
 from .errors import DataError, UsageError
 from .global_state import faiss_threads
 from .image_sources import IMAGE_EXTENSIONS, ImageTSV
@@ -154,7 +159,7 @@ def _folder_items(root: Path, skips: SkipLog) -> list[Item]:
 
 def _captions(texts_path: Path) -> dict[int, str]:
     """image id -> its first caption, from a `{split}_texts.jsonl` (bad lines are simply not captions)."""
-    from .data import read_texts
+    from .texts import read_texts
 
     captions: dict[int, str] = {}
     if texts_path.is_file():
@@ -306,14 +311,6 @@ class ItemImages:
 # ---------------------------------------------------------------- the index on disk
 
 
-def model_fingerprint(clip) -> str:
-    """Both towers' weights: an index is only meaningful with the model whose embeddings it holds."""
-    from .models import image_tower_fingerprint, text_tower_fingerprint
-
-    return hashlib.blake2b(f"{image_tower_fingerprint(clip)}:{text_tower_fingerprint(clip)}".encode(),
-                           digest_size=16).hexdigest()
-
-
 @dataclass
 class SearchIndex:
     path: Path
@@ -343,14 +340,20 @@ class SearchIndex:
         vectors = load_file(str(path / VECTORS))["vectors"]
         return cls(path, manifest, items, vectors, faiss.read_index(str(path / FAISS_FILE)))
 
-    def check_model(self, fingerprint: str, spec: str) -> None:
+    @property
+    def backend(self) -> str:
+        return self.manifest["model"].get("backend", "torch")  # indexes from before the onnx backend: torch
+
+    def check_model(self, embedder: Embedder) -> None:
+        """Refuse a query model whose weights are not the ones the index was built with (backend aside)."""
         built = self.manifest["model"]
-        if fingerprint != built["fingerprint"]:
+        if embedder.fingerprint != built["fingerprint"]:
             raise UsageError(
-                f"model mismatch: {self.path} was built with {built['spec']!r} (weights {built['fingerprint'][:12]}), "
-                f"the query model {spec!r} has other weights ({fingerprint[:12]}); its embeddings would not be "
-                f"comparable. Query with --model {built['spec']}, or rebuild the index with "
-                f"`cnclip search index SOURCE --model {spec} --out {self.path}`")
+                f"model mismatch: {self.path} was built with {built['spec']!r} (backend {self.backend}, weights "
+                f"{built['fingerprint'][:12]}), the query model {embedder.spec!r} (backend {embedder.backend}) has "
+                f"other weights ({embedder.fingerprint[:12]}); its embeddings would not be comparable. Query with "
+                f"--backend {self.backend} --model {built['spec']}, or rebuild the index with `cnclip search index "
+                f"SOURCE --backend {embedder.backend} --model {embedder.spec} --out {self.path}`")
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each queries x min(k, len); queries must be unit rows."""
@@ -388,23 +391,17 @@ class BuildReport:
         return asdict(self)
 
 
-def build_index(sources: list[str], out: str | Path, loaded, model_spec: str, runtime, *, split: str | None = None,
+def build_index(sources: list[str], out: str | Path, embedder: Embedder, *, split: str | None = None,
                 kind: str = "auto", cache_dir: str | None = None, batch_size: int = 64, num_workers: int = 0,
                 rebuild: bool = False) -> BuildReport:
     """Create or update the index at `out` so that it holds exactly the images of `sources`."""
-    from .data import ImageTransform
-    from .image_cache import split_image_features
-    from .models import image_tower_fingerprint
-
     tic = time.perf_counter()
     out = Path(out)
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} exists and is not a search index; choose a new or empty directory")
-    clip = loaded.clip
-    fingerprint = model_fingerprint(clip)
     old = SearchIndex.load(out) if (out / MANIFEST).is_file() and not rebuild else None
     if old is not None:
-        old.check_model(fingerprint, model_spec)
+        old.check_model(embedder)
     skips = SkipLog()
     items = discover(sources, split, skips)
     previous = {(i.key, i.digest): row for row, i in enumerate(old.items)} if old else {}
@@ -416,17 +413,14 @@ def build_index(sources: list[str], out: str | Path, loaded, model_spec: str, ru
     bad: dict[str, str] = {}
     from_cache = False
     if todo:
-        transform = ImageTransform(loaded.preprocess)
-        tower = image_tower_fingerprint(clip)
         by_id = SkipLog(max_examples=0)
         whole_tsv = _whole_tsv(todo, items)
         source = ImageTSV(whole_tsv, SkipLog(max_examples=0)) if whole_tsv else ItemImages(todo)
-        features = split_image_features(source, clip, transform, tower, runtime, cache_dir, batch_size, num_workers,
-                                        by_id)
-        # The cache answers for a whole entry: loaded as it was, or (partly) computed now, when a part left by
-        # an interrupted run counts as embedded now.
+        features = embedder.embed_source(source, cache_dir, batch_size, num_workers, by_id)
+        # The torch backend's cache answers for a whole entry: loaded as it was, or (partly) computed now, when a
+        # part left by an interrupted run counts as embedded now.
         from_cache = not features.computed
-        emb = F.normalize(features.embeddings.float(), dim=-1).numpy()
+        emb = features.embeddings
         if whole_tsv:
             by_ref = {str(image_id): row for row, image_id in enumerate(features.ids)}
             for item in todo:
@@ -455,8 +449,9 @@ def build_index(sources: list[str], out: str | Path, loaded, model_spec: str, ru
     log.info("building the %s index over %d vectors", chosen, len(rows))
     manifest = {
         "version": INDEX_VERSION,
-        "model": {"spec": model_spec, "fingerprint": fingerprint},
-        "context_length": loaded.recipe.data.context_length if loaded.recipe else 52,
+        "model": {"spec": embedder.spec, "fingerprint": embedder.fingerprint, "backend": embedder.backend,
+                  "precision": embedder.precision},
+        "context_length": embedder.context_length,
         "kind": chosen, "dim": int(matrix.shape[1]), "count": len(rows),
         "roots": sorted({i.root for i in rows}),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -482,6 +477,26 @@ def _whole_tsv(todo: list[Item], items: list[Item]) -> str | None:
 # ---------------------------------------------------------------- querying with a model
 
 
+def open_embedder(backend: str, spec: str, device: str = "auto", threads: int | None = None) -> Embedder:
+    """The embedder for `spec` on `backend`; `threads` caps the threads one embedding call uses."""
+    if backend == "torch":
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise UsageError("--backend torch needs torch, which is not installed here (an install of "
+                             "'cnclip[serve]' alone runs --backend onnx only); install cnclip with its "
+                             "dependencies, or use --backend onnx with an ONNX export")
+        return TorchEmbedder.load(spec, device)
+    if backend == "onnx":
+        from .onnx_runtime import OnnxEmbedder
+
+        if device not in ("auto", "cpu"):
+            raise UsageError(f"--device {device}: the onnx backend runs on the CPU (onnxruntime's CPU provider)")
+        return OnnxEmbedder.load(spec, threads=threads)
+    raise UsageError(f"--backend {backend!r}: choose from {', '.join(BACKENDS)}")
+
+
+
 @dataclass
 class Hit:
     rank: int
@@ -497,30 +512,32 @@ class Hit:
 
 
 class Searcher:
-    """An index together with the model that built it: text, image and zero-shot queries."""
+    """An index together with a model of the same weights: text, image and zero-shot queries.
 
-    def __init__(self, index: SearchIndex, loaded, runtime, model_spec: str):
-        self.index, self.loaded, self.runtime = index, loaded, runtime
-        self.clip = loaded.clip.to(runtime.device).eval()
-        index.check_model(model_fingerprint(self.clip), model_spec)
+    Safe to call from several threads at once when the embedder is (the onnx one is): the faiss index is
+    only read, and the zero-shot class cache is guarded by a lock.
+    """
+
+    def __init__(self, index: SearchIndex, embedder: Embedder):
+        index.check_model(embedder)
+        self.index, self.embedder = index, embedder
         # One query at a time over at most APPROXIMATE_FROM vectors: one thread is faster than several
         # contending for busy cores (benchmarks/search_throughput.py: 2.1 vs 37 ms at 10k on a loaded 2-core CPU).
         # Set around each search only: the process' faiss thread count is the caller's.
         self._search_threads = 1 if index.manifest["kind"] == "exact" else None
-        self.context_length = int(index.manifest.get("context_length", 52))
-        from .data import ImageTransform
-
-        self.transform = ImageTransform(loaded.preprocess)
-        self._class_cache: dict[tuple, torch.Tensor] = {}
+        self._class_cache: dict[tuple, np.ndarray] = {}
+        self._class_lock = threading.Lock()
 
     @classmethod
-    def open(cls, index_path: str | Path, model: str | None = None, device: str = "auto") -> "Searcher":
-        from .inference import load_for_inference
-        from .runtime import pick_runtime
-
+    def open(cls, index_path: str | Path, model: str | None = None, device: str = "auto", *,
+             backend: str | None = None, threads: int | None = None) -> "Searcher":
+        """The index with `model` on `backend` (default: the model and backend that built it)."""
         index = SearchIndex.load(index_path)
+        if model is None and backend not in (None, index.backend):
+            raise UsageError(f"{index_path} was built with the {index.backend} backend ({index.manifest['model']['spec']}); "
+                             f"--backend {backend} needs --model naming that backend's copy of the same weights")
         spec = model or index.manifest["model"]["spec"]
-        return cls(index, load_for_inference(spec), pick_runtime(device, "auto"), spec)
+        return cls(index, open_embedder(backend or index.backend, spec, device, threads))
 
     def _hits(self, query: np.ndarray, k: int) -> list[Hit]:
         with faiss_threads(self._search_threads) if self._search_threads else contextlib.nullcontext():
@@ -533,26 +550,13 @@ class Searcher:
             hits.append(Hit(rank, row, float(score), item.key, item.ref, item.caption, item.root))
         return hits
 
-    @torch.no_grad()
     def text_embedding(self, text: str) -> np.ndarray:
-        from .data import tokenize
-        from .models import encode_texts
-
         if not text.strip():
             raise UsageError("the query text is empty")
-        tokens = {k: v.to(self.runtime.device) for k, v in
-                  tokenize(self.loaded.tokenizer, [text], self.context_length).items()}
-        with self.runtime.autocast():
-            emb = encode_texts(self.clip, **tokens).float().cpu()
-        return F.normalize(emb, dim=-1)[0].numpy()
+        return self.embedder.embed_texts([text])[0]
 
-    @torch.no_grad()
     def image_embedding(self, image) -> np.ndarray:
-        from .models import encode_images
-
-        with self.runtime.autocast():
-            emb = encode_images(self.clip, self.transform([image]).to(self.runtime.device)).float().cpu()
-        return F.normalize(emb, dim=-1)[0].numpy()
+        return self.embedder.embed_images([image])[0]
 
     def by_text(self, text: str, k: int = 10) -> list[Hit]:
         return self._hits(self.text_embedding(text), k)
@@ -561,16 +565,16 @@ class Searcher:
         return self._hits(self.image_embedding(image), k)
 
     def classify(self, image, classes, templates: list[str], top_k: int = 5) -> list[dict]:
-        """Zero-shot: the image's top classes with probabilities (prompt ensembling, cnclip.classifier)."""
-        from .classifier import class_embeddings, logit_scale_of, probabilities, similarities
-
+        """Zero-shot: the image's top classes with probabilities (prompt ensembling, as cnclip.classifier)."""
         cache_key = (classes.keys, classes.names, tuple(templates))
-        if cache_key not in self._class_cache:
-            self._class_cache.clear()  # one class list at a time is what a page uses
-            self._class_cache[cache_key] = class_embeddings(self.clip, self.loaded.tokenizer, templates, classes,
-                                                            self.runtime, self.context_length, 256)
-        emb = torch.from_numpy(self.image_embedding(image))[None, :]
-        probs = probabilities(similarities(emb, self._class_cache[cache_key]), logit_scale_of(self.clip))[0]
-        values, idx = probs.topk(min(top_k, len(classes)))
-        return [{"key": classes.keys[i], "name": classes.names[i][0], "probability": v}
-                for v, i in zip(values.tolist(), idx.tolist())]
+        with self._class_lock:
+            if cache_key not in self._class_cache:
+                self._class_cache.clear()  # one class list at a time is what a page uses
+                self._class_cache[cache_key] = self.embedder.class_embeddings(templates, classes)
+            class_emb = self._class_cache[cache_key]
+        logits = (class_emb @ self.image_embedding(image)) * self.embedder.logit_scale
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")[:min(top_k, len(classes))]
+        return [{"key": classes.keys[i], "name": classes.names[i][0], "probability": float(probs[i])}
+                for i in order.tolist()]

@@ -1,9 +1,10 @@
 """The fine-tuning loop: LoRA on the text tower against cached image embeddings.
 
-`train(recipe)` is what `cnclip finetune` runs. Read top to bottom: set up the run directory, data,
-model and image cache; then the loop (batch -> text embeddings -> contrastive loss -> step), with
-periodic logging, an evaluation and checkpoint at each epoch end, and exact resume when the same
-command is run again.
+`train(recipe)` is what `cnclip finetune` runs: `FinetuneRun.run()`, which reads top to bottom.
+`setup()` sets up the run directory, data, model and image cache, the optimizer, and the state to
+resume from; then for each epoch `train_epoch()` (batch -> text embeddings -> contrastive loss ->
+step, with periodic logging), `validate()` and `save()` (best model, summary, plots, checkpoint);
+then `finish()`. The same command run again resumes exactly where the last checkpoint left off.
 """
 
 from __future__ import annotations
@@ -181,214 +182,329 @@ def train(recipe: Recipe) -> dict:
     distributed.init_distributed(runtime.device)
     try:
         with deterministic_algorithms(recipe.train.deterministic, runtime.device):
-            return _train(recipe, runtime)
+            return FinetuneRun(recipe, runtime).run()
     finally:
         if owns_group:
             distributed.shutdown()
 
 
-def _train(recipe: Recipe, runtime: Runtime) -> dict:
-    run_dir = Path(recipe.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    main_rank = distributed.is_main()
-    setup_logging(run_dir / "train.log" if main_rank else None)
-    if not main_rank:
-        logging.getLogger().setLevel(logging.WARNING)
-    check_run_dir(run_dir, recipe)
-    distributed.barrier()  # every rank has read the saved recipe before rank 0 rewrites it
-    if main_rank:
-        dump_recipe(recipe, run_dir / RECIPE_FILE)
+def image_bank_on(features: ImageFeatures, device: torch.device) -> torch.Tensor:
+    """The training images' embeddings on `device`, indexed by the pairs' image rows at every step.
 
-    if recipe.data.generate == "demo" and main_rank:
-        from .demo_data import write_demo_dataset
+    When `device` is not the host, the host copy is freed: `features.embeddings` becomes an empty
+    (0, dim) tensor with its own, empty storage. (A `[:0]` slice would be a view that keeps the
+    whole host storage alive, a second copy of the bank per rank.)"""
+    bank = features.embeddings.to(device)
+    if bank.device.type != "cpu":  # the bank lives on the GPU now: no second, host copy per rank
+        host = features.embeddings
+        features.embeddings = torch.empty((0, host.shape[1]), dtype=host.dtype)
+    return bank
 
-        write_demo_dataset(recipe.data.root, seed=recipe.seed)
-    distributed.barrier()
-    # Every split the run needs is read (and an empty or unusable one refused, DataError) before the
-    # model is loaded and the image cache is built: a data set with no validation pairs fails in seconds.
-    skips = SkipLog()
-    train_split = load_data_split(recipe.data, recipe.data.train_split, skips)
-    valid_split = load_data_split(recipe.data, recipe.data.valid_split, skips) if recipe.data.valid_split else None
 
-    log.info("device %s, precision %s, %d process(es)%s", runtime.device, runtime.precision,
-             distributed.world_size(), ", deterministic algorithms" if recipe.train.deterministic else "")
-    base = load_base_model(recipe.model, seed=recipe.seed)
-    torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
-    # LoRA (a peft model) or the full text tower (the model itself); the image side is the cache either way.
-    model = attach_text_tuning(base.clip, recipe.model).to(runtime.device)
-    clip = base.clip
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    distributed.broadcast_parameters(trainable)
-    prepare_text_tower(clip, recipe.train.gradient_checkpointing, recipe.train.compile)
-    log.info(describe_trainable(model))
+class FinetuneRun:
+    """One rank's fine-tuning run, in the order `run()` reads: `setup()`, then for each epoch
+    `train_epoch()`, `validate()` and `save()`, then `finish()`.
 
-    # ---- data and the image-embedding cache (the image tower runs here, and only here)
-    transform = ImageTransform(base.preprocess)
-    tower = image_tower_fingerprint(clip)
+    Every rank calls the same methods in the same order, so barriers and collectives match; only
+    rank 0 validates and writes files, and the others wait on the host (`distributed.host_barrier`)
+    while it does. Besides `recipe` and `runtime` (the constructor's), the attributes below are set
+    by `setup()` and shared by the methods:
 
-    def features_of(split: Split) -> ImageFeatures:
+    run_dir, main_rank: the run directory; whether this is rank 0 (which validates and writes files)
+    skips: the bad-item counts of every split read (SkipLog), kept in summary.json
+    train_split, valid_split: the data splits (valid_split is None without data.valid_split)
+    base, clip, model: the loaded base (tokenizer, preprocess), its ChineseCLIPModel, and the model
+        being tuned (a peft LoRA model around clip, or clip itself)
+    trainable: the parameters the optimizer updates (the same on every rank)
+    transform, tower: the image transform and image-tower fingerprint the image cache is keyed on
+    train_features, valid_features: the splits' cached image embeddings (the training split's host
+        copy is emptied once `image_bank` is on an accelerator)
+    image_bank: the training images' embeddings on the device, one row per image
+    pairs: the training split's (caption, image) pairs as tensors (TrainingPairs)
+    zeroshot: the zero-shot forgetting check (rank 0 only, None elsewhere or without one)
+    world, batch_size, steps_per_epoch, total_steps: the data-parallel shape of the run
+        (batch_size is the global batch)
+    optimizer, scheduler: the optimizer and its per-step learning-rate schedule
+    checkpoint: the checkpoint this invocation resumed from, or None for a fresh run
+    state: the position and best score (TrainState), what a checkpoint saves
+    start_step: the global step this invocation started from (0, or where it resumed)
+    metrics_log: metrics.jsonl (rank 0), optionally mirrored to TensorBoard; a no-op elsewhere
+    summary_path, summary: summary.json and its contents so far
+    packed: whether the text tower runs on packed tokens (train.packed_text without compile)
+    """
+
+    def __init__(self, recipe: Recipe, runtime: Runtime):
+        self.recipe = recipe
+        self.runtime = runtime
+
+    def run(self) -> dict:
+        """Train every epoch not yet done; the run's summary (summary.json's contents)."""
+        self.setup()
+        while self.state.epoch < self.recipe.train.epochs:
+            self.train_epoch()
+            metrics = self.validate()  # None on ranks other than 0, and without a validation split
+            self.save(metrics)
+        return self.finish()
+
+    # ---- setup
+    def setup(self) -> None:
+        """Everything before the first step, in this order on every rank: the run directory (logging,
+        the recipe check), the demo data, the splits, the model, the image cache and training pairs,
+        the optimizer, the state to resume from, and (on a fresh run) the validation before training."""
+        self._setup_run_dir()
+        self._write_demo_data()
+        self._read_splits()
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self._resume()
+        if self.checkpoint is None:
+            torch.manual_seed(self.recipe.seed)
+            if self.recipe.eval.before_training:
+                self._validate_before_training()
+        distributed.host_barrier()  # the others wait here, not in a step's collective, while rank 0 validates
+        self.packed = self.recipe.train.packed_text and not self.recipe.train.compile
+        self.model.train()
+        lock_image_tower(self.clip)
+
+    def _setup_run_dir(self) -> None:
+        recipe = self.recipe
+        self.run_dir = run_dir = Path(recipe.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.main_rank = distributed.is_main()
+        setup_logging(run_dir / "train.log" if self.main_rank else None)
+        if not self.main_rank:
+            logging.getLogger().setLevel(logging.WARNING)
+        check_run_dir(run_dir, recipe)
+        distributed.barrier()  # every rank has read the saved recipe before rank 0 rewrites it
+        if self.main_rank:
+            dump_recipe(recipe, run_dir / RECIPE_FILE)
+
+    def _write_demo_data(self) -> None:
+        recipe = self.recipe
+        if recipe.data.generate == "demo" and self.main_rank:
+            from .demo_data import write_demo_dataset
+
+            write_demo_dataset(recipe.data.root, seed=recipe.seed)
+        distributed.barrier()
+
+    def _read_splits(self) -> None:
+        # Every split the run needs is read (and an empty or unusable one refused, DataError) before the
+        # model is loaded and the image cache is built: a data set with no validation pairs fails in seconds.
+        data = self.recipe.data
+        self.skips = SkipLog()
+        self.train_split = load_data_split(data, data.train_split, self.skips)
+        self.valid_split = load_data_split(data, data.valid_split, self.skips) if data.valid_split else None
+
+    def _setup_model(self) -> None:
+        recipe, runtime = self.recipe, self.runtime
+        log.info("device %s, precision %s, %d process(es)%s", runtime.device, runtime.precision,
+                 distributed.world_size(), ", deterministic algorithms" if recipe.train.deterministic else "")
+        self.base = load_base_model(recipe.model, seed=recipe.seed)
+        torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
+        # LoRA (a peft model) or the full text tower (the model itself); the image side is the cache either way.
+        self.model = attach_text_tuning(self.base.clip, recipe.model).to(runtime.device)
+        self.clip = self.base.clip
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        distributed.broadcast_parameters(self.trainable)
+        prepare_text_tower(self.clip, recipe.train.gradient_checkpointing, recipe.train.compile)
+        log.info(describe_trainable(self.model))
+
+    def _image_features(self, split: Split) -> ImageFeatures:
         # Every rank embeds its share of the cache parts, then all read the whole cache (image_cache.py).
-        return split_image_features(split.images, clip, transform, tower, runtime, recipe.cache.dir,
-                                    recipe.cache.batch_size, recipe.data.num_workers, skips, recipe.cache.part_size,
-                                    sharded=True)
+        recipe = self.recipe
+        return split_image_features(split.images, self.clip, self.transform, self.tower, self.runtime,
+                                    recipe.cache.dir, recipe.cache.batch_size, recipe.data.num_workers, self.skips,
+                                    recipe.cache.part_size, sharded=True)
 
-    train_features = features_of(train_split)
-    pairs = build_pairs(train_split, train_features, base.tokenizer, recipe.data.context_length, skips)
-    valid_features = None
-    if valid_split is not None:
-        valid_features = features_of(valid_split)
-        scorable_texts(valid_split, valid_features, skips)  # count, once, the texts recall cannot score
-    zeroshot = (ZeroShotTracker.from_recipe(recipe, clip, base.tokenizer, transform, runtime, skips)
-                if main_rank else None)  # only rank 0 validates
-    distributed.host_barrier()  # the others wait on the host while rank 0 embeds the zero-shot folder
-    if skips.total:
-        log.warning("skipped %d bad items while reading data: %s", skips.total, dict(skips.counts))
-    image_bank = train_features.embeddings.to(runtime.device)
-    if image_bank.device.type != "cpu":  # the bank lives on the GPU now: no second, host copy per rank
-        train_features.embeddings = train_features.embeddings[:0]
-    log.info("training on %d pairs (%d captions, %d images)", len(pairs), pairs.tokens["input_ids"].shape[0],
-             len(train_features.ids))
+    def _setup_data(self) -> None:
+        """The image-embedding cache (the image tower runs here, and only here) and the training pairs."""
+        recipe = self.recipe
+        self.transform = ImageTransform(self.base.preprocess)
+        self.tower = image_tower_fingerprint(self.clip)
+        self.train_features = self._image_features(self.train_split)
+        self.pairs = build_pairs(self.train_split, self.train_features, self.base.tokenizer,
+                                 recipe.data.context_length, self.skips)
+        self.valid_features = None
+        if self.valid_split is not None:
+            self.valid_features = self._image_features(self.valid_split)
+            # Count, once, the texts recall cannot score.
+            scorable_texts(self.valid_split, self.valid_features, self.skips)
+        self.zeroshot = (ZeroShotTracker.from_recipe(recipe, self.clip, self.base.tokenizer, self.transform,
+                                                     self.runtime, self.skips)
+                         if self.main_rank else None)  # only rank 0 validates
+        distributed.host_barrier()  # the others wait on the host while rank 0 embeds the zero-shot folder
+        if self.skips.total:
+            log.warning("skipped %d bad items while reading data: %s", self.skips.total, dict(self.skips.counts))
+        self.image_bank = image_bank_on(self.train_features, self.runtime.device)
+        log.info("training on %d pairs (%d captions, %d images)", len(self.pairs),
+                 self.pairs.tokens["input_ids"].shape[0], len(self.train_features.ids))
 
-    # ---- optimisation
-    world = distributed.world_size()
-    if recipe.train.batch_size % world:
-        raise ConfigError(f"recipe key 'train.batch_size' ({recipe.train.batch_size}) is the global batch and must "
-                          f"split evenly over the {world} processes")
-    batch_size = min(recipe.train.batch_size, len(pairs) // world * world)  # global; each rank takes 1/world
-    steps_per_epoch = len(pairs) // batch_size  # the last partial batch is dropped: every step sees a full batch
-    total_steps = recipe.train.epochs * steps_per_epoch
-    optimizer = make_optimizer(model, recipe, runtime)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(min(recipe.train.warmup_steps, total_steps), total_steps))
+    def _setup_optimizer(self) -> None:
+        recipe = self.recipe
+        self.world = world = distributed.world_size()
+        if recipe.train.batch_size % world:
+            raise ConfigError(f"recipe key 'train.batch_size' ({recipe.train.batch_size}) is the global batch and must "
+                              f"split evenly over the {world} processes")
+        # The global batch; each rank takes 1/world of it.
+        self.batch_size = min(recipe.train.batch_size, len(self.pairs) // world * world)
+        # The last partial batch is dropped: every step sees a full batch.
+        self.steps_per_epoch = len(self.pairs) // self.batch_size
+        self.total_steps = recipe.train.epochs * self.steps_per_epoch
+        self.optimizer = make_optimizer(self.model, recipe, self.runtime)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(min(recipe.train.warmup_steps, self.total_steps), self.total_steps))
 
-    def validate() -> dict | None:
-        if valid_split is None or not distributed.is_main():  # rank 0 validates; the others go on
-            return None
-        model.eval()
-        result = evaluate_split(clip, base.tokenizer, valid_split, valid_features, runtime,
-                                recipe.data.context_length, recipe.eval.batch_size)
-        if zeroshot is not None:  # forgetting check: zero-shot accuracy on a held-out classification folder
-            result.metrics["zeroshot"] = zeroshot.score(clip)
-        model.train()
-        lock_image_tower(clip)
-        return result.metrics
+    def _resume(self) -> None:
+        """The state to start from (the latest checkpoint's, if any), metrics.jsonl and summary.json."""
+        recipe, run_dir = self.recipe, self.run_dir
+        self.checkpoint = checkpoint = latest_checkpoint(run_dir)
+        self.state = state = TrainState()
+        if checkpoint is not None:
+            self.state = state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+        # Every rank must resume from the same step: ranks that see another run_dir (a node without the
+        # shared filesystem) would otherwise run collectives that never match.
+        distributed.same_on_every_rank(
+            state.global_step, f"the step to resume from (run_dir {run_dir} and cache.dir must be on a filesystem "
+                               "that every node shares)")
+        self.start_step = state.global_step
+        if checkpoint is not None and state.global_step >= self.total_steps:
+            log.info("nothing to train: %s already finished all %d steps (%d epochs); the results are the finished "
+                     "run's", run_dir, self.total_steps, recipe.train.epochs)
+        elif checkpoint is not None:
+            log.info("resuming from %s (epoch %d, step %d of %d)", checkpoint, state.epoch + 1, state.global_step,
+                     self.total_steps)
+        self.metrics_log = (MetricsLog(run_dir / "metrics.jsonl", state.global_step if checkpoint else None)
+                            if self.main_rank else NoMetricsLog())
+        if self.main_rank and recipe.logging.tensorboard:  # the same entries, also as TensorBoard scalars
+            self.metrics_log = TensorBoardLog(self.metrics_log, run_dir / TENSORBOARD_DIR)
+        self.summary_path = run_dir / "summary.json"
+        self.summary = (json.loads(self.summary_path.read_text(encoding="utf-8"))
+                        if checkpoint and self.summary_path.is_file() else {})
 
-    checkpoint = latest_checkpoint(run_dir)
-    state = TrainState()
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    # Every rank must resume from the same step: ranks that see another run_dir (a node without the
-    # shared filesystem) would otherwise run collectives that never match.
-    distributed.same_on_every_rank(
-        state.global_step, f"the step to resume from (run_dir {run_dir} and cache.dir must be on a filesystem "
-                           "that every node shares)")
-    start_step = state.global_step
-    if checkpoint is not None and state.global_step >= total_steps:
-        log.info("nothing to train: %s already finished all %d steps (%d epochs); the results are the finished "
-                 "run's", run_dir, total_steps, recipe.train.epochs)
-    elif checkpoint is not None:
-        log.info("resuming from %s (epoch %d, step %d of %d)", checkpoint, state.epoch + 1, state.global_step,
-                 total_steps)
-    metrics_log = (MetricsLog(run_dir / "metrics.jsonl", state.global_step if checkpoint else None)
-                   if main_rank else NoMetricsLog())
-    if main_rank and recipe.logging.tensorboard:  # the same entries, also as TensorBoard scalars
-        metrics_log = TensorBoardLog(metrics_log, run_dir / TENSORBOARD_DIR)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if checkpoint and summary_path.is_file() else {}
-    if checkpoint is None:
-        torch.manual_seed(recipe.seed)
-        if recipe.eval.before_training:
-            before = validate()
-            if before is not None:
-                report_epoch(f"validation recall before training ({valid_split.name})", before)
-                metrics_log.write(step=0, epoch=0, valid=before)
-                summary["before"] = before
-                write_json(summary_path, summary)
+    def _validate_before_training(self) -> None:
+        before = self.validate()
+        if before is not None:
+            report_epoch(f"validation recall before training ({self.valid_split.name})", before)
+            self.metrics_log.write(step=0, epoch=0, valid=before)
+            self.summary["before"] = before
+            write_json(self.summary_path, self.summary)
 
-    distributed.host_barrier()  # the others wait here, not in a step's collective, while rank 0 validates
-
-    # ---- the loop
-    packed = recipe.train.packed_text and not recipe.train.compile
-    model.train()
-    lock_image_tower(clip)
-    while state.epoch < recipe.train.epochs:
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(recipe.seed * 1000 + state.epoch))
-        progress = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}",
-                        unit="step", dynamic_ncols=True, disable=not main_rank)
+    # ---- one epoch
+    def train_epoch(self) -> None:
+        """The steps left in this epoch (all of them, unless it resumed mid-epoch), with logging and
+        mid-epoch checkpoints."""
+        recipe, state = self.recipe, self.state
+        order = torch.randperm(len(self.pairs),
+                               generator=torch.Generator().manual_seed(recipe.seed * 1000 + state.epoch))
+        progress = tqdm(total=self.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}",
+                        unit="step", dynamic_ncols=True, disable=not self.main_rank)
         tic, seen = time.perf_counter(), 0
-        while state.step_in_epoch < steps_per_epoch:
-            start = state.step_in_epoch * batch_size
-            idx = distributed.local_slice(order[start:start + batch_size])  # this rank's share of the global batch
-            image_rows = pairs.image_rows[idx].to(runtime.device, non_blocking=True)
-            tokens = gather_tokens(pairs.tokens, pairs.text_rows[idx], runtime.device)
-            if packed:  # the mask's host copy: the packed layout is computed without waiting for the GPU
-                tokens["host_attention_mask"] = pairs.tokens["attention_mask"][pairs.text_rows[idx],
-                                                                               :tokens["attention_mask"].shape[1]]
-            optimizer.zero_grad(set_to_none=True)
-            seed_step(recipe.seed, distributed.rank(), state.global_step)  # dropout: same masks however resumed
-            with attention_kernels(recipe.train.deterministic, runtime.device):
-                loss = contrastive_step(clip, trainable, tokens, image_bank[image_rows], image_rows,
-                                        pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
-                                        recipe.train.grad_cache_chunk, packed=packed)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the step's one host-device sync
-                optimizer.step()
-            else:  # one bad batch (or an overflow) must not poison the weights: skip the update, count it
-                skip_non_finite_step(state, recipe, run_dir, metrics_log, loss, grad_norm)
-            scheduler.step()
-            clamp_logit_scale(clip)
+        while state.step_in_epoch < self.steps_per_epoch:
+            start = state.step_in_epoch * self.batch_size
+            idx = distributed.local_slice(order[start:start + self.batch_size])  # this rank's share of the global batch
+            loss, lr = self._step(idx)
             state.step_in_epoch += 1
             state.global_step += 1
             crash_point("train-step")
-            seen += len(idx) * world
+            seen += len(idx) * self.world
             progress.update(1)
             if state.global_step % recipe.train.log_every == 0:  # .item() waits for the device: only here
                 elapsed = time.perf_counter() - tic
                 progress.set_postfix(loss=f"{loss.item():.4f}")
-                metrics_log.write(step=state.global_step, epoch=state.epoch, loss=loss.item(),
-                                  lr=lr, logit_scale=clip.logit_scale.exp().item(),
-                                  samples_per_s=seen / max(elapsed, 1e-9))
+                self.metrics_log.write(step=state.global_step, epoch=state.epoch, loss=loss.item(),
+                                       lr=lr, logit_scale=self.clip.logit_scale.exp().item(),
+                                       samples_per_s=seen / max(elapsed, 1e-9))
                 tic, seen = time.perf_counter(), 0
-            if (state.global_step % recipe.train.save_every == 0 and state.step_in_epoch < steps_per_epoch
-                    and main_rank):
-                save_checkpoint(run_dir, model, optimizer, scheduler, state)
+            if (state.global_step % recipe.train.save_every == 0 and state.step_in_epoch < self.steps_per_epoch
+                    and self.main_rank):
+                save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state)
         progress.close()
-        if not main_rank:  # rank 0 validates, keeps the best model and checkpoints
-            state.epoch += 1
-            state.step_in_epoch = 0
-            distributed.host_barrier()
-            continue
 
-        metrics = validate()
+    def _step(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """One optimizer step on this rank's pairs `idx`; the loss (still on the device) and the rate it used."""
+        recipe, runtime, pairs, state = self.recipe, self.runtime, self.pairs, self.state
+        image_rows = pairs.image_rows[idx].to(runtime.device, non_blocking=True)
+        tokens = gather_tokens(pairs.tokens, pairs.text_rows[idx], runtime.device)
+        if self.packed:  # the mask's host copy: the packed layout is computed without waiting for the GPU
+            tokens["host_attention_mask"] = pairs.tokens["attention_mask"][pairs.text_rows[idx],
+                                                                           :tokens["attention_mask"].shape[1]]
+        self.optimizer.zero_grad(set_to_none=True)
+        seed_step(recipe.seed, distributed.rank(), state.global_step)  # dropout: same masks however resumed
+        with attention_kernels(recipe.train.deterministic, runtime.device):
+            # contrastive_step and clamp_logit_scale are looked up in this module at call time (tests replace them).
+            loss = contrastive_step(self.clip, self.trainable, tokens, self.image_bank[image_rows], image_rows,
+                                    pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
+                                    recipe.train.grad_cache_chunk, packed=self.packed)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the step's one host-device sync
+            self.optimizer.step()
+        else:  # one bad batch (or an overflow) must not poison the weights: skip the update, count it
+            skip_non_finite_step(state, recipe, self.run_dir, self.metrics_log, loss, grad_norm)
+        self.scheduler.step()
+        clamp_logit_scale(self.clip)
+        return loss, lr
+
+    def validate(self) -> dict | None:
+        """Recall on the validation split, plus zero-shot accuracy when the recipe has a zero-shot check;
+        None on ranks other than 0 (rank 0 validates; the others go on) and without a validation split."""
+        if self.valid_split is None or not distributed.is_main():
+            return None
+        self.model.eval()
+        result = evaluate_split(self.clip, self.base.tokenizer, self.valid_split, self.valid_features, self.runtime,
+                                self.recipe.data.context_length, self.recipe.eval.batch_size)
+        if self.zeroshot is not None:  # forgetting check: zero-shot accuracy on a held-out classification folder
+            result.metrics["zeroshot"] = self.zeroshot.score(self.clip)
+        self.model.train()
+        lock_image_tower(self.clip)
+        return result.metrics
+
+    def save(self, metrics: dict | None) -> None:
+        """The end of an epoch: rank 0 keeps its results (`_keep_results`) and checkpoints; every rank
+        moves on to the next epoch, the others waiting on the host until rank 0 is done."""
+        state = self.state
+        if self.main_rank:  # rank 0 validates, keeps the best model and checkpoints
+            self._keep_results(metrics)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        if self.main_rank:
+            save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state)
+        distributed.host_barrier()
+
+    def _keep_results(self, metrics: dict | None) -> None:
+        """The finished epoch's validation: reported, logged, the best model kept (by mean recall, or
+        the latest epoch without a validation split), summary.json and the plots rewritten."""
+        state, summary, valid_split = self.state, self.summary, self.valid_split
         finished_epoch = state.epoch + 1
         if metrics is not None:
             report_epoch(f"epoch {finished_epoch} validation recall ({valid_split.name})", metrics)
-            metrics_log.write(step=state.global_step, epoch=finished_epoch, valid=metrics)
+            self.metrics_log.write(step=state.global_step, epoch=finished_epoch, valid=metrics)
         score = metrics["mean_recall"] if metrics is not None else float(finished_epoch)
         if state.best_score is None or score > state.best_score:
             state.best_score, state.best_epoch = score, finished_epoch
-            save_best(run_dir, model, {"epoch": finished_epoch, "step": state.global_step,
-                                       "split": valid_split.name if valid_split else None, "valid": metrics})
+            save_best(self.run_dir, self.model, {"epoch": finished_epoch, "step": state.global_step,
+                                                 "split": valid_split.name if valid_split else None,
+                                                 "valid": metrics})
             summary["best"] = {"epoch": finished_epoch, "valid": metrics}
         summary["after"] = metrics
         summary["last_epoch"] = finished_epoch
-        summary["skipped"] = skips.summary()
-        write_json(summary_path, summary)
-        write_run_plots(run_dir)  # RUN/plots/*.png, redrawn from metrics.jsonl
-        state.epoch += 1
-        state.step_in_epoch = 0
-        save_checkpoint(run_dir, model, optimizer, scheduler, state)
-        distributed.host_barrier()
+        summary["skipped"] = self.skips.summary()
+        write_json(self.summary_path, summary)
+        write_run_plots(self.run_dir)  # RUN/plots/*.png, redrawn from metrics.jsonl
 
-    distributed.barrier()  # rank 0 finishes its last validation and checkpoint before anyone leaves
-    if not main_rank:
+    # ---- the end
+    def finish(self) -> dict:
+        """The run's summary: rank 0 completes summary.json and writes its lines to train.log."""
+        distributed.barrier()  # rank 0 finishes its last validation and checkpoint before anyone leaves
+        if not self.main_rank:
+            return self.summary
+        summary, state = self.summary, self.state
+        summary.setdefault("skipped", self.skips.summary())
+        summary["steps"] = state.global_step
+        summary["steps_this_run"] = state.global_step - self.start_step  # 0: a finished run, rerun
+        write_json(self.summary_path, summary)
+        for line in summary_lines(summary, self.run_dir):  # what the command prints, in train.log too
+            log.info(line, extra=FILE_ONLY)
         return summary
-    summary.setdefault("skipped", skips.summary())
-    summary["steps"] = state.global_step
-    summary["steps_this_run"] = state.global_step - start_step  # 0: a finished run, rerun
-    write_json(summary_path, summary)
-    for line in summary_lines(summary, run_dir):  # what the command prints, in train.log too
-        log.info(line, extra=FILE_ONLY)
-    return summary

@@ -7,9 +7,12 @@ processor included) and loaded back through the same from_pretrained path real c
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 import json
+import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -162,3 +165,60 @@ def clamp_that_stops_in_step(step: int):
         real(clip)
 
     return clamp
+
+
+# ---- optional test dependencies (skipped on a developer's machine, required in CI); fresh-process results ----
+# CI (.ci/run, with the environment variable CI set) installs the test extra, the reference cn_clip,
+# Chromium and a CJK font: there a missing one is a broken environment, and a test that skipped
+# would pass without checking anything. The one exception is torchvision: CI deliberately lacks it
+# (the registry's torchvision does not import beside torch 2.13.0+cpu), so the `torchvision`-marked
+# tests skip everywhere it does not import, CI included.
+
+
+def in_ci() -> bool:
+    """True under CI: the CI environment variable set to anything but empty, 0, false or no."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_dependency(reason: str) -> None:
+    """A test cannot run for want of something CI installs: skip it here, fail it under CI."""
+    if in_ci():
+        pytest.fail(f"{reason}; CI installs it, so this environment is broken (unset CI to skip instead)",
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=True)  # also from a test module's top level (test_ray_engine.py)
+
+
+def require(module: str, why: str) -> ModuleType:
+    """Import `module` for a test (`why`: where it comes from); missing: `missing_dependency`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        error = exc  # reported outside the handler: the failure under CI is one line, not a chained traceback
+    missing_dependency(f"{module} does not import ({error}); {why}")
+    raise AssertionError("unreachable: missing_dependency always raises")
+
+
+def torchvision_or_skip() -> ModuleType:
+    """torchvision for a `torchvision`-marked test, or a skip, in CI too: CI deliberately runs without it."""
+    try:
+        import torchvision
+    except Exception as exc:  # absent, or a build that does not match torch ("torchvision::nms does not exist")
+        pytest.skip(f"torchvision not usable here ({exc}); the torchvision-marked tests run where it imports "
+                    "beside torch (CI has none: the registry's build does not import beside torch 2.13.0+cpu)")
+    return torchvision
+
+
+def in_fresh_process(code: str, hash_seed: int = 12345):
+    """What `code` prints as JSON (its last line), run in a new interpreter of this checkout with another
+    str-hash salt (PYTHONHASHSEED) and fresh global random state: a result that has to be a function of
+    its arguments alone must come out the same there as in the test's own process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- end of optional test dependencies and fresh-process results ----

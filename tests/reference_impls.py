@@ -27,8 +27,9 @@ import types
 from pathlib import Path
 from typing import List, Union
 
-import pytest
 import torch
+
+from conftest import missing_dependency
 
 
 def _load_file(name: str, path: Path):
@@ -51,7 +52,7 @@ def _function_from_source(path: Path, name: str, namespace: dict):
 def cn_clip() -> types.SimpleNamespace:
     spec = importlib.util.find_spec("cn_clip")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the reference cn_clip is not installed (pip install -e '.[test]' brings cn-clip)")
+        missing_dependency("the reference cn_clip is not installed (README's test command installs cn-clip==1.6.0)")
     root = Path(list(spec.submodule_search_locations)[0])
     clip_dir = root / "clip"
     names = ["cn_clip", "cn_clip.clip", "cn_clip.clip.bert_tokenizer", "cn_clip.clip.configuration_bert",
@@ -94,5 +95,5 @@ def modelscope_clip_class():
     try:
         from modelscope.models.multi_modal.clip.model import CLIPForMultiModalEmbedding
     except ImportError as exc:
-        pytest.skip(f"ModelScope's CLIP model class does not import here: {exc} (the test extra brings addict)")
+        missing_dependency(f"ModelScope's CLIP model class does not import here: {exc} (the test extra brings addict)")
     return CLIPForMultiModalEmbedding

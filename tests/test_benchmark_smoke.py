@@ -7,6 +7,7 @@ CI; here the same code runs in-process with --no-memory, and one memory probe di
 import argparse
 import importlib.util
 import json
+import statistics
 
 import pytest
 
@@ -28,14 +29,25 @@ def test_train_throughput_small(bench, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == result  # the JSON on stdout is the document
     assert result["matmul_ceiling_flops_per_s"] > 0 and result["model"]["attn_implementation"] == "sdpa"
     short = result["scenarios"]["short"]
+    assert result["batch"] == 4 and result["steps"] == 3 and result["warmup"] == 1  # --small's work size
     for loop in ("baseline", "cnclip"):
         r = short[loop]
-        assert r["samples_per_s"] > 0 and 0 < r["fraction_of_matmul"] < 1.5
+        # every timed step is reported, and the rates are the batch over the median / best step time
+        # (step_times_s is rounded to the millisecond)
+        assert len(r["step_times_s"]) == 3, r
+        assert r["step_s_median"] == pytest.approx(statistics.median(r["step_times_s"]), abs=1e-3)
+        assert r["step_s_best"] == pytest.approx(min(r["step_times_s"]), abs=1e-3)
+        assert r["samples_per_s"] == pytest.approx(4 / r["step_s_median"])
+        assert r["samples_per_s_best"] == pytest.approx(4 / r["step_s_best"])
+        assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s_median"])
+        assert r["fraction_of_matmul"] == pytest.approx(r["achieved_flops_per_s"] / result["matmul_ceiling_flops_per_s"])
+        assert 0 < r["fraction_of_matmul"] < 1.5
     # The baseline does strictly more work per sample (the image tower runs every step), and the
     # speedup is the ratio of the two measured throughputs.
     assert short["flop_ratio"] > 1
     assert short["speedup"] == pytest.approx(short["cnclip"]["samples_per_s"] / short["baseline"]["samples_per_s"])
     assert short["speedup"] > 1, short
+    assert short["cache"]["images"] == 4 * (1 + 3)  # every image of the run's data went through the cache pass
     assert short["cache"]["images_per_s"] > 0
     assert set(short["break_even_epochs"]) == {"one_image_per_pair", "muge_images_per_pair"}
 
@@ -63,14 +75,22 @@ def test_peak_memory_measures_an_allocation():
     assert 56 < rise < 200, rise  # the peak counts what was freed before the phase ended
 
 
-def test_memory_probe_reports_both_phases(bench):
-    args = argparse.Namespace(device="cpu", small=True, seed=0, batch=2, warmup=1, cache_batch=4,
+def test_memory_probes_measure_the_image_tower_where_it_runs(bench):
+    """Both probes, as the benchmark runs them on a CPU: two fresh processes at once."""
+    args = argparse.Namespace(device="cpu", small=True, seed=0, batch=8, warmup=1, cache_batch=16,
                               grad_cache_chunk=0, no_packing=False)
-    probe = bench.memory_probe("cnclip", "short", args)
-    # In this (long-lived) process freed heap can absorb a phase, so the amounts are not checked
-    # here (the benchmark runs each probe in a fresh process; PeakMemory itself is tested above).
-    assert set(probe) == {"step_peak_rise_mb", "cache_peak_rise_mb"}
-    assert all(isinstance(v, float) for v in probe.values())
+    procs = {loop: bench.start_probe(loop, "short", args) for loop in ("baseline", "cnclip")}
+    probes = {loop: bench.probe_result(proc) for loop, proc in procs.items()}
+    assert set(probes["baseline"]) == {"step_peak_rise_mb"}, probes
+    assert set(probes["cnclip"]) == {"step_peak_rise_mb", "cache_peak_rise_mb"}, probes
+    # One MLP activation of the ViT (197 tokens x 3072 floats per image) for a batch of `n` images:
+    # a forward pass through the image tower holds at least that much at once.
+    def mlp_mb(n: int) -> float:
+        return n * 197 * 3072 * 4 / 2 ** 20
+
+    assert mlp_mb(args.cache_batch) < probes["cnclip"]["cache_peak_rise_mb"] < 20 * mlp_mb(args.cache_batch), probes
+    # The baseline runs the image tower on each step's pixels, cnclip reads cached embeddings instead.
+    assert probes["baseline"]["step_peak_rise_mb"] > probes["cnclip"]["step_peak_rise_mb"] + mlp_mb(args.batch), probes
 
 
 def test_inference_throughput_small(tmp_path, capsys):

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cnclip.errors import EXIT_WORKER_CRASHED
+from cnclip.errors import EXIT_DISK_FULL, EXIT_WORKER_CRASHED
 
 import numpy as np
 import pytest
@@ -196,10 +196,12 @@ def test_disk_full_while_writing_outputs_keeps_the_previous_output(dump, referen
     _restore(reference, out)  # an earlier complete run; its shards are reused, so only outputs are written
     largest = max(len(data) for name, data in reference.items() if "/" not in name)
     result = run(command(dump, out, "--seed", "7"), file_size_limit=largest // 2)
-    assert result.returncode == 3, result.stderr
-    assert "error: out of disk space writing " in result.stderr and "(File too large)" in result.stderr
-    assert "earlier checkpoints and outputs are intact" in result.stderr in result.stderr and "Traceback" not in result.stderr
-    assert re.search(r"writing \S+/(train|valid|test)_\w+\.(tsv|jsonl) ", result.stderr), result.stderr
+    assert result.returncode == EXIT_DISK_FULL, result.stderr
+    # one line naming the output file it could not write, what is kept, and what to do
+    assert re.search(r"^error: out of disk space writing \S+/(train|valid|test)_\w+\.(tsv|jsonl) \(File too large\); "
+                     r"earlier checkpoints and outputs are intact: free space and rerun the same command to resume$",
+                     result.stderr, re.M), result.stderr
+    assert "Traceback" not in result.stderr
     assert tree(out) == reference  # nothing replaced, no temporaries left behind
 
 
@@ -207,7 +209,7 @@ def test_disk_full_in_a_worker_exits_cleanly_and_the_rerun_completes(dump, refer
     out = tmp_path / "out"
     cmd = command(dump, out, "--workers", "2")
     result = run(cmd, file_size_limit=20_000)  # below one shard's result file
-    assert result.returncode == 3, result.stderr
+    assert result.returncode == EXIT_DISK_FULL, result.stderr
     assert re.search(r"error: out of disk space writing \S+/\.work/shards/\d{5}-\d{6}\.parquet \(File too large\)", result.stderr), result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "report.json").exists()

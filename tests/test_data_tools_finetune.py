@@ -46,5 +46,8 @@ def test_build_pairs_output_trains(tiny_model_dir, tmp_path):
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] > 0
+    # one epoch over the train split's pairs, batch 4, the last partial batch dropped
+    train_pairs = len((data / "train_texts.jsonl").read_text(encoding="utf-8").splitlines())
+    assert f"training on {train_pairs} pairs" in (run_dir / "train.log").read_text(encoding="utf-8")
+    assert summary["steps"] == train_pairs // 4 >= 3
     assert (run_dir / "best" / "adapter_model.safetensors").is_file()

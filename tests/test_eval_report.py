@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import random
 import re
 from html.parser import HTMLParser
 
@@ -19,7 +20,7 @@ from cnclip.retrieval import embed_texts
 from cnclip.runtime import pick_runtime
 from cnclip.skiplog import SkipLog
 
-from conftest import COLORS, image_bytes, write_split
+from conftest import COLORS, image_bytes, in_fresh_process, write_split
 
 SHAPES = {"圆形": "circle", "正方形": "square"}
 
@@ -130,10 +131,19 @@ def test_report_is_self_contained_with_the_right_thumbnails_ranks_and_confusion(
     assert "Zero-shot classification" in text and "over 6 images, 2 classes" in text
 
 
+EXAMPLE_RANKS = [1, 9, 3, 30, 2, 7, 1, 12]
+PICK_IN_A_FRESH_PROCESS = (
+    "import json, random; from cnclip.eval_report import QueryRow, pick_examples; random.seed(2); "
+    f"rows = [QueryRow(i, f't{{i}}', [], {{i}}, r, i, '') for i, r in enumerate({EXAMPLE_RANKS})]; "
+    "print(json.dumps([r.text_id for r in pick_examples(rows, 3, 2, seed=5)]))")
+
+
 def test_examples_are_seeded_and_the_worst_come_last():
-    rows = [QueryRow(i, f"t{i}", [], {i}, rank, i, "") for i, rank in enumerate([1, 9, 3, 30, 2, 7, 1, 12])]
+    rows = [QueryRow(i, f"t{i}", [], {i}, rank, i, "") for i, rank in enumerate(EXAMPLE_RANKS)]
+    random.seed(1)  # the global random state is not the report's: the seed alone picks the sample
     a = pick_examples(rows, 3, 2, seed=5)
-    assert [r.text_id for r in a] == [r.text_id for r in pick_examples(rows, 3, 2, seed=5)]
+    assert [r.text_id for r in a] == in_fresh_process(PICK_IN_A_FRESH_PROCESS)  # the same report in any run
+    assert len({tuple(r.text_id for r in pick_examples(rows, 3, 0, seed=s)) for s in range(20)}) > 5  # seeded
     assert [r.why for r in a] == ["sample"] * 3 + ["worst"] * 2
     sampled = {r.text_id for r in a[:3]}
     expected_worst = [i for i in sorted(range(8), key=lambda i: -rows[i].rank) if i not in sampled][:2]

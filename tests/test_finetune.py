@@ -184,3 +184,49 @@ def test_best_adapter_loads_with_plain_peft(tiny_model_dir, tiny_data_dir, tmp_p
         untrained = encode_texts(ChineseCLIPModel.from_pretrained(tiny_model_dir), **tok)
     assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(a, untrained, atol=1e-4)
+
+
+def _features(rows: int, dim: int) -> cnclip.image_cache.ImageFeatures:
+    return cnclip.image_cache.ImageFeatures(ids=list(range(rows)), embeddings=torch.randn(rows, dim), bad={},
+                                            computed=True)
+
+
+def test_the_image_bank_on_a_device_leaves_no_host_copy_behind():
+    # "meta" stands in for a GPU: a device other than the host that a CPU-only machine has.
+    features = _features(1000, 512)
+    bank = cnclip.trainer.image_bank_on(features, torch.device("meta"))
+    assert bank.shape == (1000, 512) and bank.device.type == "meta"
+    left = features.embeddings
+    assert left.shape == (0, 512) and left.dtype == torch.float32 and left.device.type == "cpu"
+    # A [:0] slice would still hold all 1000 x 512 x 4 = 2,048,000 bytes of host storage.
+    assert left.untyped_storage().nbytes() == 0
+
+
+def test_the_image_bank_on_the_host_is_the_cache_itself():
+    features = _features(10, 8)
+    host = features.embeddings
+    assert cnclip.trainer.image_bank_on(features, torch.device("cpu")) is host
+    assert features.embeddings is host  # nothing copied, nothing freed
+
+
+def test_the_adapter_config_is_written_the_same_in_every_process(tmp_path, monkeypatch):
+    """peft keeps target_modules as a set, whose order string hashing changes from process to process:
+    best/adapter_config.json lists them sorted, so reruns of a recipe write the same bytes."""
+    import peft
+    from peft import LoraConfig
+
+    from cnclip.checkpoint import save_best
+
+    class Adapter(torch.nn.Module):  # the part of a peft model that save_best reads
+        def __init__(self, order):
+            super().__init__()
+            self.peft_config = {"default": LoraConfig(r=2, target_modules=list(order))}
+            self.peft_config["default"].target_modules = list(order)  # the order one process's set gave
+
+    monkeypatch.setattr(peft, "get_peft_model_state_dict", lambda model: {})  # no LoRA weights to save here
+    written = []
+    for n, order in enumerate((["value", "dense", "query", "key"], ["key", "query", "dense", "value"])):
+        save_best(tmp_path / f"run{n}", Adapter(order), {"epoch": 1})
+        written.append((tmp_path / f"run{n}" / "best" / "adapter_config.json").read_bytes())
+    assert written[0] == written[1]
+    assert json.loads(written[0])["target_modules"] == ["dense", "key", "query", "value"]

@@ -262,14 +262,14 @@ def test_hostile_one_by_twenty_thousand_image_under_a_shortest_edge_config_is_bo
 
 def test_hostile_bounded_resize_stays_close_to_the_full_resize(monkeypatch):
     """Past the limit only the crop's region is resized: the same image, up to filter rounding."""
-    import cnclip.data
+    import cnclip.images
 
     transform = ImageTransform(ImagePreprocess.from_dict({"size": {"shortest_edge": 36},
                                                            "crop_size": {"height": 32, "width": 32}}))
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((33, 120), (500, 375))]
     full = transform(images)
-    monkeypatch.setattr(cnclip.data, "MAX_RESIZED_PIXELS", 100)
+    monkeypatch.setattr(cnclip.images, "MAX_RESIZED_PIXELS", 100)  # the PIL part lives there
     bounded = transform(images)
     level = 1 / 255 / 0.26
     assert (bounded - full).abs().mean().item() < 1.5 * level and (bounded - full).abs().max().item() < 20 * level

@@ -1,5 +1,6 @@
 """Pictures of training: RUN/plots/*.png drawn from metrics.jsonl, TensorBoard logging, the card's recall plot."""
 
+import importlib.util
 import io
 import json
 import logging
@@ -13,7 +14,7 @@ from cnclip.exporter import export_run
 from cnclip.finetune import main as finetune_main
 from cnclip.plots import SERIES_KEY, figure, read_metrics, run_series, write_run_plots
 
-from conftest import DEMO_RECIPE, tiny_overrides
+from conftest import DEMO_RECIPE, missing_dependency, require, tiny_overrides
 
 
 def png_series(path):
@@ -33,8 +34,10 @@ def run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("plots")
     data = make_tiny_dataset(root / "data")
     run_dir = root / "run"
+    # TensorBoard on where it imports: the plots do not need it, test_tensorboard_holds_the_same_numbers does.
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
     assert finetune_main([str(DEMO_RECIPE), *tiny_overrides(tiny_model_dir, data, run_dir,
-                                                            **{"logging.tensorboard": True})]) == 0
+                                                            **{"logging.tensorboard": tensorboard})]) == 0
     return run_dir
 
 
@@ -87,6 +90,7 @@ def test_plotting_never_stops_training(tmp_path):
 
 
 def test_tensorboard_holds_the_same_numbers(run):
+    require("tensorboard", "pip install 'cnclip[tensorboard]'; the test extra brings it")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     entries = read_metrics(run / "metrics.jsonl")
@@ -184,9 +188,9 @@ def drawing_warnings(draw) -> list[str]:
 CHINESE_CLASSES = ["红色", "蓝色", "绿色连衣裙"]
 
 
-@pytest.mark.skipif(not installed_chinese_fonts(), reason="no font with Chinese characters (apt-get install "
-                                                           "fonts-wqy-microhei)")
 def test_chinese_text_is_drawn_with_an_installed_chinese_font(fresh_font_choice):
+    if not installed_chinese_fonts():
+        missing_dependency("no font with Chinese characters (apt-get install fonts-wqy-microhei; .ci/run does)")
     from matplotlib import font_manager
     from matplotlib.ft2font import FT2Font
 
@@ -223,6 +227,6 @@ def test_a_chinese_font_missing_from_matplotlibs_cache_is_found_on_the_system(fr
 
     fonts = [path for path in cnclip.plots._system_font_files() if cnclip.plots._font_covers(path, "中文")]
     if not fonts:
-        pytest.skip("no font with Chinese characters installed")
+        missing_dependency("no font with Chinese characters (apt-get install fonts-wqy-microhei; .ci/run does)")
     monkeypatch.setattr(cnclip.plots, "_known_fonts", lambda: [("DejaVu Sans", "/nonexistent.ttf")])
     assert fresh_font_choice() is not None

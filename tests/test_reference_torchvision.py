@@ -2,7 +2,8 @@
 
 tests/test_original_format.py checks cn_clip's model, tokenizer and `create_model` without torchvision.
 What needs torchvision is checked here, in an environment where it imports beside torch (marked
-`torchvision`: `python -m pytest -m torchvision`; docs/formats.md, "Original Chinese-CLIP format"):
+`torchvision`: `python -m pytest -m torchvision`; docs/formats.md, "Original Chinese-CLIP format"; skipped where
+torchvision does not import, CI included, deliberately: the registry's build does not import beside torch 2.13.0+cpu):
 
 * cn_clip's `image_transform` (torchvision Resize/ToTensor/Normalize) equals the preprocessing cnclip
   uses for original-format checkpoints;
@@ -26,12 +27,15 @@ from cnclip.models import ImagePreprocess, encode_images, encode_texts, load_bas
 from cnclip.original_format import ARCHS, preprocess_dict, save_cn_clip
 from cnclip.recipe import ModelConfig
 
+from conftest import require, torchvision_or_skip
+
 pytestmark = pytest.mark.torchvision
 
 
 def cn_clip_utils():
-    pytest.importorskip("torchvision")
-    return pytest.importorskip("cn_clip.clip.utils")  # the package as users import it, __init__ and all
+    torchvision_or_skip()
+    # the package as users import it, __init__ and all
+    return require("cn_clip.clip.utils", "README's test command installs cn-clip==1.6.0")
 
 
 def images() -> list[Image.Image]:

@@ -4,6 +4,7 @@ faked devices), the logit-scale cap, a rerun of a finished run."""
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from cnclip.finetune import main as finetune_main
 from cnclip.recipe import dump_recipe, load_recipe
 from cnclip.runtime import pick_runtime
 
-from conftest import DEMO_RECIPE, clamp_that_stops_in_step, make_tiny_dataset, tiny_overrides
+from conftest import DEMO_RECIPE, clamp_that_stops_in_step, in_fresh_process, make_tiny_dataset, tiny_overrides
 from test_distributed import final_weights, losses, torchrun
 
 
@@ -29,9 +30,18 @@ def run_overrides(model_dir, data_dir, run_dir, **extra):
 # ---- determinism by design: per-(seed, rank, step) random streams
 
 
+STEP_SEEDS = "import json; from cnclip.determinism import step_seed; " \
+             "print(json.dumps([step_seed(s, r, k) for s in (0, 1) for r in (0, 1, 2) for k in range(50)]))"
+
+
 def test_step_seeds_depend_on_seed_rank_and_step_only():
-    seeds = {step_seed(s, r, k) for s in (0, 1) for r in (0, 1, 2) for k in range(50)}
-    assert len(seeds) == 2 * 3 * 50 and step_seed(0, 1, 7) == step_seed(0, 1, 7)
+    """Distinct for every triple, and nothing else enters: the same in another process (another str-hash
+    salt, fresh random state) and after this one's torch/random state moved, as a resumed run needs."""
+    torch.manual_seed(987)
+    random.seed(987)
+    here = [step_seed(s, r, k) for s in (0, 1) for r in (0, 1, 2) for k in range(50)]
+    assert len(set(here)) == 2 * 3 * 50 and all(0 <= x < 2 ** 63 for x in here)  # a valid torch.manual_seed
+    assert in_fresh_process(STEP_SEEDS) == here
 
 
 def test_two_processes_with_dropout_on_resume_bit_identically(tiny_model_dir, tmp_path):
@@ -116,9 +126,13 @@ def test_bf16_training_caching_and_evaluation_then_a_rerun_trains_nothing(tiny_m
     assert "epoch 2 validation recall (valid)" in log and "mean recall after training: last epoch (2)" in log
     assert "mean recall after training: last epoch (2)" in first and "best epoch (" in first
 
+    caches = sorted((tmp_path / "cache").iterdir())
     assert evaluate_main([str(run_dir), "--split", "valid"]) == 0  # the run's precision: bf16
+    # The cache key holds the precision: evaluation in fp32 would have computed a cache of its own.
+    assert sorted((tmp_path / "cache").iterdir()) == caches
     metrics = json.loads((run_dir / "eval" / "valid_metrics.json").read_text())
-    assert 0 <= metrics["mean_recall"] <= 100
+    assert metrics["num_texts"] == metrics["num_images"] == 8  # 4 colours x 2 shapes, one image each
+    assert_recalls_are_those_of_the_rankings(run_dir / "eval", tiny_data_dir, metrics)
 
     capsys.readouterr()
     assert finetune_main([str(DEMO_RECIPE), *overrides]) == 0  # the same command again
@@ -126,6 +140,30 @@ def test_bf16_training_caching_and_evaluation_then_a_rerun_trains_nothing(tiny_m
     assert again.startswith(f"nothing to train: {run_dir} had already finished all 8 steps")
     assert json.loads((run_dir / "summary.json").read_text())["steps_this_run"] == 0
     assert "nothing to train" in (run_dir / "train.log").read_text()
+
+
+def assert_recalls_are_those_of_the_rankings(eval_dir, data_dir, metrics) -> None:
+    """The recalls in valid_metrics.json, recounted by hand from the rankings evaluate wrote beside them."""
+    truth = {}  # text id -> its image ids
+    for line in (data_dir / "valid_texts.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        truth[row["text_id"]] = set(row["image_ids"])
+    rankings = {"text_to_image": [], "image_to_text": []}  # (ranked ids, the right ones)
+    for line in (eval_dir / "valid_predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rankings["text_to_image"].append((row["image_ids"], truth[row["text_id"]]))
+    for line in (eval_dir / "valid_image_predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rankings["image_to_text"].append((row["text_ids"], {t for t, images in truth.items() if row["image_id"] in images}))
+    for direction, ranked in rankings.items():
+        assert len(ranked) == 8 and all(len(ids) == 8 for ids, _ in ranked)  # every query, the whole gallery ranked
+        for k in (1, 5, 10):
+            hits = sum(bool(set(ids[:k]) & right) for ids, right in ranked)
+            assert metrics[direction][f"r{k}"] == pytest.approx(100 * hits / len(ranked)), (direction, k)
+        assert metrics[direction]["r10"] == 100  # 8 candidates: the right one is always in the top 10
+        assert metrics[direction]["mean_recall"] == pytest.approx(sum(metrics[direction][f"r{k}"] for k in (1, 5, 10)) / 3)
+    assert metrics["mean_recall"] == pytest.approx((metrics["text_to_image"]["mean_recall"]
+                                                    + metrics["image_to_text"]["mean_recall"]) / 2)
 
 
 def test_the_logit_scale_is_held_at_its_cap_of_100(tiny_model_dir, tiny_data_dir, tmp_path):

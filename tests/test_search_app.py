@@ -3,7 +3,8 @@
 The browser test starts `cnclip serve` as a user would, on 127.0.0.1, drives the page in headless
 Chromium from the OS packages (playwright-python with the system executable: playwright's own
 browser download is not used), and saves a screenshot to tests/artifacts/search_app.png.
-It is skipped, with the reason, only where no Chromium executable exists; .ci/run installs one.
+It is skipped, with the reason, only where no Chromium executable exists, and fails instead under CI
+(the CI environment variable set), where .ci/run installs one.
 
 The same server answers the Host-header tests over real HTTP and the upload memory tests, which read
 its peak RSS from /proc (Linux). Checks that a real server's HTTP parser would stop first (a Content-Length
@@ -38,11 +39,10 @@ from cnclip.data import decode_base64_image
 from cnclip.errors import UsageError
 from cnclip.images import decode_rgb
 from cnclip.demo_data import write_demo_dataset, write_demo_zeroshot
-from cnclip.inference import load_for_inference
-from cnclip.runtime import pick_runtime
+from cnclip.embedders import TorchEmbedder
 from cnclip.search_index import Searcher, SearchIndex, build_index, read_payload
 
-from conftest import REPO, image_bytes
+from conftest import REPO, image_bytes, missing_dependency, require
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 BROWSER_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -61,8 +61,7 @@ def demo_index(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("search_demo")
     data = write_demo_dataset(root / "data")
     model = os.environ.get("CNCLIP_SEARCH_DEMO_RUN") or str(tiny_model_dir)
-    loaded = load_for_inference(model)
-    build_index([str(data / "valid_imgs.tsv")], root / "index", loaded, model, pick_runtime("cpu"),
+    build_index([str(data / "valid_imgs.tsv")], root / "index", TorchEmbedder.load(model, "cpu"),
                 cache_dir=str(root / "cache"))
     write_demo_zeroshot(root / "data")
     return root / "index", model, data / "zeroshot_classes.txt"
@@ -326,8 +325,8 @@ def test_a_thumbnail_that_leaves_its_folder_is_refused_without_naming_the_folder
     photos.mkdir()
     for i, color in enumerate([(200, 0, 0), (0, 0, 200)]):
         (photos / f"{i}.png").write_bytes(image_bytes(color))
-    build_index([str(photos)], tmp_path / "idx", load_for_inference(str(tiny_model_dir)), str(tiny_model_dir),
-                pick_runtime("cpu"), cache_dir=str(tmp_path / "cache"))
+    build_index([str(photos)], tmp_path / "idx", TorchEmbedder.load(str(tiny_model_dir), "cpu"),
+                cache_dir=str(tmp_path / "cache"))
     secret = tmp_path / "secret.png"
     secret.write_bytes((photos / "0.png").read_bytes())  # same bytes, so only the folder check can refuse it
     (photos / "0.png").unlink()
@@ -468,8 +467,8 @@ def test_an_upload_within_the_budget_decodes_in_bounded_memory(server, mode, fil
 def test_page_in_a_real_browser(server, demo_index, tmp_path):
     browser_path = find_browser()
     if browser_path is None:
-        pytest.skip("no Chromium executable found (apt-get install chromium; .ci/run does)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright-python is in the test extra")
+        missing_dependency("no Chromium executable found (apt-get install chromium; .ci/run does)")
+    sync_api = require("playwright.sync_api", "playwright-python is in the test extra")
     index_path, model, _ = demo_index
     index = SearchIndex.load(index_path)
     searcher = Searcher.open(index_path, model, "cpu")

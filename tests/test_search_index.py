@@ -1,5 +1,6 @@
 """The search index: build, incremental add/remove, answers equal brute force, model check, CLI."""
 
+import importlib.util
 import io
 import json
 import os
@@ -10,8 +11,7 @@ import pytest
 from cnclip.commands.search import main as search_main
 from cnclip.errors import DataError, UsageError
 from cnclip.images import decode_rgb
-from cnclip.inference import load_for_inference
-from cnclip.runtime import pick_runtime
+from cnclip.embedders import TorchEmbedder
 from cnclip.search_index import (Searcher, SearchIndex, build_faiss, build_index, choose_kind, read_payload,
                                  APPROXIMATE_FROM)
 
@@ -37,9 +37,8 @@ def make_photos(root, n_per=2):
 
 
 def build(src, out, model_dir, **kw):
-    loaded = load_for_inference(str(model_dir))
-    return build_index([str(s) for s in (src if isinstance(src, list) else [src])], out, loaded, str(model_dir),
-                       pick_runtime("cpu"), cache_dir=str(out.parent / "cache"), **kw)
+    return build_index([str(s) for s in (src if isinstance(src, list) else [src])], out,
+                       TorchEmbedder.load(str(model_dir), "cpu"), cache_dir=str(out.parent / "cache"), **kw)
 
 
 def brute_force(index, query, k):
@@ -239,8 +238,28 @@ def test_search_benchmark_prints_json(tmp_path):
 
     from conftest import REPO
 
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "search_throughput.py"), "--sizes", "600",
-                          "--queries", "5", "--threads", "1"], capture_output=True, text=True, timeout=300, check=True)
+    from cnclip.search_index import HNSW_EF_SEARCH, HNSW_M
+
+    script = REPO / "benchmarks" / "search_throughput.py"
+    out = subprocess.run([sys.executable, str(script), "--sizes", "600", "--queries", "20", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout)["results"][0]
-    assert result["vectors"] == 600 and 0 <= result["hnsw"]["recall_at_10_vs_exact"] <= 1
-    assert result["exact"]["query_ms_median"] > 0
+    assert result["vectors"] == 600 and result["exact"]["query_ms_median"] > 0
+    hnsw = result["hnsw"]
+    assert hnsw["params"] == {"M": HNSW_M, "efSearch": HNSW_EF_SEARCH}  # the index cnclip builds
+    # efSearch 512 over 600 vectors searches nearly all of them: HNSW must find (almost) the exact ten.
+    assert hnsw["recall_at_10_vs_exact"] >= 0.97 and hnsw["recall_at_10_vs_exact_near_queries"] >= 0.97, hnsw
+    sweep = {e["efSearch"]: e for e in hnsw["ef_sweep"]}
+    assert list(sweep) == [32, 128, 512, 2048]
+    # the sweep's run at the default efSearch searches the same 20 queries on the same graph: the same answer
+    assert sweep[HNSW_EF_SEARCH]["recall_at_10_vs_exact"] == hnsw["recall_at_10_vs_exact"]
+    assert sweep[HNSW_EF_SEARCH]["recall_at_10_vs_exact_near_queries"] == hnsw["recall_at_10_vs_exact_near_queries"]
+
+    # the recall measure itself, on rankings whose overlap is known
+    spec = importlib.util.spec_from_file_location("search_throughput", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    exact = np.array([list(range(10)), list(range(10, 20))])
+    assert bench.overlap(exact, exact) == 1.0
+    assert bench.overlap(np.array([list(range(5, 15)), list(range(30, 40))]), exact) == 0.25  # 5 of 10, 0 of 10
+    assert bench.overlap(exact[:, ::-1], exact) == 1.0  # order inside the top ten does not count

@@ -21,7 +21,10 @@ EXITS = tuple(sorted({*INDEX_EXITS, *QUERY_EXITS}))
 # cnclip.search_index.APPROXIMATE_FROM, written out so that --help does not import torch (tests/test_cli_help.py
 # compares them).
 APPROXIMATE_FROM = 250_000
-DEVICE_HELP = "torch device: auto (cuda when available), cpu, cuda, cuda:1, ..."
+DEVICE_HELP = "torch device: auto (cuda when available), cpu, cuda, cuda:1, ... (the onnx backend: cpu)"
+BACKEND_HELP = ("torch: --model is a run, model directory or hub id (transformers); onnx: --model is a directory "
+                "written by `cnclip export RUN --format onnx` (onnxruntime, no torch needed: pip install "
+                "'cnclip[serve]')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a folder of images (recursive), a Chinese-CLIP data directory or {split}_imgs.tsv, "
                             "or build-pairs output")
     build.add_argument("--model", required=True, help="run directory (best checkpoint), model directory, Hugging "
-                                                      "Face id (owner/name) or modelscope:<id>")
+                                                      "Face id (owner/name) or modelscope:<id>; with --backend "
+                                                      "onnx, an ONNX export directory")
+    build.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                       help=f"{BACKEND_HELP} (default: %(default)s)")
     build.add_argument("--out", required=True, help="index directory; an existing index is updated incrementally")
     build.add_argument("--split", help="for a data directory: only this split (default: every split found)")
     build.add_argument("--kind", default="auto", choices=("auto", "exact", "hnsw"),
@@ -57,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("index", metavar="INDEX", help="an index directory written by `cnclip search index`")
         p.add_argument(what, help=help_text)
         p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
-        p.add_argument("--model", help="query model (default: the one that built the index; another is refused)")
+        p.add_argument("--model", help="query model (default: the one that built the index; other weights are "
+                                       "refused)")
+        p.add_argument("--backend", choices=("torch", "onnx"),
+                       help=f"{BACKEND_HELP} (default: the backend that built the index)")
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -71,16 +80,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _index(args) -> int:
-    from ..inference import load_for_inference
-    from ..runtime import pick_runtime
-    from ..search_index import build_index
+    from ..embedders import model_spec
+    from ..search_index import build_index, open_embedder
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = load_for_inference(args.model, what="--model")
-    cache_dir = args.cache_dir or (loaded.recipe.cache.dir if loaded.recipe else None) or None
-    spec = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    report = build_index(args.sources, args.out, loaded, spec, pick_runtime(args.device, "auto"), split=args.split,
+    embedder = open_embedder(args.backend, model_spec(args.model), args.device)
+    recipe = getattr(getattr(embedder, "loaded", None), "recipe", None)  # a torch run's own cache directory
+    cache_dir = args.cache_dir or (recipe.cache.dir if recipe else None) or None
+    report = build_index(args.sources, args.out, embedder, split=args.split,
                          kind=args.kind, cache_dir=cache_dir, batch_size=args.batch_size,
                          num_workers=args.workers, rebuild=args.rebuild)
     if args.json:
@@ -97,7 +105,7 @@ def _query(args) -> int:
 
     if args.k < 1:
         raise UsageError(f"-k must be >= 1, got {args.k}")
-    searcher = Searcher.open(args.index, args.model, args.device)
+    searcher = Searcher.open(args.index, args.model, args.device, backend=args.backend)
     if args.action == "query":
         hits = searcher.by_text(args.text, args.k)
         asked = args.text
