@@ -306,7 +306,7 @@ product is the cosine similarity. Batch size is dynamic; text length is dynamic 
 | {text_bytes} |
 
 Agreement with the PyTorch model on probe inputs (max abs difference of embeddings): text {diff_text:.1e},
-image {diff_image:.1e}.
+image {diff_image:.1e}.{precision_note}
 
 `{manifest}` records the preprocessing: captions are lower-cased (curly quotes become `"`) and tokenised
 with `tokenizer.json`; images are converted to RGB, resized ({resize}, PIL resample {resample}),
@@ -342,6 +342,14 @@ print(text_emb @ image_emb.T)  # cosine similarities; times cfg["logit_scale"] f
 {resize_note}"""
 
 
+PRECISION_NOTES = {
+    "fp32": "",
+    "fp16": " fp16 weights and arithmetic inside the graphs; inputs and outputs are float32.",
+    "int8": (" int8 MatMul/Gemm weights (7-bit, per output channel) with activations quantized at run time: "
+             "embeddings are approximate, so check retrieval on your own validation data against the fp32 export."),
+}
+
+
 def render_card(title: str, meta: dict, diff: dict, sizes: dict[str, int]) -> str:
     p = meta["preprocess"]
     resize = ", ".join(f"{k} {v}" for k, v in p["resize"].items())
@@ -356,7 +364,8 @@ def render_card(title: str, meta: dict, diff: dict, sizes: dict[str, int]) -> st
         image_file=IMAGE_FILE, text_file=TEXT_FILE, image_bytes=format_size(sizes[IMAGE_FILE]),
         text_bytes=format_size(sizes[TEXT_FILE]), diff_text=diff["text"], diff_image=diff["image"],
         manifest=MANIFEST, resize=resize, resample=p["resample"], crop=crop, rescale=p["rescale_factor"],
-        mean=[round(m, 6) for m in p["mean"]], std=[round(s, 6) for s in p["std"]], resize_note=note)
+        mean=[round(m, 6) for m in p["mean"]], std=[round(s, 6) for s in p["std"]], resize_note=note,
+        precision_note=PRECISION_NOTES[meta["precision"]])
 
 
 def graph_bytes(out_dir: Path, name: str) -> int:

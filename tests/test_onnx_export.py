@@ -204,6 +204,7 @@ def test_manifest_and_card_name_the_precision(exports, reference):
         assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
         card = (out / "README.md").read_text(encoding="utf-8")
         assert card.startswith("---\n") and f"(ONNX, {precision})" in card
+        assert ("embeddings are approximate" in card) is (precision == "int8")
         graph = ort.InferenceSession(str(out / TEXT_FILE), providers=["CPUExecutionProvider"])
         dims = [d for d in graph.get_inputs()[0].shape]
         assert all(isinstance(d, str) for d in dims), dims  # batch and seq are symbolic
