@@ -43,7 +43,8 @@ from torch import nn
 from .atomic import atomic_dir, write_json
 from .data import ImageTransform, preprocess_text, tokenize
 from .errors import ModelLoadError, UsageError
-from .models import ImagePreprocess, encode_images, encode_texts
+from .embedders import combine_fingerprints
+from .models import ImagePreprocess, encode_images, encode_texts, image_tower_fingerprint, text_tower_fingerprint
 from .modelscope_upload import folder_files, format_size
 
 log = logging.getLogger(__name__)
@@ -407,7 +408,10 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, precision: str = "f
             raise ModelLoadError(f"the run's tokenizer ({type(base.tokenizer).__name__}) has no fast tokenizer.json; "
                                  "an ONNX export needs one for runtimes without transformers")
         save_image_processor(base.path, tmp, base.processor_config)
-        source = {"model": recipe.model.base, "run": run_dir.resolve().name}
+        # The weights' fingerprint, as a search index built with the run records it: the index then accepts
+        # this export (any precision) as its query model (cnclip.embedders).
+        source = {"model": recipe.model.base, "run": run_dir.resolve().name,
+                  "fingerprint": combine_fingerprints(image_tower_fingerprint(clip), text_tower_fingerprint(clip))}
         # the preprocessing the run trained and evaluated with (the same settings preprocessor_config.json holds)
         meta = manifest(clip, base.tokenizer, base.preprocess, context_length, precision, source)
         write_json(tmp / MANIFEST, meta)

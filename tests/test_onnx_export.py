@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -307,3 +308,30 @@ def test_a_missing_runtime_is_named_with_the_extra(demo_run, tmp_path, capsys, m
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     code, err = refused([str(demo_run), "--format", "onnx", "--to", str(tmp_path / "out")], capsys)
     assert code == EXIT_USAGE and "onnxruntime" in err and 'cnclip[onnx]' in err
+
+
+def test_an_index_built_with_the_run_accepts_its_onnx_export_at_every_precision(demo_run, exports, tmp_path):
+    """cnclip_onnx.json records the exported weights' fingerprint as a search index built with the run records
+    it, so the run's index takes any of its exports as query model (and ranks alike); other weights are refused."""
+    from cnclip.errors import UsageError
+    from cnclip.search_index import Searcher, build_index, open_embedder
+
+    data = demo_run.parent / "data"
+    index = tmp_path / "idx"
+    build_index([str(data / "valid_imgs.tsv")], index, open_embedder("torch", str(demo_run), device="cpu"))
+    by_torch = Searcher.open(index, device="cpu")
+    query = "左上角有一个红色的圆形"
+    expected = [hit.row for hit in by_torch.by_text(query, 5)]
+    for precision, out in exports.items():
+        meta = json.loads((out / "cnclip_onnx.json").read_text(encoding="utf-8"))
+        assert meta["source"]["fingerprint"] == by_torch.embedder.fingerprint, precision
+        searcher = Searcher.open(index, str(out), device="cpu", backend="onnx")
+        rows = [hit.row for hit in searcher.by_text(query, 5)]
+        assert rows[0] == expected[0] if precision == "fp32" else set(rows) & set(expected), precision
+    other = json.loads((exports["fp32"] / "cnclip_onnx.json").read_text(encoding="utf-8"))
+    other["source"]["fingerprint"] = "0" * 32
+    forged = tmp_path / "other"
+    shutil.copytree(exports["fp32"], forged)
+    (forged / "cnclip_onnx.json").write_text(json.dumps(other), encoding="utf-8")
+    with pytest.raises(UsageError, match="model mismatch"):
+        Searcher.open(index, str(forged), device="cpu", backend="onnx")
