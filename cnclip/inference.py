@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import TRAINABLE, latest_checkpoint, load_trainable, trainable_state
+from .checkpoint import TRAINABLE, latest_checkpoint, load_trainable
 from .models import (ImagePreprocess, attach_text_tuning, load_base_model, load_clip, load_image_preprocess,
                      load_tokenizer, merged_model, resolve_model_path)
 from .model_reference import hub_access, parse_model_reference
@@ -55,10 +55,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", alpha: float | None 
     if alpha is None:
         load_trainable(peft_model, weights)
         return peft_model.eval(), base, recipe
-    base_values = trainable_state(peft_model)  # before loading: LoRA B at zero, the base text tower
+    base_values = wise.snapshot_trainables(peft_model)  # before loading: LoRA B at zero, the base text tower
     tuned = weights.parent / wise.TUNED_FILE
     load_trainable(peft_model, tuned if tuned.is_file() else weights)  # every name must match
-    wise.set_trainables(peft_model, wise.interpolate(base_values, trainable_state(peft_model), alpha))
+    wise.set_trainables(peft_model, wise.interpolate(base_values, wise.snapshot_trainables(peft_model), alpha))
     return peft_model.eval(), base, recipe
 
 

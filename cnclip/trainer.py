@@ -19,8 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import (TRAINABLE, TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint,
-                         trainable_state)
+from .checkpoint import TRAINABLE, TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
 from .errors import ConfigError, DataError, TrainingDiverged
 from .log_setup import FILE_ONLY, setup_logging
 from .data import ImageTransform, Split, gather_tokens, load_data_split, tokenize
@@ -324,7 +323,7 @@ class FinetuneRun:
         distributed.broadcast_parameters(self.trainable)
         # alpha 0 of WiSE-FT: taken before any checkpoint is loaded, so a resumed run has it too (LoRA's B
         # matrices start at zero; the base projection, logit scale and, for full tuning, text tower as loaded).
-        self.base_trainables = trainable_state(self.model) if recipe.train.wise is not None else None
+        self.base_trainables = wise.snapshot_trainables(self.model) if recipe.train.wise is not None else None
         prepare_text_tower(self.clip, recipe.train.gradient_checkpointing, recipe.train.compile)
         log.info(describe_trainable(self.model))
 

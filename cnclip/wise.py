@@ -38,6 +38,12 @@ WISE_FILE = "wise.json"
 TUNED_FILE = "finetuned.safetensors"  # best/: the fine-tuned (alpha 1) trainables beside the picked ones
 
 
+def snapshot_trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Host copies of the trainable parameters, by name: copies, never views (on a CPU `.cpu()` returns the
+    parameter itself, which training would then change under the snapshot)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
 def is_lora_a(name: str) -> bool:
     return ".lora_A." in name
 
