@@ -148,6 +148,9 @@ class NoMetricsLog:
 # (train.packed_text and train.compile are not among them: the packed text tower draws its dropout
 # masks per real token, so switching it mid-run would change the rest of the run.)
 EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "logging.tensorboard"}
+# Keys that act only after the last epoch (the WiSE-FT sweep): a finished run rerun with other values
+# sweeps again (FinetuneRun.wise_sweep) and trains nothing.
+AFTER_TRAINING_PREFIX = "train.wise"
 
 
 def skip_non_finite_step(state: TrainState, recipe: Recipe, run_dir: Path, metrics_log, loss: torch.Tensor,
@@ -171,7 +174,8 @@ def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
         return
     before = flatten(load_recipe(saved, check_data=False).to_dict())
     now = flatten(recipe.to_dict())
-    changed = [k for k in now if before.get(k) != now[k] and k not in EXECUTION_KEYS]
+    changed = [k for k in now if before.get(k) != now[k] and k not in EXECUTION_KEYS
+               and not k.startswith(AFTER_TRAINING_PREFIX)]
     if changed:
         raise ConfigError(
             f"run directory {run_dir} was started with a different recipe (changed: {', '.join(changed)}); "
@@ -533,13 +537,16 @@ class FinetuneRun:
     def wise_sweep(self) -> None:
         """WiSE-FT (cnclip.wise): validate the best epoch's model at every alpha of train.wise.alphas, pick
         one by train.wise.pick, and make best/ that model (the fine-tuned weights kept beside it, for
-        `--alpha`); then RUN/wise.json and RUN/plots/wise.png. A run whose wise.json exists is not swept
-        again. Crash-safe: best/ is replaced whole before wise.json is written, and a sweep redone after a
+        `--alpha`); then RUN/wise.json and RUN/plots/wise.png. A run whose wise.json has the recipe's
+        alphas and rule is not swept again; a finished run rerun with other train.wise values (or with
+        train.wise newly set) is swept again from the fine-tuned weights, training nothing. Crash-safe: best/ is replaced whole before wise.json is written, and a sweep redone after a
         crash reads the fine-tuned weights from best/ either way."""
         w, run_dir = self.recipe.train.wise, self.run_dir
         wise_path, best = run_dir / wise.WISE_FILE, run_dir / "best"
-        if wise_path.is_file():  # a finished run, rerun: its sweep is done
-            self.summary.setdefault("wise", picked_summary(json.loads(wise_path.read_text(encoding="utf-8"))))
+        done = json.loads(wise_path.read_text(encoding="utf-8")) if wise_path.is_file() else None
+        if done is not None and (done["alphas"], done["rule"], done["max_zeroshot_drop"]) == (
+                w.alphas, w.pick, w.max_zeroshot_drop):  # a finished run, rerun: its sweep is done
+            self.summary.setdefault("wise", picked_summary(done))
             return
         from safetensors.torch import load_file
 

@@ -194,6 +194,23 @@ def test_rerun_of_a_finished_run_does_not_sweep_again(wise_run, tiny_model_dir):
     assert ((run_dir / "wise.json").stat().st_mtime_ns, (run_dir / "best" / "metrics.json").stat().st_mtime_ns) == before
 
 
+def test_rerun_with_other_wise_keys_sweeps_again_without_training(wise_run, tiny_model_dir):
+    from cnclip.recipe import load_recipe
+    from cnclip.trainer import train
+
+    run_dir, _, data = wise_run
+    tuned = (run_dir / "best" / wise.TUNED_FILE).read_bytes()
+    try:
+        summary = train(load_recipe(DEMO_RECIPE, wise_overrides(tiny_model_dir, data, run_dir,
+                                                                **{"train.wise.alphas": "[0,1]"})))
+        record = json.loads((run_dir / "wise.json").read_text(encoding="utf-8"))
+        assert summary["steps_this_run"] == 0 and record["alphas"] == [0.0, 1.0]
+        assert (run_dir / "best" / wise.TUNED_FILE).read_bytes() == tuned  # swept from the same fine-tuned weights
+    finally:  # the module's other tests expect the sweep of ALPHAS
+        train(load_recipe(DEMO_RECIPE, wise_overrides(tiny_model_dir, data, run_dir)))
+    assert json.loads((run_dir / "wise.json").read_text(encoding="utf-8"))["alphas"] == [0.0, 0.5, 1.0]
+
+
 def test_evaluate_uses_the_picked_alpha_and_alpha_overrides_it(wise_run, capsys):
     from cnclip.commands.evaluate import main
 
