@@ -129,12 +129,11 @@ def demo_vocabulary() -> list[str]:
 # The same drawings captioned two ways. "colour": captions name only the colour (a model trained on them
 # classifies colours zero-shot, knowing nothing of shapes or positions). "shape_position": captions name
 # only the shape and the position, never a colour (fine-tuning on them is a new task that can make the
-# model forget colours); "position": only the position. tests/test_forgetting.py trains the first, then fine-tunes on the second.
+# model forget colours). tests/test_forgetting.py trains the first, then fine-tunes on the second.
 FAMILY_TEMPLATES = {
     "colour": (("一个{color}的图形", "{color}", "画着{color}的东西"), ("图片里是{color}",)),
     "shape_position": (("{pos}有一个{shape}", "一个{shape}在{pos}", "{shape}位于图片{pos}"),
                        ("图片的{pos}画着{shape}", "{pos}是一个{shape}")),
-    "position": (("{pos}有一个图形", "一个图形在{pos}", "图形位于图片{pos}"), ("图片的{pos}画着图形",)),
 }
 FAMILIES = tuple(FAMILY_TEMPLATES)
 
@@ -157,8 +156,7 @@ def write_family_dataset(root: str | Path, family: str, seed: int = 0, images_pe
     groups: dict[str, dict] = {}  # caption words -> {"words", "train": [ids], "valid": [ids]}
     train_imgs, valid_imgs = [], []
     for (cname, color), shape, (pname, pos) in product(COLORS.items(), SHAPES, POSITIONS.items()):
-        words = {"colour": {"color": cname}, "shape_position": {"shape": shape, "pos": pname},
-                 "position": {"pos": pname}}[family]
+        words = {"color": cname} if family == "colour" else {"shape": shape, "pos": pname}
         group = groups.setdefault("|".join(words.values()), {"words": words, "train": [], "valid": []})
         for _ in range(images_per_class):
             train_imgs.append((image_id, _draw(color, shape, pos, rng)))

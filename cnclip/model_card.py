@@ -128,8 +128,8 @@ def wise_section(wise: dict | None) -> str:
     for row in wise["table"]:
         z = row["valid"].get("zeroshot")
         mark = " (exported)" if row["alpha"] == wise["alpha"] else ""
-        lines.append(f"| {row['alpha']:g}{mark} | {row['valid']['mean_recall']:.2f} | "
-                     f"{z['top1']:.2f} |" if z else f"| {row['alpha']:g}{mark} | {row['valid']['mean_recall']:.2f} | - |")
+        top1 = f"{z['top1']:.2f}" if z else "-"
+        lines.append(f"| {row['alpha']:g}{mark} | {row['valid']['mean_recall']:.2f} | {top1} |")
     if wise.get("plot"):
         lines += ["", f"![mean recall and zero-shot top-1 against the WiSE-FT alpha]({wise['plot']})"]
     return "\n".join(lines) + "\n\n"

@@ -537,10 +537,12 @@ class FinetuneRun:
     def wise_sweep(self) -> None:
         """WiSE-FT (cnclip.wise): validate the best epoch's model at every alpha of train.wise.alphas, pick
         one by train.wise.pick, and make best/ that model (the fine-tuned weights kept beside it, for
-        `--alpha`); then RUN/wise.json and RUN/plots/wise.png. A run whose wise.json has the recipe's
-        alphas and rule is not swept again; a finished run rerun with other train.wise values (or with
-        train.wise newly set) is swept again from the fine-tuned weights, training nothing. Crash-safe: best/ is replaced whole before wise.json is written, and a sweep redone after a
-        crash reads the fine-tuned weights from best/ either way."""
+        `--alpha`); then RUN/wise.json and RUN/plots/wise.png.
+
+        A run whose wise.json has the recipe's alphas and rule is not swept again; a finished run rerun
+        with other train.wise values (or with train.wise newly set) is swept again from the fine-tuned
+        weights, training nothing. Crash-safe: best/ is replaced whole before wise.json is written, and a
+        sweep redone after a crash reads the fine-tuned weights from best/ either way."""
         w, run_dir = self.recipe.train.wise, self.run_dir
         wise_path, best = run_dir / wise.WISE_FILE, run_dir / "best"
         done = json.loads(wise_path.read_text(encoding="utf-8")) if wise_path.is_file() else None

@@ -32,8 +32,7 @@ import pytest
 
 from conftest import REPO
 
-# Asserted margins, in points, against what this scenario measured on a 2-core Xeon VM (see the report
-# in the module docstring): base colour top-1 100; plain fine-tuning drops it by ~69 and lifts new-task
+# Asserted margins, in points, against what this scenario measured on a 2-core VM: base colour top-1 100; plain fine-tuning drops it by ~69 and lifts new-task
 # mean recall by ~31; the balanced pick (alpha 0.1) drops it by 0 and lifts recall by ~4.
 BASE_ZEROSHOT_MIN = 60.0  # the base really knows colours (6 classes: chance is 16.7)
 MIN_FORGETTING = 30.0  # plain fine-tuning loses at least this much colour zero-shot top-1

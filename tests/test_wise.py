@@ -188,10 +188,13 @@ def test_rerun_of_a_finished_run_does_not_sweep_again(wise_run, tiny_model_dir):
     from cnclip.trainer import train
 
     run_dir, _, data = wise_run
-    before = (run_dir / "wise.json").stat().st_mtime_ns, (run_dir / "best" / "metrics.json").stat().st_mtime_ns
+    def stamps() -> tuple[int, int]:
+        return (run_dir / "wise.json").stat().st_mtime_ns, (run_dir / "best" / "metrics.json").stat().st_mtime_ns
+
+    before = stamps()
     summary = train(load_recipe(DEMO_RECIPE, wise_overrides(tiny_model_dir, data, run_dir)))
     assert summary["steps_this_run"] == 0 and "wise" in summary
-    assert ((run_dir / "wise.json").stat().st_mtime_ns, (run_dir / "best" / "metrics.json").stat().st_mtime_ns) == before
+    assert stamps() == before
 
 
 def test_rerun_with_other_wise_keys_sweeps_again_without_training(wise_run, tiny_model_dir):
