@@ -570,12 +570,11 @@ class FinetuneRun:
                                         "wise": choice},
                   extra_tensors={wise.TUNED_FILE: tuned})
         record = wise.write_wise_json(wise_path, table, w.pick, w.max_zeroshot_drop, picked, best_meta.get("epoch"))
-        write_wise_plot(run_dir, record)
-        self.summary["wise"] = picked_summary(record)
-        if "best" in self.summary:
-            self.summary["best"]["valid"] = picked_metrics
+        plot = write_wise_plot(run_dir, record)
+        self.summary["wise"] = picked_summary(record)  # summary["best"] stays the best epoch's (alpha 1)
         write_json(self.summary_path, self.summary)
-        log.info(wise_line(self.summary["wise"]))
+        log.info("WiSE-FT: alpha %g picked by rule %s; wrote %s%s and best/", picked, w.pick, wise_path,
+                 f", {plot}" if plot else "")
 
 
 def picked_summary(record: dict) -> dict:
