@@ -1,11 +1,13 @@
 """Distillation (train.distill): the KL term, its gradient through gradient caching, the frozen teacher."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cnclip.checkpoint import load_trainable
 from cnclip.data import tokenize
 from cnclip.distill import frozen_base_teacher
 from cnclip.errors import ConfigError
@@ -164,3 +166,32 @@ def test_finetune_runs_with_distillation_and_grad_cache(tiny_model_dir, tiny_dat
     assert rc == 0
     losses = [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in ln]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_distillation_on_two_processes_equals_one_process(tiny_model_no_dropout_dir, tmp_path):
+    """Loss and gradient of 2 gloo processes (each its half of the batch, columns gathered) equal one
+    process's on the whole batch, plain and gradient-cached."""
+    from test_distributed import make_step_inputs, torchrun
+
+    make_step_inputs(tiny_model_no_dropout_dir, tmp_path)
+    data = torch.load(tmp_path / "inputs.pt", weights_only=True)
+    data["distill_weight"] = 2.0
+    torch.save(data, tmp_path / "inputs.pt")
+    model, base = lora_model_with_gradients(tiny_model_no_dropout_dir, 0.0, ["query", "value", "dense"])
+    load_trainable(model, Path(data["trainable"]))
+    model.train()
+    teacher = frozen_base_teacher(model, base.clip, data["image_emb"], 2.0, None)
+    params = trainable(model)
+    loss = contrastive_step(base.clip, list(params.values()), data["tokens"], data["image_emb"], data["image_keys"],
+                            data["text_keys"], RUNTIME, teacher=teacher, teacher_image_emb=data["image_emb"]).item()
+    expected = {n: p.grad.clone() for n, p in params.items()}
+    proc = torchrun("--step", str(tmp_path / "inputs.pt"), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True)
+        assert abs(result["distill0"]["loss"].item() - result["chunk0"]["loss"].item()) > 1e-4  # the KL term is there
+        for mode in ("distill0", "distill2"):
+            got = result[mode]
+            assert abs(got["loss"].item() - loss) < 1e-5, (rank, mode)
+            diff = max((got["grads"][n] - g).abs().max().item() for n, g in expected.items())
+            assert diff < 1e-5, (rank, mode, diff)
