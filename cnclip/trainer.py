@@ -22,7 +22,7 @@ from . import distributed
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
 from .errors import ConfigError, DataError, TrainingDiverged
 from .log_setup import FILE_ONLY, setup_logging
-from .data import ImageTransform, Split, gather_tokens, load_data_split, tokenize
+from .data import ImageTransform, Split, check_context_length, gather_tokens, load_data_split, tokenize
 from .skiplog import SkipLog
 from .optim import make_optimizer, warmup_cosine
 from .runtime import Runtime, pick_runtime
@@ -302,6 +302,7 @@ class FinetuneRun:
         log.info("device %s, precision %s, %d process(es)%s", runtime.device, runtime.precision,
                  distributed.world_size(), ", deterministic algorithms" if recipe.train.deterministic else "")
         self.base = load_base_model(recipe.model, seed=recipe.seed)
+        check_context_length(self.base.clip, recipe.data.context_length)
         torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
         # LoRA (a peft model) or the full text tower (the model itself); the image side is the cache either way.
         self.model = attach_text_tuning(self.base.clip, recipe.model).to(runtime.device)
