@@ -195,3 +195,53 @@ def test_distillation_on_two_processes_equals_one_process(tiny_model_no_dropout_
             assert abs(got["loss"].item() - loss) < 1e-5, (rank, mode)
             diff = max((got["grads"][n] - g).abs().max().item() for n, g in expected.items())
             assert diff < 1e-5, (rank, mode, diff)
+
+
+def test_full_text_tuning_teacher_is_a_frozen_copy_of_the_text_side(tiny_model_no_dropout_dir):
+    from cnclip.models import attach_text_tuning, load_base_model
+    from cnclip.recipe import ModelConfig
+
+    cfg = ModelConfig(base=str(tiny_model_no_dropout_dir), text_tuning="full")
+    base = load_base_model(cfg)
+    model = attach_text_tuning(base.clip, cfg)
+    teacher = frozen_base_teacher(model, base.clip, torch.zeros(1, 16), 1.0, None)
+    assert teacher.clip.vision_model is base.clip.vision_model  # the locked image tower is shared, not copied
+    assert teacher.clip.text_model is not base.clip.text_model
+    assert not any(p.requires_grad for p in teacher.clip.text_model.parameters())
+    tokens = tokenize(base.tokenizer, CAPTIONS, 16)
+    before = teacher.text_embeddings(encode_texts, tokens, RUNTIME.autocast)
+    with torch.no_grad():
+        for p in base.clip.text_model.parameters():
+            p.add_(0.1)  # a training step on the student's text tower
+    assert torch.equal(teacher.text_embeddings(encode_texts, tokens, RUNTIME.autocast), before)
+    assert not torch.allclose(encode_texts(base.clip, **tokens), before)
+
+
+def cache_entries(run_dir):
+    return sorted(p.name for p in (run_dir.parent / "cache").iterdir() if p.is_dir())
+
+
+def test_a_teacher_with_another_image_tower_gets_its_own_cache_entry(tiny_model_dir, tiny_data_dir, tmp_path):
+    from conftest import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", seed=5)  # same vocabulary, other weights
+    same_run, other_run = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for run_dir, teacher in ((same_run, tiny_model_dir), (other_run, other)):
+        assert finetune_main([str(DEMO_RECIPE), *tiny_overrides(tiny_model_dir, tiny_data_dir, run_dir, **{
+            "train.distill.teacher": str(teacher), "train.epochs": 1, "eval.before_training": False})]) == 0
+    assert len(cache_entries(same_run)) == 2  # train + valid: the teacher's image tower is the student's
+    assert len(cache_entries(other_run)) == 3  # and the other teacher's embeddings of the training images
+    assert set(cache_entries(same_run)) < set(cache_entries(other_run))
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, other)
+    vocab = (other / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    (other / "vocab.txt").write_text("\n".join(vocab[:5] + vocab[5:][::-1]) + "\n", encoding="utf-8")
+    code = finetune_main([str(DEMO_RECIPE), *tiny_overrides(tiny_model_dir, tiny_data_dir, tmp_path / "run", **{
+        "train.distill.teacher": str(other), "train.epochs": 1})])
+    assert code == ConfigError.exit_status
+    assert "train.distill.teacher" in capsys.readouterr().err
