@@ -131,9 +131,11 @@ def stabilise_adapter_config(path: Path, **changes) -> None:
     write_json(path, config)
 
 
-def save_best(run_dir: Path, peft_model, metrics: dict) -> None:
+def save_best(run_dir: Path, peft_model, metrics: dict,
+              extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """The best model so far, as a peft adapter users can load on its own (LoRA runs), plus our trainables
-    (with model.text_tuning=full: the whole text tower)."""
+    (with model.text_tuning=full: the whole text tower), plus `extra_tensors` (file name -> tensors) in the
+    same atomic replacement."""
     from peft import get_peft_model_state_dict
 
     with atomic_dir(run_dir / "best") as tmp:
@@ -145,6 +147,8 @@ def save_best(run_dir: Path, peft_model, metrics: dict) -> None:
             save_tensors({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
                          tmp / "adapter_model.safetensors")
         save_tensors(trainable_state(peft_model), tmp / TRAINABLE)
+        for name, tensors in (extra_tensors or {}).items():
+            save_tensors(tensors, tmp / name)
         write_json(tmp / "metrics.json", metrics)
 
 

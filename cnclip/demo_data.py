@@ -123,3 +123,59 @@ def demo_vocabulary() -> list[str]:
     for word in ("pos", "color", "shape"):
         chars -= set(word)
     return sorted(chars)
+
+
+# ---------------------------------------------------------------- two families, for measuring forgetting
+# The same drawings captioned two ways. "colour": captions name only the colour (a model trained on them
+# classifies colours zero-shot, knowing nothing of shapes or positions). "shape_position": captions name
+# only the shape and the position, never a colour (fine-tuning on them is a new task that can make the
+# model forget colours); "position": only the position. tests/test_forgetting.py trains the first, then fine-tunes on the second.
+FAMILY_TEMPLATES = {
+    "colour": (("一个{color}的图形", "{color}", "画着{color}的东西"), ("图片里是{color}",)),
+    "shape_position": (("{pos}有一个{shape}", "一个{shape}在{pos}", "{shape}位于图片{pos}"),
+                       ("图片的{pos}画着{shape}", "{pos}是一个{shape}")),
+    "position": (("{pos}有一个图形", "一个图形在{pos}", "图形位于图片{pos}"), ("图片的{pos}画着图形",)),
+}
+FAMILIES = tuple(FAMILY_TEMPLATES)
+
+
+def write_family_dataset(root: str | Path, family: str, seed: int = 0, images_per_class: int = 2) -> Path:
+    """train/valid splits under `root` whose captions describe only one `family` (FAMILIES) of concepts.
+
+    Every colour x shape x position is drawn `images_per_class` times for training and once for
+    validation. A caption names its family's concepts only, so it matches every drawing that shares them
+    (a colour caption: all drawings of that colour): each text record lists all those images. Validation
+    captions use the family's held-out wordings. Deterministic in `seed`; rewritten on every call.
+    """
+    if family not in FAMILY_TEMPLATES:
+        raise ValueError(f"family {family!r}: accepted: {', '.join(FAMILIES)}")
+    train_templates, valid_templates = FAMILY_TEMPLATES[family]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    image_id = 1000
+    groups: dict[str, dict] = {}  # caption words -> {"words", "train": [ids], "valid": [ids]}
+    train_imgs, valid_imgs = [], []
+    for (cname, color), shape, (pname, pos) in product(COLORS.items(), SHAPES, POSITIONS.items()):
+        words = {"colour": {"color": cname}, "shape_position": {"shape": shape, "pos": pname},
+                 "position": {"pos": pname}}[family]
+        group = groups.setdefault("|".join(words.values()), {"words": words, "train": [], "valid": []})
+        for _ in range(images_per_class):
+            train_imgs.append((image_id, _draw(color, shape, pos, rng)))
+            group["train"].append(image_id)
+            image_id += 1
+        valid_imgs.append((image_id, _draw(color, shape, pos, rng)))
+        group["valid"].append(image_id)
+        image_id += 1
+    train_texts, valid_texts, text_id = [], [], 1
+    for group in groups.values():
+        for template in train_templates:
+            train_texts.append({"text_id": text_id, "text": template.format(**group["words"]),
+                                "image_ids": group["train"]})
+            text_id += 1
+        valid_texts.append({"text_id": text_id, "text": rng.choice(valid_templates).format(**group["words"]),
+                            "image_ids": group["valid"]})
+        text_id += 1
+    _write_split(root, "train", train_imgs, train_texts)
+    _write_split(root, "valid", valid_imgs, valid_texts)
+    return root

@@ -23,7 +23,7 @@ import yaml
 
 from .atomic import atomic_dir, write_json
 from .checkpoint import stabilise_adapter_config
-from .plots import copy_recall_plot
+from .plots import copy_recall_plot, copy_wise_plot
 from .model_card import CardInputs, base_model_id, configuration_json, read_run_metrics, render_card
 from .models import encode_images, encode_texts, is_lora, merged_model
 from . import original_format
@@ -121,8 +121,11 @@ def save_image_processor(base_path: str, out_dir: Path, config: dict | None = No
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None = None, dataset: str | None = None,
-               license: str = "apache-2.0", format: str = "transformers") -> dict:
-    """Write the model directory in `format` (FORMATS); returns a JSON-able report (files, merge check, metrics)."""
+               license: str = "apache-2.0", format: str = "transformers", alpha: float | None = None) -> dict:
+    """Write the model directory in `format` (FORMATS); returns a JSON-able report (files, merge check, metrics).
+
+    The weights are best/'s: for a run with train.wise, at the WiSE-FT alpha the run picked; `alpha` exports
+    the model at that alpha instead (`inference.load_run`)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if format not in FORMATS:
         raise UsageError(f"--format {format!r}: accepted: {', '.join(FORMATS)}")
@@ -133,11 +136,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
     weights = run_weights(run_dir, "best")
     from_best = weights.parent.name == "best"
     checkpoint = "best checkpoint (best/)" if from_best else f"latest checkpoint ({weights.parent.name}; no best/ yet)"
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise UsageError(f"--alpha must be in [0, 1] (0 = the base model, 1 = fine-tuned), got {alpha}")
     metrics = read_run_metrics(run_dir, from_best)
+    wise_card = wise_card_inputs(run_dir, alpha, from_best)
+    if alpha is not None:  # the recorded metrics are the picked alpha's: use the sweep's row for this one
+        metrics = metrics_at_alpha(metrics, wise_card, alpha)
     saved_recipe = yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))  # the card shows it as run
 
-    log.info("loading %s from %s", checkpoint, run_dir)
-    peft_model, base, recipe = load_run(run_dir)
+    log.info("loading %s from %s%s", checkpoint, run_dir, "" if alpha is None else f" at WiSE-FT alpha {alpha:g}")
+    peft_model, base, recipe = load_run(run_dir, alpha=alpha)
 
     with atomic_dir(out_dir) as tmp:
         if is_lora(peft_model) and format == "transformers":
@@ -152,10 +160,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
             original = write_original(merged, base, tmp, format, run_dir)
         write_json(tmp / "configuration.json", configuration_json())
         recall_plot = copy_recall_plot(run_dir, tmp)  # the card shows RUN/plots/recall.png
+        if wise_card is not None:  # and RUN/plots/wise.png
+            wise_card["plot"] = copy_wise_plot(run_dir, tmp)
         card = CardInputs(
             title=repo_id or out_dir.resolve().name, repo_id=repo_id, recipe=saved_recipe, metrics=metrics,
             dataset=dataset or Path(recipe.data.root).resolve().name, license=license, checkpoint=checkpoint,
-            format=format, original=original, recall_plot=recall_plot)
+            format=format, original=original, recall_plot=recall_plot, wise=wise_card)
         (tmp / "README.md").write_text(render_card(card), encoding="utf-8")
         readable_by_umask(tmp)
 
@@ -164,12 +174,39 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
     return {
         "run_dir": str(run_dir), "out_dir": str(out_dir), "checkpoint": str(weights.parent), "format": format,
         "merge_max_abs_diff": diff,
+        "wise_alpha": None if wise_card is None else wise_card["alpha"],
         "preprocess_warning": preprocess_warning(base, format),
         "metrics": {"split": metrics.split, "epoch": metrics.epoch, "mean_recall": valid["mean_recall"]}
         if valid else None,
         "files": [{"path": f.path, "size": f.size} for f in files],
         "total_bytes": sum(f.size for f in files),
     }
+
+
+def wise_card_inputs(run_dir: Path, alpha: float | None, from_best: bool) -> dict | None:
+    """What the card says about WiSE-FT (model_card.CardInputs.wise): the run's sweep and the exported alpha;
+    None for a run without one (and no --alpha), or when the weights are not best/'s."""
+    from .wise import WISE_FILE
+
+    path = run_dir / WISE_FILE
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and from_best else None
+    if record is None and alpha is None:
+        return None
+    picked = record["picked_alpha"] if record else None
+    return {"alpha": picked if alpha is None else alpha, "picked": alpha is None,
+            "picked_alpha": picked,
+            "rule_text": record["rule_text"] if record else "none (the run had no train.wise)",
+            "table": record["metrics"] if record else [], "plot": None}
+
+
+def metrics_at_alpha(metrics, wise_card: dict, alpha: float):
+    """The card's metrics for weights exported at `alpha`: the sweep's row for it, else none recorded."""
+    from dataclasses import replace
+
+    rows = [r["valid"] for r in wise_card["table"] if r["alpha"] == alpha]
+    if metrics is None or not rows:
+        return None
+    return replace(metrics, valid=rows[0])
 
 
 def merge_and_check(peft_model, base, recipe) -> tuple[torch.nn.Module, float]:

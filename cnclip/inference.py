@@ -9,6 +9,7 @@ from .checkpoint import TRAINABLE, latest_checkpoint, load_trainable
 from .models import (ImagePreprocess, attach_text_tuning, load_base_model, load_clip, load_image_preprocess,
                      load_tokenizer, merged_model, resolve_model_path)
 from .model_reference import hub_access, parse_model_reference
+from .errors import UsageError
 from .original_format import is_original_format
 from .recipe import Recipe, load_recipe
 
@@ -37,23 +38,39 @@ def run_weights(run_dir: Path, checkpoint: str) -> Path:
     return latest / TRAINABLE
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best"):
+def load_run(run_dir: str | Path, checkpoint: str = "best", alpha: float | None = None):
     """(trained model, base model, recipe) of a run, with its trained weights loaded: a peft model (LoRA,
-    unmerged) or, for model.text_tuning=full, the ChineseCLIPModel itself."""
+    unmerged) or, for model.text_tuning=full, the ChineseCLIPModel itself.
+
+    The weights are the checkpoint's as saved: for best/ of a run with train.wise, the WiSE-FT alpha the
+    run picked. `alpha` overrides that: the model at `alpha` between the base (0) and the checkpoint's
+    fine-tuned weights (1; best/finetuned.safetensors when the run swept), as cnclip.wise interpolates."""
+    from . import wise
+
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / RECIPE_FILE, check_data=False)
     base = load_base_model(recipe.model, recipe.seed)
     peft_model = attach_text_tuning(base.clip, recipe.model)
-    load_trainable(peft_model, run_weights(run_dir, checkpoint))
+    weights = run_weights(run_dir, checkpoint)
+    if alpha is None:
+        load_trainable(peft_model, weights)
+        return peft_model.eval(), base, recipe
+    base_values = wise.snapshot_trainables(peft_model)  # before loading: LoRA B at zero, the base text tower
+    tuned = weights.parent / wise.TUNED_FILE
+    load_trainable(peft_model, tuned if tuned.is_file() else weights)  # every name must match
+    wise.set_trainables(peft_model, wise.interpolate(base_values, wise.snapshot_trainables(peft_model), alpha))
     return peft_model.eval(), base, recipe
 
 
-def load_for_inference(path: str, checkpoint: str = "best", what: str = "model") -> InferenceModel:
+def load_for_inference(path: str, checkpoint: str = "best", what: str = "model",
+                       alpha: float | None = None) -> InferenceModel:
     """A run directory, a model directory, a cn_clip checkpoint, a Hub id or `modelscope:<id>`; a local path
     that does not exist is a UsageError naming `what` (the argument) before anything is loaded
-    (cnclip.model_reference)."""
+    (cnclip.model_reference). `alpha` (run directories only): the WiSE-FT alpha to load at (`load_run`)."""
+    if alpha is not None and not is_run_dir(path):
+        raise UsageError(f"--alpha needs a run directory (base and fine-tuned weights); {path} is not one")
     if is_run_dir(path):
-        peft_model, base, recipe = load_run(path, checkpoint)
+        peft_model, base, recipe = load_run(path, checkpoint, alpha)
         return InferenceModel(merged_model(peft_model), base.tokenizer, base.preprocess, recipe)
     resolved = resolve_model_path(path, what)
     if is_original_format(resolved):  # a cn_clip .pt or a ModelScope-layout directory, converted in memory

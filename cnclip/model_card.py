@@ -100,6 +100,39 @@ class CardInputs:
     original: dict | None = None
     # File name of the validation-recall plot copied beside the card (cnclip.plots), or None.
     recall_plot: str | None = None
+    # WiSE-FT (cnclip.wise): {"alpha", "rule_text", "picked": whether the run's rule chose it (else
+    # `cnclip export --alpha`), "picked_alpha", "table": wise.json's metrics, "plot": file name or None}.
+    wise: dict | None = None
+
+
+def wise_line(wise: dict | None) -> str:
+    """The card's bullet saying which WiSE-FT alpha the exported weights are at."""
+    if not wise:
+        return ""
+    if wise["picked"]:
+        how = f"picked by rule {wise['rule_text']}"
+    elif wise["picked_alpha"] is None:
+        how = "set at export (`--alpha`)"
+    else:
+        how = f"set at export (`--alpha`); the run's rule picked {wise['picked_alpha']:g}"
+    return (f"- WiSE-FT alpha {wise['alpha']:g} {how}: the weights are the base model's plus {wise['alpha']:g} "
+            "times the fine-tuning update (0 = base model, 1 = fine-tuned)\n")
+
+
+def wise_section(wise: dict | None) -> str:
+    """The WiSE-FT curve: validation mean recall and zero-shot top-1 at each alpha the run swept."""
+    if not wise or not wise.get("table"):
+        return ""
+    lines = ["## WiSE-FT", "", "Validation at each alpha between the base model (0) and the fine-tuned one (1), "
+             "measured by cnclip after training:", "", "| alpha | mean recall | zero-shot top-1 |", "|---:|---:|---:|"]
+    for row in wise["table"]:
+        z = row["valid"].get("zeroshot")
+        mark = " (exported)" if row["alpha"] == wise["alpha"] else ""
+        lines.append(f"| {row['alpha']:g}{mark} | {row['valid']['mean_recall']:.2f} | "
+                     f"{z['top1']:.2f} |" if z else f"| {row['alpha']:g}{mark} | {row['valid']['mean_recall']:.2f} | - |")
+    if wise.get("plot"):
+        lines += ["", f"![mean recall and zero-shot top-1 against the WiSE-FT alpha]({wise['plot']})"]
+    return "\n".join(lines) + "\n\n"
 
 
 def front_matter(inputs: CardInputs) -> dict:
@@ -267,8 +300,9 @@ symmetric contrastive loss. Captions are lower-cased and “ ” become " before
 
 - base model: {base_text}
 - exported from: the run's {inputs.checkpoint}
-
+{wise_line(inputs.wise)}
 {evaluation_section(inputs.metrics, inputs.dataset, inputs.recall_plot)}
+{wise_section(inputs.wise)}
 ## Usage
 
 {usage}
@@ -301,8 +335,9 @@ model loads with plain transformers; a LoRA run's bare adapter is in `adapter/`.
 
 - base model: {base_text}
 - exported from: the run's {inputs.checkpoint}
-
+{wise_line(inputs.wise)}
 {evaluation_section(inputs.metrics, inputs.dataset, inputs.recall_plot)}
+{wise_section(inputs.wise)}
 ## Usage
 
 {usage_snippet(inputs.repo_id, context_length)}

@@ -6,7 +6,9 @@
   its value in the legend; baselines dash in turn, so two equal ones show both colours, not one;
 * zeroshot.png: zero-shot top-1 / top-5 per epoch with its dashed baseline (runs that track it);
 * both mark the best epoch (the highest validation mean recall: the model best/ holds) with a dotted
-  vertical line labelled with its number.
+  vertical line labelled with its number;
+* wise.png (runs with train.wise): validation mean recall and zero-shot top-1 against the WiSE-FT alpha,
+  the picked alpha marked the same way; drawn from RUN/wise.json (`write_wise_plot`).
 
 Text is drawn with DejaVu Sans and, for the characters it lacks (Chinese class names, captions),
 an installed CJK font (`cjk_font`: Noto Sans CJK, WenQuanYi, ... or any font whose character map
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 PLOTS_DIR = "plots"
 SERIES_KEY = "cnclip:series"
 RECALL_PNG = "recall.png"
+WISE_PNG = "wise.png"
 DIRECTIONS = (("text_to_image", "text → image", "tab:blue"), ("image_to_text", "image → text", "tab:orange"))
 DASH = 4  # points: each baseline is on for DASH, then off while the others take their turn
 # Tried first, in this order (simplified Chinese first); any other font covering CJK_PROBE is taken after them.
@@ -176,7 +179,7 @@ def figure(series: dict):
     baselines = [label for label in series["lines"] if label in series["baseline"]]
     for i, (label, ys) in enumerate(series["lines"].items()):
         color = colors.get(label, f"C{i}")
-        ax.plot(series["x"], ys, marker="o" if series["xlabel"] == "epoch" else None, markersize=3,
+        ax.plot(series["x"], ys, marker="o" if series["xlabel"] != "step" else None, markersize=3,
                 color=color, label=label)
         if label in series["baseline"]:
             # Baselines take turns along one dash cycle: equal ones (5.93 both ways before training)
@@ -186,7 +189,8 @@ def figure(series: dict):
                        linestyle=(turn * DASH, (DASH, DASH * (len(baselines) - 1) or DASH)),
                        label=f"{label}, before training ({series['baseline'][label]:.2f})")
     if series.get("best") is not None:
-        ax.axvline(series["best"], color="0.4", linestyle=":", linewidth=1.2, label=f"best epoch ({series['best']})")
+        mark = series.get("mark", "best epoch")  # wise.png marks the picked alpha
+        ax.axvline(series["best"], color="0.4", linestyle=":", linewidth=1.2, label=f"{mark} ({series['best']:g})")
     ax.set_title(series["title"])
     ax.set_xlabel(series["xlabel"])
     if series["xlabel"] == "epoch":
@@ -225,12 +229,42 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
         return []
 
 
-def copy_recall_plot(run_dir: str | Path, out_dir: Path) -> str | None:
-    """Copy RUN/plots/recall.png into an export (the model card embeds it); its name there, or None."""
+def wise_series(record: dict) -> dict:
+    """The plotted series of a wise.json record: mean recall and zero-shot top-1 per alpha, the pick marked."""
+    rows = sorted(record["metrics"], key=lambda r: r["alpha"])
+    lines = {"validation mean recall": [r["valid"]["mean_recall"] for r in rows]}
+    if all("zeroshot" in r["valid"] for r in rows):
+        lines["zero-shot top-1"] = [r["valid"]["zeroshot"]["top1"] for r in rows]
+    return {"title": "WiSE-FT: base (alpha 0) to fine-tuned (alpha 1)", "xlabel": "WiSE-FT alpha",
+            "x": [r["alpha"] for r in rows], "lines": lines, "baseline": {}, "best": record["picked_alpha"],
+            "mark": f"picked alpha, {record['rule']}"}
+
+
+def write_wise_plot(run_dir: str | Path, record: dict) -> Path | None:
+    """RUN/plots/wise.png from a wise.json record; the path, or None when it could not be drawn (logged)."""
+    path = Path(run_dir) / PLOTS_DIR / WISE_PNG
+    try:
+        series = wise_series(record)
+        path.parent.mkdir(exist_ok=True)
+        with atomic_file(path, "wb") as fh:
+            fh.write(png_bytes(figure(series), series))
+        return path
+    except Exception as exc:  # noqa: BLE001 - a picture must never stop a training run
+        log.warning("could not draw %s: %s: %s", path, type(exc).__name__, exc)
+        return None
+
+
+def copy_recall_plot(run_dir: str | Path, out_dir: Path, name: str = RECALL_PNG) -> str | None:
+    """Copy RUN/plots/<name> (recall.png) into an export (the model card embeds it); its name there, or None."""
     import shutil
 
-    source = Path(run_dir) / PLOTS_DIR / RECALL_PNG
+    source = Path(run_dir) / PLOTS_DIR / name
     if not source.is_file():
         return None
-    shutil.copyfile(source, out_dir / RECALL_PNG)
-    return RECALL_PNG
+    shutil.copyfile(source, out_dir / name)
+    return name
+
+
+def copy_wise_plot(run_dir: str | Path, out_dir: Path) -> str | None:
+    """Copy RUN/plots/wise.png into an export; its name there, or None."""
+    return copy_recall_plot(run_dir, out_dir, WISE_PNG)

@@ -89,6 +89,19 @@ class DistillConfig:
 
 
 @dataclass
+class WiseConfig:
+    # WiSE-FT (cnclip/wise.py): after training, the best epoch's model is interpolated with the base at
+    # each alpha (0 = base, 1 = fine-tuned), each is validated, and best/ (so evaluate, export and the
+    # model card) uses the alpha `pick` chooses. Results: RUN/wise.json, RUN/plots/wise.png.
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    # best_retrieval: highest validation mean recall. balanced: highest validation mean recall among the
+    # alphas whose zero-shot top-1 is at most max_zeroshot_drop points below alpha 0's (needs the
+    # zeroshot section and alpha 0). Ties go to the smaller alpha.
+    pick: str = "balanced"
+    max_zeroshot_drop: float = 2.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 256
@@ -120,6 +133,8 @@ class TrainConfig:
     deterministic: bool = False
     # Distillation towards a teacher ("learning without forgetting"); null = off (cnclip/distill.py).
     distill: DistillConfig | None = None
+    # WiSE-FT after training (a mapping, {} for the defaults); null = off.
+    wise: WiseConfig | None = None
 
 
 @dataclass
@@ -176,6 +191,7 @@ _PRECISIONS = ("auto", "fp32", "bf16")
 MAX_SEED = 2**32 - 1  # recipe `seed`: the range numpy and torch seeds share, with room for seed * 1000 + epoch
 _GENERATORS = (None, "demo")
 _TEXT_TUNINGS = ("lora", "full")
+WISE_PICK_RULES = ("best_retrieval", "balanced")  # cnclip/wise.py says what each picks
 # The cn_clip architectures transformers' ChineseCLIPModel can hold (RN50's ResNet tower it cannot).
 ORIGINAL_ARCHS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
 
@@ -292,6 +308,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         raise ConfigError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
     _validate_zeroshot(recipe, check_data)
     _validate_distill(t.distill, check_data)
+    _validate_wise(recipe)
 
 
 def _validate_distill(d: DistillConfig | None, check_data: bool) -> None:
@@ -306,6 +323,33 @@ def _validate_distill(d: DistillConfig | None, check_data: bool) -> None:
             parse_model_reference(d.teacher, "recipe key 'train.distill.teacher'")
         except UsageError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def _validate_wise(recipe: Recipe) -> None:
+    w = recipe.train.wise
+    if w is None:
+        return
+    if not w.alphas:
+        raise ConfigError("recipe key 'train.wise.alphas' must list at least one alpha (e.g. [0, 0.5, 1])")
+    bad = [a for a in w.alphas if not 0.0 <= a <= 1.0]
+    if bad:
+        raise ConfigError(f"recipe key 'train.wise.alphas': every alpha must be in [0, 1], got {bad}")
+    if len(set(w.alphas)) != len(w.alphas):
+        raise ConfigError(f"recipe key 'train.wise.alphas' lists an alpha twice: {w.alphas}")
+    if w.pick not in WISE_PICK_RULES:
+        raise ConfigError(f"recipe key 'train.wise.pick': got {w.pick!r}, accepted: {', '.join(WISE_PICK_RULES)}")
+    if w.max_zeroshot_drop < 0:
+        raise ConfigError(f"recipe key 'train.wise.max_zeroshot_drop' must be >= 0 (points), got {w.max_zeroshot_drop}")
+    if recipe.data.valid_split is None:
+        raise ConfigError("recipe key 'train.wise' needs a validation split (data.valid_split): each alpha is "
+                          "chosen by its validation recall")
+    if w.pick == "balanced" and not recipe.zeroshot.images:
+        raise ConfigError("recipe key 'train.wise.pick': balanced weighs zero-shot accuracy and needs the "
+                          "zero-shot check (zeroshot.images and zeroshot.classes); set them or use "
+                          "train.wise.pick=best_retrieval")
+    if w.pick == "balanced" and 0.0 not in w.alphas:
+        raise ConfigError(f"recipe key 'train.wise.alphas' must include 0 with train.wise.pick=balanced (the "
+                          f"base the zero-shot drop is measured from), got {w.alphas}")
 
 
 def _model_references(m: ModelConfig) -> list[tuple[str, str]]:

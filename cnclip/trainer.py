@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
+from .checkpoint import TRAINABLE, TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
 from .errors import ConfigError, DataError, TrainingDiverged
 from .log_setup import FILE_ONLY, setup_logging
 from .data import ImageTransform, Split, check_context_length, gather_tokens, load_data_split, tokenize
@@ -38,7 +38,8 @@ from .inference import RECIPE_FILE
 from .train_step import contrastive_step, prepare_text_tower
 from .classifier import ZeroShotTracker
 from .distill import Teacher, frozen_base_teacher, loaded_teacher
-from .plots import write_run_plots
+from .plots import write_run_plots, write_wise_plot
+from . import wise
 from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog
 
 log = logging.getLogger("cnclip.trainer")
@@ -104,9 +105,20 @@ def summary_lines(summary: dict, run_dir: Path) -> list[str]:
         first = f" before training: {before['zeroshot']['top1']:.2f}," if before and "zeroshot" in before else ""
         lines.append(f"zero-shot top-1{first} last epoch: {after['zeroshot']['top1']:.2f}, "
                      f"best epoch: {best_valid['zeroshot']['top1']:.2f}")
+    picked = summary.get("wise")
+    if picked:
+        lines.append(wise_line(picked))
     if best:
         lines.append(f"best checkpoint (used by evaluate and export): epoch {best['epoch']} -> {run_dir / 'best'}")
     return lines
+
+
+def wise_line(picked: dict) -> str:
+    """The WiSE-FT result in one line: the alpha, its rule, and what it scores beside alpha 1."""
+    zeroshot = "" if picked.get("zeroshot_top1") is None else f", zero-shot top-1 {picked['zeroshot_top1']:.2f}"
+    tuned = "" if picked.get("tuned_mean_recall") is None else f" (alpha 1: {picked['tuned_mean_recall']:.2f})"
+    return (f"WiSE-FT alpha {picked['alpha']:g} picked by rule {picked['rule']}: mean recall "
+            f"{picked['mean_recall']:.2f}{tuned}{zeroshot}; best/ holds this model")
 
 
 class MetricsLog:
@@ -221,6 +233,8 @@ class FinetuneRun:
     train_features, valid_features: the splits' cached image embeddings (the training split's host
         copy is emptied once `image_bank` is on an accelerator)
     image_bank: the training images' embeddings on the device, one row per image
+    base_trainables: the trainable parameters' values before training (host copies), where WiSE-FT
+        interpolates from (cnclip.wise)
     pairs: the training split's (caption, image) pairs as tensors (TrainingPairs)
     zeroshot: the zero-shot forgetting check (rank 0 only, None elsewhere or without one)
     world, batch_size, steps_per_epoch, total_steps: the data-parallel shape of the run
@@ -309,6 +323,9 @@ class FinetuneRun:
         self.clip = self.base.clip
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_parameters(self.trainable)
+        # alpha 0 of WiSE-FT: taken before any checkpoint is loaded, so a resumed run has it too (LoRA's B
+        # matrices start at zero; the base projection, logit scale and, for full tuning, text tower as loaded).
+        self.base_trainables = wise.snapshot_trainables(self.model) if recipe.train.wise is not None else None
         prepare_text_tower(self.clip, recipe.train.gradient_checkpointing, recipe.train.compile)
         log.info(describe_trainable(self.model))
 
@@ -512,7 +529,11 @@ class FinetuneRun:
 
     # ---- the end
     def finish(self) -> dict:
-        """The run's summary: rank 0 completes summary.json and writes its lines to train.log."""
+        """The run's summary: rank 0 runs the WiSE-FT sweep (train.wise), completes summary.json and writes
+        its lines to train.log."""
+        if self.main_rank and self.recipe.train.wise is not None:
+            self.wise_sweep()
+        distributed.host_barrier()  # the others wait on the host while rank 0 sweeps
         distributed.barrier()  # rank 0 finishes its last validation and checkpoint before anyone leaves
         if not self.main_rank:
             return self.summary
@@ -524,3 +545,51 @@ class FinetuneRun:
         for line in summary_lines(summary, self.run_dir):  # what the command prints, in train.log too
             log.info(line, extra=FILE_ONLY)
         return summary
+
+    def wise_sweep(self) -> None:
+        """WiSE-FT (cnclip.wise): validate the best epoch's model at every alpha of train.wise.alphas, pick
+        one by train.wise.pick, and make best/ that model (the fine-tuned weights kept beside it, for
+        `--alpha`); then RUN/wise.json and RUN/plots/wise.png. A run whose wise.json exists is not swept
+        again. Crash-safe: best/ is replaced whole before wise.json is written, and a sweep redone after a
+        crash reads the fine-tuned weights from best/ either way."""
+        w, run_dir = self.recipe.train.wise, self.run_dir
+        wise_path, best = run_dir / wise.WISE_FILE, run_dir / "best"
+        if wise_path.is_file():  # a finished run, rerun: its sweep is done
+            self.summary.setdefault("wise", picked_summary(json.loads(wise_path.read_text(encoding="utf-8"))))
+            return
+        from safetensors.torch import load_file
+
+        tuned_file = best / wise.TUNED_FILE if (best / wise.TUNED_FILE).is_file() else best / TRAINABLE
+        tuned = load_file(str(tuned_file))
+        best_meta = json.loads((best / "metrics.json").read_text(encoding="utf-8"))
+        table = []
+        for alpha in w.alphas:
+            wise.set_trainables(self.model, wise.interpolate(self.base_trainables, tuned, alpha))
+            metrics = self.validate()
+            report_epoch(f"WiSE-FT alpha {alpha:g} validation recall ({self.valid_split.name})", metrics)
+            table.append({"alpha": alpha, "valid": metrics})
+        picked = wise.pick_alpha(table, w.pick, w.max_zeroshot_drop)
+        picked_metrics = next(r["valid"] for r in table if r["alpha"] == picked)
+        wise.set_trainables(self.model, wise.interpolate(self.base_trainables, tuned, picked))
+        tuned_metrics = best_meta.get("tuned_valid", best_meta.get("valid"))
+        choice = {"alpha": picked, "rule": w.pick, "rule_text": wise.rule_text(w.pick, w.max_zeroshot_drop)}
+        save_best(run_dir, self.model, {**best_meta, "valid": picked_metrics, "tuned_valid": tuned_metrics,
+                                        "wise": choice},
+                  extra_tensors={wise.TUNED_FILE: tuned})
+        record = wise.write_wise_json(wise_path, table, w.pick, w.max_zeroshot_drop, picked, best_meta.get("epoch"))
+        write_wise_plot(run_dir, record)
+        self.summary["wise"] = picked_summary(record)
+        if "best" in self.summary:
+            self.summary["best"]["valid"] = picked_metrics
+        write_json(self.summary_path, self.summary)
+        log.info(wise_line(self.summary["wise"]))
+
+
+def picked_summary(record: dict) -> dict:
+    """summary.json's "wise": the picked alpha, its rule and scores, and alpha 1's mean recall."""
+    rows = {r["alpha"]: r["valid"] for r in record["metrics"]}
+    picked = rows[record["picked_alpha"]]
+    return {"alpha": record["picked_alpha"], "rule": record["rule"], "rule_text": record["rule_text"],
+            "mean_recall": picked["mean_recall"], "zeroshot_top1": wise.zeroshot_top1(picked),
+            "tuned_mean_recall": rows[1.0]["mean_recall"] if 1.0 in rows else None,
+            "file": wise.WISE_FILE}

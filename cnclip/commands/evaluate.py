@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="where prediction and result files go (default: RUN/eval, or ./eval)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="which checkpoint of a run directory to use")
+    parser.add_argument("--alpha", type=float, metavar="A",
+                        help="run directories: evaluate the model at WiSE-FT alpha A between the base (0) and the "
+                             "fine-tuned weights (1) instead of the alpha best/ holds")
     parser.add_argument("--batch-size", type=int, default=256, help="images or captions per model batch")
     parser.add_argument("--context-length", type=int, default=None,
                         help="tokens per caption (default: the run's data.context_length, or 52)")
@@ -59,7 +62,9 @@ def _evaluate(args) -> int:
     from ..retrieval import evaluate_split, format_metrics, write_outputs
     from ..runtime import pick_runtime
 
-    loaded = load_for_inference(args.model, checkpoint=args.checkpoint)
+    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must be in [0, 1] (0 = the base model, 1 = fine-tuned), got {args.alpha}")
+    loaded = load_for_inference(args.model, checkpoint=args.checkpoint, alpha=args.alpha)
     recipe = loaded.recipe
     data_root = args.data or (recipe.data.root if recipe else None)
     if not data_root:

@@ -31,13 +31,16 @@ def _export_and_publish(args) -> dict:
     if args.format == ONNX and args.upload:
         raise UsageError("--upload goes with the transformers, modelscope and cn_clip formats, which ModelScope's "
                          "loaders read; an ONNX export is not published")
+    if args.alpha is not None and args.format == ONNX:
+        raise UsageError("--alpha goes with the transformers, modelscope and cn_clip formats; --format onnx "
+                         "exports the alpha the run picked")
     if args.format == ONNX:
         from ..onnx_export import export_onnx
 
         report = export_onnx(args.run_dir, args.to, precision=precision)
     else:
         report = export_run(args.run_dir, args.to, repo_id=args.upload, dataset=args.dataset, license=args.license,
-                            format=args.format)
+                            format=args.format, alpha=args.alpha)
     files = folder_files(args.to)
     print(f"exported {args.run_dir} -> {args.to} ({len(files)} files, {format_size(report['total_bytes'])}); "
           f"merged vs trained embeddings: max abs diff {report['merge_max_abs_diff']:.1e}")
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "cn_clip (a .pt for cn_clip's load_from_name), onnx (image_encoder.onnx and "
                              "text_encoder.onnx with normalised embeddings, tokenizer, preprocessing and a card; "
                              "needs pip install \"cnclip[onnx]\")")
+    parser.add_argument("--alpha", type=float, metavar="A",
+                        help="WiSE-FT: export the model at A between the base (0) and the fine-tuned weights (1) "
+                             "instead of the alpha the run picked (runs with train.wise; any run otherwise)")
     parser.add_argument("--quantize", choices=("int8",), help="with --format onnx: int8 weights for MatMul/Gemm "
                                                               "(onnxruntime dynamic quantization)")
     parser.add_argument("--fp16", action="store_true", help="with --format onnx: fp16 weights and compute "

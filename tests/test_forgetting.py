@@ -1,0 +1,148 @@
+"""Forgetting, measured: a tiny model that knows colours is fine-tuned on shapes and positions.
+
+The scenario (all in this file, in seconds on a CPU):
+
+1. base: the tiny config of recipes/models/tiny (random weights, locked random image tower), its text
+   tower fully trained on captions that name only colours ("一个红色的图形"): colour zero-shot
+   classification works. Exported (`cnclip export`) as a plain model directory, the base of step 2.
+2. new task: LoRA fine-tuning of that base on captions that name only shapes and positions
+   ("左上角有一个圆形"), never a colour. The same drawings, a new family of concepts.
+
+Measured on the new task's validation split (mean recall) and the colour zero-shot folder (top-1):
+the base model (WiSE-FT alpha 0), plain fine-tuning (alpha 1: the best epoch's weights) and the alpha
+WiSE-FT's balanced rule picks. Plain fine-tuning learns the new task and forgets colours; the picked
+alpha keeps (almost) all of the colours. In this tiny, randomly initialised model the trade-off along
+alpha is close to linear, so the picked alpha keeps only a small part of the new-task gain: the test
+asserts the forgetting, the gain of plain fine-tuning and how much less the picked alpha forgets, not a
+large gain at the picked alpha. The asserted margins (below) are well inside what this scenario
+measures, so they hold on any CPU; the table is printed (pytest -s) for the record.
+
+`finetune_new_task(scenario, name, **overrides)` runs step 2 with any recipe overrides, so another guard
+against forgetting (e.g. a regulariser in train.*) is one more arm measured the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+# Asserted margins, in points, against what this scenario measured on a 2-core Xeon VM (see the report
+# in the module docstring): base colour top-1 100; plain fine-tuning drops it by ~69 and lifts new-task
+# mean recall by ~31; the balanced pick (alpha 0.1) drops it by 0 and lifts recall by ~4.
+BASE_ZEROSHOT_MIN = 60.0  # the base really knows colours (6 classes: chance is 16.7)
+MIN_FORGETTING = 30.0  # plain fine-tuning loses at least this much colour zero-shot top-1
+WISE_KEEPS = 0.25  # the picked alpha's drop is at most this fraction of plain fine-tuning's drop
+MIN_NEW_TASK_GAIN = 15.0  # plain fine-tuning's new-task mean recall beats the base's by at least this
+MAX_ZEROSHOT_DROP = 5.0  # train.wise.max_zeroshot_drop of the balanced rule
+ALPHAS = "[0,0.1,0.2,0.3,0.5,0.75,1]"
+
+
+@dataclass
+class Scenario:
+    root: Path
+    base: Path  # the exported colour model: the base of every new-task run
+    new_task: Path  # shape/position data
+    zeroshot_images: Path
+    zeroshot_classes: Path
+
+
+def overrides(values: dict) -> list[str]:
+    return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+def common(root: Path, name: str, data: Path, zeroshot: tuple[Path, Path]) -> dict:
+    return {
+        "run_dir": str(root / name), "cache.dir": str(root / "cache"), "seed": 0, "data.root": str(data),
+        "data.generate": None, "data.context_length": 16, "data.num_workers": 0, "train.device": "cpu",
+        "train.batch_size": 64, "train.warmup_steps": 5, "train.log_every": 50, "train.save_every": 1000,
+        "train.weight_decay": 0.0, "zeroshot.images": str(zeroshot[0]), "zeroshot.classes": str(zeroshot[1]),
+        "zeroshot.templates": str(REPO / "recipes" / "zeroshot" / "demo_templates.txt"),
+    }
+
+
+def train_run(values: dict) -> dict:
+    from cnclip.recipe import load_recipe
+    from cnclip.trainer import train
+
+    return train(load_recipe(REPO / "recipes" / "demo.yaml", overrides(values)))
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory) -> Scenario:
+    from cnclip.demo_data import write_demo_zeroshot, write_family_dataset
+    from cnclip.exporter import export_run
+
+    root = tmp_path_factory.mktemp("forgetting")
+    colours = write_family_dataset(root / "colour", "colour", seed=1)
+    new_task = write_family_dataset(root / "shape_position", "shape_position", seed=2)
+    zeroshot = write_demo_zeroshot(root / "zeroshot", seed=3)
+    # No validation: best/ is the last epoch (zero-shot is measured in step 2, as alpha 0 and before training).
+    base_run = {**common(root, "base_run", colours, zeroshot), "model.base": str(REPO / "recipes/models/tiny"),
+                "model.random_init": True, "model.text_tuning": "full", "train.epochs": 3, "train.lr": 5e-3,
+                "eval.before_training": False, "data.valid_split": None, "zeroshot.images": "",
+                "zeroshot.classes": ""}
+    with one_thread():
+        train_run(base_run)
+        export_run(root / "base_run", root / "base")
+    return Scenario(root, root / "base", new_task, *zeroshot)
+
+
+@contextmanager
+def one_thread():
+    """One torch thread: on a small, busy CPU two BLAS threads fight for the cores (several times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def finetune_new_task(s: Scenario, name: str, **extra) -> dict:
+    """Step 2 (LoRA on the shape/position captions) from the colour base; its summary.json."""
+    values = {**common(s.root, name, s.new_task, (s.zeroshot_images, s.zeroshot_classes)),
+              "model.base": str(s.base), "model.random_init": False, "model.lora_r": 8, "model.lora_alpha": 16,
+              "model.lora_dropout": 0.0, "model.target_modules": "[query,key,value,dense]", "train.epochs": 30,
+              "train.lr": 4e-3, "eval.before_training": True, **extra}
+    with one_thread():
+        return train_run(values)
+
+
+@pytest.fixture(scope="module")
+def wise_run(scenario) -> dict:
+    summary = finetune_new_task(scenario, "wise", **{"train.wise.pick": "balanced", "train.wise.alphas": ALPHAS,
+                                                     "train.wise.max_zeroshot_drop": MAX_ZEROSHOT_DROP})
+    record = json.loads((scenario.root / "wise" / "wise.json").read_text(encoding="utf-8"))
+    best = json.loads((scenario.root / "wise" / "best" / "metrics.json").read_text(encoding="utf-8"))
+    return {"summary": summary, "wise": record, "best": best}
+
+
+def table_row(valid: dict) -> tuple[float, float]:
+    return valid["mean_recall"], valid["zeroshot"]["top1"]
+
+
+def test_wise_keeps_what_plain_finetuning_forgets(wise_run):
+    rows = {r["alpha"]: table_row(r["valid"]) for r in wise_run["wise"]["metrics"]}
+    picked = wise_run["wise"]["picked_alpha"]
+    (base_recall, base_zs), (plain_recall, plain_zs), (wise_recall, wise_zs) = rows[0.0], rows[1.0], rows[picked]
+    print(f"\n{'':28}{'new-task mean recall':>22}{'colour zero-shot top-1':>24}")
+    for label, (recall, zs) in (("base (alpha 0)", rows[0.0]), ("plain fine-tune (alpha 1)", rows[1.0]),
+                                (f"WiSE-FT picked alpha {picked:g}", rows[picked])):
+        print(f"{label:28}{recall:22.2f}{zs:24.2f}")
+    print("sweep:", {a: (round(r, 2), round(z, 2)) for a, (r, z) in sorted(rows.items())})
+    assert base_zs >= BASE_ZEROSHOT_MIN, "the base model must know colours for forgetting to be measurable"
+    plain_drop, wise_drop = base_zs - plain_zs, base_zs - wise_zs
+    assert plain_drop >= MIN_FORGETTING, f"plain fine-tuning should forget colours: drop {plain_drop:.2f}"
+    assert plain_recall >= base_recall + MIN_NEW_TASK_GAIN, (plain_recall, base_recall)
+    assert wise_drop <= MAX_ZEROSHOT_DROP and wise_drop <= WISE_KEEPS * plain_drop, (wise_drop, plain_drop)
+    # The run says what it picked, and best/ holds that model: its metrics are the picked row's.
+    assert wise_run["summary"]["wise"]["alpha"] == picked
+    assert wise_run["best"]["valid"] == next(r["valid"] for r in wise_run["wise"]["metrics"] if r["alpha"] == picked)
