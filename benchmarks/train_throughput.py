@@ -26,6 +26,11 @@ recorded: on a shared machine, compare runs only at similar load.
 
     python benchmarks/train_throughput.py            # full (several minutes on a 2-core CPU)
     python benchmarks/train_throughput.py --small    # smoke test: 2+2 layers, tiny batch, < 1 min
+
+Also measured, cnclip's loop only, each pair of variants interleaved step by step in the same run:
+"distill", the step with train.distill's default teacher (the frozen base) against the step without
+it ("short" captions; step_time_ratio = with / without); "context_lengths", the step with every
+caption filling data.context_length at 52, 128 and 256 tokens (ratios to the first length).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cnclip.data import gather_tokens  # noqa: E402
+from cnclip.distill import frozen_base_teacher  # noqa: E402
 from cnclip.runtime import Runtime, pick_runtime  # noqa: E402
 from cnclip.optim import make_optimizer  # noqa: E402
 from cnclip.models import attach_lora, clamp_logit_scale, encode_images, lock_image_tower  # noqa: E402
@@ -74,14 +80,15 @@ def model_config(small: bool):
     )
 
 
-def make_captions(n: int, scenario: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def make_captions(n: int, scenario: str, gen: torch.Generator,
+                  context_length: int = CONTEXT_LENGTH) -> dict[str, torch.Tensor]:
     """Token tensors padded to the context length, as cnclip.data.tokenize leaves them."""
     if scenario == "max":
-        lengths = torch.full((n,), CONTEXT_LENGTH)
+        lengths = torch.full((n,), context_length)
     else:
         lengths = torch.randint(6, 25, (n,), generator=gen) + 2  # characters + [CLS] + [SEP]
-    ids = torch.randint(FIRST_ORDINARY_ID, 21128, (n, CONTEXT_LENGTH), generator=gen)
-    positions = torch.arange(CONTEXT_LENGTH)[None, :]
+    ids = torch.randint(FIRST_ORDINARY_ID, 21128, (n, context_length), generator=gen)
+    positions = torch.arange(context_length)[None, :]
     mask = (positions < lengths[:, None]).long()
     ids = ids * mask
     ids[:, 0] = CLS
@@ -219,8 +226,9 @@ def cnclip_cache(clip, data: dict, runtime: Runtime, cache_batch: int) -> tuple[
     return torch.cat(bank), data["n"] / elapsed
 
 
-def cnclip_setup(pristine, data: dict, runtime: Runtime, batch: int, args, image_bank=None):
-    """cnclip's path: image embeddings from the cache, the text tower trained against them."""
+def cnclip_setup(pristine, data: dict, runtime: Runtime, batch: int, args, image_bank=None, distill: bool = False):
+    """cnclip's path: image embeddings from the cache, the text tower trained against them; with
+    `distill`, train.distill's default teacher too (the frozen base: the LoRA adapter switched off)."""
     clip = copy.deepcopy(pristine)
     mcfg = ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                        target_modules=LORA["target_modules"])
@@ -235,6 +243,7 @@ def cnclip_setup(pristine, data: dict, runtime: Runtime, batch: int, args, image
     lock_image_tower(clip)
     device = runtime.device
     keys = torch.arange(data["n"], device=device)
+    teacher = frozen_base_teacher(model, clip, image_bank, 1.0, None) if distill else None
 
     def step(i: int) -> None:  # the body of cnclip.finetune's loop
         rows = torch.arange(i * batch, (i + 1) * batch) % data["n"]
@@ -242,7 +251,8 @@ def cnclip_setup(pristine, data: dict, runtime: Runtime, batch: int, args, image
         rows_d = rows.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         contrastive_step(clip, params, tokens, image_bank[rows_d], keys[rows_d], keys[rows_d], runtime,
-                         args.grad_cache_chunk, packed=not args.no_packing)
+                         args.grad_cache_chunk, packed=not args.no_packing, teacher=teacher,
+                         teacher_image_emb=None if teacher is None else image_bank[rows_d])
         torch.nn.utils.clip_grad_norm_(params, recipe.train.grad_clip)
         optimizer.step()
         clamp_logit_scale(clip)
@@ -250,9 +260,10 @@ def cnclip_setup(pristine, data: dict, runtime: Runtime, batch: int, args, image
     return step, cache, clip
 
 
-def make_data(name: str, n: int, seed: int, device: torch.device) -> dict:
+def make_data(name: str, n: int, seed: int, device: torch.device, context_length: int = CONTEXT_LENGTH) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    data = {"n": n, "tokens": make_captions(n, name, gen), "pixels": torch.randn(n, 3, 224, 224, generator=gen)}
+    data = {"n": n, "tokens": make_captions(n, name, gen, context_length),
+            "pixels": torch.randn(n, 3, 224, 224, generator=gen)}
     if device.type == "cuda":
         data["pixels"] = data["pixels"].pin_memory()
         data["tokens"] = {k: v.pin_memory() for k, v in data["tokens"].items()}
@@ -378,6 +389,41 @@ def run_scenario(name: str, pristine, cfg, runtime: Runtime, args) -> dict:
     return out
 
 
+def distill_cost(pristine, runtime: Runtime, args) -> dict:
+    """cnclip's step with and without distillation towards the frozen base (train.distill), side by side
+    on the same data ("short" captions): the ratio is what the teacher's one extra text forward costs."""
+    n = args.batch * (args.warmup + args.steps)
+    data = make_data("short", n, args.seed, runtime.device)
+    plain, cache, clip = cnclip_setup(pristine, data, runtime, args.batch, args)
+    bank = cnclip_cache(clip, data, runtime, args.cache_batch)[0]
+    distill, _, _ = cnclip_setup(pristine, data, runtime, args.batch, args, image_bank=bank, distill=True)
+    times = interleaved_times({"plain": plain, "distill": distill}, runtime.device, args.warmup, args.steps)
+    out = {"plain": summarise(times["plain"], args.batch), "distill": summarise(times["distill"], args.batch)}
+    out["step_time_ratio"] = out["distill"]["step_s_median"] / out["plain"]["step_s_median"]
+    out["step_time_ratio_best_steps"] = out["distill"]["step_s_best"] / out["plain"]["step_s_best"]
+    return out
+
+
+def context_length_cost(pristine, runtime: Runtime, args) -> dict:
+    """cnclip's step with every caption filling data.context_length, for each length side by side
+    (interleaved): the text step's cost of long captions; ratios are to the first length."""
+    n = args.batch * (args.warmup + args.steps)
+    steps, bank = {}, None
+    for length in args.context_lengths:
+        data = make_data("max", n, args.seed, runtime.device, length)
+        steps[length], cache, clip = cnclip_setup(pristine, data, runtime, args.batch, args, image_bank=bank)
+        if bank is None:  # the same images for every length
+            bank = cnclip_cache(clip, data, runtime, args.cache_batch)[0]
+    times = interleaved_times(steps, runtime.device, args.warmup, args.steps)
+    out = {str(length): summarise(times[length], args.batch) for length in args.context_lengths}
+    first = out[str(args.context_lengths[0])]
+    for length in args.context_lengths:
+        r = out[str(length)]
+        r["step_time_ratio"] = r["step_s_median"] / first["step_s_median"]
+        r["step_time_ratio_best_steps"] = r["step_s_best"] / first["step_s_best"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="smoke test: 2 layers per tower, batch 4, 3 timed steps")
@@ -393,12 +439,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted extra steps")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (child processes)")
     parser.add_argument("--no-packing", action="store_true", help="cnclip without train.packed_text")
+    parser.add_argument("--no-distill", action="store_true", help="skip the distillation cost measurement")
+    parser.add_argument("--context-lengths", default=None,
+                        help="data.context_length values to time cnclip's step at, every caption that long, "
+                             "comma-separated (default 52,128,256); 'none' to skip")
     parser.add_argument("--probe", choices=("baseline", "cnclip"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     args.batch = args.batch or (4 if args.small else 32)
     args.steps = args.steps or (3 if args.small else 5)
     args.scenarios = args.scenarios or ("short" if args.small else "short,max")
+    lengths = args.context_lengths or "52,128,256"
+    args.context_lengths = [] if lengths == "none" else [int(x) for x in lengths.split(",") if x.strip()]
     if args.probe:
         print(json.dumps(memory_probe(args.probe, args.scenarios, args)))
         return 0
@@ -439,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--scenarios: unknown scenario {name!r}; accepted: short, max")
         result["scenarios"][name] = run_scenario(name, pristine, cfg, runtime, args)
         rates.append(matmul_flops_per_s(runtime.device, args.small)["flops_per_s"])
+    if not args.no_distill:
+        result["distill"] = distill_cost(pristine, runtime, args)
+    if args.context_lengths:
+        result["context_lengths"] = context_length_cost(pristine, runtime, args)
     # The ceiling is the best matmul rate seen (before, between and after the scenarios): a busy
     # spell during one measurement must not flatter the training steps.
     result["matmul_rates_flops_per_s"] = rates

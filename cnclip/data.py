@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .data_formats import open_split
 from .image_sources import ImageSource, ImageTSV
 # MAX_RESIZED_PIXELS is re-exported: it was defined here before the PIL part moved to cnclip.images.
@@ -167,6 +167,15 @@ def tokenize(tokenizer, texts: list[str], context_length: int) -> dict[str, torc
     if "token_type_ids" in enc:
         out["token_type_ids"] = enc["token_type_ids"]
     return out
+
+
+def check_context_length(clip, context_length: int) -> None:
+    """Refuse a context longer than the text tower has position embeddings for (512 for Chinese-CLIP's
+    BERTs): beyond it the tower cannot embed the tokens. Anything up to it is accepted."""
+    limit = clip.config.text_config.max_position_embeddings
+    if context_length > limit:
+        raise ConfigError(f"recipe key 'data.context_length' is {context_length}, more than the text tower's "
+                          f"max_position_embeddings ({limit}); use at most {limit}")
 
 
 def gather_tokens(tokens: dict[str, torch.Tensor], rows: torch.Tensor, device) -> dict[str, torch.Tensor]:

@@ -126,3 +126,54 @@ def distributed_clip_loss(
     keys_all = (world.image_keys, world.text_keys) if keys is not None else None
     return _rows_loss(image_emb, text_emb, world.image_emb, world.text_emb, logit_scale, keys, keys_all,
                       world.offset)
+
+
+def kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(teacher || student) between the rows' softmax distributions, float32.
+
+    Written out (sum_j p_t (log p_t - log p_s)) rather than through F.kl_div, which the tests use as
+    the independent reference.
+    """
+    log_p_teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    log_p_student = F.log_softmax(student_logits.float(), dim=-1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1).mean()
+
+
+def _distill_scales(logit_scale: torch.Tensor, teacher_logit_scale: torch.Tensor,
+                    temperature: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) multipliers of the cosine similarities: each model's own learned temperature,
+    or 1/temperature for both when one is given."""
+    if temperature is not None:
+        fixed = torch.tensor(1.0 / temperature, device=logit_scale.device)
+        return fixed, fixed
+    return logit_scale.float().exp(), teacher_logit_scale.detach().float().exp()
+
+
+def distillation_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    teacher_image_emb: torch.Tensor,
+    teacher_text_emb: torch.Tensor,
+    teacher_logit_scale: torch.Tensor,
+    temperature: float | None = None,
+) -> torch.Tensor:
+    """This rank's share of KL(teacher || student) over the in-batch similarity distributions.
+
+    Both directions, like the contrastive loss: each image's distribution over the global batch's
+    texts and each text's over its images, averaged. Rows are this rank's pairs, columns the global
+    batch (gathered as in distributed_clip_loss, teacher embeddings without gradient), so the mean
+    over ranks is the single-process value and averaged gradients are its gradient. The teacher's
+    distribution uses the teacher's logit scale (or `temperature` for both). No false-negative
+    mask: a soft target already gives a duplicate caption or image the same probability as its twin,
+    so matching it never pushes duplicates apart. Teacher embeddings are constants here.
+    """
+    s_img, s_txt = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+    t_img = F.normalize(teacher_image_emb.detach().float(), dim=-1)
+    t_txt = F.normalize(teacher_text_emb.detach().float(), dim=-1)
+    s_img_all, s_txt_all = distributed.all_gather(s_img), distributed.all_gather(s_txt)
+    t_img_all, t_txt_all = distributed.all_gather_no_grad(t_img), distributed.all_gather_no_grad(t_txt)
+    s_scale, t_scale = _distill_scales(logit_scale, teacher_logit_scale, temperature)
+    i2t = kl_rows(t_scale * t_img @ t_txt_all.t(), s_scale * s_img @ s_txt_all.t())
+    t2i = kl_rows(t_scale * t_txt @ t_img_all.t(), s_scale * s_txt @ s_img_all.t())
+    return (i2t + t2i) / 2

@@ -254,6 +254,19 @@ model, preprocess = load_from_name("{name}", device="cpu", vision_model_name="{o
     return usage, files
 
 
+def original_context_note(fmt: str, context_length: int) -> str:
+    """How to tokenise at the trained context in the original layouts, whose configs have no key for it:
+    cn_clip takes it per call (`clip.tokenize(texts, context_length=N)`, default 52); ModelScope's CLIP
+    pipeline always tokenises at 52 (its preprocessor's default, which no configuration key changes)."""
+    if fmt == "modelscope":
+        if context_length <= 52:
+            return "ModelScope's pipeline tokenises at 52 tokens, which covers that."
+        return (f"ModelScope's pipeline always cuts captions at 52 tokens (no configuration key changes that): "
+                f"for the trained {context_length}, load `pytorch_model.bin` with cn_clip and tokenise with "
+                f"`clip.tokenize(texts, context_length={context_length})`.")
+    return f"Tokenise with `clip.tokenize(texts, context_length={context_length})` (cn_clip's default is 52)."
+
+
 def render_card(inputs: CardInputs) -> str:
     recipe = inputs.recipe
     model = recipe.get("model", {})
@@ -294,8 +307,8 @@ symmetric contrastive loss. Captions are lower-cased and “ ” become " before
 
 {usage}
 
-Captions were {context_length} tokens long in training (counting [CLS] and [SEP]). Images are resized to a
-square (bicubic) and normalised with the OpenAI CLIP mean/std, as cn_clip's own transform does.
+Captions were {context_length} tokens long in training (counting [CLS] and [SEP]). {original_context_note(inputs.format, context_length)}
+Images are resized to a square (bicubic) and normalised with the OpenAI CLIP mean/std, as cn_clip's own transform does.
 
 ## Files
 

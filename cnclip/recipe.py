@@ -78,6 +78,17 @@ class DataConfig:
 
 
 @dataclass
+class DistillConfig:
+    # The teacher: null = the frozen base model (with LoRA, the same model with its adapter off: no
+    # second copy); or any model reference model.base accepts, with the same tokenizer vocabulary.
+    teacher: str | None = None
+    # Weight of KL(teacher || student) over the in-batch image-text similarity distributions (> 0).
+    weight: float = 1.0
+    # null = each model's own logit scale for its distribution; or one fixed temperature for both (> 0).
+    temperature: float | None = None
+
+
+@dataclass
 class WiseConfig:
     # WiSE-FT (cnclip/wise.py): after training, the best epoch's model is interpolated with the base at
     # each alpha (0 = base, 1 = fine-tuned), each is validated, and best/ (so evaluate, export and the
@@ -120,6 +131,8 @@ class TrainConfig:
     # torch's deterministic algorithms (torch.use_deterministic_algorithms; on CUDA also SDPA's math
     # kernel): bit-identical reruns and resumes on a GPU, somewhat slower. No effect on a CPU.
     deterministic: bool = False
+    # Distillation towards a teacher ("learning without forgetting"); null = off (cnclip/distill.py).
+    distill: DistillConfig | None = None
     # WiSE-FT after training (a mapping, {} for the defaults); null = off.
     wise: WiseConfig | None = None
 
@@ -294,7 +307,22 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     if m.random_init and not Path(m.base).is_dir():
         raise ConfigError(f"recipe key 'model.base': random_init needs a local config directory, got {m.base!r}")
     _validate_zeroshot(recipe, check_data)
+    _validate_distill(t.distill, check_data)
     _validate_wise(recipe)
+
+
+def _validate_distill(d: DistillConfig | None, check_data: bool) -> None:
+    if d is None:
+        return
+    if not d.weight > 0:  # also refuses NaN
+        raise ConfigError(f"recipe key 'train.distill.weight' must be > 0, got {d.weight}")
+    if d.temperature is not None and not d.temperature > 0:
+        raise ConfigError(f"recipe key 'train.distill.temperature' must be > 0 or null, got {d.temperature}")
+    if d.teacher is not None and check_data:
+        try:
+            parse_model_reference(d.teacher, "recipe key 'train.distill.teacher'")
+        except UsageError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _validate_wise(recipe: Recipe) -> None:

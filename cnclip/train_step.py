@@ -8,6 +8,11 @@ not the activations'. Under torch.distributed
 each rank passes its slice of the global batch; the loss sees the global batch
 (loss.distributed_clip_loss) and gradients are averaged over ranks, so every rank ends the step
 with the gradient a single process would compute on the whole global batch.
+
+With a distillation teacher (cnclip.distill) the loss adds weight x KL(teacher || student) over the
+in-batch similarity distributions (loss.distillation_loss). The teacher's text embeddings cost one
+forward without a graph (chunked like the student's under gradient caching) and are constants of
+the loss, so the cached-gradient path carries the KL term's gradient like the contrastive one's.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import torch
 from . import distributed
 from .runtime import Runtime
 from .gradcache import cached_backward
-from .loss import distributed_clip_loss
+from .distill import Teacher
+from .loss import distillation_loss, distributed_clip_loss
 from .models import encode_texts
 from .packed_text import encode_texts_packed
 
@@ -34,12 +40,16 @@ def contrastive_step(
     runtime: Runtime,
     grad_cache_chunk: int = 0,
     packed: bool = True,
+    teacher: Teacher | None = None,
+    teacher_image_emb: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Accumulate the global-batch loss gradient into `params`' .grad; return the global loss (detached).
 
     Call with zeroed gradients; `params` are the trainable parameters (averaged over ranks here).
     `packed` runs the text tower on real tokens only (cnclip.packed_text); off, it runs the
     model's own forward (needed for a torch.compile'd text tower).
+    `teacher` (with `teacher_image_emb`, its embeddings of this batch's images) adds its distillation
+    term to the loss; the returned loss is then the sum.
     """
     encode = encode_texts_packed if packed else encode_texts
 
@@ -47,10 +57,17 @@ def contrastive_step(
         with runtime.autocast():
             return encode(clip, **batch)
 
-    def loss_of(text_emb: torch.Tensor) -> torch.Tensor:
-        return distributed_clip_loss(image_emb, text_emb, clip.logit_scale, image_keys, text_keys)
-
     n = tokens["input_ids"].shape[0]
+    teacher_text_emb = (teacher.text_embeddings(encode, tokens, runtime.autocast, grad_cache_chunk)
+                        if teacher is not None else None)
+
+    def loss_of(text_emb: torch.Tensor) -> torch.Tensor:
+        loss = distributed_clip_loss(image_emb, text_emb, clip.logit_scale, image_keys, text_keys)
+        if teacher is None:
+            return loss
+        return loss + teacher.weight * distillation_loss(image_emb, text_emb, clip.logit_scale, teacher_image_emb,
+                                                         teacher_text_emb, teacher.logit_scale, teacher.temperature)
+
     if 0 < grad_cache_chunk < n:
         loss = cached_backward(embed, tokens, loss_of, grad_cache_chunk)
     else:

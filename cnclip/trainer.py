@@ -22,7 +22,7 @@ from . import distributed
 from .checkpoint import TRAINABLE, TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
 from .errors import ConfigError, DataError, TrainingDiverged
 from .log_setup import FILE_ONLY, setup_logging
-from .data import ImageTransform, Split, gather_tokens, load_data_split, tokenize
+from .data import ImageTransform, Split, check_context_length, gather_tokens, load_data_split, tokenize
 from .skiplog import SkipLog
 from .optim import make_optimizer, warmup_cosine
 from .runtime import Runtime, pick_runtime
@@ -37,6 +37,7 @@ from .recipe import Recipe, dump_recipe, flatten, load_recipe
 from .inference import RECIPE_FILE
 from .train_step import contrastive_step, prepare_text_tower
 from .classifier import ZeroShotTracker
+from .distill import Teacher, frozen_base_teacher, loaded_teacher
 from .plots import write_run_plots, write_wise_plot
 from . import wise
 from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog
@@ -319,6 +320,7 @@ class FinetuneRun:
         log.info("device %s, precision %s, %d process(es)%s", runtime.device, runtime.precision,
                  distributed.world_size(), ", deterministic algorithms" if recipe.train.deterministic else "")
         self.base = load_base_model(recipe.model, seed=recipe.seed)
+        check_context_length(self.base.clip, recipe.data.context_length)
         torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
         # LoRA (a peft model) or the full text tower (the model itself); the image side is the cache either way.
         self.model = attach_text_tuning(self.base.clip, recipe.model).to(runtime.device)
@@ -358,8 +360,20 @@ class FinetuneRun:
         if self.skips.total:
             log.warning("skipped %d bad items while reading data: %s", self.skips.total, dict(self.skips.counts))
         self.image_bank = image_bank_on(self.train_features, self.runtime.device)
+        self.teacher = self._setup_teacher()
         log.info("training on %d pairs (%d captions, %d images)", len(self.pairs),
                  self.pairs.tokens["input_ids"].shape[0], len(self.train_features.ids))
+
+    def _setup_teacher(self) -> Teacher | None:
+        """train.distill's teacher, set up before any checkpoint is resumed (the frozen base's logit
+        scale is copied now); None without distillation."""
+        d = self.recipe.train.distill
+        if d is None:
+            return None
+        if d.teacher is None:
+            return frozen_base_teacher(self.model, self.clip, self.image_bank, d.weight, d.temperature)
+        return loaded_teacher(self.recipe, self.base.tokenizer, self.train_split.images, self.train_features,
+                              self.runtime, self.skips)
 
     def _setup_optimizer(self) -> None:
         recipe = self.recipe
@@ -452,11 +466,13 @@ class FinetuneRun:
                                                                            :tokens["attention_mask"].shape[1]]
         self.optimizer.zero_grad(set_to_none=True)
         seed_step(recipe.seed, distributed.rank(), state.global_step)  # dropout: same masks however resumed
+        teacher_images = None if self.teacher is None else self.teacher.image_bank[image_rows]
         with attention_kernels(recipe.train.deterministic, runtime.device):
             # contrastive_step and clamp_logit_scale are looked up in this module at call time (tests replace them).
             loss = contrastive_step(self.clip, self.trainable, tokens, self.image_bank[image_rows], image_rows,
                                     pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
-                                    recipe.train.grad_cache_chunk, packed=self.packed)
+                                    recipe.train.grad_cache_chunk, packed=self.packed, teacher=self.teacher,
+                                    teacher_image_emb=teacher_images)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used

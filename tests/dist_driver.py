@@ -3,7 +3,7 @@
   dist_driver.py [--step IN.pt OUT_DIR] [--stop-after N] [--node-local-run-dir] [RECIPE key=value ...]
 
 --step: one contrastive step on this rank's slice of the global batch in IN.pt (plain and with
-gradient caching); writes this rank's loss and gradients to OUT_DIR/rank-R.pt. The process group
+gradient caching, and with distillation when IN.pt has a distill_weight); writes this rank's loss and gradients to OUT_DIR/rank-R.pt. The process group
 is then left up for the fine-tuning run, which joins it.
 RECIPE ...: python -m cnclip.finetune; with --stop-after N > 0 every rank dies in optimizer step N,
 the way a pre-empted job dies: after its last checkpoint, with work in flight.
@@ -22,6 +22,7 @@ def step(inputs: Path, out_dir: Path) -> None:
     from cnclip import distributed
     from cnclip.checkpoint import load_trainable
     from cnclip.data import gather_tokens
+    from cnclip.distill import frozen_base_teacher
     from cnclip.runtime import pick_runtime
     from cnclip.models import attach_lora, load_base_model, lock_image_tower
     from cnclip.recipe import ModelConfig
@@ -41,13 +42,20 @@ def step(inputs: Path, out_dir: Path) -> None:
 
     rows = distributed.local_slice(torch.arange(data["image_emb"].shape[0]))
     tokens = gather_tokens(data["tokens"], rows, runtime.device)  # trimmed to this rank's longest caption
+    # With "distill_weight" in IN.pt: distillation towards the frozen base (the adapter switched off) too.
+    teacher = (frozen_base_teacher(model, base.clip, data["image_emb"], data["distill_weight"], None)
+               if "distill_weight" in data else None)
     result = {}
     for chunk in (0, 2):
-        for p in params.values():
-            p.grad = None
-        loss = contrastive_step(base.clip, list(params.values()), tokens, data["image_emb"][rows],
-                                data["image_keys"][rows], data["text_keys"][rows], runtime, grad_cache_chunk=chunk)
-        result[f"chunk{chunk}"] = {"loss": loss, "grads": {n: p.grad.clone() for n, p in params.items()}}
+        for mode, t in (("chunk", None), ("distill", teacher)):
+            if mode == "distill" and teacher is None:
+                continue
+            for p in params.values():
+                p.grad = None
+            loss = contrastive_step(base.clip, list(params.values()), tokens, data["image_emb"][rows],
+                                    data["image_keys"][rows], data["text_keys"][rows], runtime, grad_cache_chunk=chunk,
+                                    teacher=t, teacher_image_emb=None if t is None else data["image_emb"][rows])
+            result[f"{mode}{chunk}"] = {"loss": loss, "grads": {n: p.grad.clone() for n, p in params.items()}}
     torch.save(result, out_dir / f"rank-{info.rank}.pt")
 
 

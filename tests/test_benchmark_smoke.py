@@ -24,7 +24,7 @@ def bench():
 
 def test_train_throughput_small(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--small", "--no-memory", "--out", str(out)]) == 0
+    assert bench.main(["--small", "--no-memory", "--context-lengths", "52,128", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result  # the JSON on stdout is the document
     assert result["matmul_ceiling_flops_per_s"] > 0 and result["model"]["attn_implementation"] == "sdpa"
@@ -50,6 +50,15 @@ def test_train_throughput_small(bench, tmp_path, capsys):
     assert short["cache"]["images"] == 4 * (1 + 3)  # every image of the run's data went through the cache pass
     assert short["cache"]["images_per_s"] > 0
     assert set(short["break_even_epochs"]) == {"one_image_per_pair", "muge_images_per_pair"}
+    # Distillation's cost and the long-context cost: each a ratio of two interleaved step timings.
+    distill = result["distill"]
+    assert len(distill["plain"]["step_times_s"]) == len(distill["distill"]["step_times_s"]) == 3
+    assert distill["step_time_ratio"] == pytest.approx(distill["distill"]["step_s_median"]
+                                                       / distill["plain"]["step_s_median"])
+    lengths = result["context_lengths"]
+    assert set(lengths) == {"52", "128"} and lengths["52"]["step_time_ratio"] == 1.0
+    assert lengths["128"]["step_time_ratio"] == pytest.approx(lengths["128"]["step_s_median"]
+                                                              / lengths["52"]["step_s_median"])
 
 
 PEAK_PROBE = """
