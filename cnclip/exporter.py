@@ -42,6 +42,13 @@ MERGE_TOLERANCE = 1e-4
 PROBE_TEXTS = ("一张照片", "图片中间有一个红色的圆形")
 
 
+def check_run_dir_to_export(run_dir: Path) -> None:
+    """Every export format starts from a run directory (its recipe names the base and the data)."""
+    if not is_run_dir(run_dir):
+        raise UsageError(f"{run_dir} is not a cnclip run directory (no {RECIPE_FILE}); pass the run_dir "
+                         "that python -m cnclip.finetune wrote")
+
+
 def check_out_dir(out_dir: Path) -> None:
     """OUT_DIR is replaced whole: refuse anything that is not empty or an earlier export."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -129,9 +136,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if format not in FORMATS:
         raise UsageError(f"--format {format!r}: accepted: {', '.join(FORMATS)}")
-    if not is_run_dir(run_dir):
-        raise UsageError(f"{run_dir} is not a cnclip run directory (no {RECIPE_FILE}); pass the run_dir "
-                         "that python -m cnclip.finetune wrote")
+    check_run_dir_to_export(run_dir)
     check_out_dir(out_dir)
     weights = run_weights(run_dir, "best")
     from_best = weights.parent.name == "best"

@@ -375,15 +375,13 @@ def graph_bytes(out_dir: Path, name: str) -> int:
 
 def export_onnx(run_dir: str | Path, out_dir: str | Path, *, precision: str = "fp32") -> dict:
     """Write the run's merged model as ONNX encoders in OUT_DIR; returns a JSON-able report (files, agreement)."""
-    from .exporter import merge_checked, readable_by_umask, save_image_processor, save_tokenizer
-    from .inference import RECIPE_FILE, is_run_dir
+    from .exporter import (check_run_dir_to_export, merge_checked, readable_by_umask, save_image_processor,
+                           save_tokenizer)
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if precision not in PRECISIONS:
         raise UsageError(f"ONNX precision {precision!r}: accepted: {', '.join(PRECISIONS)}")
-    if not is_run_dir(run_dir):
-        raise UsageError(f"{run_dir} is not a cnclip run directory (no {RECIPE_FILE}); pass the run_dir "
-                         "that python -m cnclip.finetune wrote")
+    check_run_dir_to_export(run_dir)
     require_onnx(precision)
     check_out_dir(out_dir)
     merged = merge_checked(run_dir)
