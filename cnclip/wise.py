@@ -34,7 +34,6 @@ import torch
 from .atomic import write_json
 from .recipe import WISE_PICK_RULES as PICK_RULES
 
-DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 WISE_FILE = "wise.json"
 TUNED_FILE = "finetuned.safetensors"  # best/: the fine-tuned (alpha 1) trainables beside the picked ones
 
