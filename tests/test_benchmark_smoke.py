@@ -11,7 +11,7 @@ import statistics
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, require
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,8 @@ def test_memory_probes_measure_the_image_tower_where_it_runs(bench):
 
 def test_inference_throughput_small(tmp_path, capsys):
     """benchmarks/inference_throughput.py --small: one document whose numbers agree with the work it reports."""
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    require("onnxruntime", "in the test extra (the onnx extra)")
+    require("onnxscript", "in the test extra (the onnx extra)")
     spec = importlib.util.spec_from_file_location("inference_throughput",
                                                   REPO / "benchmarks" / "inference_throughput.py")
     bench = importlib.util.module_from_spec(spec)

@@ -22,10 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import DEMO_RECIPE, REPO
+from conftest import DEMO_RECIPE, REPO, require
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+require("onnxruntime", "in the test extra (the onnx extra)")
+require("onnxscript", "in the test extra (the onnx extra)")
 
 import onnxruntime as ort  # noqa: E402
 

@@ -35,10 +35,10 @@ from cnclip.images import ImagePreprocess, ImageResize
 from cnclip.onnx_runtime import OnnxEmbedder
 from cnclip.search_index import Searcher, build_index
 
-from conftest import COLORS, REPO, image_bytes, make_tiny_model
+from conftest import COLORS, REPO, image_bytes, make_tiny_model, require
 from onnx_fixtures import write_onnx_export
 
-pytest.importorskip("onnxruntime")
+require("onnxruntime", "in the test extra (the onnx and serve extras)")
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import COLORS, REPO, image_bytes
+from conftest import COLORS, REPO, image_bytes, require
 from onnx_fixtures import write_onnx_export
 
-pytest.importorskip("onnxruntime")
+require("onnxruntime", "in the test extra (the onnx and serve extras)")
 
 
 @pytest.fixture(scope="module")
