@@ -11,6 +11,9 @@ import importlib
 import io
 import json
 import os
+import subprocess
+import sys
+import venv
 from pathlib import Path
 from types import ModuleType
 
@@ -222,3 +225,27 @@ def in_fresh_process(code: str, hash_seed: int = 12345):
 
 
 # ---- end of optional test dependencies and fresh-process results ----
+
+
+def wheel_in_new_venv(root: Path, dependencies: Path) -> Path:
+    """A wheel of this checkout installed --no-deps into a new virtual environment under `root`; its python.
+
+    The venv sees no other packages than the wheel and those in `dependencies` (a directory added through a
+    .pth line, so the check costs seconds, not an install): the tests choose what the venv may import.
+    """
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(root / "dist"), str(REPO)], capture_output=True, text=True, env=clean)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (root / "dist").glob("cnclip-*.whl")
+    venv.EnvBuilder(with_pip=False).create(root / "venv")
+    python = root / "venv" / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, env=clean).stdout.strip()
+    # Plain directories only: .pth files inside `dependencies` (an editable cnclip) are not processed.
+    (Path(site) / "deps.pth").write_text(f"{dependencies}\n", encoding="utf-8")
+    # --ignore-installed: a cnclip visible through deps.pth (the test environment's editable one) is not the wheel.
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                          "--ignore-installed", "-q", str(wheel)], capture_output=True, text=True, env=clean)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    return python

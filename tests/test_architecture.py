@@ -7,16 +7,14 @@ import ast
 import json
 import os
 import subprocess
-import sys
 import sysconfig
-import venv
 from pathlib import Path
 
 import pytest
 
 from cnclip.commands import COMMANDS
 
-from conftest import REPO, make_tiny_model
+from conftest import REPO, make_tiny_model, wheel_in_new_venv
 from doc_pages import doc_section
 
 PACKAGES = ("cnclip", "data_tools")
@@ -136,24 +134,7 @@ def installed(tmp_path_factory) -> Path:
     through a .pth line, so the check costs seconds; the new environment's site-packages holds only
     the wheel, and the checkout is never on its path.
     """
-    root = tmp_path_factory.mktemp("wheel")
-    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(root / "dist"), str(REPO)], capture_output=True, text=True, env=clean)
-    assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = (root / "dist").glob("cnclip-*.whl")
-    env_dir = root / "venv"
-    venv.EnvBuilder(with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True, env=clean).stdout.strip()
-    # Plain directories only: .pth files in the test environment (an editable cnclip) are not processed.
-    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n", encoding="utf-8")
-    # --ignore-installed: the test environment's own (editable) cnclip is visible through deps.pth.
-    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                          "--ignore-installed", "-q", str(wheel)], capture_output=True, text=True, env=clean)
-    assert pip.returncode == 0, pip.stderr[-3000:]
-    return python
+    return wheel_in_new_venv(tmp_path_factory.mktemp("wheel"), Path(sysconfig.get_paths()["purelib"]))
 
 
 def run_installed(python: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -12,15 +12,12 @@
 from __future__ import annotations
 
 import importlib.metadata
-import io
 import json
 import os
 import re
 import subprocess
 import sys
-import sysconfig
 import tomllib
-import venv
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +32,7 @@ from cnclip.images import ImagePreprocess, ImageResize
 from cnclip.onnx_runtime import OnnxEmbedder
 from cnclip.search_index import Searcher, build_index
 
-from conftest import COLORS, REPO, image_bytes, make_tiny_model, require
+from conftest import COLORS, REPO, image_bytes, require, wheel_in_new_venv
 from onnx_fixtures import write_onnx_export
 
 require("onnxruntime", "in the test extra (the onnx and serve extras)")
@@ -245,21 +242,8 @@ def serve_venv(tmp_path_factory) -> Path:
     closure = _closure(serve_requirements())
     assert not closure & {"torch", "transformers", "peft"}, closure
     root = tmp_path_factory.mktemp("serve_wheel")
-    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(root / "dist"), str(REPO)], capture_output=True, text=True, env=clean)
-    assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = (root / "dist").glob("cnclip-*.whl")
-    venv.EnvBuilder(with_pip=False).create(root / "venv")
-    python = root / "venv" / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True, env=clean).stdout.strip()
     _link_distributions(closure, root / "serve_deps")
-    (Path(site) / "serve_deps.pth").write_text(str(root / "serve_deps") + "\n", encoding="utf-8")
-    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-                          str(wheel)], capture_output=True, text=True, env=clean)
-    assert pip.returncode == 0, pip.stderr[-3000:]
-    return python
+    return wheel_in_new_venv(root, root / "serve_deps")
 
 
 def test_search_query_runs_in_a_venv_without_torch(serve_venv, tiny_export, photos, tmp_path):
