@@ -50,7 +50,7 @@ from .data import ImageArrays, ImageTransform, collate_image_arrays
 from .image_sources import ImageTSV
 from .skiplog import SkipLog
 from .faults import crash_point
-from .atomic import atomic_file, remove_stale_temporaries, save_tensors, temporary_path, write_json
+from .atomic import remove_stale_temporaries, save_tensors, temporary_path, write_json
 from .models import encode_images
 from . import distributed
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_dir, write_json
-from .data import ImageTransform, preprocess_text, tokenize
+from .data import preprocess_text, tokenize
 from .errors import ModelLoadError, UsageError
 from .embedders import combine_fingerprints
 from .models import ImagePreprocess, encode_images, encode_texts, image_tower_fingerprint, text_tower_fingerprint

@@ -245,7 +245,7 @@ def test_a_picture_capped_in_its_first_query_is_kept_through_its_copy_in_another
 
 
 def test_command_line_model_stage(tmp_path, tiny_model_dir, capsys):
-    from cnclip.errors import EXIT_MODEL, EXIT_USAGE
+    from cnclip.errors import EXIT_USAGE
     from data_tools.cli import main
 
     dump = scored_dump(tmp_path)

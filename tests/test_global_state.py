@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from cnclip.global_state import exact_float32
 from data_tools.scoring import ScoringOptions
 from data_tools.semantic import SemanticIndex, similar_pairs
 
