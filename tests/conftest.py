@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -249,3 +250,11 @@ def wheel_in_new_venv(root: Path, dependencies: Path) -> Path:
                           "--ignore-installed", "-q", str(wheel)], capture_output=True, text=True, env=clean)
     assert pip.returncode == 0, pip.stderr[-3000:]
     return python
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package), for their smoke tests."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

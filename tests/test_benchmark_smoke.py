@@ -5,21 +5,17 @@ CI; here the same code runs in-process with --no-memory, and one memory probe di
 """
 
 import argparse
-import importlib.util
 import json
 import statistics
 
 import pytest
 
-from conftest import REPO, require
+from conftest import REPO, load_benchmark, require
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_throughput")
 
 
 def test_train_throughput_small(bench, tmp_path, capsys):
@@ -106,10 +102,7 @@ def test_inference_throughput_small(tmp_path, capsys):
     """benchmarks/inference_throughput.py --small: one document whose numbers agree with the work it reports."""
     require("onnxruntime", "in the test extra (the onnx extra)")
     require("onnxscript", "in the test extra (the onnx extra)")
-    spec = importlib.util.spec_from_file_location("inference_throughput",
-                                                  REPO / "benchmarks" / "inference_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("inference_throughput")
     out = tmp_path / "bench.json"
     assert bench.main(["--small", "--threads", "1", "--repeats", "1:4,32:2", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())

@@ -13,7 +13,7 @@ from data_tools.records import Reason
 from cnclip.errors import UsageError
 from data_tools.split import assign_split, hamming_pairs, leak_free_groups, parse_splits
 
-from conftest import in_fresh_process
+from conftest import in_fresh_process, load_benchmark
 
 
 @pytest.mark.parametrize("max_distance", [0, 2, 4, 8])
@@ -133,13 +133,7 @@ def test_split_assignment_is_stable_and_proportional():
 
 def test_semantic_dedup_benchmark_finds_every_planted_copy_at_small_size():
     """benchmarks/semantic_dedup.py, one small size: the JSON it reports, and dedup exact on it."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "semantic_dedup.py"
-    spec = importlib.util.spec_from_file_location("semantic_dedup_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("semantic_dedup")
     run = bench.one_size(2000, 64)
     assert run["removed"] == run["planted_copies"] == 200 and run["planted_found"] == 1.0
     assert 64 * 4 * 0.9 < run["index_bytes_per_image"] < 64 * 4 + 400  # the vector plus its graph links

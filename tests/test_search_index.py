@@ -1,6 +1,5 @@
 """The search index: build, incremental add/remove, answers equal brute force, model check, CLI."""
 
-import importlib.util
 import io
 import json
 import os
@@ -15,7 +14,7 @@ from cnclip.embedders import TorchEmbedder
 from cnclip.search_index import (Searcher, SearchIndex, build_faiss, build_index, choose_kind, read_payload,
                                  APPROXIMATE_FROM)
 
-from conftest import COLORS, image_bytes, make_tiny_model, write_split
+from conftest import COLORS, image_bytes, load_benchmark, make_tiny_model, write_split
 
 SHAPES = {"circle": "圆形", "square": "正方形"}
 
@@ -256,9 +255,7 @@ def test_search_benchmark_prints_json(tmp_path):
     assert sweep[HNSW_EF_SEARCH]["recall_at_10_vs_exact_near_queries"] == hnsw["recall_at_10_vs_exact_near_queries"]
 
     # the recall measure itself, on rankings whose overlap is known
-    spec = importlib.util.spec_from_file_location("search_throughput", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("search_throughput")
     exact = np.array([list(range(10)), list(range(10, 20))])
     assert bench.overlap(exact, exact) == 1.0
     assert bench.overlap(np.array([list(range(5, 15)), list(range(30, 40))]), exact) == 0.25  # 5 of 10, 0 of 10

@@ -8,14 +8,13 @@ The app runs at most --workers model calls at a time (checked with a searcher th
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import COLORS, REPO, image_bytes, require
+from conftest import COLORS, image_bytes, load_benchmark, require
 from onnx_fixtures import write_onnx_export
 
 require("onnxruntime", "in the test extra (the onnx and serve extras)")
@@ -23,10 +22,7 @@ require("onnxruntime", "in the test extra (the onnx and serve extras)")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_load")
 
 
 @pytest.fixture(scope="module")
