@@ -24,6 +24,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 import torch
@@ -235,8 +236,6 @@ def check_shared_directories(directories: dict[str, str | os.PathLike]) -> None:
     files and fail one by one: missing demo data, cache parts, checkpoints.)"""
     if not is_distributed():
         return
-    from pathlib import Path
-
     token = computed_on_main(lambda: secrets.token_hex(8), "checking for a shared filesystem")
     probes = {key: Path(d) / f"{SHARED_CHECK_PREFIX}{token}" for key, d in directories.items()}
     if is_main():
@@ -251,14 +250,16 @@ def check_shared_directories(directories: dict[str, str | os.PathLike]) -> None:
     if is_main():
         for probe in probes.values():
             probe.unlink(missing_ok=True)
+    problems = []
     for key, main_path in views[0][1].items():
         blind = [r for r, (seen_r, _) in enumerate(views) if not seen_r[key]]
         if blind:
-            where = ", ".join(f"rank {r}: {views[r][1][key]}" for r in blind)
-            raise UsageError(
-                f"{key} {main_path}: rank(s) {', '.join(map(str, blind))} do not see the file rank 0 wrote there "
-                f"({where}); a job on several nodes needs {key} on a filesystem every node shares "
-                "(NFS, Lustre, CephFS...), at the same path")
+            problems.append(f"{key} {main_path} (rank 0's): not seen by " + ", ".join(
+                f"rank {r} (its {key}: {views[r][1][key]})" for r in blind))
+    if problems:
+        raise UsageError(
+            "a file rank 0 wrote is not seen by every rank: " + "; ".join(problems) + ". A job on several nodes "
+            "needs these directories on a filesystem every node shares (NFS, Lustre, CephFS...), at the same path")
 
 
 def same_on_every_rank(value, what: str) -> None:

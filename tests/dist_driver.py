@@ -1,13 +1,15 @@
 """Worker entry point for the multi-process tests, launched with torchrun (see test_distributed.py).
 
-  dist_driver.py [--step IN.pt OUT_DIR] [--stop-after N] [--node-local-run-dir] [RECIPE key=value ...]
+  dist_driver.py [--step IN.pt OUT_DIR] [--count-image-reads DIR] [--stop-after N] [--node-local-dirs]
+                 [RECIPE key=value ...]
 
 --step: one contrastive step on this rank's slice of the global batch in IN.pt (plain and with
 gradient caching, and with distillation when IN.pt has a distill_weight); writes this rank's loss and gradients to OUT_DIR/rank-R.pt. The process group
 is then left up for the fine-tuning run, which joins it.
 RECIPE ...: python -m cnclip.finetune; with --stop-after N > 0 every rank dies in optimizer step N,
 the way a pre-empted job dies: after its last checkpoint, with work in flight.
---node-local-run-dir: rank R > 0 uses run_dir + "-rankR", as if each node had its own disk.
+--count-image-reads DIR: DIR/image-reads-rank-R.json counts the images TSVs this rank indexed and hashed.
+--node-local-dirs: rank R > 0 uses run_dir + "-rankR" and cache.dir + "-rankR", as if each node had its own disk.
 """
 
 from __future__ import annotations
@@ -59,6 +61,23 @@ def step(inputs: Path, out_dir: Path) -> None:
     torch.save(result, out_dir / f"rank-{info.rank}.pt")
 
 
+def count_image_reads(out_dir: Path) -> None:
+    """Count every ImageTSV this process builds (each one reads and hashes its whole file)."""
+    import json
+    import os
+
+    from cnclip.image_sources import ImageTSV
+
+    init, reads = ImageTSV.__init__, []
+
+    def counting_init(self, path, skips):
+        init(self, path, skips)
+        reads.append(Path(path).name)
+        (out_dir / f"image-reads-rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(reads))
+
+    ImageTSV.__init__ = counting_init
+
+
 def finetune(stop_after: int, argv: list[str]) -> int:
     import cnclip.finetune
     import cnclip.trainer
@@ -75,13 +94,16 @@ if __name__ == "__main__":
     if args[:1] == ["--step"]:
         step(Path(args[1]), Path(args[2]))
         args = args[3:]
+    if args[:1] == ["--count-image-reads"]:
+        count_image_reads(Path(args[1]))
+        args = args[2:]
     stop_after = 0
     if args[:1] == ["--stop-after"]:
         stop_after, args = int(args[1]), args[2:]
-    if args[:1] == ["--node-local-run-dir"]:
+    if args[:1] == ["--node-local-dirs"]:
         import os
 
         rank = int(os.environ["RANK"])
-        args = [a + f"-rank{rank}" if a.startswith("run_dir=") and rank > 0 else a for a in args[1:]]
+        args = [a + f"-rank{rank}" if a.startswith(("run_dir=", "cache.dir=")) and rank > 0 else a for a in args[1:]]
     if args:
         sys.exit(finetune(stop_after, args))

@@ -77,7 +77,8 @@ def two_process_launch(tiny_model_no_dropout_dir, tmp_path_factory):
     data = make_tiny_dataset(root / "data")
     run_dir = root / "run"
     overrides = run_overrides(tiny_model_no_dropout_dir, data, run_dir)
-    proc = torchrun("--step", str(root / "inputs.pt"), str(root), "--stop-after", "3", str(DEMO_RECIPE), *overrides)
+    proc = torchrun("--step", str(root / "inputs.pt"), str(root), "--count-image-reads", str(root), "--stop-after", "3",
+                    str(DEMO_RECIPE), *overrides)
     return {"root": root, "expected": expected, "proc": proc, "run_dir": run_dir, "overrides": overrides}
 
 
@@ -93,6 +94,15 @@ def test_one_step_on_two_processes_equals_one_process(two_process_launch):
             assert got["grads"].keys() == expected.keys()
             diff = max((got["grads"][n] - g).abs().max().item() for n, g in expected.items())
             assert diff < 1e-5, (rank, mode, diff)
+
+
+def test_rank_0_alone_reads_and_hashes_the_images(two_process_launch):
+    """Indexing an images TSV reads and hashes the whole file (the cache key): rank 0 does it once per
+    split and sends the index to the others, who read no TSV at start-up (before: every rank read both)."""
+    root = two_process_launch["root"]
+    reads = {r: json.loads(p.read_text()) if (p := root / f"image-reads-rank-{r}.json").is_file() else []
+             for r in (0, 1)}
+    assert reads == {0: ["train_imgs.tsv", "valid_imgs.tsv"], 1: []}, two_process_launch["proc"].stderr[-3000:]
 
 
 # ---- whole runs: interrupted on N processes, resumed on M, equal to an uninterrupted run

@@ -65,7 +65,8 @@ def test_two_processes_with_dropout_on_resume_bit_identically(tiny_model_dir, tm
 
 def test_ranks_that_see_different_run_dirs_refuse_to_resume(tiny_model_no_dropout_dir, tmp_path, monkeypatch):
     """Multi-node without a shared filesystem: rank 1 finds no checkpoint where rank 0 resumes from
-    step 4. Every rank stops with the reason instead of running collectives that never match."""
+    step 4. Every rank stops with the reason before anything else: the file rank 0 wrote in run_dir
+    is not seen by rank 1."""
     run_dir = tmp_path / "run"
     overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(tmp_path / "data"), run_dir)
     # in step 5, after the epoch-1 checkpoint (step 4)
@@ -73,11 +74,36 @@ def test_ranks_that_see_different_run_dirs_refuse_to_resume(tiny_model_no_dropou
     with pytest.raises(SystemExit):
         finetune_main([str(DEMO_RECIPE), *overrides])
     monkeypatch.undo()
-    proc = torchrun("--node-local-run-dir", str(DEMO_RECIPE), *overrides)
+    proc = torchrun("--node-local-dirs", str(DEMO_RECIPE), *overrides)
     assert proc.returncode != 0
     # Both ranks stop with the message (torchrun then reports the failed workers).
-    assert proc.stderr.count("error: the ranks disagree on the step to resume from") == 2, proc.stderr[-3000:]
-    assert "rank 0: 4, rank 1: 0" in proc.stderr and "filesystem that every node shares" in proc.stderr
+    assert proc.stderr.count(f"error: a file rank 0 wrote is not seen by every rank: run_dir {run_dir} ") == 2, \
+        proc.stderr[-3000:]
+    assert "filesystem every node shares" in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000004"  # untouched
+
+
+def test_ranks_without_a_shared_filesystem_stop_with_one_message_before_any_work(tiny_model_no_dropout_dir,
+                                                                                  tmp_path):
+    """A fresh run whose run_dir and cache.dir are each node's own: before the demo data, the model or
+    the image cache, every rank stops with exit 2 and one message naming both directories and what
+    they need (before: the cache's manifest writer failed on a part it could not see, a traceback)."""
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(tmp_path / "data"), run_dir,
+                              **{"cache.dir": str(cache_dir)})
+    proc = torchrun("--node-local-dirs", str(DEMO_RECIPE), *overrides)
+    assert proc.returncode != 0
+    message = (f"error: a file rank 0 wrote is not seen by every rank: run_dir {run_dir} (rank 0's): not seen by "
+               f"rank 1 (its run_dir: {run_dir}-rank1); cache.dir {cache_dir} (rank 0's): not seen by rank 1 "
+               f"(its cache.dir: {cache_dir}-rank1). A job on several nodes needs these directories on a "
+               "filesystem every node shares")
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # UsageError's status, on both ranks
+    # The workers print the error line, no traceback (torchrun's own report of failed workers has one).
+    assert proc.stderr.count("Traceback") == proc.stderr.count("ChildFailedError:") == 1
+    assert "FileNotFoundError" not in proc.stderr and "AttributeError" not in proc.stderr
+    assert not any(cache_dir.glob("*/part-*")) and not (run_dir / "checkpoints").exists()
+    assert not list(run_dir.glob(".cnclip-shared-check-*"))  # the probe is removed
 
 
 def test_a_changed_packed_text_or_compile_is_refused_on_resume(tmp_path):
