@@ -309,12 +309,31 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return all_gather_with_grad(tensor) if tensor.requires_grad else all_gather_no_grad(tensor)
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Average the gradients of the trainable parameters over ranks, in one flat all-reduce.
+def data_parallel(module: torch.nn.Module):
+    """`module` under DistributedDataParallel, or None for one process: its parameters' gradients are
+    all-reduced (averaged) in buckets while backward is still running, overlapping communication with
+    the rest of backward, instead of in one flat copy after it. For the full text tower, where that
+    copy is the size of the tower; LoRA's few parameters keep `average_gradients`.
 
-    This is what DDP does after backward; done by hand because the step runs the text tower
-    directly (and, with gradient caching, once per chunk), which DDP's forward hooks do not see.
-    The LoRA parameters are few, so one bucket is enough.
+    The inputs are on the module's device already (no device_ids: DDP moves nothing, so a host copy
+    such as the packed layout's attention mask stays on the host), and buffers are not re-broadcast
+    at every forward (the text tower's are constants). The module's forward must be what produces
+    the loss's graph, every parameter with requires_grad must receive a gradient in each backward,
+    and forwards and backwards that must not all-reduce yet (gradient caching's chunks but the last)
+    run under its no_sync()."""
+    if not is_distributed():
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=None, broadcast_buffers=False)
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of the trainable parameters over ranks, in one flat all-reduce after backward.
+
+    For the parameters no DDP module syncs (`data_parallel`): LoRA's, which are few, so one bucket
+    is enough, and those outside the text tower (the logit scale). The step runs the text tower
+    directly (with gradient caching, once per chunk), so DDP applies only where it wraps the tower.
     """
     if not is_distributed():
         return

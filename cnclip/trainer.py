@@ -35,7 +35,7 @@ from .models import (attach_text_tuning, clamp_logit_scale, describe_trainable, 
                      lock_image_tower)
 from .recipe import Recipe, dump_recipe, flatten, load_recipe
 from .inference import RECIPE_FILE
-from .train_step import contrastive_step, prepare_text_tower
+from .train_step import TextEncoder, contrastive_step, prepare_text_tower
 from .classifier import ZeroShotTracker
 from .distill import Teacher, frozen_base_teacher, loaded_teacher
 from .plots import write_run_plots, write_wise_plot
@@ -245,6 +245,8 @@ class FinetuneRun:
     base, clip, model: the loaded base (tokenizer, preprocess), its ChineseCLIPModel, and the model
         being tuned (a peft LoRA model around clip, or clip itself)
     trainable: the parameters the optimizer updates (the same on every rank)
+    text_encoder: the text side under DDP (train_step.TextEncoder) for full text tuning on several
+        processes, else None
     transform, tower: the image transform and image-tower fingerprint the image cache is keyed on
     train_features, valid_features: the splits' cached image embeddings (the training split's host
         copy is emptied once `image_bank` is on an accelerator)
@@ -356,6 +358,11 @@ class FinetuneRun:
         # matrices start at zero; the base projection, logit scale and, for full tuning, text tower as loaded).
         self.base_trainables = wise.snapshot_trainables(self.model) if recipe.train.wise is not None else None
         prepare_text_tower(self.clip, recipe.train.gradient_checkpointing, recipe.train.compile)
+        # Full text tuning on several processes: DDP all-reduces the tower's gradients in buckets during backward.
+        self.text_encoder = (distributed.data_parallel(TextEncoder(self.clip)) if recipe.model.text_tuning == "full"
+                             else None)
+        if self.text_encoder is not None:
+            log.info("text tower gradients: all-reduced by DDP in buckets, overlapping backward")
         log.info(describe_trainable(self.model))
 
     def _image_features(self, split: Split) -> ImageFeatures:
@@ -497,7 +504,7 @@ class FinetuneRun:
             loss = contrastive_step(self.clip, self.trainable, tokens, self.image_bank[image_rows], image_rows,
                                     pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
                                     recipe.train.grad_cache_chunk, packed=self.packed, teacher=self.teacher,
-                                    teacher_image_emb=teacher_images)
+                                    teacher_image_emb=teacher_images, text_encoder=self.text_encoder)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
