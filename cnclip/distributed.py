@@ -316,16 +316,22 @@ def data_parallel(module: torch.nn.Module):
     copy is the size of the tower; LoRA's few parameters keep `average_gradients`.
 
     The inputs are on the module's device already (no device_ids: DDP moves nothing, so a host copy
-    such as the packed layout's attention mask stays on the host), and buffers are not re-broadcast
-    at every forward (the text tower's are constants). The module's forward must be what produces
+    such as the packed layout's attention mask stays on the host); buffers are not re-broadcast at
+    every forward (the text tower's are constants); the gradients are views into DDP's buckets, so
+    they take no second copy of the tower's size beside them. The module's forward must be what produces
     the loss's graph, every parameter with requires_grad must receive a gradient in each backward,
     and forwards and backwards that must not all-reduce yet (gradient caching's chunks but the last)
     run under its no_sync()."""
     if not is_distributed():
         return None
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, device_ids=None, broadcast_buffers=False)
+    # torch 2.13 renamed broadcast_buffers (deprecated, with a warning) to forward_sync_buffers
+    buffers = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
+    return DistributedDataParallel(module, device_ids=None, gradient_as_bucket_view=True, **{buffers: False})
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:

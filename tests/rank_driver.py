@@ -8,8 +8,10 @@ survivors as soon as one of its workers dies, but only on its own node.
 dies-early   rank 1 exits right after init_distributed; rank 0 then waits on the host, the way
              the others wait while rank 0 validates. OUT_DIR/rank-0.json: how long that wait took
              to fail and with what.
-main-first   every rank loads through distributed.local_main_first (rank 0's load takes 1 s);
-             OUT_DIR/rank-R.json: when this rank's load started and ended.
+helpers      every rank loads through distributed.local_main_first (rank 0's load takes 1 s), then
+             checks that the ranks agree on their rank (same_on_every_rank), then gets what rank 0
+             read (computed_on_main) where rank 0's read fails with a DataError. OUT_DIR/rank-R.json:
+             when this rank's load started and ended, and the errors of the two others.
 """
 
 from __future__ import annotations
@@ -39,22 +41,34 @@ def dies_early(out: Path) -> None:
     os._exit(0)  # the group cannot be torn down cleanly with a dead peer
 
 
-def main_first(out: Path) -> None:
+def helpers(out: Path) -> None:
     from cnclip import distributed
+    from cnclip.errors import DataError
 
     info = distributed.init_distributed("cpu")
 
-    def load() -> int:
+    def load() -> tuple[float, float]:
         start = time.time()
         if info.rank == 0:
             time.sleep(1)
         return start, time.time()
 
+    def read() -> None:
+        raise DataError(f"split 'train' has no images: read by rank {info.rank}")
+
     start, end = distributed.local_main_first(load, "loading")
-    (out / f"rank-{info.rank}.json").write_text(json.dumps({"start": start, "end": end}))
+    errors = []
+    for check in (lambda: distributed.same_on_every_rank(info.rank, "the rank"),
+                  lambda: distributed.computed_on_main(read, "reading")):
+        try:
+            check()
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - reported to the test, which judges it
+            errors.append(f"{type(exc).__name__}: {exc}")
+    (out / f"rank-{info.rank}.json").write_text(json.dumps({"start": start, "end": end, "errors": errors}))
     distributed.shutdown()
 
 
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
-    {"dies-early": dies_early, "main-first": main_first}[scenario](out_dir)
+    {"dies-early": dies_early, "helpers": helpers}[scenario](out_dir)

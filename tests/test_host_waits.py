@@ -64,12 +64,18 @@ def test_a_rank_that_dies_before_the_first_host_wait_stops_the_other_at_once(tmp
     assert "rerun to resume" in result["error"]
 
 
-def test_the_model_is_loaded_by_the_first_rank_of_a_node_before_the_others(tmp_path):
-    rank0, rank1 = launch("main-first", tmp_path)
+def test_the_first_rank_of_a_node_loads_first_and_every_rank_shares_one_decision(tmp_path):
+    """local_main_first: rank 1 starts loading only once rank 0 has finished. In the same launch:
+    ranks that disagree all stop (ConfigError naming each rank's value), and an error rank 0 meets
+    while reading for everyone (computed_on_main) is raised on every rank, not only on rank 0."""
+    rank0, rank1 = launch("helpers", tmp_path)
     assert rank0.returncode == 0 and rank1.returncode == 0, (rank0.stderr[-2000:], rank1.stderr[-2000:])
     first, second = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
     assert first["end"] - first["start"] >= 1
     assert second["start"] >= first["end"]
+    for result in (first, second):
+        assert result["errors"] == ["ConfigError: the ranks disagree on the rank: rank 0: 0, rank 1: 1",
+                                    "DataError: split 'train' has no images: read by rank 0"]
 
 
 def test_the_host_wait_timeout_is_hours_unless_set(monkeypatch):
