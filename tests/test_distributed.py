@@ -118,7 +118,7 @@ def test_one_step_on_two_processes_equals_one_process(two_process_launch):
 def test_full_text_tuning_under_ddp_on_two_processes_equals_one_process(two_process_launch):
     """model.text_tuning=full on 2 processes: DDP all-reduces the text tower's gradients in buckets
     during backward (gradient caching: once, after the last chunk), and the flat all-reduce after
-    backward carries only what lies outside the tower (the logit scale), not the tower's 37k
+    backward carries only what lies outside the tower (the logit scale), not the tower's 21,824
     parameters; loss and gradients equal one process's on the global batch."""
     root, (loss, expected) = two_process_launch["root"], two_process_launch["expected_full"]
     tower = sum(g.numel() for n, g in expected.items() if n.startswith("text_"))
