@@ -15,8 +15,8 @@ where the first pass left it.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator
 
 import torch
 
@@ -56,13 +56,16 @@ def cached_backward(
     batch: Batch,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     chunk_size: int,
+    no_sync: Callable[[], ContextManager] | None = None,
 ) -> torch.Tensor:
     """Accumulate into `.grad` the parameter gradient of loss_fn(embed(batch)), chunk by chunk.
 
     `embed` maps a batch (dict of row-aligned tensors) to embeddings with a graph to the trainable
     parameters; `loss_fn` maps the concatenated embeddings to a scalar loss (it may involve other
     parameters, e.g. the temperature, whose gradient it accumulates directly, and collectives:
-    it is called exactly once). Returns the loss, detached.
+    it is called exactly once). `no_sync` (DDP's, when `embed` runs a DDP module): every chunk's
+    re-run but the last runs under it, so the gradients add up locally and the last chunk's
+    backward all-reduces the sum once. Returns the loss, detached.
     """
     chunks = split_batch(batch, chunk_size)
     devices = _cuda_devices(batch)
@@ -79,8 +82,9 @@ def cached_backward(
     loss = loss_fn(reps_leaf)
     loss.backward()
     grads = reps_leaf.grad.split([r.shape[0] for r in reps])
-    for chunk, state, grad in zip(chunks, states, grads):
-        with state.replay():
-            rep = embed(chunk)
-        rep.backward(gradient=grad.to(rep.dtype))
+    for i, (chunk, state, grad) in enumerate(zip(chunks, states, grads)):
+        with no_sync() if no_sync is not None and i < len(chunks) - 1 else nullcontext():
+            with state.replay():
+                rep = embed(chunk)
+            rep.backward(gradient=grad.to(rep.dtype))
     return loss.detach()

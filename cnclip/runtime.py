@@ -27,21 +27,24 @@ class Runtime:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """"auto" is CUDA when there is one; under torchrun "auto"/"cuda" mean this process's cuda:LOCAL_RANK."""
+    """"auto" is CUDA when there is one; "auto"/"cuda" mean cuda:(LOCAL_RANK mod the GPUs this process
+    sees): under torchrun each process drives its own GPU, whether it sees all of the node's GPUs
+    (cuda:LOCAL_RANK) or, under a scheduler that sets CUDA_VISIBLE_DEVICES per process, only its own (cuda:0)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        return f"cuda:{local_rank % count if count else local_rank}"
     return device
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether this GPU computes bf16 in hardware (Ampere and later): on a T4 or V100 torch emulates
-    it, slowly, or (older torch) fails in autocast."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch < 2.4 has no including_emulation (and counts no emulation)
-        return torch.cuda.get_device_capability(device)[0] >= 8
+    """Whether the GPU `device` computes bf16 in hardware (Ampere and later, and every ROCm GPU): on a
+    T4 or V100 torch emulates it, slowly, or (older torch) fails in autocast. (torch.cuda.is_bf16_supported
+    asks the current device, which is not `device` before set_device.)"""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def pick_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
@@ -52,6 +55,8 @@ def pick_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     (torch's CPU autocast supports it); on a GPU without native bf16 it is refused.
     """
     dev = torch.device(resolve_device(device))
+    if dev.type == "cuda":  # this process's GPU from now on: every later CUDA call (NCCL, RNG, kernels) uses it
+        torch.cuda.set_device(dev)
     if dev.type == "cuda" and precision in ("auto", "bf16"):
         if not native_bf16(dev):
             name = torch.cuda.get_device_name(dev)

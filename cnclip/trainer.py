@@ -35,7 +35,7 @@ from .models import (attach_text_tuning, clamp_logit_scale, describe_trainable, 
                      lock_image_tower)
 from .recipe import Recipe, dump_recipe, flatten, load_recipe
 from .inference import RECIPE_FILE
-from .train_step import contrastive_step, prepare_text_tower
+from .train_step import TextEncoder, contrastive_step, prepare_text_tower
 from .classifier import ZeroShotTracker
 from .distill import Teacher, frozen_base_teacher, loaded_teacher
 from .plots import write_run_plots, write_wise_plot
@@ -205,6 +205,18 @@ def train(recipe: Recipe) -> dict:
             distributed.shutdown()
 
 
+def shared_directories(recipe: Recipe) -> dict[str, str]:
+    """The directories every rank of a job must see as one (recipe key -> path): the run directory,
+    the image cache (each rank writes its share of the parts, rank 0 reads them all), and a demo data
+    set's root (rank 0 writes it, every rank reads it)."""
+    from .image_cache import default_cache_dir
+
+    directories = {"run_dir": recipe.run_dir, "cache.dir": recipe.cache.dir or str(default_cache_dir())}
+    if recipe.data.generate is not None:
+        directories["data.root"] = recipe.data.root
+    return directories
+
+
 def image_bank_on(features: ImageFeatures, device: torch.device) -> torch.Tensor:
     """The training images' embeddings on `device`, indexed by the pairs' image rows at every step.
 
@@ -233,6 +245,8 @@ class FinetuneRun:
     base, clip, model: the loaded base (tokenizer, preprocess), its ChineseCLIPModel, and the model
         being tuned (a peft LoRA model around clip, or clip itself)
     trainable: the parameters the optimizer updates (the same on every rank)
+    text_encoder: the text side under DDP (train_step.TextEncoder) for full text tuning on several
+        processes, else None
     transform, tower: the image transform and image-tower fingerprint the image cache is keyed on
     train_features, valid_features: the splits' cached image embeddings (the training split's host
         copy is emptied once `image_bank` is on an accelerator)
@@ -281,7 +295,8 @@ class FinetuneRun:
             torch.manual_seed(self.recipe.seed)
             if self.recipe.eval.before_training:
                 self._validate_before_training()
-        distributed.host_barrier()  # the others wait here, not in a step's collective, while rank 0 validates
+        # the others wait here, not in a step's collective, while rank 0 validates
+        distributed.host_barrier("rank 0 validated before training")
         self.packed = self.recipe.train.packed_text and not self.recipe.train.compile
         self.model.train()
         lock_image_tower(self.clip)
@@ -291,6 +306,7 @@ class FinetuneRun:
         self.run_dir = run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.main_rank = distributed.is_main()
+        distributed.check_shared_directories(shared_directories(recipe))
         setup_logging(run_dir / "train.log" if self.main_rank else None)
         if not self.main_rank:
             logging.getLogger().setLevel(logging.WARNING)
@@ -311,15 +327,26 @@ class FinetuneRun:
         # Every split the run needs is read (and an empty or unusable one refused, DataError) before the
         # model is loaded and the image cache is built: a data set with no validation pairs fails in seconds.
         data = self.recipe.data
-        self.skips = SkipLog()
-        self.train_split = load_data_split(data, data.train_split, self.skips)
-        self.valid_split = load_data_split(data, data.valid_split, self.skips) if data.valid_split else None
+
+        def read() -> tuple[SkipLog, Split, Split | None]:
+            skips = SkipLog()
+            train_split = load_data_split(data, data.train_split, skips)
+            return skips, train_split, load_data_split(data, data.valid_split, skips) if data.valid_split else None
+
+        if data.format == "hf":  # each rank opens the set: `datasets` keeps (and downloads) it per node
+            self.skips, self.train_split, self.valid_split = read()
+            return
+        # Reading indexes and hashes every image file whole (the cache key): rank 0 alone does it, and the
+        # others get the splits (file paths, byte offsets, texts, skip counts) from it, not 8x the I/O per node.
+        self.skips, self.train_split, self.valid_split = distributed.computed_on_main(read, "rank 0 read the data")
 
     def _setup_model(self) -> None:
         recipe, runtime = self.recipe, self.runtime
         log.info("device %s, precision %s, %d process(es)%s", runtime.device, runtime.precision,
                  distributed.world_size(), ", deterministic algorithms" if recipe.train.deterministic else "")
-        self.base = load_base_model(recipe.model, seed=recipe.seed)
+        # One download per node: its local rank 0 fills the Hub / ModelScope cache, the others then read it.
+        self.base = distributed.local_main_first(lambda: load_base_model(recipe.model, seed=recipe.seed),
+                                                 "the first rank of each node loaded the model")
         check_context_length(self.base.clip, recipe.data.context_length)
         torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
         # LoRA (a peft model) or the full text tower (the model itself); the image side is the cache either way.
@@ -331,6 +358,11 @@ class FinetuneRun:
         # matrices start at zero; the base projection, logit scale and, for full tuning, text tower as loaded).
         self.base_trainables = wise.snapshot_trainables(self.model) if recipe.train.wise is not None else None
         prepare_text_tower(self.clip, recipe.train.gradient_checkpointing, recipe.train.compile)
+        # Full text tuning on several processes: DDP all-reduces the tower's gradients in buckets during backward.
+        self.text_encoder = (distributed.data_parallel(TextEncoder(self.clip)) if recipe.model.text_tuning == "full"
+                             else None)
+        if self.text_encoder is not None:
+            log.info("text tower gradients: all-reduced by DDP in buckets, overlapping backward")
         log.info(describe_trainable(self.model))
 
     def _image_features(self, split: Split) -> ImageFeatures:
@@ -472,7 +504,7 @@ class FinetuneRun:
             loss = contrastive_step(self.clip, self.trainable, tokens, self.image_bank[image_rows], image_rows,
                                     pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
                                     recipe.train.grad_cache_chunk, packed=self.packed, teacher=self.teacher,
-                                    teacher_image_emb=teacher_images)
+                                    teacher_image_emb=teacher_images, text_encoder=self.text_encoder)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
@@ -508,7 +540,7 @@ class FinetuneRun:
         state.step_in_epoch = 0
         if self.main_rank:
             save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state)
-        distributed.host_barrier()
+        distributed.host_barrier("rank 0 validated and saved the epoch")
 
     def _keep_results(self, metrics: dict | None) -> None:
         """The finished epoch's validation: reported, logged, the best model kept (by mean recall, or
@@ -537,7 +569,7 @@ class FinetuneRun:
         its lines to train.log."""
         if self.main_rank and self.recipe.train.wise is not None:
             self.wise_sweep()
-        distributed.host_barrier()  # the others wait on the host while rank 0 sweeps
+        distributed.host_barrier("rank 0 ran the WiSE-FT sweep")  # the others wait on the host meanwhile
         distributed.barrier()  # rank 0 finishes its last validation and checkpoint before anyone leaves
         if not self.main_rank:
             return self.summary
