@@ -12,11 +12,13 @@ same test images with the same class list. The library part is `cnclip.linear_pr
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, DataError, UsageError
 from .base import parser_options, run_command
+from .zeroshot import TOP_K
 
 if TYPE_CHECKING:  # only for annotations: torch is imported when the command runs, not for --help
     from ..prompts import ClassList
@@ -151,9 +153,9 @@ def run(args: argparse.Namespace) -> dict:
                                      args.batch_size, class_cache_dir(cache_dir))
         report["zeroshot"] = {**score(similarities(test.embeddings, class_emb), test.labels, classes.keys),
                               "templates": templates}
-    report["probe"] = {**linear_probe.probe(train.embeddings, train.labels, test.embeddings, test.labels,
-                                            classes.keys, seed=0, held_out=args.held_out, max_iter=args.max_iter),
-                       "held_out_fraction": args.held_out}
+    full = linear_probe.probe(train.embeddings, train.labels, test.embeddings, test.labels, classes.keys, seed=0,
+                              held_out=args.held_out, max_iter=args.max_iter)
+    report["probe"] = {**full.report, "held_out_fraction": args.held_out}
     if shots:
         report["few_shot"] = linear_probe.few_shot(train.embeddings, train.labels, test.embeddings, test.labels,
                                                    classes.keys, shots, list(range(args.seeds)), args.max_iter)
@@ -168,6 +170,12 @@ def run(args: argparse.Namespace) -> dict:
     if skips.total:
         print(f"skipped {skips.total} items: {dict(skips.counts)} (examples in {out_dir / PROBE_JSON})")
     write_json(out_dir / PROBE_JSON, report)
+    with atomic_file(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
+        for f, label, row in zip(test.files, test.labels.tolist(), full.probabilities.tolist()):
+            top = sorted(range(len(row)), key=lambda c: -row[c])[:TOP_K]
+            fh.write(json.dumps({"image": str(f), "label": classes.keys[label],
+                                 "top": [{"key": classes.keys[c], "probability": row[c]} for c in top]},
+                                ensure_ascii=False) + "\n")
     print(f"wrote {out_dir / PROBE_JSON}")
     if shots:
         series = linear_probe.few_shot_series(report)
