@@ -92,10 +92,12 @@ def write_demo_dataset(root: str | Path, seed: int = 0) -> Path:
     return root
 
 
-def write_demo_zeroshot(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
+def write_demo_zeroshot(root: str | Path, seed: int = 0,
+                        images_per_class: int = ZEROSHOT_IMAGES_PER_CLASS) -> tuple[Path, Path]:
     """`root/zeroshot/<colour key>/*.png` and `root/zeroshot_classes.txt` (skipped when already there).
 
-    The class list is written last, so its presence marks a complete folder.
+    The class list is written last, so its presence marks a complete folder. Another `seed` draws other
+    pictures of the same classes (a linear probe's training folder: `cnclip probe`, docs/evaluation.md).
     """
     root = Path(root)
     folder, classes = root / ZEROSHOT_DIR, root / ZEROSHOT_CLASSES
@@ -105,7 +107,7 @@ def write_demo_zeroshot(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
     for key, names in ZEROSHOT_KEYS.items():
         color = COLORS[names.split(",")[0]]
         (folder / key).mkdir(parents=True, exist_ok=True)
-        for i in range(ZEROSHOT_IMAGES_PER_CLASS):
+        for i in range(images_per_class):
             pos = (rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75))
             with atomic_file(folder / key / f"{i:02d}.png", "wb") as fh:
                 fh.write(_draw(color, rng.choice(SHAPES), pos, rng))

@@ -181,7 +181,11 @@ def check_shots(labels: Sequence[int], keys: Sequence[str], shots: Sequence[int]
 
 
 def _as_arrays(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    return embeddings.double().numpy(), labels.long().numpy()
+    x = embeddings.double().numpy()
+    if not np.isfinite(x).all():  # a broken checkpoint; scikit-learn would stop with a bare ValueError
+        raise DataError(f"{int((~np.isfinite(x).all(axis=1)).sum())} image embeddings are not finite (NaN or inf): "
+                        f"the model's image tower gives no usable features")
+    return x, labels.long().numpy()
 
 
 @dataclass

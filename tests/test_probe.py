@@ -257,6 +257,10 @@ def test_a_class_whose_training_images_are_all_undecodable_is_named(tiny_model_d
 
 
 def test_library_checks_raise_the_project_errors():
+    x, y = clusters(4)
+    x[3, 5] = float("nan")
+    with pytest.raises(DataError, match="1 image embeddings are not finite"):
+        linear_probe.probe(x, y, x, y, list(KEYS))
     with pytest.raises(DataError, match="two classes at least"):
         linear_probe.check_classes([0, 0], ["a"], "x")
     with pytest.raises(UsageError, match="class 'b' has 3"):
