@@ -65,16 +65,16 @@ class CSearch:
     c: float
     trials: list[Trial] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return {"C": self.c, "tried": [vars(t) for t in sorted(self.trials, key=lambda t: t.c)]}
+    def tried(self) -> list[dict]:
+        """Every C tried, smallest first, with its held-out top-1 and cross-entropy."""
+        return [vars(t) for t in sorted(self.trials, key=lambda t: t.c)]
 
 
 def fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int = MAX_ITER):
     """L2-regularised multinomial logistic regression (scikit-learn, L-BFGS) with inverse strength `c`."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
     model = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, tol=TOL)
     # Each L-BFGS step multiplies (n x d) by (d x classes). Below SMALL_FIT multiply-adds, thread start-up costs
@@ -210,7 +210,7 @@ def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, te
     model = fit(x, y, search.c, max_iter)
     proba = predict_proba(model, tx, len(keys))
     metrics = score(torch.from_numpy(proba), torch.from_numpy(ty), keys)
-    return ProbeResult({**metrics, "C": search.c, "search": search.to_dict()["tried"], "held_out": int(len(val_idx)),
+    return ProbeResult({**metrics, "C": search.c, "search": search.tried(), "held_out": int(len(val_idx)),
                         "converged": converged(model, max_iter)}, proba)
 
 

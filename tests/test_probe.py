@@ -203,6 +203,7 @@ def run_cli(*args) -> int:
 
 
 @pytest.mark.parametrize("case", ["empty_class_folder", "one_class_folder", "one_class_list", "class_not_trained",
+                                  "test_class_not_trained",
                                   "shots_too_many", "bad_shots", "zero_shots", "held_out"])
 def test_bad_input_exits_with_its_status_and_names_the_input(tiny_model_dir, tmp_path, capsys, monkeypatch, case):
     train, test, classes = make_probe_set(tmp_path, train=5, test=2)
@@ -226,6 +227,11 @@ def test_bad_input_exits_with_its_status_and_names_the_input(tiny_model_dir, tmp
     elif case == "class_not_trained":
         classes.write_text(classes.read_text(encoding="utf-8") + "purple: 紫色\n", encoding="utf-8")
         status, expect = EXIT_DATA, f"{train}: no decodable training image of class purple"
+    elif case == "test_class_not_trained":  # the class list is the training sub-folders
+        (test / "purple").mkdir()
+        (test / "purple" / "0.png").write_bytes((test / "red" / "00.png").read_bytes())
+        extra = []
+        status, expect = EXIT_DATA, f"class folder {test / 'purple'} has no training folder {train / 'purple'}"
     elif case == "shots_too_many":
         (train / "green" / "04.png").unlink()  # green: 4 images, so 2 shots at most
         extra += ["--shots", "1,3"]

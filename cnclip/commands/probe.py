@@ -90,16 +90,25 @@ def check_args(args: argparse.Namespace) -> list[int]:
     return parse_shots(args.shots or "")
 
 
-def folder_classes(train: Path) -> ClassList:
-    """The training folder's class sub-folders as a class list, each key its own name."""
+def _class_folders(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    return sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def folder_classes(train: Path, test: Path) -> ClassList:
+    """The training folder's class sub-folders as a class list, each key its own name; the test folder's
+    must be among them."""
     from ..prompts import ClassList
 
-    if not train.is_dir():
-        raise DataError(f"image folder not found: {train}")
-    keys = tuple(sorted(e.name for e in train.iterdir() if e.is_dir() and not e.name.startswith(".")))
+    keys = tuple(_class_folders(train))
     if len(keys) < 2:
         raise DataError(f"{train}: a probe needs two classes at least, found {len(keys)} class folder(s) "
                         f"({', '.join(keys) or 'none'}); put each class's images in {train}/<class>/")
+    unknown = [k for k in _class_folders(test) if k not in keys]
+    if unknown:
+        raise DataError(f"class folder {test / unknown[0]} has no training folder {train / unknown[0]}: the probe "
+                        f"cannot learn a class it has no images of (or pass --classes FILE)")
     return ClassList(train, keys, tuple((k,) for k in keys))
 
 
@@ -124,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # Every input is read and checked before the model is loaded.
     skips = SkipLog()
-    classes = load_classes(class_file) if class_file else folder_classes(Path(args.train))
+    classes = load_classes(class_file) if class_file else folder_classes(Path(args.train), Path(args.test))
     templates = (load_templates(args.templates or (recipe.zeroshot.templates if recipe else None) or None)
                  if args.zeroshot else [])
     train_folder = ImageFolder(args.train, classes, skips)
