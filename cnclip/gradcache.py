@@ -56,13 +56,16 @@ def cached_backward(
     batch: Batch,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     chunk_size: int,
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Accumulate into `.grad` the parameter gradient of loss_fn(embed(batch)), chunk by chunk.
 
     `embed` maps a batch (dict of row-aligned tensors) to embeddings with a graph to the trainable
     parameters; `loss_fn` maps the concatenated embeddings to a scalar loss (it may involve other
     parameters, e.g. the temperature, whose gradient it accumulates directly, and collectives:
-    it is called exactly once). Returns the loss, detached.
+    it is called exactly once). `scale` (fp16's GradScaler.scale) multiplies the loss before its
+    backward, so every gradient, the cached one included, is the scaled loss's. Returns the loss,
+    detached and unscaled.
     """
     chunks = split_batch(batch, chunk_size)
     devices = _cuda_devices(batch)
@@ -77,7 +80,7 @@ def cached_backward(
     # rounding of each chunk's parameter gradient before the chunks are summed (tests/test_gradcache.py).
     reps_leaf = torch.cat(reps).detach().float().requires_grad_(True)
     loss = loss_fn(reps_leaf)
-    loss.backward()
+    (loss if scale is None else scale(loss)).backward()
     grads = reps_leaf.grad.split([r.shape[0] for r in reps])
     for chunk, state, grad in zip(chunks, states, grads):
         with state.replay():

@@ -42,6 +42,7 @@ def contrastive_step(
     packed: bool = True,
     teacher: Teacher | None = None,
     teacher_image_emb: torch.Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """Accumulate the global-batch loss gradient into `params`' .grad; return the global loss (detached).
 
@@ -50,6 +51,8 @@ def contrastive_step(
     model's own forward (needed for a torch.compile'd text tower).
     `teacher` (with `teacher_image_emb`, its embeddings of this batch's images) adds its distillation
     term to the loss; the returned loss is then the sum.
+    `scaler` (fp16, Runtime.grad_scaler): the backward runs on the scaled loss, so the gradients are
+    left scaled for the caller to unscale_; the returned loss is unscaled.
     """
     encode = encode_texts_packed if packed else encode_texts
 
@@ -68,11 +71,12 @@ def contrastive_step(
         return loss + teacher.weight * distillation_loss(image_emb, text_emb, clip.logit_scale, teacher_image_emb,
                                                          teacher_text_emb, teacher.logit_scale, teacher.temperature)
 
+    scale = scaler.scale if scaler is not None else None
     if 0 < grad_cache_chunk < n:
-        loss = cached_backward(embed, tokens, loss_of, grad_cache_chunk)
+        loss = cached_backward(embed, tokens, loss_of, grad_cache_chunk, scale)
     else:
         loss = loss_of(embed(tokens))
-        loss.backward()
+        (loss if scale is None else scale(loss)).backward()
     distributed.average_gradients(params)
     return distributed.mean_over_ranks(loss.detach())
 
