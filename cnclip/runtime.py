@@ -64,14 +64,14 @@ def native_bf16(device: torch.device) -> bool:
         return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def choose_precision(dev: torch.device, precision: str, has_native_bf16: Callable[[torch.device], bool] = native_bf16
-                     ) -> str:
+def choose_precision(dev: torch.device, precision: str,
+                     has_native_bf16: Callable[[torch.device], bool] | None = None) -> str:
     """The precision a run computes in: "auto" is bf16 on a GPU with native bf16, fp16 (with a loss
     scaler) on a GPU without, fp32 on a CPU (said in the log). An explicit choice is honoured, on a
     CPU too (torch's CPU autocast has bf16 and fp16), except bf16 on a GPU without native bf16."""
     if dev.type != "cuda":
         return "fp32" if precision == "auto" else precision
-    if precision in ("auto", "bf16") and not has_native_bf16(dev):
+    if precision in ("auto", "bf16") and not (has_native_bf16 or native_bf16)(dev):
         name = torch.cuda.get_device_name(dev)
         if precision == "bf16":
             raise ConfigError(f"recipe key 'train.precision': bf16 was asked for, but {name} ({dev}) has no "
