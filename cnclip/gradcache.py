@@ -57,6 +57,7 @@ def cached_backward(
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     chunk_size: int,
     no_sync: Callable[[], ContextManager] | None = None,
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Accumulate into `.grad` the parameter gradient of loss_fn(embed(batch)), chunk by chunk.
 
@@ -65,7 +66,9 @@ def cached_backward(
     parameters, e.g. the temperature, whose gradient it accumulates directly, and collectives:
     it is called exactly once). `no_sync` (DDP's, when `embed` runs a DDP module): every chunk's
     re-run but the last runs under it, so the gradients add up locally and the last chunk's
-    backward all-reduces the sum once. Returns the loss, detached.
+    backward all-reduces the sum once. `scale` (fp16's GradScaler.scale) multiplies the loss before
+    its backward, so every gradient, the cached one included, is the scaled loss's. Returns the loss,
+    detached and unscaled.
     """
     chunks = split_batch(batch, chunk_size)
     devices = _cuda_devices(batch)
@@ -80,7 +83,7 @@ def cached_backward(
     # rounding of each chunk's parameter gradient before the chunks are summed (tests/test_gradcache.py).
     reps_leaf = torch.cat(reps).detach().float().requires_grad_(True)
     loss = loss_fn(reps_leaf)
-    loss.backward()
+    (loss if scale is None else scale(loss)).backward()
     grads = reps_leaf.grad.split([r.shape[0] for r in reps])
     for i, (chunk, state, grad) in enumerate(zip(chunks, states, grads)):
         with no_sync() if no_sync is not None and i < len(chunks) - 1 else nullcontext():

@@ -59,6 +59,7 @@ def contrastive_step(
     teacher: Teacher | None = None,
     teacher_image_emb: torch.Tensor | None = None,
     text_encoder: torch.nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """Accumulate the global-batch loss gradient into `params`' .grad; return the global loss (detached).
 
@@ -70,6 +71,8 @@ def contrastive_step(
     `text_encoder`: the student's TextEncoder under DDP (full text tuning on several processes): the
     text side runs through it and DDP averages its gradients in buckets during backward; the other
     `params` are averaged here.
+    `scaler` (fp16, Runtime.grad_scaler): the backward runs on the scaled loss, so the gradients are
+    left scaled for the caller to unscale_; the returned loss is unscaled.
     """
     encode = encode_texts_packed if packed else encode_texts
 
@@ -88,12 +91,13 @@ def contrastive_step(
         return loss + teacher.weight * distillation_loss(image_emb, text_emb, clip.logit_scale, teacher_image_emb,
                                                          teacher_text_emb, teacher.logit_scale, teacher.temperature)
 
+    scale = scaler.scale if scaler is not None else None
     if 0 < grad_cache_chunk < n:
-        loss = cached_backward(embed, tokens, loss_of, grad_cache_chunk,
+        loss = cached_backward(embed, tokens, loss_of, grad_cache_chunk, scale=scale,
                                no_sync=None if text_encoder is None else text_encoder.no_sync)
     else:
         loss = loss_of(embed(tokens))
-        loss.backward()
+        (loss if scale is None else scale(loss)).backward()
     synced = set() if text_encoder is None else {id(p) for p in text_encoder.parameters()}
     distributed.average_gradients([p for p in params if id(p) not in synced])
     return distributed.mean_over_ranks(loss.detach())

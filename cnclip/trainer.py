@@ -25,7 +25,7 @@ from .log_setup import FILE_ONLY, setup_logging
 from .data import ImageTransform, Split, check_context_length, gather_tokens, load_data_split, tokenize
 from .skiplog import SkipLog
 from .optim import make_optimizer, warmup_cosine
-from .runtime import Runtime, pick_runtime
+from .runtime import Runtime, float32_matmuls, pick_runtime
 from .retrieval import evaluate_split, format_metrics, scorable_texts
 from .faults import crash_point
 from .determinism import attention_kernels, deterministic_algorithms, seed_step
@@ -168,6 +168,20 @@ def skip_non_finite_step(state: TrainState, recipe: Recipe, run_dir: Path, metri
             f"is kept in {run_dir / 'checkpoints'}; try a lower train.lr or check the data")
 
 
+def fp16_overflow(scaler: torch.amp.GradScaler, loss: torch.Tensor) -> bool:
+    """A non-finite gradient under a finite loss, with fp16's loss scale above 1: the scaled gradient
+    left fp16's range (the scaler starts high and finds its scale this way). At a scale of 1 or below
+    the gradient is out of range unscaled: a bad step like any other."""
+    return scaler.is_enabled() and bool(torch.isfinite(loss)) and scaler.get_scale() > 1.0
+
+
+def skip_overflow_step(state: TrainState, metrics_log, scaler: torch.amp.GradScaler) -> None:
+    log.info("step %d: fp16 gradient overflow at loss scale %g; update skipped, scale halved",
+             state.global_step + 1, scaler.get_scale())
+    metrics_log.write(step=state.global_step + 1, epoch=state.epoch, skipped="fp16 gradient overflow",
+                      loss_scale=scaler.get_scale())
+
+
 def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
     """A run directory belongs to one recipe: resuming under a different one would mix two runs."""
     saved = run_dir / RECIPE_FILE
@@ -198,7 +212,8 @@ def train(recipe: Recipe) -> dict:
     owns_group = not distributed.is_distributed()
     distributed.init_distributed(runtime.device)
     try:
-        with deterministic_algorithms(recipe.train.deterministic, runtime.device):
+        with (deterministic_algorithms(recipe.train.deterministic, runtime.device),
+              float32_matmuls(runtime.device, recipe.train.deterministic)):
             return FinetuneRun(recipe, runtime).run()
     finally:
         if owns_group:
@@ -258,6 +273,8 @@ class FinetuneRun:
     world, batch_size, steps_per_epoch, total_steps: the data-parallel shape of the run
         (batch_size is the global batch)
     optimizer, scheduler: the optimizer and its per-step learning-rate schedule
+    scaler: fp16's loss scaler (Runtime.grad_scaler; a disabled pass-through at other precisions), its
+        state kept in TrainState.loss_scaler at each checkpoint
     checkpoint: the checkpoint this invocation resumed from, or None for a fresh run
     state: the position and best score (TrainState), what a checkpoint saves
     start_step: the global step this invocation started from (0, or where it resumed)
@@ -421,6 +438,7 @@ class FinetuneRun:
         self.optimizer = make_optimizer(self.model, recipe, self.runtime)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(min(recipe.train.warmup_steps, self.total_steps), self.total_steps))
+        self.scaler = self.runtime.grad_scaler()
 
     def _resume(self) -> None:
         """The state to start from (the latest checkpoint's, if any), metrics.jsonl and summary.json."""
@@ -429,6 +447,8 @@ class FinetuneRun:
         self.state = state = TrainState()
         if checkpoint is not None:
             self.state = state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+            if state.loss_scaler is not None and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state.loss_scaler)
         # Every rank must resume from the same step: ranks that see another run_dir (a node without the
         # shared filesystem) would otherwise run collectives that never match.
         distributed.same_on_every_rank(
@@ -485,7 +505,7 @@ class FinetuneRun:
                 tic, seen = time.perf_counter(), 0
             if (state.global_step % recipe.train.save_every == 0 and state.step_in_epoch < self.steps_per_epoch
                     and self.main_rank):
-                save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state)
+                self._save_checkpoint()
         progress.close()
 
     def _step(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -504,14 +524,20 @@ class FinetuneRun:
             loss = contrastive_step(self.clip, self.trainable, tokens, self.image_bank[image_rows], image_rows,
                                     pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
                                     recipe.train.grad_cache_chunk, packed=self.packed, teacher=self.teacher,
-                                    teacher_image_emb=teacher_images, text_encoder=self.text_encoder)
+                                    teacher_image_emb=teacher_images, text_encoder=self.text_encoder,
+                                    scaler=self.scaler)
+        self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, before clipping (a no-op otherwise)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the step's one host-device sync
+            # Not scaler.step: it would wait on the device again for the same finiteness check.
             self.optimizer.step()
-        else:  # one bad batch (or an overflow) must not poison the weights: skip the update, count it
+        elif fp16_overflow(self.scaler, loss):  # the scaler's normal work: a smaller scale, no bad step
+            skip_overflow_step(state, self.metrics_log, self.scaler)
+        else:  # one bad batch must not poison the weights: skip the update, count it
             skip_non_finite_step(state, recipe, self.run_dir, self.metrics_log, loss, grad_norm)
+        self.scaler.update()  # fp16: halves the scale after an overflow, grows it after a run of good steps
         self.scheduler.step()
         clamp_logit_scale(self.clip)
         return loss, lr
@@ -539,8 +565,13 @@ class FinetuneRun:
         state.epoch += 1
         state.step_in_epoch = 0
         if self.main_rank:
-            save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state)
+            self._save_checkpoint()
         distributed.host_barrier("rank 0 validated and saved the epoch")
+
+    def _save_checkpoint(self) -> None:
+        """A resumable checkpoint of the state as it is now (fp16's loss scale included)."""
+        self.state.loss_scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
+        save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.state)
 
     def _keep_results(self, metrics: dict | None) -> None:
         """The finished epoch's validation: reported, logged, the best model kept (by mean recall, or

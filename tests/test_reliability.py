@@ -271,7 +271,7 @@ def fake_gpus(monkeypatch, capabilities: list[tuple[int, int]]) -> list:
 def test_bf16_is_chosen_only_on_gpus_with_native_bf16(monkeypatch):
     fake_gpus(monkeypatch, [(7, 5)])  # a T4
     runtime = pick_runtime("cuda", "auto")
-    assert (str(runtime.device), runtime.precision) == ("cuda:0", "fp32")
+    assert (str(runtime.device), runtime.precision) == ("cuda:0", "fp16")  # with a loss scaler (test_precision.py)
     with pytest.raises(ConfigError, match="Tesla T4 .* has no native bf16"):
         pick_runtime("cuda", "bf16")
     fake_gpus(monkeypatch, [(8, 0)])  # an A100
