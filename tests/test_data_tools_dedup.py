@@ -113,3 +113,5 @@ def test_semantic_dedup_benchmark_finds_every_planted_copy_at_small_size():
     assert run["removed"] == run["planted_copies"] == 200 and run["planted_found"] == 1.0
     assert 64 * 4 * 0.9 < run["index_bytes_per_image"] < 64 * 4 + 400  # the vector plus its graph links
     assert run["distances_per_lookup"] > 0 and run["cpu_us_per_image"] > 0
+    pairs = run["split_pairs"]  # split grouping's pairs: the graph path finds what the exact one does
+    assert pairs["exact"]["pairs"] >= 200 and pairs["graph"]["pairs"] == pairs["exact"]["pairs"] and pairs["graph"]["recall"] == 1.0

@@ -133,3 +133,16 @@ def test_no_pairs_yield_no_batches():
     groups = leak_free_groups(["a", "b", "c"], np.array([0, 2**64 - 1, 2**32 - 1], dtype=np.uint64), 3,
                               colours=colours, colour_max_distance=20.0)
     assert [groups.find(i) for i in range(3)] == [0, 1, 2]
+
+
+def test_scale_benchmark_agrees_with_the_banded_search_at_small_size():
+    """benchmarks/hamming_scale.py, small: its new and old pair counts agree (it asserts so) on planted pairs."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("hamming_scale")
+    hashes = np.array(planted(4, seed=9), dtype=np.uint64)
+    assert bench.new_pair_count(hashes, 4) == bench.banded_pair_count(hashes, 4) > 0
+    row = bench.one_size(3000, 4, old_max=3000, online_max=3000)
+    assert row["pairs"]["found"] == row["old"]["found"] and row["online"]["cpu_us_per_hash"] > 0
+    sampled = bench.one_size(3000, 8, old_max=0, online_max=0, sample_from=1000, sample_queries=500)["pairs_sampled"]
+    assert sampled["sampled_queries"] == 500 and sampled["cpu_s_estimated"] >= sampled["build_cpu_s"]
