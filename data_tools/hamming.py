@@ -15,9 +15,12 @@ Guarantees:
   checked with their full distance. A query costs `tables * V(bits, flips)` lookups, V(b, f) being
   the number of keys within f flips of a b-bit key, plus the candidates those keys hold, about
   `n * lookups / 2**bits` for spread-out hashes. `layout` picks (tables, bits) minimising that cost
-  for the number of hashes, so `bits` grows with log2(n) and a query stays far below the n
-  comparisons of a scan. benchmarks/hamming_scale.py measures it: random hashes at radius 8 take
-  0.06 ms a query at 100k (2 cores shared with other work). The cost grows with the radius
+  for the number of hashes, so `bits` grows with log2(n) and the candidates checked per query stay
+  flat (about 25 for random hashes at radius 8), far below the n comparisons of a scan.
+  benchmarks/hamming_scale.py measures the time: random hashes at radius 8 take 0.07 ms of CPU a
+  query at 100k and 0.5 ms at 1M on a shared 2-core machine (the ~700 table lookups a query become
+  cache misses as the tables grow), which at 1M is no faster than the banded search this replaced
+  would be by extrapolation (docs/data.md has the table). The cost grows with the radius
   (V(bits, flips) does): radius 16, split's largest, costs about 100x radius 8 per query.
 * Memory: the 8-byte hash plus, per table, an 8-byte id and hash-map slot, about 100 bytes a hash.
 
