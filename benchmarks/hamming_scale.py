@@ -27,6 +27,7 @@ import platform
 import resource
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def banded_pair_count(hashes: np.ndarray, radius: int) -> int:
     bands = radius + 1
     edges = [round(i * 64 / bands) for i in range(bands + 1)]
     found = set()
-    for lo, hi in zip(edges, edges[1:]):
+    for lo, hi in pairwise(edges):
         keys = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]

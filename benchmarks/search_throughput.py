@@ -78,9 +78,10 @@ def tiny_image_tower():
 
     torch.manual_seed(0)
     config = ChineseCLIPConfig(
-        text_config=dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=IMAGE_SIZE, patch_size=8, initializer_factor=3.0),
+        text_config={"vocab_size": 32, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 4},
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": IMAGE_SIZE, "patch_size": 8, "initializer_factor": 3.0},
         projection_dim=DIM)
     return ChineseCLIPModel(config).eval()
 
@@ -100,7 +101,7 @@ def generated_images(rng: np.random.Generator, n: int) -> np.ndarray:
 def image_embeddings(rng: np.random.Generator, n: int, model) -> np.ndarray:
     import torch
 
-    from cnclip.models import encode_images  # the embedding `cnclip search index` stores
+    from cnclip.models import encode_images  # noqa: I001 - the embedding `cnclip search index` stores
 
     out = np.empty((n, DIM), dtype=np.float32)
     with torch.inference_mode():

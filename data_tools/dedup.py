@@ -27,6 +27,7 @@ from data_tools.images import colour_distance
 from data_tools.records import Reason
 from data_tools.semantic import SemanticIndex
 
+
 class Duplicate(NamedTuple):
     reason: Reason
     of: int  # the representative's record number

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache
 from math import comb
 
 import numpy as np
@@ -64,7 +64,7 @@ def _ball(bits: int, flips: int) -> int:
     return sum(comb(bits, i) for i in range(flips + 1))
 
 
-@lru_cache(maxsize=None)
+@cache
 def layout(radius: int, size: int) -> tuple[int, int]:
     """(tables, bits) with the least estimated cost per query among `size` spread-out hashes.
 

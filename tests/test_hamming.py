@@ -11,8 +11,8 @@ from data_tools.hamming import HammingIndex, hamming_pairs, layout
 from data_tools.records import Reason
 from data_tools.split import UnionFind, leak_free_groups
 
-DEDUP_RADII = range(0, 33)  # every radius the filter config allows (data_tools.config)
-SPLIT_RADII = range(0, 17)
+DEDUP_RADII = range(33)  # every radius the filter config allows (data_tools.config)
+SPLIT_RADII = range(17)
 
 
 def planted(radius: int, seed: int, base: int = 120) -> list[int]:
