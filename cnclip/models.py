@@ -89,18 +89,14 @@ class BaseModel:
 
 def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
     """The recipe's base: a ChineseCLIPModel directory / id, an original-format checkpoint (converted
-    in memory, cnclip.original_format), or a model composed from an image tower and a BERT (cnclip.compose)."""
+    in memory, cnclip.original_format), or a model composed from an image tower (a transformers CLIP or an
+    open_clip tower) and a BERT (cnclip.compose)."""
     from .original_format import is_original_format, load_original
 
     if cfg.compose is not None:
-        from .compose import compose_clip
+        from .compose import compose_base
 
-        image_path = resolve_model_path(cfg.compose.image, "model.compose.image")
-        text_path = resolve_model_path(cfg.compose.text, "model.compose.text")
-        with hub_access(parse_model_reference(image_path)), hub_access(parse_model_reference(text_path)):
-            composed = compose_clip(image_path, text_path, seed)
-            preprocess = load_image_preprocess(image_path)
-        return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer, preprocess=preprocess, path=image_path)
+        return compose_base(cfg.compose, seed)
     path = resolve_model_path(cfg.base, "model.base")
     if is_original_format(path):
         original = load_original(path, cfg.arch)
@@ -132,6 +128,8 @@ def attach_lora(clip: nn.Module, cfg: ModelConfig):
     """
     from peft import LoraConfig, get_peft_model
 
+    from .open_clip_tower import is_open_clip_model
+
     bad = [t for t in cfg.target_modules if t not in {"query", "key", "value", "dense"}]
     if bad:
         raise ModelLoadError(
@@ -144,6 +142,8 @@ def attach_lora(clip: nn.Module, cfg: ModelConfig):
         target_modules=list(cfg.target_modules),
         modules_to_save=["text_projection"] if cfg.train_text_projection else None,
         bias="none",
+        # An open_clip image tower has its own module names: none may ever get a LoRA layer.
+        exclude_modules=r"vision_model\..*" if is_open_clip_model(clip) else None,
     )
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` property while wrapping the model;
