@@ -300,7 +300,7 @@ from transformers import AutoModel, AutoTokenizer
 
 model_dir = {source}
 image_model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{{model_dir}}/image")
-text_model = AutoModel.from_pretrained(f"{{model_dir}}/text").eval()
+text_model = AutoModel.from_pretrained(f"{{model_dir}}/text", add_pooling_layer=False).eval()
 tokenizer = AutoTokenizer.from_pretrained(f"{{model_dir}}/text")
 projection = load_file(f"{{model_dir}}/text/text_projection.safetensors")["weight"]
 

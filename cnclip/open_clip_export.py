@@ -10,7 +10,7 @@ layout for its image side, so `cnclip export` writes two folders instead of one 
   tensors written in; the image tower was locked, so they are the source's.
 * `text/`: a transformers `BertModel` (config, weights, tokenizer; the trained text tower, LoRA merged in,
   no pooler) and `text_projection.safetensors` (`weight`: the text projection, `logit_scale`).
-  `AutoModel.from_pretrained("OUT/text")`'s [CLS] state times `weight`.T is the text embedding.
+  `AutoModel.from_pretrained("OUT/text", add_pooling_layer=False)`'s [CLS] state times `weight`.T is the text embedding.
 
 Before the folder is swapped in, both halves are loaded back the way a user would (open_clip's factory,
 transformers' AutoModel) and their embeddings of fixed inputs compared with the run's: a difference over
@@ -111,7 +111,7 @@ def round_trip_diff(clip, tokenizer, out: Path, context_length: int) -> float:
     size = clip.config.vision_config.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     image_diff = (image_model.eval().encode_image(pixels) - encode_images(clip, pixels)).abs().max().item()
-    bert = AutoModel.from_pretrained(str(out / TEXT_DIR)).eval()
+    bert = AutoModel.from_pretrained(str(out / TEXT_DIR), add_pooling_layer=False).eval()
     projection = load_file(str(out / TEXT_DIR / PROJECTION_FILE))["weight"]
     texts = list(PROBE_TEXTS)
     tokens = tokenize(tokenizer, texts, context_length)
