@@ -151,7 +151,8 @@ def front_matter(inputs: CardInputs) -> dict:
         "language": ["zh"],
         "frameworks": ["pytorch"],
     }
-    base = base_model_id(str(model.get("base", "")))
+    # A composed model has no base checkpoint: model.base then holds its unused default, not an ancestor.
+    base = None if model.get("compose") else base_model_id(str(model.get("base", "")))
     if base:
         meta["base_model"] = [base]
     meta["datasets"] = {"train": [inputs.dataset]}

@@ -43,7 +43,7 @@ def import_open_clip(what: str = "model.compose.image"):
     """open_clip, or ModelLoadError naming the extra that brings it."""
     try:
         import open_clip
-    except Exception as exc:  # absent, or torchvision not importing beside this torch ("operator ... does not exist")
+    except Exception as exc:  # noqa: BLE001 - absent, or its torchvision not importing beside this torch
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ModelLoadError(f"{what}: an open_clip image tower needs open_clip, which does not import here "
                              f"({type(exc).__name__}: {first}); install it with {INSTALL_HINT}") from None

@@ -156,3 +156,25 @@ def test_the_card_names_open_clip_towers_without_local_paths():
                                                      "text": "/home/me/bert"}},
                                "other": "open_clip:EVA02-B-16@/home/me/eva.pt"})
     assert "/home" not in text and "open_clip:local-dir:.../eva" in text and "open_clip:EVA02-B-16@.../eva.pt" in text
+
+
+def test_the_export_command_refuses_onnx_for_an_open_clip_run_by_name(tmp_path, capsys):
+    from cnclip.commands.export import main as export_main
+
+    write_run_recipe(tmp_path / "run", "open_clip:ViT-B-16-SigLIP2@webli")
+    assert export_main([str(tmp_path / "run"), "--to", str(tmp_path / "out"), "--format", "onnx"]) == 2
+    assert "--format onnx: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_composed_models_card_names_no_base_checkpoint():
+    """model.base keeps its default (OFA-Sys/chinese-clip-vit-base-patch16) in a composed run's recipe; the card's
+    front matter must not claim it as the base model."""
+    from cnclip.model_card import CardInputs, base_model_id, front_matter
+
+    recipe = {"model": {"base": "OFA-Sys/chinese-clip-vit-base-patch16",
+                        "compose": {"image": "open_clip:EVA02-B-16@merged2b_s8b_b131k", "text": "hfl/chinese-roberta-wwm-ext"}}}
+    card = CardInputs(title="t", repo_id=None, recipe=recipe, metrics=None, dataset="d", license="apache-2.0",
+                      checkpoint="best")
+    assert "base_model" not in front_matter(card)
+    recipe["model"].pop("compose")
+    assert front_matter(card)["base_model"] == [base_model_id("OFA-Sys/chinese-clip-vit-base-patch16")]
