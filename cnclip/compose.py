@@ -188,25 +188,3 @@ def _load_text_side(clip, bert, text: str, seed: int) -> None:
         torch.randn(clip.text_projection.weight.shape, generator=generator) * hidden ** -0.5)
     clip.logit_scale.fill_(math.log(1 / INITIAL_TEMPERATURE))
 
-
-def compose_base(compose, seed: int = 0):
-    """The recipe's model.compose as a cnclip.models.BaseModel: a transformers CLIP image checkpoint (its
-    preprocessor_config.json) or an open_clip tower (its own preprocessing), with the BERT's text side."""
-    from .model_reference import hub_access, parse_model_reference
-    from .models import BaseModel, load_image_preprocess, resolve_model_path
-    from .open_clip_reference import is_open_clip_reference, parse_open_clip_reference
-
-    text_path = resolve_model_path(compose.text, "model.compose.text")
-    if is_open_clip_reference(compose.image):
-        from .open_clip_tower import load_open_clip_tower
-
-        tower = load_open_clip_tower(parse_open_clip_reference(compose.image))
-        with hub_access(parse_model_reference(text_path)):
-            composed = compose_open_clip(tower, text_path, seed)
-        return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer, preprocess=tower.preprocess,
-                         path=compose.image)
-    image_path = resolve_model_path(compose.image, "model.compose.image")
-    with hub_access(parse_model_reference(image_path)), hub_access(parse_model_reference(text_path)):
-        composed = compose_clip(image_path, text_path, seed)
-        preprocess = load_image_preprocess(image_path)
-    return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer, preprocess=preprocess, path=image_path)

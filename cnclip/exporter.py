@@ -162,9 +162,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
         merged, diff = merge_and_check(peft_model, base, recipe)
         original = open_clip = None
         if open_clip_image is not None:
-            from .open_clip_export import write_open_clip_export
-
-            open_clip = write_open_clip_export(merged, base.tokenizer, tmp, recipe.data.context_length)
+            open_clip = write_open_clip_folders(merged, base.tokenizer, tmp, recipe.data.context_length)
         elif format == "transformers":
             merged.save_pretrained(str(tmp))
             save_tokenizer(base.tokenizer, tmp, recipe.data.context_length)
@@ -195,6 +193,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
         "files": [{"path": f.path, "size": f.size} for f in files],
         "total_bytes": sum(f.size for f in files),
     }
+
+
+def write_open_clip_folders(merged, tokenizer, tmp: Path, context_length: int) -> dict:
+    """image/ for open_clip and text/ for transformers (cnclip.open_clip_export), checked by loading them back."""
+    from .open_clip_export import IMAGE_DIR, TEXT_DIR, check_round_trip, save_image_side, save_text_side
+
+    save_image_side(merged, tmp / IMAGE_DIR)
+    save_text_side(merged, tmp / TEXT_DIR)
+    save_tokenizer(tokenizer, tmp / TEXT_DIR, context_length)
+    return check_round_trip(merged, tokenizer, tmp, context_length, list(PROBE_TEXTS))
 
 
 def open_clip_image_of(run_dir: Path, format: str) -> str | None:

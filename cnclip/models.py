@@ -94,9 +94,7 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
     from .original_format import is_original_format, load_original
 
     if cfg.compose is not None:
-        from .compose import compose_base
-
-        return compose_base(cfg.compose, seed)
+        return _composed_base(cfg.compose, seed)
     path = resolve_model_path(cfg.base, "model.base")
     if is_original_format(path):
         original = load_original(path, cfg.arch)
@@ -110,6 +108,28 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
         clip = load_clip(path, cfg.random_init, seed)
         return BaseModel(clip=clip, tokenizer=load_tokenizer(path), preprocess=load_image_preprocess(path),
                          path=path)
+
+
+def _composed_base(compose, seed: int) -> BaseModel:
+    """model.compose (cnclip.compose): a transformers CLIP image checkpoint (its preprocessor_config.json) or an
+    open_clip tower (cnclip.open_clip_tower: its own preprocessing), with the BERT's text side."""
+    from .compose import compose_clip, compose_open_clip
+    from .open_clip_reference import is_open_clip_reference, parse_open_clip_reference
+
+    text_path = resolve_model_path(compose.text, "model.compose.text")
+    if is_open_clip_reference(compose.image):
+        from .open_clip_tower import load_open_clip_tower
+
+        tower = load_open_clip_tower(parse_open_clip_reference(compose.image))
+        with hub_access(parse_model_reference(text_path)):
+            composed = compose_open_clip(tower, text_path, seed)
+        return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer, preprocess=tower.preprocess,
+                         path=compose.image)
+    image_path = resolve_model_path(compose.image, "model.compose.image")
+    with hub_access(parse_model_reference(image_path)), hub_access(parse_model_reference(text_path)):
+        composed = compose_clip(image_path, text_path, seed)
+        preprocess = load_image_preprocess(image_path)
+    return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer, preprocess=preprocess, path=image_path)
 
 
 def lock_image_tower(clip: nn.Module) -> None:

@@ -59,26 +59,23 @@ def save_image_side(clip, out: Path) -> None:
     save_tensors({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
 
 
-def save_text_side(clip, tokenizer, out: Path, context_length: int) -> None:
-    """text/: the trained text tower as a transformers BertModel, its tokenizer, the projection and logit scale."""
+def save_text_side(clip, out: Path) -> None:
+    """text/: the trained text tower as a transformers BertModel, the projection and logit scale (the exporter
+    adds the tokenizer)."""
     from transformers import BertConfig, BertModel
-
-    from .exporter import save_tokenizer
 
     config = BertConfig(**{k: getattr(clip.config.text_config, k) for k in TEXT_KEYS})
     bert = BertModel(config, add_pooling_layer=False)
     bert.load_state_dict(clip.text_model.state_dict(), strict=True)
     bert.save_pretrained(str(out))
-    save_tokenizer(tokenizer, out, context_length)
     save_tensors({"weight": clip.text_projection.weight.detach().contiguous(),
                   "logit_scale": clip.logit_scale.detach().reshape(1).contiguous()}, out / PROJECTION_FILE)
 
 
-def write_open_clip_export(clip, tokenizer, out: Path, context_length: int) -> dict:
-    """Both folders, checked by loading them back (module docstring); returns what the card and report show."""
-    save_image_side(clip, out / IMAGE_DIR)
-    save_text_side(clip, tokenizer, out / TEXT_DIR, context_length)
-    diff = round_trip_diff(clip, tokenizer, out, context_length)
+def check_round_trip(clip, tokenizer, out: Path, context_length: int, texts: list[str]) -> dict:
+    """Load both written folders back (module docstring) and compare with the run; returns what the card and
+    the export report show. Over ROUND_TRIP_TOLERANCE: RuntimeError, and nothing is exported."""
+    diff = round_trip_diff(clip, tokenizer, out, context_length, texts)
     if diff > ROUND_TRIP_TOLERANCE:
         raise RuntimeError(f"the exported open_clip image tower and transformers text tower embed differently from "
                            f"the run (max abs diff {diff:.2e}); not exporting")
@@ -97,14 +94,13 @@ def text_embeddings(bert, projection: torch.Tensor, tokenizer, texts: list[str],
 
 
 @torch.no_grad()
-def round_trip_diff(clip, tokenizer, out: Path, context_length: int) -> float:
+def round_trip_diff(clip, tokenizer, out: Path, context_length: int, texts: list[str]) -> float:
     """Max abs difference of the written folders' embeddings (loaded as a user would) and the run's."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    from .exporter import PROBE_TEXTS
-    from .models import encode_images, encode_texts
     from .data import tokenize
+    from .models import encode_images, encode_texts
 
     open_clip = import_open_clip()
     image_model, _, _ = open_clip.create_model_and_transforms(f"{LOCAL_DIR}{out / IMAGE_DIR}")
@@ -113,7 +109,6 @@ def round_trip_diff(clip, tokenizer, out: Path, context_length: int) -> float:
     image_diff = (image_model.eval().encode_image(pixels) - encode_images(clip, pixels)).abs().max().item()
     bert = AutoModel.from_pretrained(str(out / TEXT_DIR), add_pooling_layer=False).eval()
     projection = load_file(str(out / TEXT_DIR / PROJECTION_FILE))["weight"]
-    texts = list(PROBE_TEXTS)
     tokens = tokenize(tokenizer, texts, context_length)
     ours = encode_texts(clip, tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids"))
     text_diff = (text_embeddings(bert, projection, tokenizer, texts, context_length) - ours).abs().max().item()
@@ -122,7 +117,7 @@ def round_trip_diff(clip, tokenizer, out: Path, context_length: int) -> float:
 
 @torch.no_grad()
 def load_open_clip_export(path: str | Path, seed: int = 0):
-    """A folder `write_open_clip_export` wrote, as (ChineseCLIPModel, tokenizer, ImagePreprocess)."""
+    """A folder `cnclip export` wrote for such a run, as (ChineseCLIPModel, tokenizer, ImagePreprocess)."""
     from safetensors.torch import load_file
 
     from .compose import compose_open_clip
