@@ -180,11 +180,14 @@ def test_distillation_on_two_processes_equals_one_process(tiny_model_no_dropout_
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True)
         assert abs(result["distill0"]["loss"].item() - result["chunk0"]["loss"].item()) > 1e-4  # the KL term is there
-        for mode in ("distill0", "distill2"):
+        for mode in ("distill0", "distill2", "distillbank0", "distillbank2"):
             got = result[mode]
             assert abs(got["loss"].item() - loss) < 1e-5, (rank, mode)
             diff = max((got["grads"][n] - g).abs().max().item() for n, g in expected.items())
             assert diff < 1e-5, (rank, mode, diff)
+        # With the banks, the teacher's text embeddings are the only floats gathered without gradient
+        # (student and teacher image embeddings are read from the banks at the gathered keys).
+        assert (result["distill0"]["float_gathers"], result["distillbank0"]["float_gathers"]) == (4, 1)
 
 
 def test_full_text_tuning_teacher_is_a_frozen_copy_of_the_text_side(tiny_model_no_dropout_dir):
