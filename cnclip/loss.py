@@ -29,6 +29,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import distributed
 
@@ -116,7 +117,7 @@ class _BlockSoftmaxLoss(torch.autograd.Function):
     logits, turns them into the block's gradient in place (softmax minus target), then adds G @ columns,
     G.T @ rows and the scale's share. Memory: a few chunk x N float32 blocks at a time, never N x N.
     Inputs are float32 (rows n x D, columns N x D, scale a 0-d tensor); rows and columns may be the
-    same tensor (autograd adds both gradients).
+    same tensor (autograd adds both gradients). Computed in float32 even inside an autocast region.
     """
 
     @staticmethod
@@ -125,17 +126,24 @@ class _BlockSoftmaxLoss(torch.autograd.Function):
         n = rows.shape[0]
         chunk = chunk if chunk > 0 else max(n, 1)
         total, lse = rows.new_zeros(()), rows.new_empty(n)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            logits = targets.mask(_block_logits(rows, columns, scale, start, stop), start, stop)
-            lse[start:stop] = torch.logsumexp(logits, dim=1)
-            total += targets.loss(logits, lse[start:stop], start, stop)
+        with torch.autocast(rows.device.type, enabled=False):
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                logits = targets.mask(_block_logits(rows, columns, scale, start, stop), start, stop)
+                lse[start:stop] = torch.logsumexp(logits, dim=1)
+                total += targets.loss(logits, lse[start:stop], start, stop)
         ctx.save_for_backward(rows, columns, scale, lse)
         ctx.targets, ctx.chunk = targets, chunk
         return total / n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _BlockSoftmaxLoss._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor):
         rows, columns, scale, lse = ctx.saved_tensors
         targets, chunk, n = ctx.targets, ctx.chunk, rows.shape[0]
         need_rows, need_columns, need_scale = ctx.needs_input_grad[:3]

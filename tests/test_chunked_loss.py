@@ -132,3 +132,12 @@ def test_chunked_loss_memory_is_bounded_by_chunk_times_n():
     plain = peak_growth(n, None)
     assert plain > 3 * n * n * 4, plain  # the measurement sees the plain loss's N x N matrices
     assert chunked < 10 * block, (chunked, block)
+
+
+def test_the_loss_stays_float32_inside_an_autocast_region():
+    img, txt, scale, image_keys, text_keys = inputs(40, dim=64, seed=2)
+    want = clip_loss(img, txt, scale, image_keys, text_keys, chunk=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = clip_loss(img, txt, scale, image_keys, text_keys, chunk=16)
+        got.backward()
+    assert abs(got.item() - want.item()) < 1e-6 and img.grad.dtype == torch.float32
