@@ -169,3 +169,16 @@ def test_a_bank_on_a_device_costs_the_host_a_part_not_the_bank(big_entry):
     # image, 0.1 of a 512-wide float32 row) and a part at a time, not the 41 MB of embeddings.
     part = PART * DIM * 4
     assert growth < 2 * part + 250 * COUNT, growth
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="peak RSS from /proc/self/status, reset via clear_refs")
+def test_bank_memory_benchmark_small(capsys):
+    from conftest import load_benchmark
+
+    load_benchmark("bank_memory").main(["--sizes", "2000", "--dim", "16", "--part-size", "1000",
+                                        "--predict", "5000000"])
+    report = json.loads(capsys.readouterr().out)
+    five_m = {case: p["5000000"] for case, p in report["predicted"].items()}
+    assert five_m["bank_bf16"]["bank_gib_per_process"] * 2 == pytest.approx(five_m["bank_fp32"]["bank_gib_per_process"])
+    assert five_m["host_fp32"]["bank_gib_per_process"] == pytest.approx(5_000_000 * 16 * 4 / 2 ** 30)
+    assert [r["device"] for r in report["measured"]["bank_bf16"]] == ["meta"]
