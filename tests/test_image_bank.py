@@ -182,3 +182,34 @@ def test_bank_memory_benchmark_small(capsys):
     assert five_m["bank_bf16"]["bank_gib_per_process"] * 2 == pytest.approx(five_m["bank_fp32"]["bank_gib_per_process"])
     assert five_m["host_fp32"]["bank_gib_per_process"] == pytest.approx(5_000_000 * 16 * 4 / 2 ** 30)
     assert [r["device"] for r in report["measured"]["bank_bf16"]] == ["meta"]
+
+
+class StopAfterSetup(Exception):
+    pass
+
+
+def test_the_trainer_bank_is_the_cache_read_normalised_in_the_training_dtype(tiny_model_dir, tmp_path, monkeypatch):
+    """A bf16 run's bank is the cache entry normalised in float32, then rounded to bf16: half the bytes
+    of the float32 bank, and the same rows the step indexes."""
+    import cnclip.trainer
+    from cnclip.recipe import load_recipe
+    from conftest import DEMO_RECIPE, make_tiny_dataset, tiny_overrides
+
+    runs = []
+
+    def stop(self):
+        runs.append(self)
+        raise StopAfterSetup
+
+    monkeypatch.setattr(cnclip.trainer.FinetuneRun, "train_epoch", stop)
+    overrides = tiny_overrides(tiny_model_dir, make_tiny_dataset(tmp_path / "data"), tmp_path / "run",
+                               **{"train.precision": "bf16", "train.device": "cpu", "eval.before_training": False,
+                                  "data.num_workers": 0})
+    with pytest.raises(StopAfterSetup):
+        cnclip.trainer.train(load_recipe(DEMO_RECIPE, overrides))
+    (run,) = runs
+    assert run.image_bank is run.train_features.embeddings and run.image_bank.dtype == torch.bfloat16
+    cache, ids = ImageFeatureCache(tmp_path / "cache"), run.train_split.images.ids
+    (host,) = [f for f in (cache.get(p.name, ids) for p in (tmp_path / "cache").iterdir()) if f is not None]
+    assert host.ids == run.train_features.ids and host.embeddings.dtype == torch.float32
+    assert torch.equal(run.image_bank, F.normalize(host.embeddings, dim=-1).bfloat16())
