@@ -88,7 +88,7 @@ def loaded_teacher(recipe, student_tokenizer, split_images, student_features, ru
     """A teacher loaded from `train.distill.teacher`, locked, with its image embeddings of the training
     images (the image cache under its own tower fingerprint), in the student's cache row order."""
     from .data import ImageTransform
-    from .image_cache import split_image_features
+    from .image_cache import bank_layout, split_image_features
     from .models import image_tower_fingerprint, load_base_model, lock_image_tower
     from .recipe import ModelConfig
 
@@ -99,11 +99,12 @@ def loaded_teacher(recipe, student_tokenizer, split_images, student_features, ru
     lock_image_tower(clip)
     features = split_image_features(split_images, clip, ImageTransform(base.preprocess), image_tower_fingerprint(clip),
                                     runtime, recipe.cache.dir, recipe.cache.batch_size, recipe.data.num_workers, skips,
-                                    recipe.cache.part_size, sharded=True)
+                                    recipe.cache.part_size, sharded=True, layout=bank_layout(runtime))
     missing = [i for i in student_features.ids if i not in features.row]
     if missing:  # another preprocessing could fail on an image the student's did not
         raise ConfigError(f"recipe key 'train.distill.teacher': {d.teacher!r} could not embed {len(missing)} training "
                           f"image(s) the student uses (first: image_id {missing[0]})")
-    rows = torch.tensor([features.row[i] for i in student_features.ids])
-    bank = features.embeddings[rows].to(runtime.device)
+    bank = features.embeddings  # in bank_layout, like the student's bank
+    if features.ids != student_features.ids:  # an image only the teacher could not embed: reorder (a copy)
+        bank = bank[torch.tensor([features.row[i] for i in student_features.ids], device=bank.device)]
     return Teacher(clip, clip.logit_scale.detach().clone(), bank, d.weight, d.temperature)

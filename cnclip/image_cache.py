@@ -28,6 +28,13 @@ is embedded by rank i % world, each rank writes its own parts, and rank 0 writes
 every part is on disk. Part boundaries depend only on `part_size`, so the entry is byte-identical
 to a single process's, and a job killed mid-cache resumes (on any number of processes) from the
 parts already written.
+
+Reading an entry costs one pass over its parts and, besides the result, one part's memory at a time:
+the result is allocated once (its size follows from the manifest, each part checked against it) and
+each part, checked, is copied into its rows. The result may live on another device, in another
+dtype and pre-normalised (`EmbeddingLayout`), as the trainer's image bank does: then the host holds
+no more than one part of the entry at any time. Under torchrun a finished entry is read once per
+rank (the read is also the check that decides whether to compute).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import DataError
@@ -74,14 +82,45 @@ def cache_key(tower_fingerprint: str, preprocess: dict, images_fingerprint: str,
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class EmbeddingLayout:
+    """Where and how an entry's embeddings are loaded. The default is the cache's own form (host,
+    float32, as the image tower produced them); the trainer's bank is (its device, its training dtype,
+    L2-normalised), so nothing but the bank itself is ever held for the whole run."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    normalized: bool = False
+
+    def convert(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """A part's float32 embeddings on this device, normalised (in float32) if asked; copying them
+        into a tensor of `dtype` casts them."""
+        embeddings = embeddings.to(self.device)
+        return F.normalize(embeddings, dim=-1) if self.normalized else embeddings
+
+
+HOST_FLOAT32 = EmbeddingLayout()
+
+
+def bank_layout(runtime) -> EmbeddingLayout:
+    """How the training images' embeddings are loaded for `runtime` (cnclip.runtime): straight onto its
+    device, L2-normalised, in its training dtype (bf16 under bf16 autocast: half of float32). They are
+    read part by part into the bank itself, so on an accelerator no host copy of the bank exists at any
+    time. The loss normalises its inputs again in float32, which leaves a normalised row unchanged up
+    to rounding."""
+    return EmbeddingLayout(runtime.device, runtime.autocast_dtype or torch.float32, normalized=True)
+
+
 @dataclass
 class ImageFeatures:
-    """Cached projected embeddings (float32, unnormalised), row i belongs to ids[i]."""
+    """Cached projected embeddings, row i belongs to ids[i]: float32 and unnormalised on the host, or in
+    the `layout` they were loaded with."""
 
     ids: list[int]
     embeddings: torch.Tensor
     bad: dict[int, str]  # images that could not be decoded, with why
     computed: bool  # False when everything came from disk
+    layout: EmbeddingLayout = HOST_FLOAT32
 
     def __post_init__(self):
         self.row = {image_id: i for i, image_id in enumerate(self.ids)}
@@ -91,42 +130,48 @@ class ImageFeatureCache:
     def __init__(self, root: str | Path | None):
         self.root = Path(root) if root else default_cache_dir()
 
-    def get(self, key: str, ids: list[int]) -> ImageFeatures | None:
-        """The finished entry for the images `ids`, or None: not finished, or failing its check."""
+    def get(self, key: str, ids: list[int], layout: EmbeddingLayout = HOST_FLOAT32) -> ImageFeatures | None:
+        """The finished entry for the images `ids` in `layout`, or None: not finished, or failing its check."""
         entry = self.root / key
         manifest = entry / "manifest.json"
         if not manifest.is_file():
             return None
         try:
-            return self._read_entry(entry, manifest, ids)
+            return self._read_entry(entry, manifest, ids, layout)
         except BadCacheData as exc:
             log.warning("image cache entry %s fails its check (%s); it will be computed again", entry, exc)
             return None
 
     @staticmethod
-    def _read_entry(entry: Path, manifest: Path, ids: list[int]) -> ImageFeatures:
+    def _read_entry(entry: Path, manifest: Path, ids: list[int], layout: EmbeddingLayout) -> ImageFeatures:
+        """The entry in one pass: the result allocated once from the manifest's counts, each part (checked)
+        copied into its rows. Peak memory: the result plus one part, never the parts and a concatenation."""
         try:
             meta = json.loads(manifest.read_text(encoding="utf-8"))
             version, count, part_size, dim = meta["version"], meta["count"], int(meta["part_size"]), int(meta["dim"])
+            undecodable = len(meta["bad"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise BadCacheData(f"unreadable manifest ({type(exc).__name__}: {exc})") from None
         if version != CACHE_VERSION or count != len(ids) or part_size < 1:
             raise BadCacheData(f"manifest of version {version} for {count} images, "
                                f"expected version {CACHE_VERSION} for {len(ids)}")
-        if meta.get("parts") != _part_names(len(ids), part_size):
+        if meta.get("parts") != _part_names(len(ids), part_size) or not 0 <= undecodable <= len(ids):
             raise BadCacheData("manifest does not list one part per share of the image ids")
+        rows = len(ids) - undecodable  # checked below: the parts must fill exactly these rows
+        embeddings = torch.empty((rows, dim), dtype=layout.dtype, device=layout.device)
         out_ids: list[int] = []
-        chunks, bad = [], {}
+        bad: dict[int, str] = {}
         for start, part in zip(range(0, len(ids), part_size), meta["parts"]):
-            part_ids, embeddings, part_bad = _read_part(entry / part, ids[start:start + part_size], dim)
+            part_ids, part_embeddings, part_bad = _read_part(entry / part, ids[start:start + part_size], dim)
+            if len(out_ids) + len(part_ids) > rows:
+                raise BadCacheData("the parts hold more images than the manifest counts")
+            embeddings[len(out_ids):len(out_ids) + len(part_ids)] = layout.convert(part_embeddings)
             out_ids.extend(part_ids)
-            chunks.append(embeddings)
             bad.update(part_bad)
         # Each part holds exactly its own share, so together they hold every id once; checked all the same.
-        if len(out_ids) + len(bad) != len(ids) or set(out_ids) | set(bad) != set(ids):
+        if len(out_ids) != rows or len(out_ids) + len(bad) != len(ids) or set(out_ids) | set(bad) != set(ids):
             raise BadCacheData("the parts do not cover every image id exactly once")
-        embeddings = torch.cat(chunks) if chunks else torch.zeros(0, dim)
-        return ImageFeatures(out_ids, embeddings, bad, computed=False)
+        return ImageFeatures(out_ids, embeddings, bad, computed=False, layout=layout)
 
     def get_or_compute(
         self,
@@ -142,28 +187,34 @@ class ImageFeatureCache:
         desc: str = "caching image embeddings",
         part_size: int = 8192,
         sharded: bool = False,
+        layout: EmbeddingLayout = HOST_FLOAT32,
     ) -> ImageFeatures:
+        """The entry `key` for `images` in `layout`, computed first when it is not on disk (or fails its check)."""
         if sharded and distributed.is_distributed():
             return self._get_or_compute_sharded(key, clip, images, transform, device, batch_size, num_workers,
-                                                autocast_dtype, skips, desc, part_size)
-        cached = self.get(key, images.ids)
+                                                autocast_dtype, skips, desc, part_size, layout)
+        cached = self.get(key, images.ids, layout)
         if cached is None:
             with self.lock(key):
-                cached = self.get(key, images.ids)  # finished by another process while we waited for the lock
+                cached = self.get(key, images.ids, layout)  # finished by another process while we waited
                 if cached is None:
                     self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype,
                                   desc, part_size)
-                    cached = self._written(key, images)
+                    cached = self._written(key, images, layout)
         for image_id, why in cached.bad.items():
             skips.skip("undecodable image", f"{images.path} image_id {image_id}", why)
         return cached
 
     def _get_or_compute_sharded(self, key, clip, images, transform, device, batch_size, num_workers, autocast_dtype,
-                                skips, desc, part_size) -> ImageFeatures:
-        """Every rank embeds its share of the parts; rank 0 writes the manifest when all are on disk."""
+                                skips, desc, part_size, layout) -> ImageFeatures:
+        """Every rank embeds its share of the parts; rank 0 writes the manifest when all are on disk.
+
+        A finished entry is read once: the read that checks it is the one returned."""
         with self._job_lock(key):
-            missing = distributed.any_rank(self.get(key, images.ids) is None, device)  # one decision for every rank
+            cached = self.get(key, images.ids, layout)
+            missing = distributed.any_rank(cached is None, device)  # one decision for every rank
             if missing:
+                cached = None  # this rank's copy (if any) goes: every rank reads the rebuilt entry
                 self._compute(key, clip, images, transform, device, batch_size, num_workers, autocast_dtype, desc,
                               part_size, shard=(distributed.rank(), distributed.world_size()))
                 # Every part is written. Waited for on the host, not in an NCCL collective: a resumed cache
@@ -175,16 +226,15 @@ class ImageFeatureCache:
                     except BadCacheData as exc:
                         log.error("image cache entry %s: %s", self.root / key, exc)
                 distributed.host_barrier()
-        cached = self._written(key, images) if missing else self.get(key, images.ids)
-        if cached is None:  # changed between the decision and this read: another writer ignores the lock
-            raise DataError(f"image cache entry {self.root / key} changed while being read; rerun")
+        if missing:
+            cached = self._written(key, images, layout)
         for image_id, why in cached.bad.items():
             skips.skip("undecodable image", f"{images.path} image_id {image_id}", why)
         return cached
 
-    def _written(self, key: str, images) -> ImageFeatures:
+    def _written(self, key: str, images, layout: EmbeddingLayout) -> ImageFeatures:
         """The entry this process (or job) has just finished, which must pass its check."""
-        cached = self.get(key, images.ids)
+        cached = self.get(key, images.ids, layout)
         if cached is None:
             raise DataError(f"image cache entry {self.root / key} failed its check right after it was written "
                             f"(see the warning above); is something else writing to this cache directory?")
@@ -363,16 +413,19 @@ def split_image_features(
     skips: SkipLog,
     part_size: int = 8192,
     sharded: bool = False,
+    layout: EmbeddingLayout = HOST_FLOAT32,
 ) -> ImageFeatures:
     """The cached embeddings of every image in a split, computing them only when the key is new.
 
     sharded=True: called by every rank of a torchrun job, which then share the work (see the module doc).
+    layout: where and how the embeddings are returned (EmbeddingLayout); the entry on disk is the same.
     """
     key = cache_key(tower_fingerprint, transform.cfg.to_dict(), split_images.fingerprint, runtime.precision)
     cache = ImageFeatureCache(cache_dir)
     features = cache.get_or_compute(
         key, clip, split_images, transform, runtime.device, batch_size, num_workers, runtime.autocast_dtype,
         skips, desc=f"image embeddings ({split_images.path.name})", part_size=part_size, sharded=sharded,
+        layout=layout,
     )
     log.info("image embeddings for %s: %s (%d images, cache %s)", split_images.path.name,
              "computed" if features.computed else "loaded from cache", len(features.ids), cache.root / key)

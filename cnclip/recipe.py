@@ -125,6 +125,9 @@ class TrainConfig:
     # Gradient caching (GradCache): run the text tower over the batch in chunks of this many
     # captions, so batch_size is bounded by embedding memory, not activations; 0 = off.
     grad_cache_chunk: int = 0
+    # The contrastive (and distillation) loss in blocks of this many rows: exact, its memory
+    # loss_chunk x global batch instead of several global batch x global batch matrices; 0 = one block.
+    loss_chunk: int = 2048
     # Recompute text-tower activations in backward instead of storing them (less memory, ~30% slower).
     gradient_checkpointing: bool = False
     # torch.compile the text tower (GPU speed-up after a warm-up compile; needs a C++ compiler on CPU).
@@ -266,7 +269,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     for key, value in {"train.warmup_steps": t.warmup_steps, "data.num_workers": d.num_workers,
                        "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
                        "train.max_bad_steps": t.max_bad_steps,
-                       "train.grad_cache_chunk": t.grad_cache_chunk}.items():
+                       "train.grad_cache_chunk": t.grad_cache_chunk, "train.loss_chunk": t.loss_chunk}.items():
         if value < 0:
             raise ConfigError(f"recipe key '{key}' must be >= 0, got {value}")
     if t.precision not in _PRECISIONS:

@@ -60,6 +60,8 @@ def contrastive_step(
     teacher_image_emb: torch.Tensor | None = None,
     text_encoder: torch.nn.Module | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    image_bank: torch.Tensor | None = None,
+    loss_chunk: int = 0,
 ) -> torch.Tensor:
     """Accumulate the global-batch loss gradient into `params`' .grad; return the global loss (detached).
 
@@ -73,6 +75,10 @@ def contrastive_step(
     `params` are averaged here.
     `scaler` (fp16, Runtime.grad_scaler): the backward runs on the scaled loss, so the gradients are
     left scaled for the caller to unscale_; the returned loss is unscaled.
+    `image_bank`: the image embeddings every rank holds whole, `image_keys` being its rows (and
+    `image_emb` the bank at them): under torch.distributed the global batch's image side is then read
+    from the bank at the gathered keys instead of being all-gathered (the teacher's bank likewise).
+    `loss_chunk`: rows per block of the loss (cnclip.loss; 0 = one block), the same value either way.
     """
     encode = encode_texts_packed if packed else encode_texts
 
@@ -85,11 +91,14 @@ def contrastive_step(
                         if teacher is not None else None)
 
     def loss_of(text_emb: torch.Tensor) -> torch.Tensor:
-        loss = distributed_clip_loss(image_emb, text_emb, clip.logit_scale, image_keys, text_keys)
+        loss = distributed_clip_loss(image_emb, text_emb, clip.logit_scale, image_keys, text_keys, image_bank,
+                                     loss_chunk)
         if teacher is None:
             return loss
-        return loss + teacher.weight * distillation_loss(image_emb, text_emb, clip.logit_scale, teacher_image_emb,
-                                                         teacher_text_emb, teacher.logit_scale, teacher.temperature)
+        return loss + teacher.weight * distillation_loss(
+            image_emb, text_emb, clip.logit_scale, teacher_image_emb, teacher_text_emb, teacher.logit_scale,
+            teacher.temperature, image_keys, image_bank, None if image_bank is None else teacher.image_bank,
+            loss_chunk)
 
     scale = scaler.scale if scaler is not None else None
     if 0 < grad_cache_chunk < n:

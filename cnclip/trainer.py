@@ -29,7 +29,7 @@ from .runtime import Runtime, float32_matmuls, pick_runtime
 from .retrieval import evaluate_split, format_metrics, scorable_texts
 from .faults import crash_point
 from .determinism import attention_kernels, deterministic_algorithms, seed_step
-from .image_cache import ImageFeatures, split_image_features
+from .image_cache import HOST_FLOAT32, EmbeddingLayout, ImageFeatures, bank_layout, split_image_features
 from .atomic import write_json
 from .models import (attach_text_tuning, clamp_logit_scale, describe_trainable, image_tower_fingerprint, load_base_model,
                      lock_image_tower)
@@ -148,7 +148,8 @@ class NoMetricsLog:
 # Keys that change how a step is computed, never what it computes: a run may resume with other values.
 # (train.packed_text and train.compile are not among them: the packed text tower draws its dropout
 # masks per real token, so switching it mid-run would change the rest of the run.)
-EXECUTION_KEYS = {"train.grad_cache_chunk", "train.gradient_checkpointing", "logging.tensorboard"}
+EXECUTION_KEYS = {"train.grad_cache_chunk", "train.loss_chunk", "train.gradient_checkpointing",
+                  "logging.tensorboard"}
 # Keys that act only after the last epoch (the WiSE-FT sweep): a finished run rerun with other values
 # sweeps again (FinetuneRun.wise_sweep) and trains nothing.
 AFTER_TRAINING_PREFIX = "train.wise"
@@ -232,19 +233,6 @@ def shared_directories(recipe: Recipe) -> dict[str, str]:
     return directories
 
 
-def image_bank_on(features: ImageFeatures, device: torch.device) -> torch.Tensor:
-    """The training images' embeddings on `device`, indexed by the pairs' image rows at every step.
-
-    When `device` is not the host, the host copy is freed: `features.embeddings` becomes an empty
-    (0, dim) tensor with its own, empty storage. (A `[:0]` slice would be a view that keeps the
-    whole host storage alive, a second copy of the bank per rank.)"""
-    bank = features.embeddings.to(device)
-    if bank.device.type != "cpu":  # the bank lives on the GPU now: no second, host copy per rank
-        host = features.embeddings
-        features.embeddings = torch.empty((0, host.shape[1]), dtype=host.dtype)
-    return bank
-
-
 class FinetuneRun:
     """One rank's fine-tuning run, in the order `run()` reads: `setup()`, then for each epoch
     `train_epoch()`, `validate()` and `save()`, then `finish()`.
@@ -263,9 +251,9 @@ class FinetuneRun:
     text_encoder: the text side under DDP (train_step.TextEncoder) for full text tuning on several
         processes, else None
     transform, tower: the image transform and image-tower fingerprint the image cache is keyed on
-    train_features, valid_features: the splits' cached image embeddings (the training split's host
-        copy is emptied once `image_bank` is on an accelerator)
-    image_bank: the training images' embeddings on the device, one row per image
+    train_features, valid_features: the splits' cached image embeddings (the training split's in
+        `bank_layout`, on the device; the validation split's as cached, on the host)
+    image_bank: the training images' embeddings (train_features.embeddings), one row per image
     base_trainables: the trainable parameters' values before training (host copies), where WiSE-FT
         interpolates from (cnclip.wise)
     pairs: the training split's (caption, image) pairs as tensors (TrainingPairs)
@@ -382,19 +370,19 @@ class FinetuneRun:
             log.info("text tower gradients: all-reduced by DDP in buckets, overlapping backward")
         log.info(describe_trainable(self.model))
 
-    def _image_features(self, split: Split) -> ImageFeatures:
+    def _image_features(self, split: Split, layout: EmbeddingLayout = HOST_FLOAT32) -> ImageFeatures:
         # Every rank embeds its share of the cache parts, then all read the whole cache (image_cache.py).
         recipe = self.recipe
         return split_image_features(split.images, self.clip, self.transform, self.tower, self.runtime,
                                     recipe.cache.dir, recipe.cache.batch_size, recipe.data.num_workers, self.skips,
-                                    recipe.cache.part_size, sharded=True)
+                                    recipe.cache.part_size, sharded=True, layout=layout)
 
     def _setup_data(self) -> None:
         """The image-embedding cache (the image tower runs here, and only here) and the training pairs."""
         recipe = self.recipe
         self.transform = ImageTransform(self.base.preprocess)
         self.tower = image_tower_fingerprint(self.clip)
-        self.train_features = self._image_features(self.train_split)
+        self.train_features = self._image_features(self.train_split, bank_layout(self.runtime))
         self.pairs = build_pairs(self.train_split, self.train_features, self.base.tokenizer,
                                  recipe.data.context_length, self.skips)
         self.valid_features = None
@@ -408,7 +396,7 @@ class FinetuneRun:
         distributed.host_barrier()  # the others wait on the host while rank 0 embeds the zero-shot folder
         if self.skips.total:
             log.warning("skipped %d bad items while reading data: %s", self.skips.total, dict(self.skips.counts))
-        self.image_bank = image_bank_on(self.train_features, self.runtime.device)
+        self.image_bank = self.train_features.embeddings
         self.teacher = self._setup_teacher()
         log.info("training on %d pairs (%d captions, %d images)", len(self.pairs),
                  self.pairs.tokens["input_ids"].shape[0], len(self.train_features.ids))
@@ -525,7 +513,8 @@ class FinetuneRun:
                                     pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
                                     recipe.train.grad_cache_chunk, packed=self.packed, teacher=self.teacher,
                                     teacher_image_emb=teacher_images, text_encoder=self.text_encoder,
-                                    scaler=self.scaler)
+                                    scaler=self.scaler, image_bank=self.image_bank,
+                                    loss_chunk=recipe.train.loss_chunk)
         self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, before clipping (a no-op otherwise)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))

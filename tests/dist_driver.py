@@ -4,9 +4,11 @@
                  [RECIPE key=value ...]
 
 --step: one contrastive step on this rank's slice of the global batch in IN.pt (plain and with
-gradient caching, and with distillation when IN.pt has a distill_weight), with LoRA and (when IN.pt
-has "full") with the whole text tower trained under DDP; writes this rank's loss and gradients to
-OUT_DIR/rank-R.pt. The process group is then left up for the fine-tuning run, which joins it.
+gradient caching, and with distillation when IN.pt has a distill_weight; each also with the image bank
+held by every rank and the loss in row blocks), with LoRA and (when IN.pt has "full") with the whole text
+tower trained under DDP; writes this rank's loss, gradients and the number of float tensors it
+all-gathered without gradient to OUT_DIR/rank-R.pt. The process group is then left up for the
+fine-tuning run, which joins it.
 RECIPE ...: python -m cnclip.finetune; with --stop-after N > 0 every rank dies in optimizer step N,
 the way a pre-empted job dies: after its last checkpoint, with work in flight.
 --count-image-reads DIR: DIR/image-reads-rank-R.json counts the images TSVs this rank indexed and hashed.
@@ -48,17 +50,25 @@ def step(inputs: Path, out_dir: Path) -> None:
     # With "distill_weight" in IN.pt: distillation towards the frozen base (the adapter switched off) too.
     teacher = (frozen_base_teacher(model, base.clip, data["image_emb"], data["distill_weight"], None)
                if "distill_weight" in data else None)
+    # Float tensors sent without gradient (image embeddings, the teacher's), counted per mode.
+    sent, gather = [], distributed.all_gather_no_grad
+    distributed.all_gather_no_grad = lambda t: (sent.append(t.is_floating_point()), gather(t))[1]
     result = {}
     for chunk in (0, 2):
-        for mode, t in (("chunk", None), ("distill", teacher)):
-            if mode == "distill" and teacher is None:
+        for mode, t in (("chunk", None), ("distill", teacher), ("bank", None), ("distillbank", teacher)):
+            if mode.startswith("distill") and teacher is None:
                 continue
+            # "bank" modes: every rank holds the image bank (IMAGE_KEYS are its rows), the loss in blocks of 3.
+            bank = {"image_bank": data["image_emb"], "loss_chunk": 3} if mode.endswith("bank") else {}
             for p in params.values():
                 p.grad = None
+            sent.clear()
             loss = contrastive_step(base.clip, list(params.values()), tokens, data["image_emb"][rows],
                                     data["image_keys"][rows], data["text_keys"][rows], runtime, grad_cache_chunk=chunk,
-                                    teacher=t, teacher_image_emb=None if t is None else data["image_emb"][rows])
-            result[f"{mode}{chunk}"] = {"loss": loss, "grads": {n: p.grad.clone() for n, p in params.items()}}
+                                    teacher=t, teacher_image_emb=None if t is None else data["image_emb"][rows], **bank)
+            result[f"{mode}{chunk}"] = {"loss": loss, "grads": {n: p.grad.clone() for n, p in params.items()},
+                                        "float_gathers": sum(sent)}
+    distributed.all_gather_no_grad = gather
     if "full" in data:
         result.update(full_tuning_steps(data, tokens, rows, runtime))
     torch.save(result, out_dir / f"rank-{info.rank}.pt")

@@ -107,12 +107,16 @@ def test_one_step_on_two_processes_equals_one_process(two_process_launch):
     for rank in (0, 1):
         assert (root / f"rank-{rank}.pt").is_file(), two_process_launch["proc"].stderr[-3000:]
         result = torch.load(root / f"rank-{rank}.pt", weights_only=True)
-        for mode in ("chunk0", "chunk2"):  # plain, and gradient caching in chunks of 2 per rank
+        # plain, and gradient caching in chunks of 2 per rank; each with image embeddings gathered, and
+        # read from the bank every rank holds at the gathered keys, the loss in row blocks of 3
+        for mode in ("chunk0", "chunk2", "bank0", "bank2"):
             got = result[mode]
             assert abs(got["loss"].item() - loss) < 1e-5, (rank, mode)
             assert got["grads"].keys() == expected.keys()
             diff = max((got["grads"][n] - g).abs().max().item() for n, g in expected.items())
             assert diff < 1e-5, (rank, mode, diff)
+        # The bank is indexed locally: no image embedding crosses processes, only int64 keys.
+        assert (result["chunk0"]["float_gathers"], result["bank0"]["float_gathers"]) == (1, 0)
 
 
 def test_full_text_tuning_under_ddp_on_two_processes_equals_one_process(two_process_launch):

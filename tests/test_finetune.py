@@ -186,29 +186,6 @@ def test_best_adapter_loads_with_plain_peft(tiny_model_dir, tiny_data_dir, tmp_p
     assert not torch.allclose(a, untrained, atol=1e-4)
 
 
-def _features(rows: int, dim: int) -> cnclip.image_cache.ImageFeatures:
-    return cnclip.image_cache.ImageFeatures(ids=list(range(rows)), embeddings=torch.randn(rows, dim), bad={},
-                                            computed=True)
-
-
-def test_the_image_bank_on_a_device_leaves_no_host_copy_behind():
-    # "meta" stands in for a GPU: a device other than the host that a CPU-only machine has.
-    features = _features(1000, 512)
-    bank = cnclip.trainer.image_bank_on(features, torch.device("meta"))
-    assert bank.shape == (1000, 512) and bank.device.type == "meta"
-    left = features.embeddings
-    assert left.shape == (0, 512) and left.dtype == torch.float32 and left.device.type == "cpu"
-    # A [:0] slice would still hold all 1000 x 512 x 4 = 2,048,000 bytes of host storage.
-    assert left.untyped_storage().nbytes() == 0
-
-
-def test_the_image_bank_on_the_host_is_the_cache_itself():
-    features = _features(10, 8)
-    host = features.embeddings
-    assert cnclip.trainer.image_bank_on(features, torch.device("cpu")) is host
-    assert features.embeddings is host  # nothing copied, nothing freed
-
-
 def test_the_adapter_config_is_written_the_same_in_every_process(tmp_path, monkeypatch):
     """peft keeps target_modules as a set, whose order string hashing changes from process to process:
     best/adapter_config.json lists them sorted, so reruns of a recipe write the same bytes."""
