@@ -18,8 +18,8 @@ inflates the next one's peak):
   random vectors (`--semantic-dim`, 0: off).
 * train: a tiny ChineseCLIP (recipes/models/tiny at 32x32 pixels, random weights) on a
   generated Chinese-CLIP-layout data set of N pairs (32x32 images, captions of 6-14 characters;
-  valid split N/10): image cache build (train and valid), tokenising the pairs, one epoch
-  (batch 256, per-step times: the median of the first and the last tenth of the steps),
+  valid split N/10, at least 16): image cache build (train and valid), tokenising the pairs, one epoch
+  (batch 256; per-step cpu times: the median of the first tenth, after the first step, and of the last),
   evaluation on the valid split, and `cnclip search index` over the training images.
 
 For every stage: seconds (wall), cpu_seconds (this process and its children), items (the
@@ -99,6 +99,22 @@ class StageClock:
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, Any]] = {}
         self.cumulative_peak = False
+        self._replaced: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> StageClock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Put back every function `wrap` or `replace` replaced (the pipeline is left as it was)."""
+        while self._replaced:
+            owner, name, original = self._replaced.pop()
+            setattr(owner, name, original)
+
+    def replace(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        """owner.name becomes make(original) until the clock's `with` block ends."""
+        original = getattr(owner, name)
+        self._replaced.append((owner, name, original))
+        setattr(owner, name, make(original))
 
     @contextlib.contextmanager
     def measure(self, label: str) -> Iterator[None]:
@@ -117,14 +133,16 @@ class StageClock:
         """Time every call of owner.name (a module function or a class method) as stage `label`.
 
         The callers look the name up at call time, so the pipeline runs its own code, timed."""
-        original = getattr(owner, name)
 
-        @functools.wraps(original)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.measure(label):
-                return original(*args, **kwargs)
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(original)
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                with self.measure(label):
+                    return original(*args, **kwargs)
 
-        setattr(owner, name, timed)
+            return timed
+
+        self.replace(owner, name, make)
 
     def table(self, items: dict[str, int]) -> dict[str, dict[str, Any]]:
         """The stages with their per-item costs; `items` maps a stage to its work size."""
@@ -238,15 +256,15 @@ def run_build(n: int, work: Path) -> dict[str, Any]:
     start = time.perf_counter()
     write_crawl(work / "dump", n, seed=1, with_images=True)
     generate_s = time.perf_counter() - start
-    clock = StageClock()
-    clock.wrap(pipeline, "_run_record_stages", "per_record")
-    clock.wrap(pipeline, "_write_outputs", "write")
-    _wrap_global_stages(clock)
     config = config_from_dict({"image": {"min_side": 8}})
     options = BuildOptions(inputs=(str(work / "dump"),), out=work / "out", config=config, per_query_cap=PER_QUERY_CAP,
                            progress=False, workers=1)
-    with clock.measure("total"):
-        report = pipeline.build_pairs(options).report
+    with StageClock() as clock:
+        clock.wrap(pipeline, "_run_record_stages", "per_record")
+        clock.wrap(pipeline, "_write_outputs", "write")
+        _wrap_global_stages(clock)
+        with clock.measure("total"):
+            report = pipeline.build_pairs(options).report
     kept = report["kept"]
     stages = clock.table({label: n for label in clock.stages})
     return {"records": n, "kept": kept, "rejected": report["rejected"], "generate_seconds": round(generate_s, 1),
@@ -366,13 +384,15 @@ def run_global(n: int, work: Path, text: bool, semantic_dim: int) -> dict[str, A
     start = time.perf_counter()
     paths = write_light_shards(work / "shards", n, seed=4)
     result["generate_seconds"] = round(time.perf_counter() - start, 1)
-    _wrap_global_stages(clock)
     tally = Tally()
-    with clock.measure("select_total"):
-        chosen = selection.select(paths, ["crawl.jsonl"] * len(paths), "scale", config=FilterConfig(),
-                                  splits=DEFAULT_SPLITS, seed=0, per_query_cap=PER_QUERY_CAP, scoring=None, tally=tally,
-                                  progress=False)
+    with clock:
+        _wrap_global_stages(clock)
+        with clock.measure("select_total"):
+            chosen = selection.select(paths, ["crawl.jsonl"] * len(paths), "scale", config=FilterConfig(),
+                                      splits=DEFAULT_SPLITS, seed=0, per_query_cap=PER_QUERY_CAP, scoring=None,
+                                      tally=tally, progress=False)
     result["kept"] = sum(chosen.split_counts.values())
+    result["rejected"] = {reason: count for counts in tally.files.values() for reason, count in counts["rejected"].items()}
     if semantic_dim:
         result["semantic_pairs"] = _semantic_stage(n, semantic_dim, clock)
     result["stages"] = clock.table({label: n for label in clock.stages})
@@ -424,7 +444,7 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
     from cnclip.commands import search
     from cnclip.recipe import load_recipe
 
-    valid = max(100, n // 10)
+    valid = max(16, n // 10)
     start = time.perf_counter()
     data, model = work / "data", tiny_model(work / "model", side)
     write_pairs(data, "train", n, 0, seed=5, side=side)
@@ -438,31 +458,31 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
     }
     recipe = load_recipe(REPO / "recipes" / "demo.yaml",
                          [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
-    clock = StageClock()
     run = trainer.FinetuneRun
-    clock.wrap(run, "_read_splits", "read_splits")
+    steps: list[float] = []  # cpu seconds of each optimizer step (robust to other processes on the machine)
     labels = iter(("cache_train", "cache_valid"))
-    original_features = run._image_features
 
-    def image_features(self: Any, split: Any) -> Any:
-        with clock.measure(next(labels)):
-            return original_features(self, split)
+    def image_features(original: Callable[..., Any]) -> Callable[..., Any]:
+        def measured(self: Any, split: Any) -> Any:
+            with clock.measure(next(labels)):
+                return original(self, split)
+        return measured
 
-    run._image_features = image_features
-    clock.wrap(trainer, "build_pairs", "tokenise_pairs")
-    clock.wrap(run, "train_epoch", "epoch")
-    clock.wrap(run, "validate", "evaluate")
-    steps: list[float] = []
-    original_step = run._step
+    def step(original: Callable[..., Any]) -> Callable[..., Any]:
+        def measured(self: Any, idx: Any) -> Any:
+            cpu = _cpu_seconds()
+            out = original(self, idx)
+            steps.append(_cpu_seconds() - cpu)
+            return out
+        return measured
 
-    def step(self: Any, idx: Any) -> Any:
-        tic = time.perf_counter()
-        out = original_step(self, idx)
-        steps.append(time.perf_counter() - tic)
-        return out
-
-    run._step = step
-    with contextlib.redirect_stdout(io.StringIO()):
+    with StageClock() as clock, contextlib.redirect_stdout(io.StringIO()):
+        clock.wrap(run, "_read_splits", "read_splits")
+        clock.replace(run, "_image_features", image_features)
+        clock.wrap(trainer, "build_pairs", "tokenise_pairs")
+        clock.wrap(run, "train_epoch", "epoch")
+        clock.wrap(run, "validate", "evaluate")
+        clock.replace(run, "_step", step)
         trainer.train(recipe)
         with clock.measure("search_index"):
             code = search.main(["index", str(data / "train_imgs.tsv"), "--out", str(work / "index"), "--model",
@@ -476,8 +496,8 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
     stages = clock.table(items)
     return {
         "pairs": n, "valid_pairs": valid, "image_side": side, "batch": batch, "generate_seconds": round(generate_s, 1),
-        "steps": len(steps), "step_ms_median_first_tenth": round(first[len(first) // 2] * 1e3, 2),
-        "step_ms_median_last_tenth": round(last[len(last) // 2] * 1e3, 2),
+        "steps": len(steps), "step_cpu_ms_median_first_tenth": round(first[len(first) // 2] * 1e3, 2),
+        "step_cpu_ms_median_last_tenth": round(last[len(last) // 2] * 1e3, 2),
         "stages": stages, "peak_rss_is_cumulative": clock.cumulative_peak,
         "peak_rss_mib": max(row["peak_rss_mib"] for row in stages.values()),
     }
