@@ -80,3 +80,17 @@ def test_compact_tokens_widen_only_as_far_as_the_values_need():
     assert [compact[k].dtype for k in tokens] == [torch.int32, torch.uint8, torch.int16, torch.int64]
     for name in tokens:
         assert torch.equal(compact[name].to(torch.int64), tokens[name])
+
+
+def test_training_pairs_hold_their_captions_compactly(tiny_model_dir, tiny_data_dir):
+    """The trainer keeps every training caption's tokens for the whole run: in compact dtypes."""
+    from types import SimpleNamespace
+
+    from cnclip.data import load_split
+    from cnclip.skiplog import SkipLog
+    from cnclip.trainer import build_pairs
+
+    split = load_split(tiny_data_dir, "train", SkipLog())
+    features = SimpleNamespace(row={image_id: row for row, image_id in enumerate(split.images.ids)})
+    pairs = build_pairs(split, features, load_tokenizer(str(tiny_model_dir)), 16, SkipLog())
+    assert {t.dtype for t in pairs.tokens.values()} == {torch.uint8}  # a 70-token vocabulary: one byte per token
