@@ -100,6 +100,7 @@ class StageClock:
         self.stages: dict[str, dict[str, Any]] = {}
         self.cumulative_peak = False
         self._replaced: list[tuple[Any, str, Any]] = []
+        self._open: list[float] = []
 
     def __enter__(self) -> StageClock:
         return self
@@ -118,15 +119,21 @@ class StageClock:
 
     @contextlib.contextmanager
     def measure(self, label: str) -> Iterator[None]:
+        """Time the block as stage `label`. Stages may nest (a total around its parts): resetting the peak
+        for an inner stage would hide it from the outer one, so each inner peak is carried outwards."""
         self.cumulative_peak |= not _reset_peak()
+        self._open.append(0.0)  # the largest peak of the stages nested in this one
         wall, cpu = time.perf_counter(), _cpu_seconds()
         try:
             yield
         finally:
+            peak = max(_peak_rss_mib(), self._open.pop())
+            if self._open:
+                self._open[-1] = max(self._open[-1], peak)
             entry = self.stages.setdefault(label, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_rss_mib": 0.0, "calls": 0})
             entry["seconds"] += time.perf_counter() - wall
             entry["cpu_seconds"] += _cpu_seconds() - cpu
-            entry["peak_rss_mib"] = max(entry["peak_rss_mib"], _peak_rss_mib())
+            entry["peak_rss_mib"] = max(entry["peak_rss_mib"], peak)
             entry["calls"] += 1
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
@@ -371,9 +378,17 @@ def _semantic_stage(n: int, dim: int, clock: StageClock) -> int:
     return len(pairs)
 
 
-def run_global(n: int, work: Path, text: bool, semantic_dim: int) -> dict[str, Any]:
+def _global_config(hamming: bool) -> Any:
+    """The default filters; without `hamming`, dedup and split skip the pHash neighbourhood search
+    (everything else of both stages still runs)."""
+    from data_tools.config import config_from_dict
+
+    off = {"dedup": {"phash_max_distance": None}, "split": {"phash_max_distance": None}}
+    return config_from_dict({} if hamming else off)
+
+
+def run_global(n: int, work: Path, text: bool, semantic_dim: int, hamming: bool = True) -> dict[str, Any]:
     from data_tools import selection
-    from data_tools.config import FilterConfig
     from data_tools.pipeline import DEFAULT_SPLITS
     from data_tools.report import Tally
 
@@ -388,7 +403,7 @@ def run_global(n: int, work: Path, text: bool, semantic_dim: int) -> dict[str, A
     with clock:
         _wrap_global_stages(clock)
         with clock.measure("select_total"):
-            chosen = selection.select(paths, ["crawl.jsonl"] * len(paths), "scale", config=FilterConfig(),
+            chosen = selection.select(paths, ["crawl.jsonl"] * len(paths), "scale", config=_global_config(hamming),
                                       splits=DEFAULT_SPLITS, seed=0, per_query_cap=PER_QUERY_CAP, scoring=None,
                                       tally=tally, progress=False)
     result["kept"] = sum(chosen.split_counts.values())
@@ -513,7 +528,8 @@ def child_main(argv: list[str]) -> None:
         if part == "build":
             result = run_build(n, Path(tmp))
         elif part == "global":
-            result = run_global(n, Path(tmp), text=n <= options["text_max"], semantic_dim=options["semantic_dim"])
+            result = run_global(n, Path(tmp), text=n <= options["text_max"], semantic_dim=options["semantic_dim"],
+                                hamming=options["hamming"])
         else:
             result = run_train(n, Path(tmp), options["image_side"], options["batch"])
     print(json.dumps(result))
@@ -559,15 +575,18 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"sizes of the {part} part, comma-separated; empty: skip it (default: %(default)s)")
     parser.add_argument("--text-max", type=int, default=2_000_000, help="global part: run the text stage only up to this size")
     parser.add_argument("--semantic-dim", type=int, default=32, help="global part: embedding size for semantic_split; 0: off")
+    parser.add_argument("--no-hamming", action="store_true",
+                        help="global part: dedup and split without the pHash neighbourhood search (the rest of both stages runs)")
     parser.add_argument("--image-side", type=int, default=32, help="train part: image and model input side")
     parser.add_argument("--batch", type=int, default=256, help="train part: batch size")
     parser.add_argument("--timeout", type=float, default=None, help="seconds one size may take; beyond it, reported unfinished")
     parser.add_argument("--tmp", default=None, help="where the generated data goes (default: the system's temp dir)")
     parser.add_argument("--out", type=Path, help="also write the JSON here, after each size")
     args = parser.parse_args(argv)
-    options = {"text_max": args.text_max, "semantic_dim": args.semantic_dim, "image_side": args.image_side,
+    options = {"text_max": args.text_max, "semantic_dim": args.semantic_dim, "hamming": not args.no_hamming, "image_side": args.image_side,
                "batch": args.batch, "tmp": args.tmp}
-    result: dict[str, Any] = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
+    result: dict[str, Any] = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+                              "options": options}
     for part in PARTS:
         sizes = parse_sizes(getattr(args, part))
         if not sizes:

@@ -164,6 +164,7 @@ def test_scale_build_pairs_stages(scale, tmp_path):
     assert stages["per_record"]["cpu_seconds"] > stages["dedup"]["cpu_seconds"]
     assert stages["total"]["seconds"] >= sum(row["seconds"] for name, row in stages.items() if name != "total") * 0.99
     assert 50 < stages["per_record"]["peak_rss_mib"] <= run["driver_peak_rss_mib"]
+    assert stages["total"]["peak_rss_mib"] == max(row["peak_rss_mib"] for row in stages.values())  # carried outwards
 
 
 def test_scale_json_and_growth(scale, tmp_path, capsys):
