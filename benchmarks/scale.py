@@ -20,7 +20,9 @@ inflates the next one's peak):
   generated Chinese-CLIP-layout data set of N pairs (32x32 images, captions of 6-14 characters;
   valid split N/10, at least 16): image cache build (train and valid), tokenising the pairs, one epoch
   (batch 256; per-step cpu times: the median of the first tenth, after the first step, and of the last),
-  evaluation on the valid split, and `cnclip search index` over the training images.
+  evaluation on the valid split, and `cnclip search index` over the training images (their
+  embeddings come from the training run's cache, as when indexing what was trained on). One torch
+  thread, so that cpu seconds count work, not threads waiting for a core.
 
 For every stage: seconds (wall), cpu_seconds (this process and its children), items (the
 size the stage's cost is divided by: input records, images, pairs), per_item_us (cpu seconds per
@@ -454,6 +456,19 @@ def write_pairs(root: Path, split: str, n: int, first_id: int, seed: int, side: 
             texts.write(json.dumps({"text_id": image_id, "text": text, "image_ids": [image_id]}, ensure_ascii=False) + "\n")
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread: cpu seconds then count work, not threads spinning while others hold the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
     from cnclip import trainer
     from cnclip.commands import search
@@ -491,7 +506,7 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
             return out
         return measured
 
-    with StageClock() as clock, contextlib.redirect_stdout(io.StringIO()):
+    with StageClock() as clock, contextlib.redirect_stdout(io.StringIO()), _one_torch_thread():
         clock.wrap(run, "_read_splits", "read_splits")
         clock.replace(run, "_image_features", image_features)
         clock.wrap(trainer, "build_pairs", "tokenise_pairs")
@@ -501,7 +516,7 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
         trainer.train(recipe)
         with clock.measure("search_index"):
             code = search.main(["index", str(data / "train_imgs.tsv"), "--out", str(work / "index"), "--model",
-                                str(work / "model"), "--json"])
+                                str(work / "model"), "--cache-dir", str(work / "cache"), "--json"])
     if code != 0:
         raise RuntimeError(f"cnclip search index exited {code}")
     tenth = max(1, len(steps) // 10)

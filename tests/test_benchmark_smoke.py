@@ -183,9 +183,12 @@ def test_scale_json_and_growth(scale, tmp_path, capsys):
         large["stages"]["dedup"]["per_item_us"] / small["stages"]["dedup"]["per_item_us"], rel=0.02)
 
 
-def test_scale_training_stages(scale, tmp_path):
+def test_scale_training_stages(scale, tmp_path, monkeypatch):
     """Cache, tokenising, one epoch, evaluation and search indexing of a tiny model on 64 pairs."""
-    run = scale.run_train(64, tmp_path, side=16, batch=16)
+    home_cache = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home_cache))
+    run = scale.run_train(64, tmp_path / "work", side=16, batch=16)
+    assert not (home_cache / "cnclip").exists()  # every embedding cached under the run's own directory
     assert list(run["stages"]) == ["read_splits", "cache_train", "tokenise_pairs", "cache_valid", "epoch",
                                    "evaluate", "search_index"]
     assert run["steps"] == 4 and run["valid_pairs"] == 16
