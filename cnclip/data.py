@@ -154,18 +154,53 @@ def preprocess_text(text: str) -> str:
     return text.lower().replace("“", '"').replace("”", '"')
 
 
-def tokenize(tokenizer, texts: list[str], context_length: int) -> dict[str, torch.Tensor]:
+TOKENIZE_CHUNK = 8192  # captions per tokenizer call: its Python lists of ids for a chunk, never for the whole split
+
+
+def tokenize(tokenizer, texts: list[str], context_length: int, compact: bool = False) -> dict[str, torch.Tensor]:
     """Pad every caption to the same length once, so batches are plain row gathers.
 
     The one place cnclip tokenises (training, evaluation, zero-shot, search): captions go through
-    `preprocess_text` first, as in Chinese-CLIP."""
-    enc = tokenizer(
-        [preprocess_text(t) for t in texts], padding="max_length", truncation=True, max_length=context_length,
-        return_tensors="pt"
-    )
-    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if "token_type_ids" in enc:
-        out["token_type_ids"] = enc["token_type_ids"]
+    `preprocess_text` first, as in Chinese-CLIP. The tokenizer sees TOKENIZE_CHUNK captions at a time,
+    so its per-token Python objects stay bounded however many captions there are. `compact` stores
+    the rows in the smallest integer types that hold them (`compact_tokens`: 4 bytes per token for a
+    Chinese BERT vocabulary instead of 24); `gather_tokens` widens each batch back to int64."""
+    chunks = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        enc = tokenizer(
+            [preprocess_text(t) for t in texts[start:start + TOKENIZE_CHUNK]], padding="max_length", truncation=True,
+            max_length=context_length, return_tensors="pt"
+        )
+        chunk = {name: enc[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in enc}
+        chunks.append(compact_tokens(chunk) if compact else chunk)
+    if not chunks:  # no captions: the tokenizer's own empty output
+        enc = tokenizer([], padding="max_length", truncation=True, max_length=context_length, return_tensors="pt")
+        chunks.append({name: enc[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in enc})
+    if len(chunks) == 1:
+        return chunks[0]
+    names = chunks[0].keys()
+    dtypes = {name: _widest(chunk[name].dtype for chunk in chunks) for name in names}  # compact chunks may differ
+    return {name: torch.cat([chunk[name].to(dtypes[name]) for chunk in chunks]) for name in names}
+
+
+_INTEGER_TYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)  # each holds every value of the ones before
+
+
+def _widest(dtypes) -> torch.dtype:
+    return max(dtypes, key=_INTEGER_TYPES.index)
+
+
+def compact_tokens(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same values in the smallest of uint8/int16/int32/int64 that holds each tensor's range: ids of
+    a vocabulary under 32768 take 2 bytes, the 0/1 masks 1 byte."""
+    out = {}
+    for name, values in tokens.items():
+        lo, hi = (int(values.min()), int(values.max())) if values.numel() else (0, 0)
+        for dtype in _INTEGER_TYPES:
+            info = torch.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                out[name] = values.to(dtype)
+                break
     return out
 
 
@@ -179,16 +214,17 @@ def check_context_length(clip, context_length: int) -> None:
 
 
 def gather_tokens(tokens: dict[str, torch.Tensor], rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    """Rows of the pre-tokenised captions, trimmed to the longest caption in this batch.
+    """Rows of the pre-tokenised captions, trimmed to the longest caption in this batch, as int64
+    (compact storage, `compact_tokens`, is widened here, a batch at a time).
 
     For a GPU the rows go through pinned memory, so the copy is truly asynchronous.
     """
     length = int(tokens["attention_mask"][rows].sum(1).max())
     if torch.device(device).type != "cuda":
-        return {k: v[rows, :length].to(device) for k, v in tokens.items()}
+        return {k: v[rows, :length].to(device=device, dtype=torch.int64) for k, v in tokens.items()}
     out = {}
     for k, v in tokens.items():  # gathered straight into contiguous pinned memory: one copy, truly async
         pinned = torch.empty((rows.shape[0], length), dtype=v.dtype, pin_memory=True)
         torch.index_select(v[:, :length], 0, rows, out=pinned)
-        out[k] = pinned.to(device, non_blocking=True)
+        out[k] = pinned.to(device, non_blocking=True).to(torch.int64)  # widened on the device: fewer bytes copied
     return out

@@ -49,7 +49,7 @@ log = logging.getLogger("cnclip.trainer")
 class TrainingPairs:
     """Every (caption, image) positive pair of the training split, as tensors ready to index."""
 
-    tokens: dict[str, torch.Tensor]  # pre-tokenised captions, one row per distinct text record
+    tokens: dict[str, torch.Tensor]  # pre-tokenised captions, one row per distinct text record (compact dtypes)
     text_rows: torch.Tensor  # pair -> row in tokens
     image_rows: torch.Tensor  # pair -> row in the image-embedding cache
     text_keys: torch.Tensor  # pair -> id of its caption string (equal strings share an id)
@@ -74,7 +74,7 @@ def build_pairs(split: Split, features: ImageFeatures, tokenizer, context_length
     keys = [string_ids.setdefault(rec.text, len(string_ids)) for rec in split.texts]
     text_rows_t = torch.tensor(text_rows)
     return TrainingPairs(
-        tokens=tokenize(tokenizer, [rec.text for rec in split.texts], context_length),
+        tokens=tokenize(tokenizer, [rec.text for rec in split.texts], context_length, compact=True),
         text_rows=text_rows_t,
         image_rows=torch.tensor(image_rows),
         text_keys=torch.tensor(keys)[text_rows_t],

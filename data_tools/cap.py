@@ -37,20 +37,29 @@ def cap_groups(groups: list[CapGroup], cap: int) -> dict[int, int]:
     """For each group that survives, the position of the member to keep; absent groups are capped.
 
     cap 0 means no cap: every group keeps its first member. Memory: one heap of at most `cap`
-    entries per query, plus a cursor per group.
+    entries per query, plus a cursor per group. Time: O(members + proposals x log cap); a group
+    proposes only with members whose query is new to it (`_proposal_positions`, computed once per
+    group of several members), so a picture found by m queries and refused by all costs O(m), not O(m^2).
     """
     if cap <= 0:
         return {g: 0 for g in range(len(groups))}
     held: dict[str, list[tuple[int, int]]] = {}  # query -> heap of (-priority, -group): heap[0] is the worst
-    cursor = [0] * len(groups)  # next member position to propose with
+    cursor = [0] * len(groups)  # how many of the group's proposal positions it has used
+    positions: dict[int, list[int]] = {}  # group -> its proposal positions, for groups of several members
     chosen: dict[int, int] = {}
     waiting = deque(range(len(groups)))
     while waiting:
         g = waiting.popleft()
-        member = _next_new_query(groups[g].queries, cursor[g])
+        queries = groups[g].queries
+        if len(queries) == 1:  # most groups: one member, one proposal
+            member = 0 if cursor[g] == 0 else None
+        else:
+            if g not in positions:
+                positions[g] = _proposal_positions(queries)
+            member = positions[g][cursor[g]] if cursor[g] < len(positions[g]) else None
         if member is None:
             continue  # every query that found it is full: capped
-        cursor[g] = member + 1
+        cursor[g] += 1
         heap = held.setdefault(groups[g].queries[member], [])
         entry = (-groups[g].priority, -g)
         chosen[g] = member
@@ -65,10 +74,13 @@ def cap_groups(groups: list[CapGroup], cap: int) -> dict[int, int]:
     return chosen
 
 
-def _next_new_query(queries: tuple[str, ...], start: int) -> int | None:
-    """The first member position >= start whose query no earlier member had (a query that
-    refused a group never takes it later: its held set only gets better)."""
-    for position in range(start, len(queries)):
-        if queries[position] not in queries[:position]:
-            return position
-    return None
+def _proposal_positions(queries: tuple[str, ...]) -> list[int]:
+    """Member positions whose query no earlier member had, in order (a query that refused a group
+    never takes it later: its held set only gets better)."""
+    seen: set[str] = set()
+    positions = []
+    for position, query in enumerate(queries):
+        if query not in seen:
+            seen.add(query)
+            positions.append(position)
+    return positions

@@ -135,3 +135,61 @@ def test_inference_throughput_small(tmp_path, capsys):
 
 def r_torch_ms(results: dict, tower: str, batch: str) -> float:
     return results["pytorch"][tower][batch]["median_ms"]
+
+
+# ---------------------------------------------------------------- benchmarks/scale.py
+
+
+@pytest.fixture(scope="module")
+def scale():
+    return load_benchmark("scale")
+
+
+def test_scale_build_pairs_stages(scale, tmp_path):
+    """build-pairs at 300 records, every stage timed through the pipeline's own functions, which are
+    put back afterwards; every record accounted for, the planted repeats found."""
+    from data_tools import pipeline, selection
+
+    originals = (pipeline._run_record_stages, selection._group, selection.cap_groups)
+    run = scale.run_build(300, tmp_path)
+    assert (pipeline._run_record_stages, selection._group, selection.cap_groups) == originals
+    stages = run["stages"]
+    assert list(stages) == ["per_record", "read", "dedup", "cap", "account", "split", "write", "total"]
+    assert run["kept"] + sum(run["rejected"].values()) == 300
+    assert run["rejected"]["duplicate_image"] > 0 and run["rejected"]["near_duplicate_image"] > 0
+    for row in stages.values():
+        assert row["items"] == 300
+        assert row["per_item_us"] == pytest.approx(row["cpu_seconds"] / 300 * 1e6, abs=2)  # cpu_seconds is rounded to 1 ms
+    # Decoding images dominates; the total spans every stage; a Python process with numpy is > 50 MiB.
+    assert stages["per_record"]["cpu_seconds"] > stages["dedup"]["cpu_seconds"]
+    assert stages["total"]["seconds"] >= sum(row["seconds"] for name, row in stages.items() if name != "total") * 0.99
+    assert 50 < stages["per_record"]["peak_rss_mib"] <= run["driver_peak_rss_mib"]
+    assert stages["total"]["peak_rss_mib"] == max(row["peak_rss_mib"] for row in stages.values())  # carried outwards
+
+
+def test_scale_json_and_growth(scale, tmp_path, capsys):
+    """The whole command at two tiny sizes of the image-free part: one JSON document on stdout and in
+    --out, a growth ratio per stage that is the two per-item costs' quotient."""
+    out = tmp_path / "scale.json"
+    assert scale.main(["--build", "", "--train", "", "--global", "200,400", "--semantic-dim", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    small, large = result["global"]["runs"]
+    assert (small["records"], large["records"]) == (200, 400)
+    assert {"text", "read", "dedup", "cap", "account", "split", "select_total", "semantic_split"} <= set(large["stages"])
+    assert small["kept"] < 200 and large["semantic_pairs"] > 0  # repeats planted, clustered vectors linked
+    growth = result["global"]["growth_per_item_largest_over_smallest"]
+    assert growth["dedup"] == pytest.approx(
+        large["stages"]["dedup"]["per_item_us"] / small["stages"]["dedup"]["per_item_us"], rel=0.02)
+
+
+def test_scale_training_stages(scale, tmp_path, monkeypatch):
+    """Cache, tokenising, one epoch, evaluation and search indexing of a tiny model on 64 pairs."""
+    home_cache = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home_cache))
+    run = scale.run_train(64, tmp_path / "work", side=16, batch=16)
+    assert not (home_cache / "cnclip").exists()  # every embedding cached under the run's own directory
+    assert list(run["stages"]) == ["read_splits", "cache_train", "tokenise_pairs", "cache_valid", "epoch",
+                                   "evaluate", "search_index"]
+    assert run["steps"] == 4 and run["valid_pairs"] == 16
+    assert run["stages"]["cache_train"]["items"] == 64 and run["stages"]["evaluate"]["items"] == 16

@@ -1,0 +1,96 @@
+"""Costs that must not grow faster than the work: the per-query cap on a picture found by many
+queries, and the memory of pre-tokenised captions (benchmarks/scale.py measures both at scale)."""
+
+import torch
+
+from cnclip import data
+from cnclip.data import compact_tokens, gather_tokens, tokenize
+from cnclip.models import load_tokenizer
+from data_tools.cap import CapGroup, cap_groups
+
+
+class CountingQuery(str):
+    """A query whose equality tests are counted (every object distinct, so no identity shortcut)."""
+
+    comparisons = 0
+
+    def __eq__(self, other: object) -> bool:
+        CountingQuery.comparisons += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_cap_of_a_picture_refused_by_many_queries_is_linear():
+    """One picture found by m queries, each of which fills its cap of 1 with a better-ranked picture: the
+    picture is offered to every query in turn and refused by all. That takes O(m) query comparisons;
+    scanning the earlier members' queries at each offer took m^2 / 2 (2,000,000 here)."""
+    m = 2000
+    names = [f"query{i}" for i in range(m)]
+    logo = CapGroup(priority=2**63, queries=tuple(CountingQuery(name) for name in names))
+    singles = [CapGroup(priority=i, queries=(CountingQuery(name),)) for i, name in enumerate(names)]
+    CountingQuery.comparisons = 0
+    chosen = cap_groups([logo, *singles], cap=1)
+    assert 0 not in chosen  # refused by every query that found it
+    assert chosen == {g: 0 for g in range(1, m + 1)}
+    assert CountingQuery.comparisons < 10 * m, CountingQuery.comparisons
+
+
+def test_cap_keeps_the_first_member_whose_query_is_new_to_the_group():
+    """The member a group is kept through skips members whose query already refused it."""
+    groups = [CapGroup(5, ("a", "a", "b")), CapGroup(1, ("a",))]
+    assert cap_groups(groups, cap=1) == {0: 2, 1: 0}
+
+
+def test_compact_tokens_hold_the_same_rows_in_fewer_bytes(tiny_model_dir, monkeypatch):
+    """Stored compactly (the tiny vocabulary's ids and the masks in uint8: 3 bytes per token instead of 24)
+    and tokenised a chunk at a time, the captions give exactly the int64 batches the plain path gives."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    texts = ["一个红色的圆形", "左上角有一个绿色的正方形", "猫", "", "蓝色三角形在图片中间", "黑白照片"] * 3
+    calls = []
+    original = tokenizer.__call__
+
+    def counted(batch, **kwargs):
+        calls.append(len(batch))
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 4)
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, batch, **kwargs: counted(batch, **kwargs))
+    plain = tokenize(tokenizer, texts, 16)
+    compact = tokenize(tokenizer, texts, 16, compact=True)
+    assert max(calls) == 4  # never the whole list in one tokenizer call
+    assert plain["input_ids"].dtype == torch.int64
+    assert all(t.dtype == torch.uint8 for t in compact.values())
+    plain_bytes = sum(t.element_size() * t.numel() for t in plain.values())
+    compact_bytes = sum(t.element_size() * t.numel() for t in compact.values())
+    assert compact_bytes * 8 == plain_bytes
+    assert plain.keys() == compact.keys()
+    for name in plain:
+        assert torch.equal(plain[name], compact[name].to(torch.int64))
+    rows = torch.tensor([5, 0, 2, 11])
+    expected, got = gather_tokens(plain, rows, "cpu"), gather_tokens(compact, rows, "cpu")
+    for name in expected:
+        assert got[name].dtype == torch.int64 and torch.equal(expected[name], got[name])
+
+
+def test_compact_tokens_widen_only_as_far_as_the_values_need():
+    tokens = {"input_ids": torch.tensor([[0, 40000]]), "attention_mask": torch.tensor([[1, 1]]),
+              "token_type_ids": torch.tensor([[0, -1]]), "big": torch.tensor([[2**40]])}
+    compact = compact_tokens(tokens)
+    assert [compact[k].dtype for k in tokens] == [torch.int32, torch.uint8, torch.int16, torch.int64]
+    for name in tokens:
+        assert torch.equal(compact[name].to(torch.int64), tokens[name])
+
+
+def test_training_pairs_hold_their_captions_compactly(tiny_model_dir, tiny_data_dir):
+    """The trainer keeps every training caption's tokens for the whole run: in compact dtypes."""
+    from types import SimpleNamespace
+
+    from cnclip.data import load_split
+    from cnclip.skiplog import SkipLog
+    from cnclip.trainer import build_pairs
+
+    split = load_split(tiny_data_dir, "train", SkipLog())
+    features = SimpleNamespace(row={image_id: row for row, image_id in enumerate(split.images.ids)})
+    pairs = build_pairs(split, features, load_tokenizer(str(tiny_model_dir)), 16, SkipLog())
+    assert {t.dtype for t in pairs.tokens.values()} == {torch.uint8}  # a 70-token vocabulary: one byte per token
