@@ -27,8 +27,10 @@ Guarantees:
   banded search. The cost grows with the radius (V(bits, flips) does): radius 16, split's largest,
   costs about 100x radius 8 per query.
 * Memory: the hashes, per table an 8-byte id per hash and the offsets (`2**bits` 8-byte entries,
-  `bits` <= MAX_KEY_BITS, so at most 128 MiB a table), and per batch of queries the lookups and
-  candidates of QUERY_LOOKUPS keys. Results come out a batch of queries at a time.
+  `bits` <= MAX_KEY_BITS, so at most 128 MiB a table), and per step the QUERY_LOOKUPS keys looked
+  up and about CANDIDATES candidates (one key's ids are checked together: more only when a single
+  key holds more hashes). Results come out a piece at a time, so a dense cluster (thousands of
+  copies of one picture) costs time in proportion to its pairs but not memory.
 
 `HammingIndex` grows (dedup stores representatives as it finds them): its hashes are kept in
 levels, each with its own tables, a new level per added batch; a level is merged into the one
@@ -50,6 +52,7 @@ HASH_BITS = 64
 MAX_KEY_BITS = 24  # direct-address offsets of 2**24 entries (128 MiB) a table at most
 CANDIDATE_COST = 1.0  # a candidate's check costs about one key lookup (both a random gather; measured, numpy 2)
 QUERY_LOOKUPS = 1 << 20  # keys looked up together: bounds a batch's temporary memory (tens of MiB)
+CANDIDATES = 1 << 22  # candidates checked together, about: bounds that step's memory (a few hundred MiB)
 
 
 def _ball(bits: int, flips: int) -> int:
@@ -109,32 +112,41 @@ class _Tables:
 
     def search(self, queries: np.ndarray, first_id: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(query positions, ids) of every stored hash within the radius of each query, each pair once,
-        a batch of queries at a time. `first_id`: the query at position p is the stored hash
-        first_id + p (a self-join), and only ids after it are returned."""
+        in non-empty pieces. `first_id`: the query at position p is the stored hash first_id + p (a
+        self-join), and only ids after it are returned."""
         masks = _masks(self.bits, self.flips)
         step = max(1, QUERY_LOOKUPS // len(masks))
         for start in range(0, len(queries), step):
             batch = queries[start:start + step]
-            found = [self._search_table(batch, table, masks, None if first_id is None else first_id + start)
-                     for table in range(self.tables)]
-            positions = np.concatenate([p for p, _ in found]) + start
-            ids = np.concatenate([i for _, i in found])
-            if len(ids):
-                yield positions, ids
+            for table in range(self.tables):
+                for positions, ids in self._search_table(batch, table, masks, None if first_id is None else first_id + start):
+                    yield positions + start, ids
 
     def _search_table(self, batch: np.ndarray, table: int, masks: np.ndarray,
-                      first_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+                      first_id: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         keys = (self.keys(batch, table)[:, None] ^ masks[None, :]).ravel()
         offsets = self.offsets[table]
         starts = offsets[keys]
         counts = offsets[keys + 1] - starts
         hit = np.flatnonzero(counts)
-        counts = counts[hit]
+        ends = np.cumsum(counts[hit])
+        # hit keys in pieces of about CANDIDATES candidates (one key's ids are never split): a dense
+        # cluster of equal hashes costs time in proportion to its pairs, never memory
+        cuts = np.searchsorted(ends, np.arange(CANDIDATES, ends[-1] if len(ends) else 0, CANDIDATES), side="right")
+        for piece in np.split(np.arange(len(hit)), np.unique(cuts)):
+            if len(piece):
+                found = self._check(batch, table, hit[piece], starts[hit[piece]], counts[hit[piece]], len(masks), first_id)
+                if len(found[1]):
+                    yield found
+
+    def _check(self, batch: np.ndarray, table: int, hit: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+               n_masks: int, first_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """The ids filed under the hit keys, checked against their queries' full distance."""
         ends = np.cumsum(counts)
         # the ids filed under each hit key, laid end to end: start of its run + 0, 1, ... count - 1
-        slots = np.repeat(starts[hit] - ends + counts, counts) + np.arange(ends[-1] if len(ends) else 0)
+        slots = np.repeat(starts - ends + counts, counts) + np.arange(ends[-1])
         ids = self.sorted_ids[table][slots]
-        positions = np.repeat(hit // len(masks), counts)
+        positions = np.repeat(hit // n_masks, counts)
         if first_id is not None:
             later = ids > positions + first_id
             positions, ids = positions[later], ids[later]

@@ -198,3 +198,20 @@ def test_dedup_in_batches_decides_as_one_at_a_time(batch):
     # a near copy whose colours differ from the earliest near representative joins a later one
     assert any(e and e[0] is Reason.NEAR_DUPLICATE_IMAGE and any(bits(hashes[r], hashes[i]) <= 4 for r in representatives
                if r < e[1]) for i, e in enumerate(expected))
+
+
+def test_a_dense_cluster_comes_out_in_bounded_pieces(monkeypatch):
+    """Hundreds of copies of one picture: every pair still found once, in pieces of about CANDIDATES
+    candidates (plus one key's ids at most), not all at once."""
+    import data_tools.hamming as hamming
+
+    monkeypatch.setattr(hamming, "CANDIDATES", 1000)
+    rng = random.Random(5)
+    base = rng.getrandbits(64)
+    hashes = [base] * 200 + [base ^ (1 << rng.randrange(64)) for _ in range(200)] + planted(8, seed=6)
+    n = len(hashes)
+    expected = {(i, j) for i in range(n) for j in range(i + 1, n) if bits(hashes[i], hashes[j]) <= 8}
+    pieces = list(hamming_pairs(np.array(hashes, dtype=np.uint64), 8))
+    found = [(a, b) for left, right in pieces for a, b in zip(left.tolist(), right.tolist())]
+    assert len(found) == len(set(found)) and set(found) == expected and len(expected) > 79_000
+    assert len(pieces) > 40 and max(len(left) for left, _ in pieces) <= 1000 + 400
