@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_tools.dedup import DEDUP_BATCH  # noqa: E402
-from data_tools.hamming import HammingIndex, _Tables, hamming_pairs, layout  # noqa: E402
+from data_tools.dedup import DEDUP_BATCH
+from data_tools.hamming import HammingIndex, _Tables, hamming_pairs, layout
 
 
 def banded_pair_count(hashes: np.ndarray, radius: int) -> int:

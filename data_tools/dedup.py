@@ -19,8 +19,8 @@ image is never lost because its first copy happened to sit in a capped query.
 
 from __future__ import annotations
 
-from hashlib import blake2b
 from collections.abc import Sequence
+from hashlib import blake2b
 from typing import NamedTuple
 
 import numpy as np
@@ -29,7 +29,6 @@ from data_tools.hamming import HammingIndex
 from data_tools.images import colour_distance
 from data_tools.records import Reason
 from data_tools.semantic import SemanticIndex
-
 
 # Records checked together: their pHash pairs among each other (at most DEDUP_BATCH**2 / 2, however many
 # near copies a crawl repeats) are found at once, so the batch bounds that memory; large enough that the
@@ -100,9 +99,8 @@ class Deduplicator:
             return Duplicate(Reason.DUPLICATE_IMAGE, rep)
         if near is not None:
             return Duplicate(Reason.NEAR_DUPLICATE_IMAGE, near)
-        if self._semantic is not None and embedding is not None:
-            if (rep := self._semantic.find(embedding)) is not None:
-                return Duplicate(Reason.SEMANTIC_DUPLICATE, rep)
+        if self._semantic is not None and embedding is not None and (rep := self._semantic.find(embedding)) is not None:
+            return Duplicate(Reason.SEMANTIC_DUPLICATE, rep)
         text_key = blake2b(f"{query}\x00{text}".encode(), digest_size=12).digest()
         rep = self._texts.get(text_key)
         if rep is not None:

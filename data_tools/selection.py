@@ -31,7 +31,14 @@ from data_tools.cap import CapGroup, cap_groups, pair_priority
 from data_tools.dedup import DEDUP_BATCH, Deduplicator
 from data_tools.records import Reason
 from data_tools.report import Tally
-from data_tools.scoring import Embeddings, ScoringOptions, WorkImages, embed_records, histogram, select_by_similarity
+from data_tools.scoring import (
+    Embeddings,
+    ScoringOptions,
+    WorkImages,
+    embed_records,
+    histogram,
+    select_by_similarity,
+)
 from data_tools.semantic import SemanticIndex, similar_pairs
 from data_tools.shards import read_light
 from data_tools.split import assign_split, colour_array, leak_free_groups

@@ -7,8 +7,8 @@ import pytest
 
 from data_tools.config import DedupConfig, SplitConfig
 from data_tools.dedup import Deduplicator
-from data_tools.images import colour_distance
 from data_tools.hamming import HammingIndex, hamming_pairs, layout
+from data_tools.images import colour_distance
 from data_tools.records import Reason
 from data_tools.split import UnionFind, leak_free_groups
 
@@ -203,7 +203,7 @@ def test_dedup_in_batches_decides_as_one_at_a_time(batch):
 def test_a_dense_cluster_comes_out_in_bounded_pieces(monkeypatch):
     """Hundreds of copies of one picture: every pair still found once, in pieces of about CANDIDATES
     candidates (plus one key's ids at most), not all at once."""
-    import data_tools.hamming as hamming
+    from data_tools import hamming
 
     monkeypatch.setattr(hamming, "CANDIDATES", 1000)
     rng = random.Random(5)
