@@ -16,16 +16,20 @@ Guarantees:
   (so each pair once, without a set). A query costs `tables * V(bits, flips)` lookups, V(b, f)
   being the number of keys within f flips of a b-bit key, plus the candidates those keys hold,
   about `n * lookups / 2**bits` for spread-out hashes. `layout` picks (tables, bits) minimising that
-  cost for the number of hashes, so `bits` grows with log2(n) and the candidates per query stay flat.
+  cost for the number of hashes, so `bits` grows with log2(n) and the work per query grows slowly
+  (random hashes at radius 8: 12 candidates a query at 1,500 hashes, 55 at 100,000, against n for a scan).
 * Why numpy and not a hash map per query: the tables are direct-address (a `2**bits + 1` offsets
   array into the ids sorted by key, built with one sort), and a batch of queries is answered at
   once, all of its keys x flip masks in one gather, so the per-lookup cost is a memory access, not
   an interpreter step or a hash-map probe. Measured (benchmarks/hamming_scale.py, random hashes at
-  radius 8, CPU seconds on a shared 2-core machine, docs/data.md has the table): all pairs of
-  100,000 hashes in about 3 s and of 1,000,000 in about 50 s, against 7.1 s and about 521 s for the
-  faiss IndexBinaryMultiHash this replaced and 4.1 s and about 410 s (extrapolated) for the older
-  banded search. The cost grows with the radius (V(bits, flips) does): radius 16, split's largest,
-  costs about 100x radius 8 per query.
+  radius 8, CPU seconds on a shared 2-core machine at load average 5-11, docs/data.md has the
+  table): all pairs of 100,000 hashes in 2.4 s and of 1,000,000 in 52 s, against 7.1 s and about
+  521 s for the faiss IndexBinaryMultiHash this replaced (a hash-map probe per lookup) and 3.6 s and
+  about 360 s (extrapolated) for the older banded search; dedup's batched lookups take 56 s at
+  1,000,000. Limit: 64 bits allow 3 tables of at most 21 bits at radius 8, so past about 2,000,000
+  hashes the candidates per query grow in proportion to n (estimated 2,050 s for all pairs of
+  10,000,000, 204 us a query). The cost grows with the radius (V(bits, flips) does): radius 16,
+  split's largest, costs about 100x radius 8 per query.
 * Memory: the hashes, per table an 8-byte id per hash and the offsets (`2**bits` 8-byte entries,
   `bits` <= MAX_KEY_BITS, so at most 128 MiB a table), and per step the QUERY_LOOKUPS keys looked
   up and about CANDIDATES candidates (one key's ids are checked together: more only when a single
@@ -200,7 +204,7 @@ class HammingIndex:
         if not len(values):
             return
         end = self._size + len(values)
-        if end > len(self._hashes):  # amortised doubling; levels keep views of the old arrays, which stay valid
+        if end > len(self._hashes):  # amortised doubling (each level holds its own copy of its hashes)
             grown = max(end, 2 * len(self._hashes))
             self._hashes = np.concatenate([self._hashes[:self._size], np.empty(grown - self._size, np.uint64)])
             self._payloads = np.concatenate([self._payloads[:self._size], np.empty(grown - self._size, np.int64)])
