@@ -71,8 +71,8 @@ class Deduplicator:
     def check_many(self, numbers: Sequence[int], image_shas: Sequence[bytes], phashes: Sequence[int],
                    queries: Sequence[str], texts: Sequence[str], embeddings: Sequence[np.ndarray | None] | None = None,
                    colours: Sequence[bytes | None] | None = None) -> list[Duplicate | None]:
-        """`check` for each record in turn (numbers ascending, after every earlier call's): the same
-        answers, with the pHash neighbours of the whole batch looked up at once."""
+        """`check` for each record in turn: the same answers, with the pHash neighbours of the whole
+        batch (among the representatives so far and among each other) looked up at once."""
         stored, earlier = self._near.near_batch(phashes) if self._near is not None else ([], [])
         results: list[Duplicate | None] = []
         new_representatives: list[int] = []  # positions in this batch

@@ -46,7 +46,7 @@ records at once (`near_batch`): their neighbours among the stored hashes and amo
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from functools import cache
+from functools import cache, lru_cache
 from itertools import combinations
 from math import comb
 
@@ -64,7 +64,7 @@ def _ball(bits: int, flips: int) -> int:
     return sum(comb(bits, i) for i in range(flips + 1))
 
 
-@cache
+@lru_cache(maxsize=4096)  # a growing index asks for many sizes: bounded
 def layout(radius: int, size: int) -> tuple[int, int]:
     """(tables, bits) with the least estimated cost per query among `size` spread-out hashes.
 
