@@ -1,13 +1,18 @@
 """Near-duplicate search at scale: data_tools.hamming against the banded search it replaced; prints JSON.
 
+data_tools.hamming is multi-index hashing vectorised in numpy; before it, the same scheme ran on faiss
+IndexBinaryMultiHash (docs/data.md keeps that engine's measured numbers beside these).
+
 Random 64-bit hashes (no structure: every candidate a band or table turns up is a false one, the
 case that made the banded search quadratic). Per size:
 
 * `pairs`: data_tools.hamming.hamming_pairs over all hashes (split grouping's self-join): CPU
   seconds, µs per hash, pairs found, and the (tables, bits) layout it chose;
 * `pairs_sampled` instead, past --sample-from: the table build over all n and the queries of a random
-  sample of --sample-queries hashes, timed apart; CPU total estimated as build + n * mean query;
-* `online`: HammingIndex.near then .add for every hash in turn (dedup's use), CPU seconds and µs per hash;
+  sample of --sample-queries hashes, timed apart; CPU total estimated as build + n * mean query (an
+  upper bound: a sampled query checks all its candidates, the self-join only those after it);
+* `online`: dedup's use, batches of data_tools.dedup.DEDUP_BATCH hashes in turn: HammingIndex.near_batch
+  (neighbours among the stored and within the batch), then .add_many; CPU seconds and µs per hash;
 * `old`: the band-per-radius scheme both modules used before (radius + 1 bands, every pair inside a
   band's bucket compared: n^2 / 2^(64 / (radius + 1)) comparisons a band), only for sizes up to
   --old-max, since it is quadratic; its pair count must equal the new one's.
@@ -15,6 +20,7 @@ case that made the banded search quadratic). Per size:
 CPU seconds (time.process_time) are reported beside wall seconds because the machine may be shared.
 
     python benchmarks/hamming_scale.py                              # 25k, 50k, 100k, 1M at radius 8
+    python benchmarks/hamming_scale.py --sizes 10000000 --online-max 0   # 10M, all pairs
     python benchmarks/hamming_scale.py --sizes 2000 --radius 4      # smoke test
 """
 
@@ -34,7 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_tools.hamming import HammingIndex, _multihash, _range, hamming_pairs, layout  # noqa: E402
+from data_tools.dedup import DEDUP_BATCH
+from data_tools.hamming import HammingIndex, _Tables, hamming_pairs, layout
 
 
 def banded_pair_count(hashes: np.ndarray, radius: int) -> int:
@@ -70,24 +77,25 @@ def new_pair_count(hashes: np.ndarray, radius: int) -> int:
 def sampled_pairs(hashes: np.ndarray, radius: int, queries: int) -> dict:
     """hamming_pairs' two steps, timed apart, with the queries of a random sample of the hashes: the table
     build over all n, and the per-query search, whose mean over a sample is its mean over all n (the
-    same index answers every query). Total CPU = build + n * mean query."""
-    codes = hashes.view(np.uint8).reshape(len(hashes), 8)
-    index, _, build = timed(lambda: _multihash(radius, len(hashes), codes))
+    same tables answer every query). Total CPU = build + n * mean query."""
+    tables, _, build = timed(lambda: _Tables(hashes, radius))
     sample = np.sort(np.random.default_rng(1).choice(len(hashes), queries, replace=False))
-    (limits, _), _, search = timed(lambda: _range(index, codes[sample], radius))
+    found, _, search = timed(lambda: sum(len(ids) for _, ids in tables.search(hashes[sample])))
     per_query = search / queries
     total = build + per_query * len(hashes)
     return {"sampled_queries": queries, "build_cpu_s": build, "query_cpu_us": round(1e6 * per_query, 2),
             "cpu_s_estimated": round(total, 3), "cpu_us_per_hash": round(1e6 * total / len(hashes), 2),
-            "neighbours_in_sample": int(limits[-1]) - queries}
+            "neighbours_in_sample": found - queries}
 
 
 def online(hashes: np.ndarray, radius: int) -> int:
-    """Dedup's pattern: look each hash up among the earlier ones, then store it; returns how many had a neighbour."""
+    """Dedup's pattern: look each batch up among the earlier hashes, then store it; returns how many had a neighbour."""
     index, repeats = HammingIndex(radius), 0
-    for number, value in enumerate(hashes.tolist()):
-        repeats += bool(index.near(value))
-        index.add(value, number)
+    for start in range(0, len(hashes), DEDUP_BATCH):
+        batch = hashes[start:start + DEDUP_BATCH]
+        stored, earlier = index.near_batch(batch)
+        repeats += sum(bool(s or e) for s, e in zip(stored, earlier))
+        index.add_many(batch, np.arange(start, start + len(batch)))
     return repeats
 
 
@@ -118,19 +126,17 @@ def main() -> None:
     parser.add_argument("--sizes", default="25000,50000,100000,1000000")
     parser.add_argument("--radius", type=int, default=8)
     parser.add_argument("--old-max", type=int, default=100_000, help="largest size the quadratic old search runs at")
-    parser.add_argument("--online-max", type=int, default=100_000, help="largest size the one-at-a-time index runs at")
-    parser.add_argument("--sample-from", type=int, default=100_000,
+    parser.add_argument("--online-max", type=int, default=1_000_000, help="largest size dedup's batched lookups run at")
+    parser.add_argument("--sample-from", type=int, default=10**12,
                         help="past this size, time the table build and a sample of the queries (--sample-queries) "
                              "and estimate the total from them instead of running every query")
     parser.add_argument("--sample-queries", type=int, default=20_000)
     args = parser.parse_args()
-    import faiss
-
     results = []
     for n in map(int, args.sizes.split(",")):
         results.append(one_size(n, args.radius, args.old_max, args.online_max, args.sample_from, args.sample_queries))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    print(json.dumps({"benchmark": "hamming_scale", "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
+    print(json.dumps({"benchmark": "hamming_scale", "numpy": np.__version__,
                       "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                       "load_average": os.getloadavg(), "results": results}, indent=2))
 

@@ -28,10 +28,17 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.cap import CapGroup, cap_groups, pair_priority
-from data_tools.dedup import Deduplicator
+from data_tools.dedup import DEDUP_BATCH, Deduplicator
 from data_tools.records import Reason
 from data_tools.report import Tally
-from data_tools.scoring import Embeddings, ScoringOptions, WorkImages, embed_records, histogram, select_by_similarity
+from data_tools.scoring import (
+    Embeddings,
+    ScoringOptions,
+    WorkImages,
+    embed_records,
+    histogram,
+    select_by_similarity,
+)
 from data_tools.semantic import SemanticIndex, similar_pairs
 from data_tools.shards import read_light
 from data_tools.split import assign_split, colour_array, leak_free_groups
@@ -145,16 +152,20 @@ def _group(records: _Records, passed: np.ndarray, embeddings: Embeddings | None,
     group_of: dict[int, int] = {}  # representative -> group index
     members: list[list[int]] = []
     reasons: dict[int, Reason] = {}
-    for number in np.flatnonzero(passed).tolist():
-        vector = embeddings.images[number] if embeddings is not None else None
-        duplicate = dedup.check(number, records.sha[number], records.phash[number], records.query[number],
-                                records.text[number], vector, records.colour[number])
-        if duplicate is None:
-            group_of[number] = len(members)
-            members.append([number])
-        else:
-            members[group_of[duplicate.of]].append(number)
-            reasons[number] = duplicate.reason
+    numbers = np.flatnonzero(passed).tolist()
+    for start in range(0, len(numbers), DEDUP_BATCH):
+        batch = numbers[start:start + DEDUP_BATCH]
+        duplicates = dedup.check_many(batch, [records.sha[n] for n in batch], [records.phash[n] for n in batch],
+                                      [records.query[n] for n in batch], [records.text[n] for n in batch],
+                                      embeddings.images[batch] if embeddings is not None else None,
+                                      [records.colour[n] for n in batch])
+        for number, duplicate in zip(batch, duplicates):
+            if duplicate is None:
+                group_of[number] = len(members)
+                members.append([number])
+            else:
+                members[group_of[duplicate.of]].append(number)
+                reasons[number] = duplicate.reason
     return members, reasons
 
 
