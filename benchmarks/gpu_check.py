@@ -31,7 +31,7 @@ Every check compares two computations and reports {"status": "ok" | "failed" | "
   (summary steps_this_run 0) and leave the checkpoint and best/ byte-identical.
 * compile: the text tower compiled as train.compile does it (prepare_text_tower; with --cpu, Module.compile
   with dynamo's "eager" backend: inductor's C++ build takes minutes on a small CPU): embeddings and
-  gradients equal the eager tower's (float32, within 1e-4), for two caption lengths. The compiled
+  gradients equal the eager tower's (float32, within 1e-4), at two caption lengths (one with --cpu). The compiled
   grad-cache step's relative difference from the full batch is reported (README: approximate under compile).
 * sigkill_resume: the demo command killed with SIGKILL in a step after its first checkpoint
   (CNCLIP_CRASH_AT, cnclip/faults.py), then run again: it resumes and ends with trainable weights
@@ -40,7 +40,8 @@ Every check compares two computations and reports {"status": "ok" | "failed" | "
   towers with --cpu): cnclip's step (the trainer's) must be faster than the plain transformers + peft
   loop, and each loop's FLOP rate a fraction in (0, 1.5] of the matmul ceiling in the dtype that runs.
 
-The exit status is 0 when no check failed, 1 otherwise. Checks run one after another; each reports
+--cpu runs on one thread (small shapes gain nothing from more, and a shared CI machine loses much
+to spinning OpenMP threads). The exit status is 0 when no check failed, 1 otherwise. Checks run one after another; each reports
 its seconds. A check that needs CUDA reports "skipped" with the reason on a CPU.
 """
 
@@ -97,6 +98,7 @@ class Shapes:
     loss_sizes: tuple[int, ...]  # global batches of the loss-memory check
     loss_dim: int
     loss_chunk: int
+    compile_lengths: tuple[int, ...]  # caption lengths the compiled tower runs at (each a compilation)
     demo: list[str] = field(default_factory=list)  # recipe overrides of the demo runs
     crash_step: int = 0  # the demo step SIGKILL lands in (after the first checkpoint)
     throughput: list[str] = field(default_factory=list)  # benchmarks/train_throughput.py arguments
@@ -105,13 +107,14 @@ class Shapes:
 # The demo (1080 pairs, batch 64) takes 16 steps an epoch and checkpoints at every epoch end: step 20 is
 # in the second epoch (GPU: 30 epochs); with --cpu one epoch, checkpointed every 4 steps, killed in step 6.
 GPU_SHAPES = Shapes(captions=64, context_length=52, sync_batch=256, loss_sizes=(8192, 16384, 32768), loss_dim=512,
-                    loss_chunk=2048, demo=["train.precision=bf16"], crash_step=20,
+                    loss_chunk=2048, compile_lengths=(26, 52), demo=["train.precision=bf16"], crash_step=20,
                     throughput=["--batch", "128", "--steps", "5", "--scenarios", "short,max", "--no-distill",
                                 "--context-lengths", "none"])
 CPU_SHAPES = Shapes(captions=8, context_length=24, sync_batch=8, loss_sizes=(256, 512, 1024), loss_dim=32,
-                    loss_chunk=96, demo=["train.precision=fp32", "train.epochs=1", "train.save_every=4",
+                    loss_chunk=96, compile_lengths=(24,), demo=["train.precision=fp32", "train.epochs=1", "train.save_every=4",
                                          "eval.batch_size=128"], crash_step=6,
-                    throughput=["--small", "--batch", "2", "--steps", "1", "--cache-batch", "8", "--no-memory",
+                    throughput=["--small", "--batch", "2", "--steps", "1", "--cache-batch", "8", "--matmul-size", "512",
+                                "--no-memory",
                                 "--no-distill", "--context-lengths", "none"])
 
 
@@ -487,8 +490,10 @@ def finetune(ctx: Context, run_dir: Path, name: str, crash_at: str | None = None
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if crash_at:
         env[CRASH_ENV] = crash_at
+    if ctx.cpu:  # one thread, as this process (main): on a busy machine idle OpenMP threads spin for cores
+        env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-m", "cnclip.finetune", str(DEMO_RECIPE), *overrides], env=env,
-                          capture_output=True, text=True, cwd=ctx.work)
+                          capture_output=True, text=True, cwd=REPO)  # the recipe's paths are the repository's
     (ctx.work / f"{name}.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     return proc
 
@@ -532,7 +537,7 @@ def check_compile(ctx: Context) -> dict:
     out: dict = {"backend": backend, "lengths": {}}
     worst = 0.0
     with float32_matmul("highest"):
-        for length in (ctx.shapes.context_length // 2, ctx.shapes.context_length):
+        for length in ctx.shapes.compile_lengths:
             tokens = captions(ctx, ctx.shapes.captions, seed=length, context_length=length)
             tic = time.perf_counter()
             emb, grads = embed_and_grads(encode_texts, clip, compiled_params, tokens, fp32_runtime(ctx))
@@ -638,6 +643,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown checks {unknown}; known: {', '.join(CHECKS)}")
     cpu = args.cpu or not torch.cuda.is_available()
+    threads = torch.get_num_threads()
+    if cpu:  # small shapes gain nothing from threads, and on a shared (CI) machine waiting threads spin
+        torch.set_num_threads(1)
+    try:
+        return run_checks(args, names, cpu)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_checks(args: argparse.Namespace, names: list[str], cpu: bool) -> int:
+    """Run the checks `names`; print (and with --out write) the summary; 1 if any failed."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

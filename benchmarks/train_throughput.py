@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="train.precision for both loops (auto: bf16 on a GPU with native bf16, else fp32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help="side of the square matrices the matmul ceiling is measured on (default 8192 on a GPU, "
+                             "4096 on a CPU, 2048 with --small)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted extra steps")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (child processes)")
     parser.add_argument("--no-packing", action="store_true", help="cnclip without train.packed_text")
@@ -498,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     pristine = ChineseCLIPModel(cfg).to(runtime.device)
     build_s = time.perf_counter() - tic
-    matmul = matmul_flops_per_s(runtime, args.small)
+    matmul = matmul_flops_per_s(runtime, args.small, args.matmul_size)
     result = {
         "benchmark": "train_throughput",
         "small": args.small,
@@ -523,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in ("short", "max"):
             parser.error(f"--scenarios: unknown scenario {name!r}; accepted: short, max")
         result["scenarios"][name] = run_scenario(name, pristine, cfg, runtime, args)
-        rates.append(matmul_flops_per_s(runtime, args.small)["flops_per_s"])
+        rates.append(matmul_flops_per_s(runtime, args.small, args.matmul_size)["flops_per_s"])
     if not args.no_distill:
         result["distill"] = distill_cost(pristine, runtime, args)
     if args.context_lengths:
