@@ -41,11 +41,10 @@ Every check compares two computations and reports {"status": "ok" | "failed" | "
   loop, and each loop's FLOP rate a fraction in (0, 1.5] of the matmul ceiling in the dtype that runs.
 
 --cpu runs on one thread (small shapes gain nothing from more, and a shared CI machine loses much
-to spinning OpenMP threads). The exit status is 0 when no check failed, 1 otherwise. Checks run one after another; each reports
-its seconds. A check that needs CUDA reports "skipped" with the reason on a CPU.
+to spinning OpenMP threads). The exit status is 0 when no check failed, 1 otherwise. Checks run one
+after another; each reports its seconds. A check that needs CUDA reports "skipped" with the reason
+on a CPU. docs/gpu.md has the same list as a table.
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib
