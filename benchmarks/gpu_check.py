@@ -43,7 +43,7 @@ Every check compares two computations and reports {"status": "ok" | "failed" | "
 --cpu runs on one thread (small shapes gain nothing from more, and a shared CI machine loses much
 to spinning OpenMP threads). The exit status is 0 when no check failed, 1 otherwise. Checks run one
 after another; each reports its seconds. A check that needs CUDA reports "skipped" with the reason
-on a CPU. docs/gpu.md has the same list as a table.
+on a CPU. docs/scaling.md ("Checking a GPU") has the same list as a table.
 """
 
 import argparse
