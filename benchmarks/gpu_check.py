@@ -26,7 +26,7 @@ Every check compares two computations and reports {"status": "ok" | "failed" | "
   (found by its signature) the chunked loss too, whose loss and gradient must equal the full one's
   (float32, within 1e-5 / 1e-4). A full loss that runs out of memory is reported, not failed, when the
   chunked one fits.
-* demo: recipes/demo.yaml in bf16 on a GPU (fp32 with --cpu, one epoch) with train.deterministic; the
+* demo: recipes/demo.yaml in bf16 on a GPU (10 epochs; fp32 and one epoch with --cpu) with train.deterministic; the
   mean recall after training must beat the one before, and the same command run again must train nothing
   (summary steps_this_run 0) and leave the checkpoint and best/ byte-identical.
 * compile: the text tower compiled as train.compile does it (prepare_text_tower; with --cpu, Module.compile
@@ -104,9 +104,10 @@ class Shapes:
 
 
 # The demo (1080 pairs, batch 64) takes 16 steps an epoch and checkpoints at every epoch end: step 20 is
-# in the second epoch (GPU: 30 epochs); with --cpu one epoch, checkpointed every 4 steps, killed in step 6.
+# in the second epoch (GPU: 10 of the recipe's 30 epochs, to stay within minutes); with --cpu one epoch,
+# checkpointed every 4 steps, killed in step 6.
 GPU_SHAPES = Shapes(captions=64, context_length=52, sync_batch=256, loss_sizes=(8192, 16384, 32768), loss_dim=512,
-                    loss_chunk=2048, compile_lengths=(26, 52), demo=["train.precision=bf16"], crash_step=20,
+                    loss_chunk=2048, compile_lengths=(26, 52), demo=["train.precision=bf16", "train.epochs=10"], crash_step=20,
                     throughput=["--batch", "128", "--steps", "5", "--scenarios", "short,max", "--no-distill",
                                 "--context-lengths", "none"])
 CPU_SHAPES = Shapes(captions=8, context_length=24, sync_batch=8, loss_sizes=(256, 512, 1024), loss_dim=32,
