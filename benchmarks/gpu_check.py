@@ -64,7 +64,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -334,7 +334,7 @@ def check_grad_cache(ctx: Context) -> dict:
         loss_full, full = step_gradients(clip, params, batch, fp32_runtime(ctx), 0)
         loss_chunked, chunked = step_gradients(clip, params, batch, fp32_runtime(ctx), chunk)
         _, bf_full = step_gradients(clip, params, batch, bf16_runtime(ctx), 0)
-        bf_loss_chunked, bf_chunked = step_gradients(clip, params, batch, bf16_runtime(ctx), chunk)
+        _, bf_chunked = step_gradients(clip, params, batch, bf16_runtime(ctx), chunk)
     zero = [k for k, g in full.items() if not g.abs().max() > 0]
     out = {"batch": n, "chunk": chunk, "loss": loss_full, "fp32_loss_diff": abs(loss_chunked - loss_full),
            "fp32_gradient_relative_diff": worst_relative_diff(chunked, full),
@@ -524,7 +524,7 @@ def check_demo(ctx: Context) -> dict:
 
 
 def check_compile(ctx: Context) -> dict:
-    clip, model, params = lora_text_model(ctx)
+    clip, model, _ = lora_text_model(ctx)
     model.eval()
     eager_clip = copy.deepcopy(clip)  # the same weights, never compiled
     eager_params = {n: p for n, p in eager_clip.named_parameters() if p.requires_grad}
