@@ -7,10 +7,10 @@
 Every check compares two computations and reports {"status": "ok" | "failed" | "skipped", numbers, "reason"}:
 
 * environment: torch / transformers / peft versions; on a GPU, the device's compute capability against
-  the kernels the torch build carries (torch.cuda.get_arch_list(): a matching sm_XY, or compute_XY PTX
-  of a lower or equal capability for the driver to compile), native bf16, the TF32 settings.
+  the kernels the torch build carries (cnclip.runtime.cuda_build_runs_on over torch.cuda.get_arch_list()),
+  a matmul on the device against the CPU's, native bf16, whether training turns TF32 on.
 * packed_text: cnclip.packed_text.encode_texts_packed against the model's own forward (models.encode_texts):
-  embeddings and LoRA gradients, in float32 (at "highest" matmul precision) within 1e-4 of the largest
+  embeddings and LoRA gradients, in float32 (TF32 off) within 1e-4 of the largest
   entry, and under bf16 autocast within twice what bf16 itself moves the plain forward from float32.
   Fails if the packed path is not taken (supports_packing false: the comparison would be plain vs plain).
 * grad_cache: train_step.contrastive_step with train.grad_cache_chunk (4 chunks) against the full batch:
@@ -80,7 +80,8 @@ from cnclip.loss import clip_loss  # noqa: E402
 from cnclip.models import attach_text_tuning, encode_texts, lock_image_tower  # noqa: E402
 from cnclip.packed_text import encode_texts_packed, supports_packing  # noqa: E402
 from cnclip.recipe import ModelConfig  # noqa: E402
-from cnclip.runtime import Runtime, native_bf16, pick_runtime  # noqa: E402
+from cnclip.errors import CnclipError  # noqa: E402
+from cnclip.runtime import Runtime, cuda_build_runs_on, float32_matmuls, native_bf16, pick_runtime  # noqa: E402
 from cnclip.train_step import contrastive_step, prepare_text_tower  # noqa: E402
 
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
@@ -167,14 +168,24 @@ def worst_relative_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 @contextlib.contextmanager
-def float32_matmul(precision: str) -> Iterator[None]:
-    """torch's float32 matmul precision for the block ("highest": no TF32), restored after."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
+def ieee_float32() -> Iterator[None]:
+    """Full float32 matmuls on CUDA for the block (no TF32: the equality checks compare algorithms, not
+    TF32's rounding), the previous setting restored after; through the API cnclip.runtime uses
+    (torch >= 2.9 refuses to mix it with the legacy allow_tf32 flag)."""
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "ieee"
+    else:
+        matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
 
 
 def sync(device: torch.device) -> None:
@@ -230,26 +241,6 @@ def fp32_runtime(ctx: Context) -> Runtime:
 # ---- the checks
 
 
-def kernel_support(capability: tuple[int, int], arch_list: list[str]) -> str | None:
-    """How a torch build runs on a device of `capability`: "sass" (a cubin of the same major version and a
-    lower or equal minor one: binary compatible), "ptx" (PTX of a lower or equal capability, compiled by
-    the driver at first use: slow start), or None (no kernels: every CUDA op fails)."""
-    major, minor = capability
-    found = None
-    for arch in arch_list:
-        kind, _, number = arch.partition("_")
-        digits = "".join(c for c in number if c.isdigit())
-        if not digits or len(digits) < 2:
-            continue
-        arch_major, arch_minor = int(digits[:-1]), int(digits[-1])
-        specific = number != digits  # sm_90a / sm_100f: that exact capability (family) only
-        if kind == "sm" and arch_major == major and (arch_minor == minor or (not specific and arch_minor < minor)):
-            return "sass"
-        if kind == "compute" and (arch_major, arch_minor) <= (major, minor) and not specific:
-            found = "ptx"
-    return found
-
-
 def check_environment(ctx: Context) -> dict:
     out: dict = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "peft", "datasets", "onnxruntime", "numpy"):
@@ -257,7 +248,6 @@ def check_environment(ctx: Context) -> dict:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
-    out["float32_matmul_precision"] = torch.get_float32_matmul_precision()
     if ctx.cpu:
         out["cuda_available"] = torch.cuda.is_available()
         missing = [n for n in ("transformers", "peft") if out[n] is None]
@@ -265,19 +255,20 @@ def check_environment(ctx: Context) -> dict:
     device = ctx.device
     major, minor = torch.cuda.get_device_capability(device)
     arch_list = torch.cuda.get_arch_list()
-    kernels = kernel_support((major, minor), arch_list)
+    kernels = cuda_build_runs_on(arch_list, (major, minor))
+    with float32_matmuls(device, deterministic=False) as tf32:  # what training turns on
+        pass
     out.update(device=torch.cuda.get_device_name(device), capability=f"{major}.{minor}", arch_list=arch_list,
-               cuda=torch.version.cuda, kernels=kernels or "none",
-               native_bf16=native_bf16(device), bf16_supported=torch.cuda.is_bf16_supported(),
-               tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+               cuda=torch.version.cuda, build_has_kernels=kernels, native_bf16=native_bf16(device),
+               bf16_supported=torch.cuda.is_bf16_supported(), tf32_in_training=tf32,
                runtime_precision=ctx.runtime.precision)
     # A real kernel launch: an arch list can name the device and still fail on a driver too old for the build.
     a = torch.randn(64, 64, device=device)
     launched = bool(torch.allclose((a @ a).cpu(), a.cpu() @ a.cpu(), atol=1e-2, rtol=1e-2))
     out["matmul_matches_cpu"] = launched
-    return ok_if(kernels is not None and launched,
+    return ok_if(kernels and launched,
                  f"torch {torch.__version__} carries no kernels for capability {major}.{minor} ({arch_list})"
-                 if kernels is None else "a matmul on the device differs from the CPU's", **out)
+                 if not kernels else "a matmul on the device differs from the CPU's", **out)
 
 
 def check_packed_text(ctx: Context) -> dict:
@@ -290,7 +281,7 @@ def check_packed_text(ctx: Context) -> dict:
     padding = 1 - float(tokens["attention_mask"].float().mean())
     out: dict = {"captions": ctx.shapes.captions, "padded_length": tokens["input_ids"].shape[1],
                  "padding_fraction": round(padding, 3)}
-    with float32_matmul("highest"):
+    with ieee_float32():
         plain_emb, plain = embed_and_grads(encode_texts, clip, params, tokens, fp32_runtime(ctx))
         packed_emb, packed = embed_and_grads(encode_texts_packed, clip, params, tokens, fp32_runtime(ctx))
         bf_plain_emb, bf_plain = embed_and_grads(encode_texts, clip, params, tokens, bf16_runtime(ctx))
@@ -330,7 +321,7 @@ def check_grad_cache(ctx: Context) -> dict:
     n = ctx.shapes.captions
     chunk = n // 4
     batch = contrastive_batch(ctx, clip, n)
-    with float32_matmul("highest"):
+    with ieee_float32():
         loss_full, full = step_gradients(clip, params, batch, fp32_runtime(ctx), 0)
         loss_chunked, chunked = step_gradients(clip, params, batch, fp32_runtime(ctx), chunk)
         _, bf_full = step_gradients(clip, params, batch, bf16_runtime(ctx), 0)
@@ -440,7 +431,7 @@ def check_loss_memory(ctx: Context) -> dict:
     sizes: dict = {}
     failures = []
     scale = torch.nn.Parameter(torch.tensor(2.6592, device=ctx.device))
-    with float32_matmul("highest"):
+    with ieee_float32():
         for n in ctx.shapes.loss_sizes:
             gen = torch.Generator().manual_seed(n)
             image = torch.randn(n, ctx.shapes.loss_dim, generator=gen).to(ctx.device)
@@ -536,7 +527,7 @@ def check_compile(ctx: Context) -> dict:
         prepare_text_tower(clip, compile=True)  # what train.compile runs
     out: dict = {"backend": backend, "lengths": {}}
     worst = 0.0
-    with float32_matmul("highest"):
+    with ieee_float32():
         for length in ctx.shapes.compile_lengths:
             tokens = captions(ctx, ctx.shapes.captions, seed=length, context_length=length)
             tic = time.perf_counter()
@@ -659,11 +650,17 @@ def run_checks(args: argparse.Namespace, names: list[str], cpu: bool) -> int:
     hf_logging.set_verbosity_error()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="cnclip-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(cpu=cpu, runtime=pick_runtime("cpu" if cpu else "cuda"), shapes=CPU_SHAPES if cpu else GPU_SHAPES,
-                  work=work)
     tic = time.perf_counter()
-    checks = {name: run_check(name, ctx) for name in names}
-    summary = {"check": "gpu_check", "mode": "cpu" if cpu else "gpu", "device": str(ctx.device),
+    try:
+        runtime = pick_runtime("cpu" if cpu else "cuda")
+    except CnclipError as exc:  # e.g. a torch build without kernels for this GPU: nothing else can run
+        checks = {name: skipped(f"no runtime: {exc}") for name in names}
+        checks["environment"] = {"status": "failed", "reason": str(exc)}
+        runtime = None
+    if runtime is not None:
+        ctx = Context(cpu=cpu, runtime=runtime, shapes=CPU_SHAPES if cpu else GPU_SHAPES, work=work)
+        checks = {name: run_check(name, ctx) for name in names}
+    summary = {"check": "gpu_check", "mode": "cpu" if cpu else "gpu", "device": str(runtime and runtime.device),
                "work_dir": str(work), "seconds": round(time.perf_counter() - tic, 1),
                "failed": [n for n, r in checks.items() if r["status"] == "failed"],
                "skipped": [n for n, r in checks.items() if r["status"] == "skipped"], "checks": checks}

@@ -1,18 +1,27 @@
-"""Search index speed: exact (faiss IndexFlatIP) vs approximate (HNSW) at 10k and 100k vectors; prints JSON.
+"""Search index speed: exact (faiss IndexFlatIP) vs approximate (HNSW) by size and kind of vectors; prints JSON.
 
-The vectors are uniformly random unit vectors of dimension 512 (the projection size of
-chinese-clip-vit-base-patch16), the queries other random unit vectors: the hardest case for an
-approximate index, since nothing clusters. Real image embeddings cluster and fare better.
+Three kinds of vectors of dimension 512 (the projection size of chinese-clip-vit-base-patch16):
+
+* `random`: uniformly random unit vectors, the queries other random unit vectors. The hardest case
+  for an approximate index, since nothing clusters.
+* `clustered`: a Gaussian mixture on the sphere, as image embeddings are: CLUSTERS centres, each
+  point its centre plus an offset in a subspace of INTRINSIC dimensions private to its cluster (and a
+  little noise in all 512), normalised; two points of one cluster are at cosine about 0.8, of two
+  clusters about 0. The queries are fresh draws from the same mixture.
+* `images`: image embeddings of generated pictures (a shape of random colour, size and place on a
+  background of random colour, plus pixel noise) from a tiny random ChineseCLIP image tower with a
+  512-wide projection; the queries are embeddings of other generated pictures.
 
 Per size and kind: build seconds, one-query latency (median and p95 over single queries, as a
-person's search sends them) and batch throughput (queries/s for a batch of all queries), and for
-HNSW recall@10 against the exact top 10 (the share of the exact ten neighbours it finds), for the
-random queries and for queries near a stored vector (cosine ~0.75 to it: a similar image is there). The
-index structures are the ones `cnclip search index` builds (cnclip.search_index.build_faiss), and
-the result is what cnclip.search_index.APPROXIMATE_FROM is set from.
+person's search sends them), batch throughput (queries/s for a batch of all queries), the index's
+bytes per vector (its serialised size over the count), and for HNSW recall@10 against the exact top
+10 (the share of the exact ten neighbours it finds), for the queries and for queries near a stored
+vector (cosine ~0.75 to it: a similar image is there), with an efSearch sweep. The index structures
+are the ones `cnclip search index` builds (cnclip.search_index.build_faiss), and the result is what
+cnclip.search_index.APPROXIMATE_FROM and the HNSW parameters are set from.
 
-    python benchmarks/search_throughput.py               # 10k and 100k (about a minute on 2 cores)
-    python benchmarks/search_throughput.py --sizes 2000  # smoke test
+    python benchmarks/search_throughput.py --threads 1                       # 10k and 100k, all three kinds
+    python benchmarks/search_throughput.py --sizes 2000 --data clustered     # smoke test
 """
 
 from __future__ import annotations
@@ -34,11 +43,91 @@ from cnclip.search_index import HNSW_EF_SEARCH, HNSW_M, build_faiss  # noqa: E40
 
 DIM, K = 512, 10
 EF_SWEEP = (32, 128, 512, 2048)
+DATA_KINDS = ("random", "clustered", "images")
+CLUSTERS, INTRINSIC, SPREAD, NOISE = 1000, 24, 0.5, 0.02
+IMAGE_SIZE = 32
 
 
 def unit(rng: np.random.Generator, n: int) -> np.ndarray:
     x = rng.standard_normal((n, DIM), dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered(rng: np.random.Generator, n: int, model: dict) -> np.ndarray:
+    """n draws from the mixture in `model` (centres and per-cluster subspace bases, see mixture())."""
+    centres, bases = model["centres"], model["bases"]
+    which = rng.integers(0, len(centres), n)
+    x = centres[which] + NOISE * rng.standard_normal((n, DIM), dtype=np.float32)
+    for c in np.unique(which):
+        rows = np.flatnonzero(which == c)
+        x[rows] += (SPREAD / np.sqrt(INTRINSIC)) * rng.standard_normal((len(rows), INTRINSIC), dtype=np.float32) @ bases[c]
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def mixture(rng: np.random.Generator) -> dict:
+    centres = unit(rng, CLUSTERS)
+    bases = rng.standard_normal((CLUSTERS, INTRINSIC, DIM), dtype=np.float32)
+    bases /= np.linalg.norm(bases, axis=2, keepdims=True)
+    return {"centres": centres, "bases": bases}
+
+
+def tiny_image_tower():
+    """A random ChineseCLIP image tower at tiny shapes (2 layers, width 64) with a 512-wide projection."""
+    import torch
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+    torch.manual_seed(0)
+    config = ChineseCLIPConfig(
+        text_config={"vocab_size": 32, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 4},
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": IMAGE_SIZE, "patch_size": 8, "initializer_factor": 3.0},
+        projection_dim=DIM)
+    return ChineseCLIPModel(config).eval()
+
+
+def generated_images(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 3, 32, 32) float pictures: a background colour, a box of another colour at a random place, noise."""
+    pictures = np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    pictures[:] = rng.uniform(-1, 1, (n, 3, 1, 1))
+    corners = rng.integers(0, IMAGE_SIZE - 4, (n, 2))
+    sides = rng.integers(4, IMAGE_SIZE // 2, (n, 2))
+    colours = rng.uniform(-1, 1, (n, 3, 1, 1)).astype(np.float32)
+    for i, ((y, x), (h, w)) in enumerate(zip(corners, sides)):
+        pictures[i, :, y:y + h, x:x + w] = colours[i]
+    return pictures + 0.1 * rng.standard_normal(pictures.shape, dtype=np.float32)
+
+
+def image_embeddings(rng: np.random.Generator, n: int, model) -> np.ndarray:
+    import torch
+
+    from cnclip.models import encode_images  # noqa: I001 - the embedding `cnclip search index` stores
+
+    out = np.empty((n, DIM), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, n, 2048):
+            pictures = torch.from_numpy(generated_images(rng, min(2048, n - start)))
+            out[start:start + len(pictures)] = encode_images(model, pictures).numpy()
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def sampler(kind: str, rng: np.random.Generator):
+    """draw(n) for one kind of vectors; the model behind it (mixture, image tower) is made once."""
+    if kind == "random":
+        return lambda n: unit(rng, n)
+    if kind == "clustered":
+        model = mixture(rng)
+        return lambda n: clustered(rng, n, model)
+    if kind == "images":
+        tower = tiny_image_tower()
+        return lambda n: image_embeddings(rng, n, tower)
+    raise SystemExit(f"--data: unknown kind {kind!r}; choose from {', '.join(DATA_KINDS)}")
+
+
+def bytes_per_vector(index) -> float:
+    import faiss
+
+    return round(len(faiss.serialize_index(index)) / max(index.ntotal, 1), 1)
 
 
 def overlap(rows: np.ndarray, exact: np.ndarray) -> float:
@@ -51,34 +140,69 @@ def ef_sweep(index, queries, near, exact_rows, exact_near) -> list[dict]:
     out = []
     for ef in EF_SWEEP:
         index.hnsw.efSearch = ef
-        timing, rows = measure(index, queries[:50])
+        timing, rows = measure(index, queries)
         _, near_rows = index.search(near, K)
         out.append({"efSearch": ef, "query_ms_median": timing["query_ms_median"],
-                    "recall_at_10_vs_exact": overlap(rows, exact_rows[:50]),
+                    "query_cpu_ms_median": timing["query_cpu_ms_median"], "query_cpu_ms_p95": timing["query_cpu_ms_p95"],
+                    "recall_at_10_vs_exact": overlap(rows, exact_rows),
                     "recall_at_10_vs_exact_near_queries": overlap(near_rows, exact_near)})
     index.hnsw.efSearch = HNSW_EF_SEARCH
     return out
 
 
 def measure(index, queries: np.ndarray) -> dict:
-    single = []
+    """Single-query latency, wall and CPU (this thread's: with one faiss thread, the search's own work,
+    which a busy machine does not inflate), and batch throughput."""
+    single, cpu = [], []
     for q in queries:
-        tic = time.perf_counter()
+        tic, cpu_tic = time.perf_counter(), time.thread_time()
         index.search(q[None, :], K)
         single.append(time.perf_counter() - tic)
+        cpu.append(time.thread_time() - cpu_tic)
     tic = time.perf_counter()
     _, rows = index.search(queries, K)
     batch = time.perf_counter() - tic
     single.sort()
+    cpu.sort()
     return {"query_ms_median": round(1000 * statistics.median(single), 3),
             "query_ms_p95": round(1000 * single[int(0.95 * (len(single) - 1))], 3),
+            "query_cpu_ms_median": round(1000 * statistics.median(cpu), 3),
+            "query_cpu_ms_p95": round(1000 * cpu[int(0.95 * (len(cpu) - 1))], 3),
             "batch_queries_per_s": round(len(queries) / batch, 1)}, rows
+
+
+def one_size(data_kind: str, data: np.ndarray, queries: np.ndarray, rng: np.random.Generator) -> dict:
+    n = len(data)
+    # queries near a stored vector (cosine ~0.75 to it), as when a similar image is in the collection
+    near = data[rng.choice(n, len(queries), replace=False)] + 0.04 * rng.standard_normal((len(queries), DIM),
+                                                                                        dtype=np.float32)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    row = {"data": data_kind, "vectors": n, "dim": DIM}
+    exact_rows = exact_near = None
+    for kind in ("exact", "hnsw"):
+        tic = time.perf_counter()
+        index = build_faiss(data, kind)
+        build = time.perf_counter() - tic
+        timing, rows = measure(index, queries)
+        entry = {"build_s": round(build, 2), **timing, "bytes_per_vector": bytes_per_vector(index)}
+        _, near_rows = index.search(near, K)
+        if kind == "exact":
+            exact_rows, exact_near = rows, near_rows
+        else:
+            entry["recall_at_10_vs_exact"] = overlap(rows, exact_rows)
+            entry["recall_at_10_vs_exact_near_queries"] = overlap(near_rows, exact_near)
+            entry["params"] = {"M": HNSW_M, "efSearch": HNSW_EF_SEARCH}
+            entry["ef_sweep"] = ef_sweep(index, queries, near, exact_rows, exact_near)
+        row[kind] = entry
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--data", default=",".join(DATA_KINDS), help="kinds of vectors, comma-separated: "
+                        + ", ".join(DATA_KINDS))
     parser.add_argument("--exact-sizes", default="", help="sizes measured with the exact index only (e.g. 1000000: "
                         "where exact search stops being instant; HNSW at that size takes too long to build here)")
     parser.add_argument("--threads", type=int, default=0,
@@ -90,34 +214,16 @@ def main() -> None:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
 
+    results = []
+    for data_kind in args.data.split(","):
+        rng = np.random.default_rng(0)
+        draw = sampler(data_kind, rng)
+        queries = draw(args.queries)
+        for n in map(int, args.sizes.split(",")):
+            results.append(one_size(data_kind, draw(n), queries, rng))
+            print(f"{data_kind} {n} vectors: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
     rng = np.random.default_rng(0)
     queries = unit(rng, args.queries)
-    results = []
-    for n in map(int, args.sizes.split(",")):
-        data = unit(rng, n)
-        # queries near a stored vector (cosine ~0.75 to it), as when a similar image is in the collection
-        near = data[rng.choice(n, args.queries, replace=False)] + 0.04 * rng.standard_normal((args.queries, DIM),
-                                                                                          dtype=np.float32)
-        near /= np.linalg.norm(near, axis=1, keepdims=True)
-        row = {"vectors": n, "dim": DIM}
-        exact_rows = None
-        for kind in ("exact", "hnsw"):
-            tic = time.perf_counter()
-            index = build_faiss(data, kind)
-            build = time.perf_counter() - tic
-            timing, rows = measure(index, queries)
-            entry = {"build_s": round(build, 2), **timing}
-            _, near_rows = index.search(near, K)
-            if kind == "exact":
-                exact_rows, exact_near = rows, near_rows
-            else:
-                entry["recall_at_10_vs_exact"] = overlap(rows, exact_rows)
-                entry["recall_at_10_vs_exact_near_queries"] = overlap(near_rows, exact_near)
-                entry["params"] = {"M": HNSW_M, "efSearch": HNSW_EF_SEARCH}
-                entry["ef_sweep"] = ef_sweep(index, queries, near, exact_rows, exact_near)
-            row[kind] = entry
-        results.append(row)
-        print(f"{n} vectors: {json.dumps(row)}", file=sys.stderr)
     for n in (int(x) for x in args.exact_sizes.split(",") if x):
         data = unit(rng, n)
         tic = time.perf_counter()

@@ -7,7 +7,10 @@ over n clustered, L2-normalised embeddings, 10% of them planted near-copies of a
 (cosine about 0.97), in input order, as build-pairs does. It reports the time per image, the
 memory per image (the bytes of the faiss index's vectors and graph, and the resident memory the
 run adds, RSS after minus before: the latter can read low when freed input buffers are reused), the distance computations per graph lookup (the work, independent of the machine),
-and the share of planted copies found (the HNSW recall at the dedup threshold). Prints one JSON
+and the share of planted copies found (the HNSW recall at the dedup threshold). It also times
+split grouping's similar_pairs (every pair at cosine >= SPLIT_THRESHOLD) on the same vectors: the
+adaptive-k HNSW path at every size, and the exact range search (its default up to
+data_tools.semantic.EXACT_UP_TO rows) where it is that path, giving the HNSW path's pair recall. Prints one JSON
 object. Memory per image is flat; the work per lookup grows like log n (HNSW), and CPU time per
 image a little faster once the index outgrows the CPU caches.
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 SIZES = (10_000, 20_000, 40_000, 80_000)
 SMALL_SIZES = (2_000, 4_000)
 THRESHOLD = 0.95
+SPLIT_THRESHOLD = 0.9
 
 
 def rss_bytes() -> int:
@@ -72,6 +76,7 @@ def one_size(n: int, dim: int) -> dict:
     seconds = time.process_time() - start
     after = rss_bytes()
     found = sum(1 for i in planted.tolist() if i in removed)
+    split_pairs = measure_similar_pairs(vectors)
     stats = faiss.cvar.hnsw_stats  # graph lookups (one per image once the graph has nodes) and their distances
     return {
         "images": n,
@@ -84,7 +89,28 @@ def one_size(n: int, dim: int) -> dict:
         "removed": len(removed),
         "planted_copies": len(planted),
         "planted_found": round(found / len(planted), 4),
+        "split_pairs": split_pairs,
     }
+
+
+def measure_similar_pairs(vectors) -> dict:
+    """similar_pairs at the split threshold: CPU seconds and pairs per path, and the graph path's recall."""
+    import numpy as np
+
+    from data_tools.semantic import EXACT_UP_TO, similar_pairs
+
+    def run(exact_up_to: int):
+        start = time.process_time()
+        keys = [left * len(vectors) + right for left, right in similar_pairs(vectors, SPLIT_THRESHOLD, exact_up_to)]
+        return np.concatenate(keys) if keys else np.zeros(0, np.int64), time.process_time() - start
+
+    graph, graph_s = run(0)
+    out = {"graph": {"cpu_s": round(graph_s, 3), "pairs": len(graph)}}
+    if len(vectors) <= EXACT_UP_TO:
+        exact, exact_s = run(EXACT_UP_TO)
+        out["exact"] = {"cpu_s": round(exact_s, 3), "pairs": len(exact)}
+        out["graph"]["recall"] = round(len(np.intersect1d(graph, exact)) / max(len(exact), 1), 5)
+    return out
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ sys.path.insert(0, str(REPO))
 
 from cnclip.checkpoint import TrainState  # noqa: E402
 from cnclip.data import gather_tokens  # noqa: E402
-from cnclip.runtime import Runtime, pick_runtime  # noqa: E402
+from cnclip.runtime import AUTOCAST_DTYPES, Runtime, float32_matmuls, pick_runtime  # noqa: E402
 from cnclip.models import attach_text_tuning, encode_images, lock_image_tower  # noqa: E402
 from cnclip.recipe import Recipe, load_recipe  # noqa: E402
 from cnclip.train_step import prepare_text_tower  # noqa: E402
@@ -115,8 +115,8 @@ def sync(device: torch.device) -> None:
 
 def matmul_flops_per_s(runtime: Runtime, small: bool, n: int | None = None) -> dict:
     """The machine's own dense-matmul rate in the dtype the training steps compute in (the runtime's
-    autocast dtype, else float32, under this process's float32 matmul precision, so TF32 where it is
-    on): the ceiling a training step can be compared against. `n`: the matrix size (default by device)."""
+    autocast dtype, else float32, in TF32 where the caller turned it on as training does): the ceiling
+    a training step can be compared against. `n`: the matrix size (default by device)."""
     device = runtime.device
     dtype = runtime.autocast_dtype or torch.float32
     n = n or (8192 if device.type == "cuda" else (2048 if small else 4096))
@@ -131,10 +131,7 @@ def matmul_flops_per_s(runtime: Runtime, small: bool, n: int | None = None) -> d
             a @ b
         sync(device)
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - tic))
-    out = {"flops_per_s": best, "size": n, "dtype": str(dtype).replace("torch.", "")}
-    if dtype == torch.float32:  # "highest" = true fp32; "high" lets CUDA use TF32 (and the steps too)
-        out["float32_matmul_precision"] = torch.get_float32_matmul_precision()
-    return out
+    return {"flops_per_s": best, "size": n, "dtype": str(dtype).replace("torch.", "")}
 
 
 def _status_mb(field: str) -> float:
@@ -261,6 +258,7 @@ def trainer_run(clip, data: dict, runtime: Runtime, recipe: Recipe, image_bank: 
     run.model = attach_text_tuning(clip, recipe.model).to(runtime.device)
     run.trainable = [p for p in run.model.parameters() if p.requires_grad]
     prepare_text_tower(clip, recipe.train.gradient_checkpointing, recipe.train.compile)
+    run.text_encoder = None  # LoRA: no DDP wrapper (FinetuneRun._setup_model makes one for full tuning only)
     rows = torch.arange(data["n"])
     run.pairs = TrainingPairs(tokens=data["tokens"], text_rows=rows, image_rows=rows, text_keys=rows)
     run.image_bank = image_bank
@@ -334,7 +332,7 @@ def memory_probe(loop: str, name: str, args) -> dict:
 
     pristine = ChineseCLIPModel(cfg).to(runtime.device)
     data = make_data(name, args.batch * (args.warmup + 1), args.seed, runtime.device)
-    out = {}
+    out: dict = {}
     if loop == "baseline":
         step = baseline_setup(pristine, data, runtime, args.batch)
     else:
@@ -466,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=None,
                         help="caption lengths, comma-separated: short, max (default both; short with --small)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="train.precision for both loops (auto: bf16 on a GPU with native bf16, else fp32)")
+    parser.add_argument("--precision", default="auto", choices=("auto", *AUTOCAST_DTYPES),
+                        help="train.precision for both loops (auto: as cnclip.runtime.pick_runtime chooses)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="side of the square matrices the matmul ceiling is measured on (default 8192 on a GPU, "
@@ -487,21 +485,27 @@ def main(argv: list[str] | None = None) -> int:
     args.scenarios = args.scenarios or ("short" if args.small else "short,max")
     lengths = args.context_lengths or "52,128,256"
     args.context_lengths = [] if lengths == "none" else [int(x) for x in lengths.split(",") if x.strip()]
-    if args.probe:
-        print(json.dumps(memory_probe(args.probe, args.scenarios, args)))
-        return 0
+    runtime = pick_runtime(args.device, args.precision)
+    # float32 matmuls as `cnclip finetune` runs them (TF32 on CUDA), for the steps and the ceiling alike
+    with float32_matmuls(runtime.device, deterministic=False) as tf32:
+        if args.probe:
+            print(json.dumps(memory_probe(args.probe, args.scenarios, args)))
+            return 0
+        return run_benchmark(args, parser, runtime, tf32)
 
+
+def run_benchmark(args, parser: argparse.ArgumentParser, runtime: Runtime, tf32: bool) -> int:
+    """Everything the benchmark measures, into one JSON document (stdout, and --out)."""
     from transformers import ChineseCLIPModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    runtime = pick_runtime(args.device, args.precision)
     cfg = model_config(args.small)
     torch.manual_seed(args.seed)
     tic = time.perf_counter()
     pristine = ChineseCLIPModel(cfg).to(runtime.device)
     build_s = time.perf_counter() - tic
-    matmul = matmul_flops_per_s(runtime, args.small, args.matmul_size)
+    matmul = {**matmul_flops_per_s(runtime, args.small, args.matmul_size), "tf32": tf32}
     result = {
         "benchmark": "train_throughput",
         "small": args.small,

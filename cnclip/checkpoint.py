@@ -37,6 +37,7 @@ class TrainState:
     best_score: float | None = None
     best_epoch: int | None = None
     bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    loss_scaler: dict | None = None  # fp16's GradScaler state at the checkpoint (None at other precisions)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

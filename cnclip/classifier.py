@@ -12,6 +12,11 @@ tokenizer, the prompts and the precision: the text pass over classes x names x t
 expensive part for large class lists, and a user re-running on other images or with --predict
 reuses it. During fine-tuning the text tower changes at every step, so the tracker recomputes
 class embeddings in memory and writes nothing.
+
+Device: class embeddings are returned on the model's device and the image embeddings are moved to
+theirs, so similarities and top-k run there (images x classes: a matrix of the folder's size times
+the class list's, never images x images). Top-k ties go to the lowest class index
+(retrieval.topk_lowest_index), on every device.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from .image_sources import ImageFolder
 from .images import decode_rgb
 from .models import MAX_LOGIT_SCALE, encode_images, image_tower_fingerprint, text_tower_fingerprint
 from .prompts import ClassList, build_prompts, load_classes, load_templates
-from .retrieval import embed_texts
+from .retrieval import embed_texts, topk_lowest_index
 from .skiplog import SkipLog
 
 log = logging.getLogger(__name__)
@@ -51,17 +56,18 @@ CLASS_CACHE_VERSION = 1
 def ensemble(text_emb: torch.Tensor, owners: Sequence[int], num_classes: int) -> torch.Tensor:
     """One embedding per class: normalise each prompt's embedding, average per class, renormalise."""
     emb = F.normalize(text_emb.float(), dim=-1)
-    owner = torch.as_tensor(list(owners), dtype=torch.long)
+    owner = torch.as_tensor(list(owners), dtype=torch.long, device=emb.device)
     counts = torch.bincount(owner, minlength=num_classes)
     if (counts == 0).any():
         raise ValueError(f"classes without prompts: {torch.nonzero(counts == 0).flatten().tolist()}")
-    sums = torch.zeros(num_classes, emb.shape[1]).index_add_(0, owner, emb)
+    sums = torch.zeros(num_classes, emb.shape[1], device=emb.device).index_add_(0, owner, emb)
     return F.normalize(sums / counts[:, None], dim=-1)
 
 
 def similarities(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every image to every class (class embeddings are already unit length)."""
-    return F.normalize(image_emb.float(), dim=-1) @ class_emb.float().t()
+    """Cosine similarity of every image to every class (class embeddings are already unit length),
+    on the class embeddings' device."""
+    return F.normalize(image_emb.to(class_emb.device).float(), dim=-1) @ class_emb.float().t()
 
 
 def probabilities(sims: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -74,23 +80,25 @@ def score(sims: torch.Tensor, labels: torch.Tensor, keys: Sequence[str], k: int 
 
     The top-k entry is named for the k asked ("top5") and uses min(k, number of classes), recorded
     as "top_k_used". The confusion matrix has one row per true class and one column per predicted
-    class, over every class of the list (rows of classes without images are all 0).
+    class, over every class of the list (rows of classes without images are all 0). Runs on the
+    similarities' device; equal similarities rank the lower class index first.
     """
     n, num_classes = sims.shape
     k_used = min(k, num_classes)
-    top = sims.topk(k_used, dim=1).indices
+    labels = labels.to(sims.device)
+    top = topk_lowest_index(sims, k_used)
     predicted = top[:, 0]
     hit1 = predicted == labels
     hitk = (top == labels[:, None]).any(dim=1)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    confusion.index_put_((labels, predicted), torch.ones(n, dtype=torch.long), accumulate=True)
-    per_class = {}
-    for c, key in enumerate(keys):
-        mine = labels == c
-        count = int(mine.sum())
-        if count:
-            per_class[key] = {"images": count, "top1": 100.0 * int(hit1[mine].sum()) / count,
-                              f"top{k}": 100.0 * int(hitk[mine].sum()) / count}
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=sims.device)
+    confusion.index_put_((labels, predicted), torch.ones(n, dtype=torch.long, device=sims.device), accumulate=True)
+    # Per-class counts in three bincounts (three device-to-host copies, not three per class; no
+    # weights: a weighted bincount has no deterministic CUDA kernel).
+    images, hits1, hitsk = (torch.bincount(labels[hit], minlength=num_classes).tolist()
+                            for hit in (slice(None), hit1, hitk))
+    per_class = {key: {"images": images[c], "top1": 100.0 * hits1[c] / images[c],
+                       f"top{k}": 100.0 * hitsk[c] / images[c]}
+                 for c, key in enumerate(keys) if images[c]}
     return {
         "num_images": n,
         "num_classes": num_classes,
@@ -123,7 +131,7 @@ def class_embeddings(clip, tokenizer, templates: list[str], classes: ClassList, 
     """Ensembled class embeddings from one batched text pass over classes x names x templates.
 
     With `cache_dir`, the result is stored there and reused while text tower, tokenizer, prompts and
-    precision are unchanged.
+    precision are unchanged. Returned on the runtime's device.
     """
     texts, owners = build_prompts(templates, classes)
     path = None
@@ -135,7 +143,7 @@ def class_embeddings(clip, tokenizer, templates: list[str], classes: ClassList, 
         path = Path(cache_dir) / f"{hashlib.sha256(blob.encode()).hexdigest()[:32]}.safetensors"
         if path.is_file():
             log.info("class embeddings loaded from cache %s", path)
-            return load_safetensors(path.read_bytes())["embeddings"]
+            return load_safetensors(path.read_bytes())["embeddings"].to(runtime.device)
     log.info("embedding %d prompts (%d classes, %d names, %d templates)", len(texts), len(classes),
              sum(map(len, classes.names)), len(templates))
     tokens = tokenize(tokenizer, texts, context_length)
@@ -143,7 +151,7 @@ def class_embeddings(clip, tokenizer, templates: list[str], classes: ClassList, 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, "wb") as fh:
-            fh.write(save_safetensors({"embeddings": emb.contiguous()}))
+            fh.write(save_safetensors({"embeddings": emb.cpu().contiguous()}))
     return emb
 
 
@@ -180,11 +188,14 @@ class ZeroShotTracker:
     """Zero-shot top-1/top-5 on a held-out folder, re-scored at every validation of a training run.
 
     Built once before training: the prompts are tokenised and the folder's image embeddings (locked
-    tower) computed, so each call costs one text pass over the prompts.
+    tower) computed and put on the runtime's device, so each call costs one text pass over the prompts
+    and the scoring runs there.
     """
 
     def __init__(self, tokens: dict, owners: list[int], classes: ClassList, images: FolderEmbeddings, runtime,
                  batch_size: int):
+        images = FolderEmbeddings(images.embeddings.to(runtime.device), images.labels.to(runtime.device),
+                                  images.files)
         self.tokens, self.owners, self.classes, self.images = tokens, owners, classes, images
         self.runtime, self.batch_size = runtime, batch_size
 
@@ -236,7 +247,7 @@ def predict_images(paths: list[str], clip, preprocess, class_emb: torch.Tensor, 
             out.append({"image": str(path), "error": str(exc)})
             continue
         with runtime.autocast():
-            emb = encode_images(clip, transform([image]).to(runtime.device)).float().cpu()
+            emb = encode_images(clip, transform([image]).to(runtime.device)).float()
         probs = probabilities(similarities(emb, class_emb), scale)[0]
         values, idx = probs.topk(min(top_k, len(classes)))
         out.append({"image": str(path), "top": [{"key": classes.keys[i], "name": classes.names[i][0],

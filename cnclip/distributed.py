@@ -3,7 +3,16 @@
 A plain `python -m cnclip.finetune` never needs a launcher or environment variables: without the
 variables torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK) everything here is a no-op for a world of
 one. Under torchrun the backend follows the device (nccl for CUDA, gloo otherwise, so CPU-only and
-Windows machines work), and each process drives the GPU numbered by its LOCAL_RANK.
+Windows machines work), and each process drives the GPU numbered by LOCAL_RANK modulo the GPUs it
+sees (cnclip.runtime.resolve_device).
+
+Two process groups: the default one (nccl on GPUs) for the training collectives, with a 30-minute
+timeout, and a CPU (gloo) "host" group for everything that waits on unbounded work or moves Python
+objects (rank 0 validating or reading the data, the others' share of the image cache). The host
+group is created in `init_distributed`, while every rank is known to be alive: a rank that dies
+later makes the others' next host wait fail at once (its sockets close), and one that hangs or
+vanishes with its node makes them fail after HOST_WAIT_TIMEOUT. Either way they stop with
+WorkerCrashed (exit 7), never wait for days.
 
 The helpers read torch.distributed's own state, so callers never pass a context object around.
 """
@@ -12,14 +21,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import CnclipError, ConfigError, UsageError, WorkerCrashed
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +40,14 @@ LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 # of unbounded length (rank 0 validating, ranks finishing their share of the image cache) never
 # happen in these collectives: they use `host_barrier`, on a CPU (gloo) group.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
-# host_barrier's timeout: longer than any validation or caching pass (torch needs a finite one).
-HOST_WAIT_TIMEOUT = timedelta(days=7)
+# How long a host wait lasts before the ranks give up on a rank that neither arrives nor dies
+# (a hung process, a node gone without closing its connections): longer than rank 0's validation,
+# its reading of the data, or a rank's share of the image cache normally take. A rank that dies is
+# noticed at once, whatever this is. HOST_TIMEOUT_ENV (minutes) sets another value.
+HOST_TIMEOUT_ENV = "CNCLIP_HOST_TIMEOUT_MINUTES"
+HOST_WAIT_TIMEOUT = timedelta(hours=2)
 _host_group = None
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,8 @@ def init_distributed(device: str | torch.device = "cpu", timeout: timedelta = DE
     Safe to call when a group already exists (tests, notebooks): it is reused, not re-created.
     """
     if dist.is_available() and dist.is_initialized():
+        if _host_group is None and is_distributed():  # a group made elsewhere: add the host group now
+            _create_host_group()
         return info()
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo(0, 1, 0, None)
@@ -64,10 +82,52 @@ def init_distributed(device: str | torch.device = "cpu", timeout: timedelta = DE
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=timeout, **process_group_kwargs(device))
+    _create_host_group()
     result = info()
     log.info("process group: rank %d of %d (local rank %d), backend %s, device %s", result.rank,
              result.world_size, result.local_rank, backend, device)
     return result
+
+
+def host_wait_timeout() -> timedelta:
+    """HOST_WAIT_TIMEOUT, or the minutes in $CNCLIP_HOST_TIMEOUT_MINUTES."""
+    value = os.environ.get(HOST_TIMEOUT_ENV, "").strip()
+    if not value:
+        return HOST_WAIT_TIMEOUT
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise UsageError(f"${HOST_TIMEOUT_ENV} must be a positive number of minutes, not {value!r}")
+    return timedelta(minutes=minutes)
+
+
+def _create_host_group() -> None:
+    """The CPU (gloo) group of the host waits: a collective of every rank, made while all are alive.
+
+    (Made lazily at the first host wait, a rank that died before it left the others waiting for the
+    group's rendezvous until the timeout: gloo connects the ranks when the group is made.)"""
+    global _host_group
+    _host_group = dist.new_group(backend="gloo", timeout=host_wait_timeout())
+
+
+def _host(what: str, collective: Callable[[], T]) -> T:
+    """Run a collective on the host group; a rank that died or never came stops this one with WorkerCrashed."""
+    if _host_group is None:
+        raise RuntimeError("distributed.init_distributed() must run on every rank before a host wait")
+    try:
+        return collective()
+    except RuntimeError as exc:  # torch's DistBackendError / gloo's "Connection closed by peer", timeouts
+        raise WorkerCrashed(
+            f"rank {rank()} of {world_size()}: another rank stopped (or did not arrive within "
+            f"{_minutes(host_wait_timeout())}, ${HOST_TIMEOUT_ENV}) while {what}; see the other ranks' errors. "
+            f"Checkpoints and image cache parts already written are kept: rerun to resume. "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+def _minutes(t: timedelta) -> str:
+    return f"{t.total_seconds() / 60:g} minutes"
 
 
 def process_group_kwargs(device: torch.device, init=None) -> dict:
@@ -116,15 +176,90 @@ def barrier() -> None:
         dist.barrier()
 
 
-def host_barrier() -> None:
-    """Wait for every rank on the host (a gloo group, timeout HOST_WAIT_TIMEOUT), never in an NCCL
-    collective: for waits of unbounded length, such as the others waiting while rank 0 validates."""
-    global _host_group
+def host_barrier(what: str = "waiting for the other ranks") -> None:
+    """Wait for every rank on the host group (gloo, timeout `host_wait_timeout()`), never in an NCCL
+    collective: for waits of unbounded length, such as the others waiting while rank 0 validates.
+    `what` says in the error what the job was doing when a rank went missing."""
     if not is_distributed():
         return
-    if _host_group is None:  # created at the first call, which every rank makes at the same point
-        _host_group = dist.new_group(backend="gloo", timeout=HOST_WAIT_TIMEOUT)
-    dist.barrier(group=_host_group)
+    _host(what, lambda: dist.barrier(group=_host_group))
+
+
+def computed_on_main(compute: Callable[[], T], what: str) -> T:
+    """`compute()` run by rank 0 alone and its result sent to every rank (pickled, on the host group),
+    for work every rank would otherwise repeat, such as reading and hashing a data set.
+
+    A CnclipError raised by rank 0 (a missing file, an empty split) is raised on every rank."""
+    if not is_distributed():
+        return compute()
+    payload: list = [None]
+    if is_main():
+        try:
+            payload[0] = (True, compute())
+        except CnclipError as exc:
+            payload[0] = (False, exc)
+    _host(what, lambda: dist.broadcast_object_list(payload, src=0, group=_host_group))
+    ok, value = payload[0]
+    if not ok:
+        raise value
+    return value
+
+
+def local_main_first(load: Callable[[], T], what: str) -> T:
+    """`load()` on local rank 0 of every node first, then on the other ranks: the first fills the
+    node's caches (the Hugging Face Hub / ModelScope download of a model), the others read them,
+    instead of every process downloading at once. A CnclipError of a first loader stops every rank."""
+    if not is_distributed():
+        return load()
+    first = info().local_rank == 0
+    result, error = None, None
+    if first:
+        try:
+            result = load()
+        except CnclipError as exc:
+            error = exc
+    errors: list = [None] * world_size()
+    _host(what, lambda: dist.all_gather_object(errors, error, group=_host_group))
+    raised = next((e for e in errors if e is not None), None)
+    if raised is not None:
+        raise raised
+    return result if first else load()
+
+
+SHARED_CHECK_PREFIX = ".cnclip-shared-check-"
+
+
+def check_shared_directories(directories: dict[str, str | os.PathLike]) -> None:
+    """Stop every rank with one UsageError unless every rank sees, in each of `directories` (recipe
+    key -> this rank's path), the file rank 0 has just written there: a multi-node job's run_dir and
+    image cache must be on a filesystem every node shares. (Otherwise the nodes read each other's
+    files and fail one by one: missing demo data, cache parts, checkpoints.)"""
+    if not is_distributed():
+        return
+    token = computed_on_main(lambda: secrets.token_hex(8), "checking for a shared filesystem")
+    probes = {key: Path(d) / f"{SHARED_CHECK_PREFIX}{token}" for key, d in directories.items()}
+    if is_main():
+        for probe in probes.values():
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text(token, encoding="utf-8")
+    host_barrier("checking for a shared filesystem")
+    seen = {key: probe.is_file() and probe.read_text(encoding="utf-8") == token for key, probe in probes.items()}
+    views: list = [None] * world_size()
+    _host("checking for a shared filesystem",
+          lambda: dist.all_gather_object(views, (seen, {k: str(d) for k, d in directories.items()}), group=_host_group))
+    if is_main():
+        for probe in probes.values():
+            probe.unlink(missing_ok=True)
+    problems = []
+    for key, main_path in views[0][1].items():
+        blind = [r for r, (seen_r, _) in enumerate(views) if not seen_r[key]]
+        if blind:
+            problems.append(f"{key} {main_path} (rank 0's): not seen by " + ", ".join(
+                f"rank {r} (its {key}: {views[r][1][key]})" for r in blind))
+    if problems:
+        raise UsageError(
+            "a file rank 0 wrote is not seen by every rank: " + "; ".join(problems) + ". A job on several nodes "
+            "needs these directories on a filesystem every node shares (NFS, Lustre, CephFS...), at the same path")
 
 
 def same_on_every_rank(value, what: str) -> None:
@@ -174,12 +309,37 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return all_gather_with_grad(tensor) if tensor.requires_grad else all_gather_no_grad(tensor)
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Average the gradients of the trainable parameters over ranks, in one flat all-reduce.
+def data_parallel(module: torch.nn.Module):
+    """`module` under DistributedDataParallel, or None for one process: its parameters' gradients are
+    all-reduced (averaged) in buckets while backward is still running, overlapping communication with
+    the rest of backward, instead of in one flat copy after it. For the full text tower, where that
+    copy is the size of the tower; LoRA's few parameters keep `average_gradients`.
 
-    This is what DDP does after backward; done by hand because the step runs the text tower
-    directly (and, with gradient caching, once per chunk), which DDP's forward hooks do not see.
-    The LoRA parameters are few, so one bucket is enough.
+    The inputs are on the module's device already (no device_ids: DDP moves nothing, so a host copy
+    such as the packed layout's attention mask stays on the host); buffers are not re-broadcast at
+    every forward (the text tower's are constants); the gradients are views into DDP's buckets, so
+    they take no second copy of the tower's size beside them. The module's forward must be what produces
+    the loss's graph, every parameter with requires_grad must receive a gradient in each backward,
+    and forwards and backwards that must not all-reduce yet (gradient caching's chunks but the last)
+    run under its no_sync()."""
+    if not is_distributed():
+        return None
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch 2.13 renamed broadcast_buffers (deprecated, with a warning) to forward_sync_buffers
+    buffers = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
+    return DistributedDataParallel(module, device_ids=None, gradient_as_bucket_view=True, **{buffers: False})
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of the trainable parameters over ranks, in one flat all-reduce after backward.
+
+    For the parameters no DDP module syncs (`data_parallel`): LoRA's, which are few, so one bucket
+    is enough, and those outside the text tower (the logit scale). The step runs the text tower
+    directly (with gradient caching, once per chunk), so DDP applies only where it wraps the tower.
     """
     if not is_distributed():
         return

@@ -151,4 +151,4 @@ class TorchEmbedder:
         from .classifier import class_embeddings
 
         return class_embeddings(self.clip, self.loaded.tokenizer, templates, classes, self.runtime,
-                                self.context_length, 256).float().numpy()
+                                self.context_length, 256).float().cpu().numpy()

@@ -48,7 +48,7 @@ def rank_queries(clip, tokenizer, split, features, runtime, context_length: int,
     """Every labelled query's top 5 and the rank of its best correct image (chunked: memory stays bounded)."""
     texts = [t for t in scorable_texts(split, features) if t.image_ids]
     text_emb = embed_texts(clip, tokenize(tokenizer, [t.text for t in texts], context_length), runtime, batch_size)
-    image_emb = F.normalize(features.embeddings.float(), dim=-1)
+    image_emb = F.normalize(features.embeddings.to(text_emb.device).float(), dim=-1)  # on the model's device
     ids = features.ids
     rows = []
     for start in range(0, len(texts), chunk):

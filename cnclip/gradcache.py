@@ -15,8 +15,8 @@ where the first pass left it.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator
 
 import torch
 
@@ -56,13 +56,19 @@ def cached_backward(
     batch: Batch,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     chunk_size: int,
+    no_sync: Callable[[], ContextManager] | None = None,
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Accumulate into `.grad` the parameter gradient of loss_fn(embed(batch)), chunk by chunk.
 
     `embed` maps a batch (dict of row-aligned tensors) to embeddings with a graph to the trainable
     parameters; `loss_fn` maps the concatenated embeddings to a scalar loss (it may involve other
     parameters, e.g. the temperature, whose gradient it accumulates directly, and collectives:
-    it is called exactly once). Returns the loss, detached.
+    it is called exactly once). `no_sync` (DDP's, when `embed` runs a DDP module): every chunk's
+    re-run but the last runs under it, so the gradients add up locally and the last chunk's
+    backward all-reduces the sum once. `scale` (fp16's GradScaler.scale) multiplies the loss before
+    its backward, so every gradient, the cached one included, is the scaled loss's. Returns the loss,
+    detached and unscaled.
     """
     chunks = split_batch(batch, chunk_size)
     devices = _cuda_devices(batch)
@@ -77,10 +83,11 @@ def cached_backward(
     # rounding of each chunk's parameter gradient before the chunks are summed (tests/test_gradcache.py).
     reps_leaf = torch.cat(reps).detach().float().requires_grad_(True)
     loss = loss_fn(reps_leaf)
-    loss.backward()
+    (loss if scale is None else scale(loss)).backward()
     grads = reps_leaf.grad.split([r.shape[0] for r in reps])
-    for chunk, state, grad in zip(chunks, states, grads):
-        with state.replay():
-            rep = embed(chunk)
-        rep.backward(gradient=grad.to(rep.dtype))
+    for i, (chunk, state, grad) in enumerate(zip(chunks, states, grads)):
+        with no_sync() if no_sync is not None and i < len(chunks) - 1 else nullcontext():
+            with state.replay():
+                rep = embed(chunk)
+            rep.backward(gradient=grad.to(rep.dtype))
     return loss.detach()

@@ -7,6 +7,8 @@
 * zeroshot.png: zero-shot top-1 / top-5 per epoch with its dashed baseline (runs that track it);
 * both mark the best epoch (the highest validation mean recall: the model best/ holds) with a dotted
   vertical line labelled with its number;
+* probe.png (`cnclip probe --shots`): k-shot linear-probe top-1 against k with its spread over seeds, the
+  full probe and zero-shot as dashed reference lines (series from `cnclip.linear_probe.few_shot_series`);
 * wise.png (runs with train.wise): validation mean recall and zero-shot top-1 against the WiSE-FT alpha,
   the picked alpha marked the same way; drawn from RUN/wise.json (`write_wise_plot`).
 
@@ -181,6 +183,10 @@ def figure(series: dict):
         color = colors.get(label, f"C{i}")
         ax.plot(series["x"], ys, marker="o" if series["xlabel"] != "step" else None, markersize=3,
                 color=color, label=label)
+        if label in series.get("spread", {}):  # one standard deviation either side (over seeds)
+            spread = series["spread"][label]
+            ax.fill_between(series["x"], [y - s for y, s in zip(ys, spread)], [y + s for y, s in zip(ys, spread)],
+                            color=color, alpha=0.15, linewidth=0)
         if label in series["baseline"]:
             # Baselines take turns along one dash cycle: equal ones (5.93 both ways before training)
             # interleave their colours instead of the last one hiding the others.
@@ -188,6 +194,12 @@ def figure(series: dict):
             ax.axhline(series["baseline"][label], color=color, linewidth=1,
                        linestyle=(turn * DASH, (DASH, DASH * (len(baselines) - 1) or DASH)),
                        label=f"{label}, before training ({series['baseline'][label]:.2f})")
+    for j, (label, value) in enumerate(series.get("references", {}).items()):  # other methods' scores, for scale
+        ax.axhline(value, color=f"C{len(series['lines']) + j}", linestyle="--", linewidth=1,
+                   label=f"{label} ({value:.2f})")
+    if series.get("xscale") == "log2":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(series["x"], [f"{x:g}" for x in series["x"]])
     if series.get("best") is not None:
         mark = series.get("mark", "best epoch")  # wise.png marks the picked alpha
         ax.axvline(series["best"], color="0.4", linestyle=":", linewidth=1.2, label=f"{mark} ({series['best']:g})")
@@ -198,7 +210,7 @@ def figure(series: dict):
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.2
     ax.grid(alpha=0.3)
-    if len(series["lines"]) > 1 or series["baseline"] or series.get("best") is not None:
+    if len(series["lines"]) > 1 or series["baseline"] or series.get("references") or series.get("best") is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -111,7 +111,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     # "auto" = cuda when available, else cpu; or an explicit torch device string.
     device: str = "auto"
-    # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16".
+    # "auto" = bf16 autocast on CUDA with native bf16, fp16 autocast + loss scaler on older GPUs (T4, V100),
+    # fp32 on CPU; or "fp32" / "bf16" / "fp16".
     precision: str = "auto"
     log_every: int = 10
     # Save a resumable checkpoint every N optimizer steps (and always at each epoch end).
@@ -187,7 +188,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_PRECISIONS = ("auto", "fp32", "bf16")
+_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MAX_SEED = 2**32 - 1  # recipe `seed`: the range numpy and torch seeds share, with room for seed * 1000 + epoch
 _GENERATORS = (None, "demo")
 _TEXT_TUNINGS = ("lora", "full")

@@ -2,6 +2,15 @@
 
 Used by training (per-epoch validation) and by `cnclip evaluate`, which prints the numbers and
 writes files Chinese-CLIP's own evaluation accepts: top-10 predictions per query and a result JSON.
+
+Everything runs on the device the embeddings are on (the model's: text embeddings stay there, image
+embeddings are moved there), and the query x gallery similarities are computed one row block at a
+time, each block at most `BLOCK_ELEMENTS` similarities: memory is bounded by the block and the
+embeddings, never by queries x gallery. The ranking is a function of the similarities alone: equal
+similarities are ranked by gallery index, lowest first (`topk_lowest_index`), so ties come out the
+same on every device and block size. (The similarities themselves come from the device's matrix
+product, whose last bit can depend on how many rows it is given: a block size changes a ranking
+only where two similarities are within that rounding of each other.)
 """
 
 from __future__ import annotations
@@ -24,26 +33,62 @@ log = logging.getLogger(__name__)
 KS = (1, 5, 10)
 
 
+# Similarities per block of query rows (2**22 float32 = 16 MiB; top-k's work beside them adds about as
+# much again): a 30k x 30k validation takes ~60 blocks on a GPU instead of one 3.6 GB matrix.
+BLOCK_ELEMENTS = 1 << 22
+
+
 @torch.no_grad()
 def embed_texts(clip, tokens: dict[str, torch.Tensor], runtime, batch_size: int, progress: bool = False):
-    """Normalised text embeddings of pre-tokenised captions (fp32, on CPU)."""
+    """Normalised text embeddings of pre-tokenised captions (fp32, on the runtime's device)."""
     n = tokens["input_ids"].shape[0]
     out = []
     for start in tqdm(range(0, n, batch_size), desc="text embeddings", disable=not progress, leave=False):
         batch = gather_tokens(tokens, torch.arange(start, min(start + batch_size, n)), runtime.device)
         with runtime.autocast():
-            out.append(encode_texts(clip, **batch).float().cpu())
+            out.append(encode_texts(clip, **batch).float())
     return F.normalize(torch.cat(out), dim=-1)
 
 
-def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """Indices of the k most similar gallery rows per query, in chunks so memory stays bounded."""
+def topk_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices of each row's k largest scores, largest first; equal scores in index order.
+
+    torch.topk leaves the order of equal values (and which of them a cut keeps) to the kernel; here
+    the answer depends on the scores alone. One top-(k+1) finds the rows whose k-th score ties with
+    one left out; those are redone exactly: every score above it, then the tied ones from the lowest
+    index up.
+    """
+    width = scores.shape[1]
+    values, idx = scores.topk(min(k + 1, width), dim=1)
+    if width > k:
+        crowded = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
+        values, idx = values[:, :k], idx[:, :k]
+        if crowded.numel():
+            sub, kth = scores[crowded], values[crowded, k - 1:]
+            above, tied = sub > kth, sub == kth
+            room = k - above.sum(1, keepdim=True)
+            take = above | (tied & (tied.cumsum(1, dtype=torch.int32) <= room))  # exactly k per row
+            idx = idx.index_copy(0, crowded, take.nonzero()[:, 1].view(-1, k))
+    idx = idx.sort(dim=1).values  # index order, then a stable sort by score keeps it among equals
+    order = scores.gather(1, idx).sort(dim=1, descending=True, stable=True).indices
+    return idx.gather(1, order)
+
+
+def block_rows(gallery_rows: int, block_elements: int = BLOCK_ELEMENTS) -> int:
+    """Query rows per similarity block: as many as fit `block_elements` similarities, at least one."""
+    return max(1, block_elements // max(1, gallery_rows))
+
+
+def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int,
+                 block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+    """Indices of the k most similar gallery rows per query (ties: lowest index first), on the
+    queries' device, one block of at most `block_elements` similarities at a time."""
     k = min(k, gallery.shape[0])
-    out = []
-    for start in range(0, queries.shape[0], chunk):
-        sims = queries[start:start + chunk] @ gallery.t()
-        out.append(sims.topk(k, dim=1).indices)
-    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+    gallery = gallery.to(queries.device)
+    rows = block_rows(gallery.shape[0], block_elements)
+    out = [topk_lowest_index(queries[start:start + rows] @ gallery.t(), k)
+           for start in range(0, queries.shape[0], rows)]
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long, device=queries.device)
 
 
 def recall_at(topk: torch.Tensor, positives: list[set[int]]) -> dict[str, float]:
@@ -116,7 +161,7 @@ def evaluate_split(clip, tokenizer, split: Split, features, runtime, context_len
     texts = scorable_texts(split, features, skips)
     tokens = tokenize(tokenizer, [t.text for t in texts], context_length)
     text_emb = embed_texts(clip, tokens, runtime, batch_size)
-    image_emb = F.normalize(features.embeddings, dim=-1)
+    image_emb = F.normalize(features.embeddings.to(text_emb.device).float(), dim=-1)
     positives = [{features.row[i] for i in t.image_ids if i in features.row} for t in texts]
     return retrieve(text_emb, image_emb, [t.text_id for t in texts], features.ids, positives)
 

@@ -30,6 +30,22 @@ from .models import encode_texts
 from .packed_text import encode_texts_packed
 
 
+class TextEncoder(torch.nn.Module):
+    """The student's text side (tower and projection) as one module whose forward embeds a batch:
+    what DDP wraps for full text tuning (distributed.data_parallel), since DDP's gradient hooks act
+    only on a forward that goes through it. The rest of the model (image tower, logit scale) is not
+    part of it: the logit scale's gradient comes from the loss, outside this forward."""
+
+    def __init__(self, clip: torch.nn.Module):
+        super().__init__()
+        self.text_model, self.text_projection = clip.text_model, clip.text_projection
+        self._encode = {False: lambda **batch: encode_texts(clip, **batch),
+                        True: lambda **batch: encode_texts_packed(clip, **batch)}  # not a submodule
+
+    def forward(self, batch: dict[str, torch.Tensor], packed: bool) -> torch.Tensor:
+        return self._encode[packed](**batch)
+
+
 def contrastive_step(
     clip: torch.nn.Module,
     params: Iterable[torch.nn.Parameter],
@@ -42,6 +58,8 @@ def contrastive_step(
     packed: bool = True,
     teacher: Teacher | None = None,
     teacher_image_emb: torch.Tensor | None = None,
+    text_encoder: torch.nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """Accumulate the global-batch loss gradient into `params`' .grad; return the global loss (detached).
 
@@ -50,12 +68,17 @@ def contrastive_step(
     model's own forward (needed for a torch.compile'd text tower).
     `teacher` (with `teacher_image_emb`, its embeddings of this batch's images) adds its distillation
     term to the loss; the returned loss is then the sum.
+    `text_encoder`: the student's TextEncoder under DDP (full text tuning on several processes): the
+    text side runs through it and DDP averages its gradients in buckets during backward; the other
+    `params` are averaged here.
+    `scaler` (fp16, Runtime.grad_scaler): the backward runs on the scaled loss, so the gradients are
+    left scaled for the caller to unscale_; the returned loss is unscaled.
     """
     encode = encode_texts_packed if packed else encode_texts
 
     def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with runtime.autocast():
-            return encode(clip, **batch)
+            return encode(clip, **batch) if text_encoder is None else text_encoder(batch, packed)
 
     n = tokens["input_ids"].shape[0]
     teacher_text_emb = (teacher.text_embeddings(encode, tokens, runtime.autocast, grad_cache_chunk)
@@ -68,12 +91,15 @@ def contrastive_step(
         return loss + teacher.weight * distillation_loss(image_emb, text_emb, clip.logit_scale, teacher_image_emb,
                                                          teacher_text_emb, teacher.logit_scale, teacher.temperature)
 
+    scale = scaler.scale if scaler is not None else None
     if 0 < grad_cache_chunk < n:
-        loss = cached_backward(embed, tokens, loss_of, grad_cache_chunk)
+        loss = cached_backward(embed, tokens, loss_of, grad_cache_chunk, scale=scale,
+                               no_sync=None if text_encoder is None else text_encoder.no_sync)
     else:
         loss = loss_of(embed(tokens))
-        loss.backward()
-    distributed.average_gradients(params)
+        (loss if scale is None else scale(loss)).backward()
+    synced = set() if text_encoder is None else {id(p) for p in text_encoder.parameters()}
+    distributed.average_gradients([p for p in params if id(p) not in synced])
     return distributed.mean_over_ranks(loss.detach())
 
 

@@ -25,7 +25,7 @@ from .log_setup import FILE_ONLY, setup_logging
 from .data import ImageTransform, Split, check_context_length, gather_tokens, load_data_split, tokenize
 from .skiplog import SkipLog
 from .optim import make_optimizer, warmup_cosine
-from .runtime import Runtime, pick_runtime
+from .runtime import Runtime, float32_matmuls, pick_runtime
 from .retrieval import evaluate_split, format_metrics, scorable_texts
 from .faults import crash_point
 from .determinism import attention_kernels, deterministic_algorithms, seed_step
@@ -35,7 +35,7 @@ from .models import (attach_text_tuning, clamp_logit_scale, describe_trainable, 
                      lock_image_tower)
 from .recipe import Recipe, dump_recipe, flatten, load_recipe
 from .inference import RECIPE_FILE
-from .train_step import contrastive_step, prepare_text_tower
+from .train_step import TextEncoder, contrastive_step, prepare_text_tower
 from .classifier import ZeroShotTracker
 from .distill import Teacher, frozen_base_teacher, loaded_teacher
 from .plots import write_run_plots, write_wise_plot
@@ -168,6 +168,20 @@ def skip_non_finite_step(state: TrainState, recipe: Recipe, run_dir: Path, metri
             f"is kept in {run_dir / 'checkpoints'}; try a lower train.lr or check the data")
 
 
+def fp16_overflow(scaler: torch.amp.GradScaler, loss: torch.Tensor) -> bool:
+    """A non-finite gradient under a finite loss, with fp16's loss scale above 1: the scaled gradient
+    left fp16's range (the scaler starts high and finds its scale this way). At a scale of 1 or below
+    the gradient is out of range unscaled: a bad step like any other."""
+    return scaler.is_enabled() and bool(torch.isfinite(loss)) and scaler.get_scale() > 1.0
+
+
+def skip_overflow_step(state: TrainState, metrics_log, scaler: torch.amp.GradScaler) -> None:
+    log.info("step %d: fp16 gradient overflow at loss scale %g; update skipped, scale halved",
+             state.global_step + 1, scaler.get_scale())
+    metrics_log.write(step=state.global_step + 1, epoch=state.epoch, skipped="fp16 gradient overflow",
+                      loss_scale=scaler.get_scale())
+
+
 def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
     """A run directory belongs to one recipe: resuming under a different one would mix two runs."""
     saved = run_dir / RECIPE_FILE
@@ -198,11 +212,24 @@ def train(recipe: Recipe) -> dict:
     owns_group = not distributed.is_distributed()
     distributed.init_distributed(runtime.device)
     try:
-        with deterministic_algorithms(recipe.train.deterministic, runtime.device):
+        with (deterministic_algorithms(recipe.train.deterministic, runtime.device),
+              float32_matmuls(runtime.device, recipe.train.deterministic)):
             return FinetuneRun(recipe, runtime).run()
     finally:
         if owns_group:
             distributed.shutdown()
+
+
+def shared_directories(recipe: Recipe) -> dict[str, str]:
+    """The directories every rank of a job must see as one (recipe key -> path): the run directory,
+    the image cache (each rank writes its share of the parts, rank 0 reads them all), and a demo data
+    set's root (rank 0 writes it, every rank reads it)."""
+    from .image_cache import default_cache_dir
+
+    directories = {"run_dir": recipe.run_dir, "cache.dir": recipe.cache.dir or str(default_cache_dir())}
+    if recipe.data.generate is not None:
+        directories["data.root"] = recipe.data.root
+    return directories
 
 
 def image_bank_on(features: ImageFeatures, device: torch.device) -> torch.Tensor:
@@ -233,6 +260,8 @@ class FinetuneRun:
     base, clip, model: the loaded base (tokenizer, preprocess), its ChineseCLIPModel, and the model
         being tuned (a peft LoRA model around clip, or clip itself)
     trainable: the parameters the optimizer updates (the same on every rank)
+    text_encoder: the text side under DDP (train_step.TextEncoder) for full text tuning on several
+        processes, else None
     transform, tower: the image transform and image-tower fingerprint the image cache is keyed on
     train_features, valid_features: the splits' cached image embeddings (the training split's host
         copy is emptied once `image_bank` is on an accelerator)
@@ -244,6 +273,8 @@ class FinetuneRun:
     world, batch_size, steps_per_epoch, total_steps: the data-parallel shape of the run
         (batch_size is the global batch)
     optimizer, scheduler: the optimizer and its per-step learning-rate schedule
+    scaler: fp16's loss scaler (Runtime.grad_scaler; a disabled pass-through at other precisions), its
+        state kept in TrainState.loss_scaler at each checkpoint
     checkpoint: the checkpoint this invocation resumed from, or None for a fresh run
     state: the position and best score (TrainState), what a checkpoint saves
     start_step: the global step this invocation started from (0, or where it resumed)
@@ -281,7 +312,8 @@ class FinetuneRun:
             torch.manual_seed(self.recipe.seed)
             if self.recipe.eval.before_training:
                 self._validate_before_training()
-        distributed.host_barrier()  # the others wait here, not in a step's collective, while rank 0 validates
+        # the others wait here, not in a step's collective, while rank 0 validates
+        distributed.host_barrier("rank 0 validated before training")
         self.packed = self.recipe.train.packed_text and not self.recipe.train.compile
         self.model.train()
         lock_image_tower(self.clip)
@@ -291,6 +323,7 @@ class FinetuneRun:
         self.run_dir = run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.main_rank = distributed.is_main()
+        distributed.check_shared_directories(shared_directories(recipe))
         setup_logging(run_dir / "train.log" if self.main_rank else None)
         if not self.main_rank:
             logging.getLogger().setLevel(logging.WARNING)
@@ -311,15 +344,26 @@ class FinetuneRun:
         # Every split the run needs is read (and an empty or unusable one refused, DataError) before the
         # model is loaded and the image cache is built: a data set with no validation pairs fails in seconds.
         data = self.recipe.data
-        self.skips = SkipLog()
-        self.train_split = load_data_split(data, data.train_split, self.skips)
-        self.valid_split = load_data_split(data, data.valid_split, self.skips) if data.valid_split else None
+
+        def read() -> tuple[SkipLog, Split, Split | None]:
+            skips = SkipLog()
+            train_split = load_data_split(data, data.train_split, skips)
+            return skips, train_split, load_data_split(data, data.valid_split, skips) if data.valid_split else None
+
+        if data.format == "hf":  # each rank opens the set: `datasets` keeps (and downloads) it per node
+            self.skips, self.train_split, self.valid_split = read()
+            return
+        # Reading indexes and hashes every image file whole (the cache key): rank 0 alone does it, and the
+        # others get the splits (file paths, byte offsets, texts, skip counts) from it, not 8x the I/O per node.
+        self.skips, self.train_split, self.valid_split = distributed.computed_on_main(read, "rank 0 read the data")
 
     def _setup_model(self) -> None:
         recipe, runtime = self.recipe, self.runtime
         log.info("device %s, precision %s, %d process(es)%s", runtime.device, runtime.precision,
                  distributed.world_size(), ", deterministic algorithms" if recipe.train.deterministic else "")
-        self.base = load_base_model(recipe.model, seed=recipe.seed)
+        # One download per node: its local rank 0 fills the Hub / ModelScope cache, the others then read it.
+        self.base = distributed.local_main_first(lambda: load_base_model(recipe.model, seed=recipe.seed),
+                                                 "the first rank of each node loaded the model")
         check_context_length(self.base.clip, recipe.data.context_length)
         torch.manual_seed(recipe.seed)  # LoRA's initial A matrices are random: same seed, same start
         # LoRA (a peft model) or the full text tower (the model itself); the image side is the cache either way.
@@ -331,6 +375,11 @@ class FinetuneRun:
         # matrices start at zero; the base projection, logit scale and, for full tuning, text tower as loaded).
         self.base_trainables = wise.snapshot_trainables(self.model) if recipe.train.wise is not None else None
         prepare_text_tower(self.clip, recipe.train.gradient_checkpointing, recipe.train.compile)
+        # Full text tuning on several processes: DDP all-reduces the tower's gradients in buckets during backward.
+        self.text_encoder = (distributed.data_parallel(TextEncoder(self.clip)) if recipe.model.text_tuning == "full"
+                             else None)
+        if self.text_encoder is not None:
+            log.info("text tower gradients: all-reduced by DDP in buckets, overlapping backward")
         log.info(describe_trainable(self.model))
 
     def _image_features(self, split: Split) -> ImageFeatures:
@@ -389,6 +438,7 @@ class FinetuneRun:
         self.optimizer = make_optimizer(self.model, recipe, self.runtime)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(min(recipe.train.warmup_steps, self.total_steps), self.total_steps))
+        self.scaler = self.runtime.grad_scaler()
 
     def _resume(self) -> None:
         """The state to start from (the latest checkpoint's, if any), metrics.jsonl and summary.json."""
@@ -397,6 +447,8 @@ class FinetuneRun:
         self.state = state = TrainState()
         if checkpoint is not None:
             self.state = state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+            if state.loss_scaler is not None and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state.loss_scaler)
         # Every rank must resume from the same step: ranks that see another run_dir (a node without the
         # shared filesystem) would otherwise run collectives that never match.
         distributed.same_on_every_rank(
@@ -453,7 +505,7 @@ class FinetuneRun:
                 tic, seen = time.perf_counter(), 0
             if (state.global_step % recipe.train.save_every == 0 and state.step_in_epoch < self.steps_per_epoch
                     and self.main_rank):
-                save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state)
+                self._save_checkpoint()
         progress.close()
 
     def _step(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -472,14 +524,20 @@ class FinetuneRun:
             loss = contrastive_step(self.clip, self.trainable, tokens, self.image_bank[image_rows], image_rows,
                                     pairs.text_keys[idx].to(runtime.device, non_blocking=True), runtime,
                                     recipe.train.grad_cache_chunk, packed=self.packed, teacher=self.teacher,
-                                    teacher_image_emb=teacher_images)
+                                    teacher_image_emb=teacher_images, text_encoder=self.text_encoder,
+                                    scaler=self.scaler)
+        self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, before clipping (a no-op otherwise)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.trainable, recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the step's one host-device sync
+            # Not scaler.step: it would wait on the device again for the same finiteness check.
             self.optimizer.step()
-        else:  # one bad batch (or an overflow) must not poison the weights: skip the update, count it
+        elif fp16_overflow(self.scaler, loss):  # the scaler's normal work: a smaller scale, no bad step
+            skip_overflow_step(state, self.metrics_log, self.scaler)
+        else:  # one bad batch must not poison the weights: skip the update, count it
             skip_non_finite_step(state, recipe, self.run_dir, self.metrics_log, loss, grad_norm)
+        self.scaler.update()  # fp16: halves the scale after an overflow, grows it after a run of good steps
         self.scheduler.step()
         clamp_logit_scale(self.clip)
         return loss, lr
@@ -507,8 +565,13 @@ class FinetuneRun:
         state.epoch += 1
         state.step_in_epoch = 0
         if self.main_rank:
-            save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state)
-        distributed.host_barrier()
+            self._save_checkpoint()
+        distributed.host_barrier("rank 0 validated and saved the epoch")
+
+    def _save_checkpoint(self) -> None:
+        """A resumable checkpoint of the state as it is now (fp16's loss scale included)."""
+        self.state.loss_scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
+        save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.state)
 
     def _keep_results(self, metrics: dict | None) -> None:
         """The finished epoch's validation: reported, logged, the best model kept (by mean recall, or
@@ -537,7 +600,7 @@ class FinetuneRun:
         its lines to train.log."""
         if self.main_rank and self.recipe.train.wise is not None:
             self.wise_sweep()
-        distributed.host_barrier()  # the others wait on the host while rank 0 sweeps
+        distributed.host_barrier("rank 0 ran the WiSE-FT sweep")  # the others wait on the host meanwhile
         distributed.barrier()  # rank 0 finishes its last validation and checkpoint before anyone leaves
         if not self.main_rank:
             return self.summary

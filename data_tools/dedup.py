@@ -9,56 +9,23 @@ different items with different captions, and both are kept.
 Runs once over all accepted records in input order, so "the first" of a group is well defined and
 independent of how many workers produced the records. A record that repeats an earlier group's
 representative joins that group with the reason naming the kind of repeat; it is not dropped
-here. Which member of a group is finally kept is the per-query cap's decision (data_tools.cap):
+here. Near pictures are looked up in data_tools.hamming's index (exact, sub-quadratic), which holds
+representatives only. Which member of a group is finally kept is the per-query cap's decision (data_tools.cap):
 when the representative's query is over its cap, another member may be kept instead, so an
 image is never lost because its first copy happened to sit in a capped query.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from hashlib import blake2b
 from typing import NamedTuple
 
 import numpy as np
 
+from data_tools.hamming import HammingIndex
 from data_tools.images import colour_distance
 from data_tools.records import Reason
 from data_tools.semantic import SemanticIndex
-
-HASH_BITS = 64
-
-
-class HammingIndex:
-    """Finds stored 64-bit hashes within a Hamming distance, without comparing against all of them.
-
-    Multi-index hashing: split the bits into `max_distance + 1` bands; by pigeonhole, two hashes
-    within `max_distance` agree exactly on at least one band, so only hashes sharing a band value
-    are compared. Each stored hash carries a payload (the caller's record number).
-    """
-
-    def __init__(self, max_distance: int) -> None:
-        self.max_distance = max_distance
-        bands = max_distance + 1
-        edges = [round(i * HASH_BITS / bands) for i in range(bands + 1)]
-        self._bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
-        self._tables: list[dict[int, list[tuple[int, int]]]] = [defaultdict(list) for _ in self._bands]
-
-    def contains_near(self, value: int) -> bool:
-        return bool(self.all_near(value))
-
-    def all_near(self, value: int) -> set[int]:
-        """Payloads of every stored hash within max_distance of `value`."""
-        found: set[int] = set()
-        for (shift, mask), table in zip(self._bands, self._tables):
-            for other, payload in table.get((value >> shift) & mask, ()):
-                if (value ^ other).bit_count() <= self.max_distance:
-                    found.add(payload)
-        return found
-
-    def add(self, value: int, payload: int = 0) -> None:
-        for (shift, mask), table in zip(self._bands, self._tables):
-            table[(value >> shift) & mask].append((value, payload))
 
 
 class Duplicate(NamedTuple):
@@ -115,7 +82,7 @@ class Deduplicator:
     def _first_near_picture(self, phash: int, colour: bytes | None) -> int | None:
         """The earliest representative whose pHash is near and whose colours match (when both are known)."""
         assert self._near is not None
-        candidates = sorted(self._near.all_near(phash))
+        candidates = self._near.near(phash)  # earliest first
         if self._colour_max_distance is None or colour is None:
             return candidates[0] if candidates else None
         return next((rep for rep in candidates if rep not in self._colours

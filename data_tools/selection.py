@@ -19,6 +19,7 @@ image embedding; never the images.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,7 @@ def _account(records: _Records, fate: list[Reason | None], kept_copy: dict[int, 
 def _leak_free_splits(records: _Records, kept: list[int], embeddings: Embeddings | None, split_config, splits, seed: int,
                       report: dict[str, Any]) -> list[str]:
     """The split of each kept record: its leak-free group's, decided by the group's first image."""
-    semantic_pairs: list[tuple[int, int]] = []
+    semantic_pairs: Iterable[tuple[np.ndarray, np.ndarray]] = ()
     if embeddings is not None and split_config.semantic_threshold is not None and kept:
         semantic_pairs = similar_pairs(embeddings.images[kept], split_config.semantic_threshold)
     groups = leak_free_groups([records.text[n] for n in kept], np.array([records.phash[n] for n in kept], dtype=np.uint64),

@@ -21,6 +21,7 @@ from hashlib import blake2b
 import numpy as np
 
 from cnclip.errors import UsageError
+from data_tools.hamming import hamming_pairs
 from data_tools.images import COLOUR_SIGNATURE_BYTES, colour_distance
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -80,44 +81,17 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def hamming_pairs(hashes: np.ndarray, max_distance: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """Index pairs (as two arrays) of 64-bit hashes within `max_distance` bits (some pairs repeat).
-
-    Multi-index hashing, vectorised: by pigeonhole two such hashes agree on one of
-    `max_distance + 1` bands, so only hashes sharing a band value are compared, a bucket at a time.
-    """
-    hashes = np.asarray(hashes, dtype=np.uint64)
-    bands = max_distance + 1
-    edges = [round(i * 64 / bands) for i in range(bands + 1)]
-    for lo, hi in zip(edges, edges[1:]):
-        keys = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        for start, end in zip(starts, ends):
-            if end - start < 2:
-                continue
-            members = order[start:end]
-            values = hashes[members]
-            for row in range(0, len(members) - 1, 1024):  # bounded memory for a crowded bucket
-                chunk = values[row:row + 1024]
-                close = np.bitwise_count(chunk[:, None] ^ values[None, :]) <= max_distance
-                a, b = np.nonzero(np.triu(close, k=row + 1))
-                if len(a):
-                    yield members[a + row], members[b]
-
-
 def colour_array(signatures: list[bytes]) -> np.ndarray:
     """Colour signatures as an (n, 32) uint8 array, one row per pair."""
     return np.frombuffer(b"".join(signatures), dtype=np.uint8).reshape(len(signatures), COLOUR_SIGNATURE_BYTES)
 
 
 def leak_free_groups(captions: list[str], phashes: np.ndarray, phash_max_distance: int | None,
-                     semantic_pairs: Iterable[tuple[int, int]] = (), colours: np.ndarray | None = None,
+                     semantic_pairs: Iterable[tuple[np.ndarray, np.ndarray]] = (), colours: np.ndarray | None = None,
                      colour_max_distance: float | None = None) -> UnionFind:
     """Link pairs by identical caption_key, near picture (pHash, and colour signature when both
-    `colours` and `colour_max_distance` are given) and the given semantic pairs."""
+    `colours` and `colour_max_distance` are given) and the given semantic pairs (batches of two index
+    arrays, as data_tools.semantic.similar_pairs yields them)."""
     groups = UnionFind(len(captions))
     first_with: dict[str, int] = {}
     for i, caption in enumerate(captions):
@@ -129,6 +103,7 @@ def leak_free_groups(captions: list[str], phashes: np.ndarray, phash_max_distanc
                 a, b = a[same_colours], b[same_colours]
             for i, j in zip(a.tolist(), b.tolist()):
                 groups.union(i, j)
-    for i, j in semantic_pairs:
-        groups.union(i, j)
+    for left, right in semantic_pairs:
+        for i, j in zip(left.tolist(), right.tolist()):
+            groups.union(i, j)
     return groups

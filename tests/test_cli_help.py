@@ -59,7 +59,7 @@ def test_help_lists_every_exit_status_the_command_declares(prog):
 
 
 def test_the_commands_that_read_data_and_models_declare_it():
-    for prog in ("cnclip finetune", "cnclip evaluate", "cnclip zeroshot", "cnclip search index"):
+    for prog in ("cnclip finetune", "cnclip evaluate", "cnclip zeroshot", "cnclip probe", "cnclip search index"):
         assert {EXIT_DATA, EXIT_MODEL} <= set(exit_statuses(PARSERS[prog][1])), prog
     for prog in PARSERS:  # argparse's own errors and a bad path are 2 everywhere (convert used to omit it)
         assert set(ALWAYS_EXITS) <= set(exit_statuses(PARSERS[prog][1])) and EXIT_USAGE in ALWAYS_EXITS
@@ -82,12 +82,13 @@ def test_serve_and_search_show_their_defaults():
 
 def test_values_written_out_for_help_match_the_library():
     """The constants the parsers show without importing torch are the library's own."""
-    from cnclip import classifier, exporter, original_format, search_app, search_index
-    from cnclip.commands import export, search, serve, zeroshot
+    from cnclip import classifier, exporter, linear_probe, original_format, search_app, search_index
+    from cnclip.commands import export, probe, search, serve, zeroshot
     from cnclip.recipe import ORIGINAL_ARCHS
 
     assert export.FORMATS == exporter.FORMATS
     assert zeroshot.TOP_K == classifier.TOP_K
+    assert (probe.HELD_OUT, probe.MAX_ITER) == (linear_probe.HELD_OUT, linear_probe.MAX_ITER)
     assert search.APPROXIMATE_FROM == search_index.APPROXIMATE_FROM
     assert serve.DEFAULT_MAX_UPLOAD_MB == search_app.DEFAULT_MAX_UPLOAD_MB
     assert ORIGINAL_ARCHS == tuple(original_format.ARCHS)
@@ -112,7 +113,7 @@ for argv in runs:
 for argv in (["build-pairs", "--help"], ["from-hf", "--help"]):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
         data_tools_main(argv)
-print(json.dumps(sorted(m for m in ("torch", "transformers", "peft", "faiss", "pyarrow", "httpx") if m in sys.modules)))
+print(json.dumps(sorted(m for m in ("torch", "transformers", "peft", "faiss", "pyarrow", "httpx", "sklearn") if m in sys.modules)))
 """
 
 

@@ -17,6 +17,8 @@ from cnclip.checkpoint import trainable_state
 from cnclip.data import tokenize
 from cnclip.runtime import pick_runtime, resolve_device
 from cnclip.finetune import main as finetune_main
+from cnclip.models import attach_text_tuning, load_base_model, lock_image_tower
+from cnclip.recipe import ModelConfig
 from cnclip.train_step import contrastive_step
 
 from conftest import (DEMO_RECIPE, clamp_that_stops_in_step, lora_model_with_gradients, make_tiny_dataset,
@@ -61,9 +63,24 @@ def make_step_inputs(model_dir: Path, out: Path):
             "image_emb": torch.randn(len(CAPTIONS), 16, generator=torch.Generator().manual_seed(1)),
             "image_keys": torch.tensor(IMAGE_KEYS), "text_keys": torch.tensor(TEXT_KEYS)}
     data["image_emb"][6] = data["image_emb"][1]
+    data["full"] = True  # the step with the whole text tower trained, too (under DDP on 2 processes)
     torch.save(data, out / "inputs.pt")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     loss = contrastive_step(base.clip, list(params.values()), tokens, data["image_emb"], data["image_keys"],
+                            data["text_keys"], pick_runtime("cpu"))
+    return loss.item(), {n: p.grad for n, p in params.items()}
+
+
+def full_tuning_step(model_dir: Path, out: Path):
+    """The one-process loss and gradients of the global batch in inputs.pt with model.text_tuning=full."""
+    data = torch.load(out / "inputs.pt", weights_only=True)
+    cfg = ModelConfig(base=str(model_dir), text_tuning="full")
+    clip = load_base_model(cfg).clip
+    attach_text_tuning(clip, cfg)
+    clip.train()
+    lock_image_tower(clip)
+    params = {n: p for n, p in clip.named_parameters() if p.requires_grad}
+    loss = contrastive_step(clip, list(params.values()), data["tokens"], data["image_emb"], data["image_keys"],
                             data["text_keys"], pick_runtime("cpu"))
     return loss.item(), {n: p.grad for n, p in params.items()}
 
@@ -74,11 +91,14 @@ def two_process_launch(tiny_model_no_dropout_dir, tmp_path_factory):
     run on 2 processes that dies in step 3, after its step-2 checkpoint."""
     root = tmp_path_factory.mktemp("two_procs")
     expected = make_step_inputs(tiny_model_no_dropout_dir, root)
+    expected_full = full_tuning_step(tiny_model_no_dropout_dir, root)
     data = make_tiny_dataset(root / "data")
     run_dir = root / "run"
     overrides = run_overrides(tiny_model_no_dropout_dir, data, run_dir)
-    proc = torchrun("--step", str(root / "inputs.pt"), str(root), "--stop-after", "3", str(DEMO_RECIPE), *overrides)
-    return {"root": root, "expected": expected, "proc": proc, "run_dir": run_dir, "overrides": overrides}
+    proc = torchrun("--step", str(root / "inputs.pt"), str(root), "--count-image-reads", str(root), "--stop-after", "3",
+                    str(DEMO_RECIPE), *overrides)
+    return {"root": root, "expected": expected, "expected_full": expected_full, "proc": proc, "run_dir": run_dir,
+            "overrides": overrides}
 
 
 def test_one_step_on_two_processes_equals_one_process(two_process_launch):
@@ -93,6 +113,35 @@ def test_one_step_on_two_processes_equals_one_process(two_process_launch):
             assert got["grads"].keys() == expected.keys()
             diff = max((got["grads"][n] - g).abs().max().item() for n, g in expected.items())
             assert diff < 1e-5, (rank, mode, diff)
+
+
+def test_full_text_tuning_under_ddp_on_two_processes_equals_one_process(two_process_launch):
+    """model.text_tuning=full on 2 processes: DDP all-reduces the text tower's gradients in buckets
+    during backward (gradient caching: once, after the last chunk), and the flat all-reduce after
+    backward carries only what lies outside the tower (the logit scale), not the tower's 21,824
+    parameters; loss and gradients equal one process's on the global batch."""
+    root, (loss, expected) = two_process_launch["root"], two_process_launch["expected_full"]
+    tower = sum(g.numel() for n, g in expected.items() if n.startswith("text_"))
+    assert tower > 10_000 and all(g.abs().max() > 0 for g in expected.values())
+    for rank in (0, 1):
+        assert (root / f"rank-{rank}.pt").is_file(), two_process_launch["proc"].stderr[-3000:]
+        result = torch.load(root / f"rank-{rank}.pt", weights_only=True)
+        for mode in ("full0", "full2"):
+            got = result[mode]
+            assert got["largest_flat_all_reduce"] == 1, (rank, mode)  # the logit scale alone
+            assert abs(got["loss"].item() - loss) < 1e-5, (rank, mode)
+            assert got["grads"].keys() == expected.keys()
+            diff = max((got["grads"][n] - g).abs().max().item() for n, g in expected.items())
+            assert diff < 1e-5, (rank, mode, diff)
+
+
+def test_rank_0_alone_reads_and_hashes_the_images(two_process_launch):
+    """Indexing an images TSV reads and hashes the whole file (the cache key): rank 0 does it once per
+    split and sends the index to the others, who read no TSV at start-up (before: every rank read both)."""
+    root = two_process_launch["root"]
+    reads = {r: json.loads(p.read_text()) if (p := root / f"image-reads-rank-{r}.json").is_file() else []
+             for r in (0, 1)}
+    assert reads == {0: ["train_imgs.tsv", "valid_imgs.tsv"], 1: []}, (reads, two_process_launch["proc"].stderr[-3000:])
 
 
 # ---- whole runs: interrupted on N processes, resumed on M, equal to an uninterrupted run
@@ -162,3 +211,23 @@ def test_one_process_interrupted_then_resumed_on_two(tiny_model_no_dropout_dir, 
     assert "2 process(es)" in (run_dir / "train.log").read_text()
     assert_same_run(run_dir, reference_run)
     assert '"steps": 8' in proc.stdout and proc.stdout.count('"run_dir"') == 1  # rank 0 alone reports
+
+
+def test_full_text_tuning_trains_on_two_processes_like_one(tiny_model_no_dropout_dir, tmp_path):
+    """The trainer's full-tuning path on 2 processes (DDP over the text tower, gradient caching in
+    chunks of 1: DDP's no_sync for the first chunk of each rank) against one plain process: the same
+    losses and final weights (the whole text tower) within 1e-4."""
+    data = make_tiny_dataset(tmp_path / "data")
+    extra = {"model.text_tuning": "full", "train.epochs": 1, "train.grad_cache_chunk": 1}
+    one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
+    assert finetune_main([str(DEMO_RECIPE), *run_overrides(tiny_model_no_dropout_dir, data, one), *
+                          [f"{k}={v}" for k, v in extra.items()]]) == 0
+    proc = torchrun(str(DEMO_RECIPE), *run_overrides(tiny_model_no_dropout_dir, data, two),
+                    *[f"{k}={v}" for k, v in extra.items()])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "text tower gradients: all-reduced by DDP" in (two / "train.log").read_text()
+    got, want = losses(two), losses(one)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4] and max(abs(got[s] - want[s]) for s in want) < 1e-4, (got, want)
+    a, b = final_weights(two), final_weights(one)
+    assert a.keys() == b.keys() and any(k.startswith("text_model.encoder") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

@@ -1,9 +1,13 @@
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from cnclip.retrieval import chinese_clip_result, recall_at, retrieve, topk_indices
+from cnclip.retrieval import BLOCK_ELEMENTS, chinese_clip_result, recall_at, retrieve, topk_indices
 
 
 def brute_force_recall(sim: torch.Tensor, positives: list[set[int]], k: int) -> float:
@@ -30,10 +34,51 @@ def test_recall_matches_brute_force():
     assert abs(got["mean_recall"] - (got["r1"] + got["r5"] + got["r10"]) / 3) < 1e-9
 
 
-def test_topk_is_chunk_independent():
+def test_topk_is_block_independent():
     torch.manual_seed(1)
     q, g = torch.randn(50, 4), torch.randn(40, 4)
-    assert torch.equal(topk_indices(q, g, 10, chunk=7), topk_indices(q, g, 10, chunk=4096))
+    whole = topk_indices(q, g, 10)
+    for block_elements in (1, 7, 40 * 7, 40 * 50):  # one row per block, 7 rows, the whole matrix
+        assert torch.equal(topk_indices(q, g, 10, block_elements=block_elements), whole)
+
+
+def test_ties_are_ranked_by_lowest_index_whatever_the_block_size():
+    """Small-integer embeddings: every similarity is exact (any summation order gives it) and most
+    are tied. The ranking is the reference's, (-similarity, index), at every block size, and ties at
+    the cut keep the lowest indices (torch.topk alone keeps whichever its kernel meets first)."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(-1, 2, (40, 3), generator=gen).float()
+    g = torch.randint(-1, 2, (30, 3), generator=gen).float()
+    sim = (q @ g.t()).tolist()
+    expected = [sorted(range(30), key=lambda j: (-row[j], j))[:10] for row in sim]
+    for block_elements in (1, 30, 30 * 7, 1 << 22):
+        assert topk_indices(q, g, 10, block_elements=block_elements).tolist() == expected, block_elements
+    assert topk_indices(q, g, 10).tolist() == expected
+    # k as large as the gallery: a full ranking, ties in index order
+    assert topk_indices(q[:3], g[:4], 10).tolist() == [sorted(range(4), key=lambda j: (-row[j], j))
+                                                       for row in (q[:3] @ g[:4].t()).tolist()]
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+from cnclip.retrieval import topk_indices
+q, g = torch.randn(2048, 8), torch.randn(20000, 8)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+topk_indices(q, g, 10)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB and glibc's malloc are Linux's")
+def test_peak_memory_is_bounded_by_the_block_not_the_gallery(tmp_path):
+    """2048 queries against a 20,000-image gallery: the whole similarity matrix is 164 MB, one block
+    (BLOCK_ELEMENTS) 16.8 MB. With glibc's mmap threshold pinned, freed blocks go back to the OS, so
+    the process's peak resident memory measures what was alive at once."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], env=env, capture_output=True, text=True, check=True)
+    grown = int(out.stdout.split()[-1])
+    whole = 2048 * 20000 * 4
+    assert grown < 3 * BLOCK_ELEMENTS * 4 < whole / 3, (grown, whole)
 
 
 def test_predictions_have_ten_unique_ids_for_every_query_and_both_directions():
@@ -71,3 +116,29 @@ def test_result_json_shape_is_chinese_clip_s():
     assert out == {"success": True, "score": 20.0,
                    "scoreJson": {"score": 20.0, "mean_recall": 20.0, "r1": 10.0, "r5": 20.0, "r10": 30.0}}
     json.dumps(out)
+
+
+def test_validation_and_zero_shot_make_no_host_copy(tiny_model_dir, monkeypatch):
+    """Embeddings, similarities and top-k stay on the model's device: no `.cpu()` anywhere between
+    the text tower and the numbers (on a GPU each one was a copy and a wait per batch)."""
+    from cnclip.classifier import ensemble, score, similarities
+    from cnclip.data import tokenize
+    from cnclip.models import load_base_model
+    from cnclip.recipe import ModelConfig
+    from cnclip.retrieval import embed_texts
+    from cnclip.runtime import pick_runtime
+
+    base = load_base_model(ModelConfig(base=str(tiny_model_dir)))
+    clip = base.clip.eval()
+    tokens = tokenize(base.tokenizer, ["猫", "白色连衣裙", "黑色男鞋", "一个红色的圆形"], 16)
+
+    def host_copy(self, *args, **kwargs):
+        raise AssertionError("a host copy of an evaluation tensor")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", host_copy)
+    text_emb = embed_texts(clip, tokens, pick_runtime("cpu"), batch_size=2)
+    images = torch.randn(6, text_emb.shape[1])
+    result = retrieve(text_emb, images, [1, 2, 3, 4], list(range(6)), [{0}, {1}, {2}, {3}])
+    assert result.metrics["num_texts"] == 4
+    classes = ensemble(text_emb, [0, 1, 1, 0], 2)
+    assert score(similarities(images, classes), torch.tensor([0, 1, 1, 0, 1, 0]), ["a", "b"])["num_images"] == 6

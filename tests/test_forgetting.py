@@ -8,14 +8,15 @@ The scenario (all in this file, in seconds on a CPU):
 2. new task: LoRA fine-tuning of that base on captions that name only shapes and positions
    ("左上角有一个圆形"), never a colour. The same drawings, a new family of concepts.
 
-Measured on the new task's validation split (mean recall) and the colour zero-shot folder (top-1):
-the base model (WiSE-FT alpha 0), plain fine-tuning (alpha 1: the best epoch's weights) and the alpha
-WiSE-FT's balanced rule picks. Plain fine-tuning learns the new task and forgets colours; the picked
-alpha keeps (almost) all of the colours. In this tiny, randomly initialised model the trade-off along
-alpha is close to linear, so the picked alpha keeps only a small part of the new-task gain: the test
-asserts the forgetting, the gain of plain fine-tuning and how much less the picked alpha forgets, not a
-large gain at the picked alpha. The asserted margins (below) are well inside what this scenario
-measures, so they hold on any CPU; the table is printed (pytest -s) for the record.
+Measured on the new task's validation split (mean recall over 30 held-out captions x 180 drawings)
+and the colour zero-shot folder (top-1, 72 drawings): the base model (WiSE-FT alpha 0), plain
+fine-tuning (alpha 1: the best epoch's weights) and the alpha WiSE-FT's balanced rule picks. Plain
+fine-tuning learns the new task and forgets colours; the picked alpha and distillation keep (almost) all
+of the colours. In this tiny, randomly initialised model the new-task gain along alpha is not concave as
+it is for large pretrained models (it comes mostly above alpha 0.5), so the guards keep only a small
+part of the new-task gain: the test asserts the forgetting, the gain of plain fine-tuning, how much less
+the guards forget and that they still beat the base on the new task, not a large gain with the guards.
+The asserted margins (below) sit inside what this scenario measures; the table is printed (pytest -s).
 
 `finetune_new_task(scenario, name, **overrides)` runs step 2 with any recipe overrides, so another guard
 against forgetting (e.g. a regulariser in train.*) is one more arm measured the same way.
@@ -32,8 +33,10 @@ import pytest
 
 from conftest import REPO
 
-# Asserted margins, in points, against what this scenario measured on a 2-core VM: base colour top-1 100; plain fine-tuning drops it by ~69 and lifts new-task
-# mean recall by ~31; the balanced pick (alpha 0.1) drops it by 0 and lifts recall by ~4.
+# Asserted margins, in points, against what this scenario measured on a 2-core VM: base colour top-1 100
+# and new-task mean recall 30.9; plain fine-tuning drops colours by 76.4 and lifts recall by 27.2; the
+# balanced pick (alpha 0.2) drops colours by 0 and lifts recall by 4.5 (sweep: alpha 0.3 +3.4/-4.2,
+# 0.5 +13.3/-25, 0.75 +22.6/-52.8).
 BASE_ZEROSHOT_MIN = 60.0  # the base really knows colours (6 classes: chance is 16.7)
 MIN_FORGETTING = 30.0  # plain fine-tuning loses at least this much colour zero-shot top-1
 WISE_KEEPS = 0.25  # the picked alpha's drop is at most this fraction of plain fine-tuning's drop
@@ -79,8 +82,10 @@ def scenario(tmp_path_factory) -> Scenario:
 
     root = tmp_path_factory.mktemp("forgetting")
     colours = write_family_dataset(root / "colour", "colour", seed=1)
-    new_task = write_family_dataset(root / "shape_position", "shape_position", seed=2)
-    zeroshot = write_demo_zeroshot(root / "zeroshot", seed=3)
+    # Two drawings per group and every held-out wording in validation, twelve drawings per colour for
+    # zero-shot: one miss moves recall or top-1 by a point or two, not by five.
+    new_task = write_family_dataset(root / "shape_position", "shape_position", seed=2, valid_images_per_class=2)
+    zeroshot = write_demo_zeroshot(root / "zeroshot", seed=3, images_per_class=12)
     # No validation: best/ is the last epoch (zero-shot is measured in step 2, as alpha 0 and before training).
     base_run = {**common(root, "base_run", colours, zeroshot), "model.base": str(REPO / "recipes/models/tiny"),
                 "model.random_init": True, "model.text_tuning": "full", "train.epochs": 3, "train.lr": 5e-3,
@@ -109,8 +114,8 @@ def finetune_new_task(s: Scenario, name: str, **extra) -> dict:
     """Step 2 (LoRA on the shape/position captions) from the colour base; its summary.json."""
     values = {**common(s.root, name, s.new_task, (s.zeroshot_images, s.zeroshot_classes)),
               "model.base": str(s.base), "model.random_init": False, "model.lora_r": 8, "model.lora_alpha": 16,
-              "model.lora_dropout": 0.0, "model.target_modules": "[query,key,value,dense]", "train.epochs": 30,
-              "train.lr": 4e-3, "eval.before_training": True, **extra}
+              "model.lora_dropout": 0.0, "model.target_modules": "[query,value]", "train.epochs": 30,
+              "train.lr": 8e-3, "eval.before_training": True, **extra}
     with one_thread():
         return train_run(values)
 
@@ -142,6 +147,7 @@ def test_wise_keeps_what_plain_finetuning_forgets(wise_run):
     assert plain_drop >= MIN_FORGETTING, f"plain fine-tuning should forget colours: drop {plain_drop:.2f}"
     assert plain_recall >= base_recall + MIN_NEW_TASK_GAIN, (plain_recall, base_recall)
     assert wise_drop <= MAX_ZEROSHOT_DROP and wise_drop <= WISE_KEEPS * plain_drop, (wise_drop, plain_drop)
+    assert wise_recall > base_recall, (wise_recall, base_recall)
     # The run says what it picked, and best/ holds that model: its metrics are the picked row's.
     assert wise_run["summary"]["wise"]["alpha"] == picked
     assert wise_run["best"]["valid"] == next(r["valid"] for r in wise_run["wise"]["metrics"] if r["alpha"] == picked)
@@ -149,14 +155,13 @@ def test_wise_keeps_what_plain_finetuning_forgets(wise_run):
 
 # ---- the distillation arm (train.distill, the frozen base as teacher)
 
-# Measured on the same 2-core VM with seeds 0, 1, 2 (seed 0 is the test's): at weight 6 the colour
-# zero-shot drop at the best epoch is 0, 25 and 16.7 points (plain fine-tuning: ~69), new-task mean
-# recall 40.4, 41.3, 40.0 against the base's 34.1 (plain fine-tuning: ~65). Like WiSE-FT here,
-# distillation trades most of the new-task gain for what it keeps; the asserted margins are the
-# forgetting it saves (with ~10 points of room over the worst seed) and a gain that stays above the base.
-DISTILL_WEIGHT = 6.0
-DISTILL_KEEPS = 0.5  # distillation's drop is at most this fraction of plain fine-tuning's drop
-MIN_DISTILL_GAIN = 3.0  # its new-task mean recall still beats the base's by at least this
+# Measured on the same 2-core VM: at weight 3 the colour zero-shot drop at the best epoch is 6.9 points
+# (plain fine-tuning: 76.4) and new-task mean recall 34.7 against the base's 30.9 (plain: 58.1). Like
+# WiSE-FT here, distillation with the base as teacher trades most of the new-task gain for what it keeps
+# (the teacher knows nothing of shapes, so its in-batch distribution pulls against the new task); the
+# asserted margins are the forgetting it saves and a recall that stays above the base.
+DISTILL_WEIGHT = 3.0
+DISTILL_KEEPS = 0.3  # distillation's drop is at most this fraction of plain fine-tuning's drop
 
 
 @pytest.fixture(scope="module")
@@ -178,4 +183,4 @@ def test_distillation_keeps_what_plain_finetuning_forgets(wise_run, distill_run)
     plain_drop, distill_drop = base_zs - plain_zs, base_zs - distill_zs
     assert plain_drop >= MIN_FORGETTING, f"plain fine-tuning should forget colours: drop {plain_drop:.2f}"
     assert distill_drop <= DISTILL_KEEPS * plain_drop, (distill_drop, plain_drop)
-    assert distill_recall >= base_recall + MIN_DISTILL_GAIN, (distill_recall, base_recall)
+    assert distill_recall > base_recall, (distill_recall, base_recall)

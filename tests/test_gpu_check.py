@@ -102,19 +102,6 @@ def test_loss_check_compares_a_chunked_loss_with_the_full_one(gpu_check, ctx, mo
     assert bad["status"] == "failed" and "chunked" in bad["reason"], bad
 
 
-@pytest.mark.parametrize("capability, arch_list, expected", [
-    ((9, 0), ["sm_80", "sm_90"], "sass"),
-    ((8, 6), ["sm_80", "sm_90"], "sass"),  # same major version, lower minor: binary compatible
-    ((8, 6), ["sm_90", "compute_90"], None),  # newer kernels only: nothing runs on an 8.6 device
-    ((12, 0), ["sm_90", "compute_90"], "ptx"),  # PTX of an older capability: the driver compiles it
-    ((8, 9), ["sm_90a", "sm_86"], "sass"),
-    ((9, 1), ["sm_90a"], None),  # an arch-specific cubin runs on that exact capability only
-    ((7, 5), ["sm_80", "sm_90", "compute_90"], None),  # a T4 with a build that dropped it
-])
-def test_kernel_support_matches_the_device_against_the_build(gpu_check, capability, arch_list, expected):
-    assert gpu_check.kernel_support(capability, arch_list) == expected
-
-
 def test_unknown_check_names_are_refused(gpu_check, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_check.main(["--cpu", "--only", "environment,warp_drive"])

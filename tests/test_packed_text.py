@@ -1,10 +1,13 @@
 """The packed text path (no work on padding) computes what ChineseCLIPTextModel computes."""
 
+import functools
+
 import pytest
 import torch
 
 from cnclip.data import tokenize
 from cnclip.models import attach_lora, encode_texts, load_base_model, lock_image_tower
+from cnclip import packed_text
 from cnclip.packed_text import encode_texts_packed
 from cnclip.recipe import ModelConfig, load_recipe
 from cnclip.train_step import prepare_text_tower
@@ -48,10 +51,14 @@ def assert_close(a: dict, b: dict, tol: float = 1e-5):
         assert (a[k] - b[k]).abs().max().item() / scale < tol, k
 
 
-def test_packed_embeddings_and_gradients_equal_the_model_forward(lora_model):
+@pytest.mark.parametrize("fused", [False, True], ids=["padded-attention", "fused-varlen-attention"])
+def test_packed_embeddings_and_gradients_equal_the_model_forward(lora_model, fused):
+    """Both attention paths of the packed tower (the padded one, a CPU's default, and the nested
+    variable-length one, CUDA's: here through torch's math kernel) against the model's forward."""
     clip, model, tokens = lora_model
     assert tokens["attention_mask"].float().mean() < 0.7  # the batch really has padding to skip
     model.eval()  # dropout off: both paths are then the same function
+    encode_texts_packed = functools.partial(packed_text.encode_texts_packed, fused=fused)
     plain_emb, plain = embed_and_grads(clip, model, tokens, encode_texts)
     packed_emb, packed = embed_and_grads(clip, model, tokens, encode_texts_packed)
     assert (plain_emb - packed_emb).abs().max() < 1e-5
@@ -70,7 +77,9 @@ def test_packed_embeddings_and_gradients_equal_the_model_forward(lora_model):
     model.train()
 
 
-def test_packed_path_honours_gradient_checkpointing(tiny_model_dir):
+@pytest.mark.parametrize("fused", [False, True], ids=["padded-attention", "fused-varlen-attention"])
+def test_packed_path_honours_gradient_checkpointing(tiny_model_dir, fused):
+    encode_texts_packed = functools.partial(packed_text.encode_texts_packed, fused=fused)
     cfg = ModelConfig(base=str(tiny_model_dir), lora_dropout=0.1)
     base = load_base_model(cfg)
     torch.manual_seed(0)
@@ -102,3 +111,31 @@ def test_packed_text_is_a_recipe_switch():
 def test_text_tower_uses_sdpa_attention(tiny_model_dir):
     base = load_base_model(ModelConfig(base=str(tiny_model_dir)))
     assert base.clip.text_model.config._attn_implementation == "sdpa"
+
+
+def test_fused_attention_is_cudas_default_unless_deterministic(monkeypatch):
+    assert not packed_text.fused_attention_default(torch.device("cpu"))
+    assert packed_text.fused_attention_default(torch.device("cuda:0"))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not packed_text.fused_attention_default(torch.device("cuda:0"))
+
+
+def test_fused_path_attends_with_nested_tensors_and_no_mask(lora_model, monkeypatch):
+    """The fused path hands scaled_dot_product_attention nested (jagged) tensors and no mask, the
+    inputs torch's variable-length flash / memory-efficient kernels take."""
+    clip, model, tokens = lora_model
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        seen.append((query.is_nested, key.is_nested, attn_mask is None))
+        return real(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(packed_text.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        encode_texts_packed(clip, **tokens, fused=True)
+    assert seen and all(s == (True, True, True) for s in seen)
+    seen.clear()
+    with torch.no_grad():
+        encode_texts_packed(clip, **tokens)  # a CPU's default: the padded path, under the padding mask
+    assert seen and all(s == (False, False, False) for s in seen)

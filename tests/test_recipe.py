@@ -36,7 +36,7 @@ def test_unknown_override_section(tmp_path):
     ("train.epochs=2.5", r"'train.epochs': expected int"),
     ("model.random_init=maybe", r"'model.random_init': expected bool"),
     ("train.batch_size=1", r"'train.batch_size' must be >= 2"),
-    ("train.precision=fp8", r"accepted: auto, fp32, bf16"),
+    ("train.precision=fp8", r"accepted: auto, fp32, bf16, fp16"),
     ("model.lora_dropout=1.5", r"lora_dropout"),
 ])
 def test_wrong_types_and_values_are_rejected(override, message):

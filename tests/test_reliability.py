@@ -16,7 +16,7 @@ from cnclip.determinism import deterministic_algorithms, step_seed
 from cnclip.errors import ConfigError
 from cnclip.finetune import main as finetune_main
 from cnclip.recipe import dump_recipe, load_recipe
-from cnclip.runtime import pick_runtime
+from cnclip.runtime import native_bf16, pick_runtime, resolve_device
 
 from conftest import DEMO_RECIPE, clamp_that_stops_in_step, in_fresh_process, make_tiny_dataset, tiny_overrides
 from test_distributed import final_weights, losses, torchrun
@@ -65,7 +65,8 @@ def test_two_processes_with_dropout_on_resume_bit_identically(tiny_model_dir, tm
 
 def test_ranks_that_see_different_run_dirs_refuse_to_resume(tiny_model_no_dropout_dir, tmp_path, monkeypatch):
     """Multi-node without a shared filesystem: rank 1 finds no checkpoint where rank 0 resumes from
-    step 4. Every rank stops with the reason instead of running collectives that never match."""
+    step 4. Every rank stops with the reason before anything else: the file rank 0 wrote in run_dir
+    is not seen by rank 1."""
     run_dir = tmp_path / "run"
     overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(tmp_path / "data"), run_dir)
     # in step 5, after the epoch-1 checkpoint (step 4)
@@ -73,11 +74,36 @@ def test_ranks_that_see_different_run_dirs_refuse_to_resume(tiny_model_no_dropou
     with pytest.raises(SystemExit):
         finetune_main([str(DEMO_RECIPE), *overrides])
     monkeypatch.undo()
-    proc = torchrun("--node-local-run-dir", str(DEMO_RECIPE), *overrides)
+    proc = torchrun("--node-local-dirs", str(DEMO_RECIPE), *overrides)
     assert proc.returncode != 0
     # Both ranks stop with the message (torchrun then reports the failed workers).
-    assert proc.stderr.count("error: the ranks disagree on the step to resume from") == 2, proc.stderr[-3000:]
-    assert "rank 0: 4, rank 1: 0" in proc.stderr and "filesystem that every node shares" in proc.stderr
+    assert proc.stderr.count(f"error: a file rank 0 wrote is not seen by every rank: run_dir {run_dir} ") == 2, \
+        proc.stderr[-3000:]
+    assert "filesystem every node shares" in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000004"  # untouched
+
+
+def test_ranks_without_a_shared_filesystem_stop_with_one_message_before_any_work(tiny_model_no_dropout_dir,
+                                                                                  tmp_path):
+    """A fresh run whose run_dir and cache.dir are each node's own: before the demo data, the model or
+    the image cache, every rank stops with exit 2 and one message naming both directories and what
+    they need (before: the cache's manifest writer failed on a part it could not see, a traceback)."""
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    overrides = run_overrides(tiny_model_no_dropout_dir, make_tiny_dataset(tmp_path / "data"), run_dir,
+                              **{"cache.dir": str(cache_dir)})
+    proc = torchrun("--node-local-dirs", str(DEMO_RECIPE), *overrides)
+    assert proc.returncode != 0
+    message = (f"error: a file rank 0 wrote is not seen by every rank: run_dir {run_dir} (rank 0's): not seen by "
+               f"rank 1 (its run_dir: {run_dir}-rank1); cache.dir {cache_dir} (rank 0's): not seen by rank 1 "
+               f"(its cache.dir: {cache_dir}-rank1). A job on several nodes needs these directories on a "
+               "filesystem every node shares")
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # UsageError's status, on both ranks
+    # The workers print the error line, no traceback (torchrun's own report of failed workers has one).
+    assert proc.stderr.count("Traceback") == proc.stderr.count("ChildFailedError:") == 1
+    assert "FileNotFoundError" not in proc.stderr and "AttributeError" not in proc.stderr
+    assert not any(cache_dir.glob("*/part-*")) and not (run_dir / "checkpoints").exists()
+    assert not list(run_dir.glob(".cnclip-shared-check-*"))  # the probe is removed
 
 
 def test_a_changed_packed_text_or_compile_is_refused_on_resume(tmp_path):
@@ -223,14 +249,32 @@ def test_checkpoint_rng_state_is_the_own_gpus_and_loads_with_fewer_gpus(monkeypa
     assert [d for d, _ in set_calls] == [0]
 
 
-def test_bf16_is_chosen_only_on_gpus_with_native_bf16(monkeypatch):
+def fake_gpus(monkeypatch, capabilities: list[tuple[int, int]]) -> list:
+    """CUDA calls answered as on a machine whose process sees GPUs of these compute capabilities;
+    returns the log of set_device calls and capability queries."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", torch.device(device))))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+
+    def capability(device=None):
+        calls.append(("capability", torch.device(device)))
+        return capabilities[torch.device(device).index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    # What native_bf16 used to ask: the *current* device's answer, whatever device it was given.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capabilities[0][0] >= 8)
+    return calls
+
+
+def test_bf16_is_chosen_only_on_gpus_with_native_bf16(monkeypatch):
+    fake_gpus(monkeypatch, [(7, 5)])  # a T4
     runtime = pick_runtime("cuda", "auto")
-    assert (str(runtime.device), runtime.precision) == ("cuda:0", "fp32")
+    assert (str(runtime.device), runtime.precision) == ("cuda:0", "fp16")  # with a loss scaler (test_precision.py)
     with pytest.raises(ConfigError, match="Tesla T4 .* has no native bf16"):
         pick_runtime("cuda", "bf16")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    fake_gpus(monkeypatch, [(8, 0)])  # an A100
     assert pick_runtime("cuda", "auto").precision == "bf16"
     assert pick_runtime("cpu", "bf16").autocast_dtype == torch.bfloat16  # CPU autocast has bf16
     assert pick_runtime("cpu", "auto").precision == "fp32"
@@ -248,3 +292,25 @@ def test_device_id_is_passed_only_where_init_process_group_takes_it():
     assert distributed.process_group_kwargs(cuda, torch_2_3) == {"device_id": cuda}
     assert distributed.process_group_kwargs(torch.device("cpu"), torch_2_3) == {}
     assert distributed.DEFAULT_TIMEOUT.total_seconds() <= 30 * 60 < distributed.HOST_WAIT_TIMEOUT.total_seconds()
+
+
+@pytest.mark.parametrize("local_rank, visible, expected", [(3, 4, "cuda:3"), (3, 1, "cuda:0"), (5, 2, "cuda:1")])
+def test_each_process_drives_local_rank_modulo_the_gpus_it_sees(monkeypatch, local_rank, visible, expected):
+    """All of the node's GPUs visible: cuda:LOCAL_RANK; one GPU per process (CUDA_VISIBLE_DEVICES set
+    per process by a scheduler): cuda:0, not a cuda:3 that does not exist there."""
+    calls = fake_gpus(monkeypatch, [(8, 0)] * visible)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert resolve_device("auto") == resolve_device("cuda") == expected
+    assert str(pick_runtime("auto", "auto").device) == expected
+    assert calls[0] == ("set_device", torch.device(expected))
+
+
+def test_native_bf16_asks_the_gpu_it_is_given_after_set_device(monkeypatch):
+    """Rank 1 of a node whose cuda:0 is an A100 and cuda:1 a T4 (or whose current device is not yet
+    its own): the answer is cuda:1's, asked after the process made cuda:1 its device."""
+    calls = fake_gpus(monkeypatch, [(8, 0), (7, 5)])
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    runtime = pick_runtime("auto", "auto")
+    assert (str(runtime.device), runtime.precision) == ("cuda:1", "fp32")
+    assert calls == [("set_device", torch.device("cuda:1")), ("capability", torch.device("cuda:1"))]
+    assert native_bf16(torch.device("cuda:0")) and not native_bf16(torch.device("cuda:1"))

@@ -380,3 +380,12 @@ def test_demo_zero_shot_set_is_complete_and_in_the_tiny_vocab(tmp_path):
     assert not unknown
     recipe = load_recipe(DEMO_RECIPE, check_data=False)
     assert recipe.zeroshot.images.endswith("zeroshot") and recipe.zeroshot.classes.endswith("zeroshot_classes.txt")
+
+
+def test_tied_similarities_go_to_the_lower_class_index():
+    """Two classes with the same embedding (a duplicated name): every image ties between them, and the
+    lower index wins, on any device, instead of whichever torch.topk's kernel meets first."""
+    sims = torch.tensor([[0.2, 0.5, 0.5, 0.5], [0.9, 0.1, 0.9, 0.0], [0.3, 0.3, 0.3, 0.3]])
+    r = score(sims, torch.tensor([1, 0, 0]), ["a", "b", "c", "d"], k=2)
+    assert r["confusion"]["matrix"][1] == [0, 1, 0, 0] and r["confusion"]["matrix"][0] == [2, 0, 0, 0]
+    assert r["top1"] == 100.0 and r["per_class"]["a"] == {"images": 2, "top1": 100.0, "top2": 100.0}

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune", "fine-tune a Chinese CLIP from a YAML recipe (LoRA text tower, cached image tower)"),
     "evaluate": ("evaluate", "retrieval Recall@1/5/10 and mean recall of a run or a model"),
     "zeroshot": ("zeroshot", "zero-shot classification with Chinese prompt templates"),
+    "probe": ("probe", "linear probe and few-shot curves on frozen image embeddings, beside zero-shot"),
     "export": ("export", "merge a run's LoRA and write a model plain transformers loads; optionally upload it"),
     "publish": ("publish", "upload an exported model directory to ModelScope"),
     "convert": ("convert", "convert an original Chinese-CLIP checkpoint (cn_clip .pt, ModelScope layout) to transformers"),
