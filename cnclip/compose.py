@@ -19,6 +19,11 @@ zero-shot, export, publishing) treats it like any Chinese CLIP. Guarantees:
   it), and the logit scale starts at 1/0.07;
 * the tokenizer is the BERT's, the image preprocessing the image checkpoint's (so the cache and the
   exported preprocessor_config.json are what the model is served with).
+
+The image side can also be an open_clip tower (`open_clip:<reference>`, cnclip.open_clip_tower): then the
+ChineseCLIPModel's vision_model is open_clip's `model.visual` behind a thin wrapper and its visual projection
+the identity (open_clip's towers project themselves), so image embeddings equal open_clip's `encode_image`;
+the preprocessing is open_clip's, translated exactly; the text side is built as above.
 """
 
 from __future__ import annotations
@@ -130,19 +135,48 @@ def _vision_config(config) -> dict:
     return {k: getattr(config, k) for k in keys}
 
 
+def _clip_with_text_tower(bert, vision_config: dict, projection_dim: int):
+    """A ChineseCLIPModel (fp32, SDPA attention) shaped for the BERT's text side and `vision_config`."""
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+    config = ChineseCLIPConfig(text_config=_text_config(bert.config), vision_config=vision_config,
+                               projection_dim=projection_dim, logit_scale_init_value=math.log(1 / INITIAL_TEMPERATURE))
+    config._attn_implementation = "sdpa"
+    return ChineseCLIPModel(config)
+
+
 @torch.no_grad()
 def compose_clip(image: str, text: str, seed: int = 0) -> Composed:
     """A ChineseCLIPModel (fp32, SDPA attention): the image checkpoint's vision side, the BERT's text side."""
-    from transformers import ChineseCLIPConfig, ChineseCLIPModel
-
     vision, visual_projection, vision_config, projection_dim = load_image_tower(image)
     bert, tokenizer = load_text_tower(text)
-    config = ChineseCLIPConfig(text_config=_text_config(bert.config), vision_config=_vision_config(vision_config),
-                               projection_dim=projection_dim, logit_scale_init_value=math.log(1 / INITIAL_TEMPERATURE))
-    config._attn_implementation = "sdpa"
-    clip = ChineseCLIPModel(config)
+    clip = _clip_with_text_tower(bert, _vision_config(vision_config), projection_dim)
     clip.vision_model.load_state_dict(vision.state_dict(), strict=True)
     clip.visual_projection.load_state_dict(visual_projection.state_dict(), strict=True)
+    _load_text_side(clip, bert, text, seed)
+    return Composed(clip=clip.eval(), tokenizer=tokenizer, image_path=image)
+
+
+@torch.no_grad()
+def compose_open_clip(tower, text: str, seed: int = 0) -> Composed:
+    """A ChineseCLIPModel whose image side is the open_clip tower `tower` (cnclip.open_clip_tower.OpenClipTower).
+
+    The config's vision part describes a one-layer placeholder of the tower's input size (what code reading
+    `config.vision_config.image_size` needs); the placeholder is replaced by the tower before use."""
+    from .open_clip_tower import IdentityProjection, OpenClipVisionModel
+
+    bert, tokenizer = load_text_tower(text)
+    placeholder = dict(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                       image_size=tower.image_size, patch_size=tower.image_size)
+    clip = _clip_with_text_tower(bert, placeholder, tower.embed_dim)
+    clip.vision_model = OpenClipVisionModel(tower)
+    clip.visual_projection = IdentityProjection(tower.embed_dim)
+    _load_text_side(clip, bert, text, seed)
+    return Composed(clip=clip.eval(), tokenizer=tokenizer, image_path=tower.reference.spec)
+
+
+def _load_text_side(clip, bert, text: str, seed: int) -> None:
+    """The BERT's weights into the text tower, a seeded new text projection, the logit scale at 1/0.07."""
     missing, unexpected = clip.text_model.load_state_dict(_as_bert_weights(bert), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
@@ -153,4 +187,4 @@ def compose_clip(image: str, text: str, seed: int = 0) -> Composed:
     clip.text_projection.weight.copy_(
         torch.randn(clip.text_projection.weight.shape, generator=generator) * hidden ** -0.5)
     clip.logit_scale.fill_(math.log(1 / INITIAL_TEMPERATURE))
-    return Composed(clip=clip.eval(), tokenizer=tokenizer, image_path=image)
+

@@ -56,6 +56,7 @@ def check_out_dir(out_dir: Path) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()):
         earlier_export = (out_dir / "configuration.json").is_file() and (
             (out_dir / ADAPTER_DIR).is_dir() or (out_dir / "config.json").is_file()
+            or (out_dir / "image" / "open_clip_config.json").is_file()
             or (out_dir / original_format.VISION_CONFIG).is_file() or any(out_dir.glob("*.pt")))
         if not earlier_export:
             raise UsageError(f"--to {out_dir} exists and is not an earlier cnclip export; it would be replaced "
@@ -143,6 +144,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
     checkpoint = "best checkpoint (best/)" if from_best else f"latest checkpoint ({weights.parent.name}; no best/ yet)"
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1] (0 = the base model, 1 = fine-tuned), got {alpha}")
+    open_clip_image = open_clip_image_of(run_dir, format)
     metrics = read_run_metrics(run_dir, from_best)
     wise_card = wise_card_inputs(run_dir, alpha, from_best)
     if alpha is not None:  # the recorded metrics are the picked alpha's: use the sweep's row for this one
@@ -153,11 +155,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
     peft_model, base, recipe = load_run(run_dir, alpha=alpha)
 
     with atomic_dir(out_dir) as tmp:
-        if is_lora(peft_model) and format == "transformers":
+        # An open_clip run's adapter would need a base that is not a transformers model: its folders carry
+        # the merged towers only.
+        if is_lora(peft_model) and format == "transformers" and open_clip_image is None:
             save_adapter(peft_model, tmp, recipe)
         merged, diff = merge_and_check(peft_model, base, recipe)
-        original = None
-        if format == "transformers":
+        original = open_clip = None
+        if open_clip_image is not None:
+            open_clip = write_open_clip_folders(merged, base.tokenizer, tmp, recipe.data.context_length)
+        elif format == "transformers":
             merged.save_pretrained(str(tmp))
             save_tokenizer(base.tokenizer, tmp, recipe.data.context_length)
             save_image_processor(base.path, tmp, base.processor_config)
@@ -170,7 +176,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
         card = CardInputs(
             title=repo_id or out_dir.resolve().name, repo_id=repo_id, recipe=saved_recipe, metrics=metrics,
             dataset=dataset or Path(recipe.data.root).resolve().name, license=license, checkpoint=checkpoint,
-            format=format, original=original, recall_plot=recall_plot, wise=wise_card)
+            format=format, original=original, recall_plot=recall_plot, wise=wise_card, open_clip=open_clip)
         (tmp / "README.md").write_text(render_card(card), encoding="utf-8")
         readable_by_umask(tmp)
 
@@ -179,6 +185,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
     return {
         "run_dir": str(run_dir), "out_dir": str(out_dir), "checkpoint": str(weights.parent), "format": format,
         "merge_max_abs_diff": diff,
+        "open_clip": open_clip,
         "wise_alpha": None if wise_card is None else wise_card["alpha"],
         "preprocess_warning": preprocess_warning(base, format),
         "metrics": {"split": metrics.split, "epoch": metrics.epoch, "mean_recall": valid["mean_recall"]}
@@ -186,6 +193,32 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: str | None 
         "files": [{"path": f.path, "size": f.size} for f in files],
         "total_bytes": sum(f.size for f in files),
     }
+
+
+def write_open_clip_folders(merged, tokenizer, tmp: Path, context_length: int) -> dict:
+    """image/ for open_clip and text/ for transformers (cnclip.open_clip_export), checked by loading them back."""
+    from .open_clip_export import IMAGE_DIR, TEXT_DIR, check_round_trip, save_image_side, save_text_side
+
+    save_image_side(merged, tmp / IMAGE_DIR)
+    save_text_side(merged, tmp / TEXT_DIR)
+    save_tokenizer(tokenizer, tmp / TEXT_DIR, context_length)
+    return check_round_trip(merged, tokenizer, tmp, context_length, list(PROBE_TEXTS))
+
+
+def open_clip_image_of(run_dir: Path, format: str) -> str | None:
+    """The open_clip image reference a run was composed on (cnclip.open_clip_export writes it as open_clip +
+    transformers folders), or None; such a run has no other export format, refused here before any loading."""
+    from .open_clip_reference import is_open_clip_reference
+
+    recipe = yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8")) or {}
+    image = str(((recipe.get("model") or {}).get("compose") or {}).get("image") or "")
+    if not is_open_clip_reference(image):
+        return None
+    if format != "transformers":
+        raise UsageError(f"--format {format}: {run_dir} is composed on the open_clip image tower {image}, which only "
+                         "the default format exports (image/ for open_clip, text/ for transformers); the "
+                         "modelscope, cn_clip and onnx layouts hold Chinese-CLIP ViTs only")
+    return image
 
 
 def wise_card_inputs(run_dir: Path, alpha: float | None, from_best: bool) -> dict | None:

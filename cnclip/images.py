@@ -145,6 +145,10 @@ class ImagePreprocess:
     rescale_factor: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # Where an odd centre-crop margin leaves its extra pixel: "floor" puts it after the crop (transformers'
+    # integer offset, (d) // 2), "round" follows torchvision's CenterCrop (int(round(d / 2)), Python's
+    # half-to-even), which open_clip's preprocessing uses (cnclip.open_clip_tower).
+    crop_offset: str = "floor"
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ImagePreprocess":
@@ -170,9 +174,18 @@ class ImagePreprocess:
         )
 
     def to_dict(self) -> dict:
+        """The settings as a dict (part of the image-cache key); crop_offset only when it is not the default,
+        so the keys of every transformers checkpoint's cache stay what they were."""
         from dataclasses import asdict
 
-        return asdict(self)
+        out = asdict(self)
+        if out["crop_offset"] == "floor":
+            del out["crop_offset"]
+        return out
+
+    def crop_start(self, size: int, crop: int) -> int:
+        """The first kept row (column) of a centre crop of `crop` out of `size` (see crop_offset)."""
+        return int(round((size - crop) / 2.0)) if self.crop_offset == "round" else (size - crop) // 2
 
 
 # The largest resize made whole (8 megapixels: any sane photo under any Chinese-CLIP config). Past it,
@@ -212,7 +225,7 @@ class ImageResize:
         new_w, new_h = size
         if not c.do_center_crop or new_w < c.crop_width or new_h < c.crop_height:
             return None
-        top, left = (new_h - c.crop_height) // 2, (new_w - c.crop_width) // 2
+        top, left = c.crop_start(new_h, c.crop_height), c.crop_start(new_w, c.crop_width)
         sx, sy = width / new_w, height / new_h
         box = (left * sx, top * sy, (left + c.crop_width) * sx, (top + c.crop_height) * sy)
         return (c.crop_width, c.crop_height), box
@@ -238,7 +251,7 @@ class ImageResize:
                 top, left = (padded.shape[0] - h + 1) // 2, (padded.shape[1] - w + 1) // 2
                 padded[top:top + h, left:left + w] = arr
                 arr, h, w = padded, *padded.shape[:2]
-            top, left = (h - ch) // 2, (w - cw) // 2
+            top, left = self.cfg.crop_start(h, ch), self.cfg.crop_start(w, cw)
             arr = arr[top:top + ch, left:left + cw]
         return np.ascontiguousarray(arr)
 

@@ -11,6 +11,7 @@ from .models import (ImagePreprocess, attach_text_tuning, load_base_model, load_
 from .model_reference import hub_access, parse_model_reference
 from .errors import UsageError
 from .original_format import is_original_format
+from .open_clip_export import is_open_clip_export
 from .recipe import Recipe, load_recipe
 
 RECIPE_FILE = "recipe.yaml"
@@ -64,7 +65,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", alpha: float | None 
 
 def load_for_inference(path: str, checkpoint: str = "best", what: str = "model",
                        alpha: float | None = None) -> InferenceModel:
-    """A run directory, a model directory, a cn_clip checkpoint, a Hub id or `modelscope:<id>`; a local path
+    """A run directory, a model directory, a cn_clip checkpoint, an open_clip export (cnclip.open_clip_export),
+    a Hub id or `modelscope:<id>`; a local path
     that does not exist is a UsageError naming `what` (the argument) before anything is loaded
     (cnclip.model_reference). `alpha` (run directories only): the WiSE-FT alpha to load at (`load_run`)."""
     if alpha is not None and not is_run_dir(path):
@@ -73,6 +75,11 @@ def load_for_inference(path: str, checkpoint: str = "best", what: str = "model",
         peft_model, base, recipe = load_run(path, checkpoint, alpha)
         return InferenceModel(merged_model(peft_model), base.tokenizer, base.preprocess, recipe)
     resolved = resolve_model_path(path, what)
+    if is_open_clip_export(resolved):  # cnclip export of a run on an open_clip tower: image/ + text/
+        from .open_clip_export import load_open_clip_export
+
+        clip, tokenizer, preprocess = load_open_clip_export(resolved)
+        return InferenceModel(clip, tokenizer, preprocess, None)
     if is_original_format(resolved):  # a cn_clip .pt or a ModelScope-layout directory, converted in memory
         from .recipe import ModelConfig
 

@@ -80,6 +80,11 @@ def public_recipe_text(recipe: dict) -> str:
             return [scrub(v) for v in value]
         if isinstance(value, str) and os.path.isabs(value):
             return f".../{PurePath(value).name}"
+        if isinstance(value, str):  # open_clip:local-dir:/abs/dir, open_clip:ARCH@/abs/file.pt
+            for marker in ("local-dir:", "@"):
+                head, found, tail = value.partition(marker)
+                if found and head.startswith("open_clip:") and os.path.isabs(tail):
+                    return f"{head}{marker}.../{PurePath(tail).name}"
         return value
 
     return yaml.safe_dump(scrub(recipe), allow_unicode=True, sort_keys=False).rstrip()
@@ -103,6 +108,9 @@ class CardInputs:
     # WiSE-FT (cnclip.wise): {"alpha", "rule_text", "picked": whether the run's rule chose it (else
     # `cnclip export --alpha`), "picked_alpha", "table": wise.json's metrics, "plot": file name or None}.
     wise: dict | None = None
+    # An open_clip image tower's export (cnclip.open_clip_export.write_open_clip_export's record): the card
+    # shows how to load image/ with open_clip and text/ with transformers.
+    open_clip: dict | None = None
 
 
 def wise_line(wise: dict | None) -> str:
@@ -143,7 +151,8 @@ def front_matter(inputs: CardInputs) -> dict:
         "language": ["zh"],
         "frameworks": ["pytorch"],
     }
-    base = base_model_id(str(model.get("base", "")))
+    # A composed model has no base checkpoint: model.base then holds its unused default, not an ancestor.
+    base = None if model.get("compose") else base_model_id(str(model.get("base", "")))
     if base:
         meta["base_model"] = [base]
     meta["datasets"] = {"train": [inputs.dataset]}
@@ -219,6 +228,16 @@ print((image_emb @ text_emb.T).softmax(dim=-1))  # which caption fits the image
 
 
 def _named(spec: str) -> str:
+    from .open_clip_reference import LOCAL_DIR, OPEN_CLIP_PREFIX, is_open_clip_reference
+
+    if is_open_clip_reference(spec):  # a local path is named by its last part only, as below
+        body = spec.strip()[len(OPEN_CLIP_PREFIX):]
+        if body.startswith(LOCAL_DIR):
+            return f"the open_clip model `{PurePath(body[len(LOCAL_DIR):]).name}` (a local directory)"
+        architecture, _, weights = body.partition("@")
+        if "/" in weights or "\\" in weights or weights.startswith((".", "~")):
+            return f"open_clip `{architecture}` with the weights `{PurePath(weights).name}` (a local file)"
+        return f"open_clip `{body}`"
     return f"`{base_model_id(spec)}`" if base_model_id(spec) else f"`{PurePath(spec).name}` (a local directory)"
 
 
@@ -267,6 +286,83 @@ def original_context_note(fmt: str, context_length: int) -> str:
     return f"Tokenise with `clip.tokenize(texts, context_length={context_length})` (cn_clip's default is 52)."
 
 
+def open_clip_usage(repo_id: str | None, context_length: int) -> str:
+    """How to embed with an open_clip export: image/ through open_clip, text/ through transformers."""
+    source = (f'snapshot_download("{repo_id}")' if repo_id
+              else 'snapshot_download("OWNER/NAME")  # or the path of a local copy of this directory')
+    return f'''```python
+# pip install open_clip_torch transformers modelscope
+import open_clip
+import torch
+from PIL import Image
+from modelscope import snapshot_download
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+model_dir = {source}
+image_model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{{model_dir}}/image")
+text_model = AutoModel.from_pretrained(f"{{model_dir}}/text", add_pooling_layer=False).eval()
+tokenizer = AutoTokenizer.from_pretrained(f"{{model_dir}}/text")
+projection = load_file(f"{{model_dir}}/text/text_projection.safetensors")["weight"]
+
+texts = ["一张猫的照片", "一张狗的照片"]
+with torch.no_grad():
+    image_emb = image_model.eval().encode_image(preprocess(Image.open("example.jpg")).unsqueeze(0))
+    tokens = tokenizer([t.lower() for t in texts], padding=True, truncation=True, max_length={context_length},
+                       return_tensors="pt")
+    text_emb = text_model(**tokens).last_hidden_state[:, 0] @ projection.T  # [CLS] state, projected
+image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
+text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
+print((image_emb @ text_emb.T).softmax(dim=-1))  # which caption fits the image
+```'''
+
+
+def render_open_clip_card(inputs: CardInputs, front: str, base_text: str, tuning: str, context_length: int) -> str:
+    info = inputs.open_clip or {}
+    return f"""---
+{front}
+---
+
+# {inputs.title}
+
+A Chinese text encoder trained with cnclip against the locked open_clip image tower
+`{info.get('architecture', '?')}` (LiT recipe): {tuning} under a symmetric contrastive loss, against the image
+tower's cached embeddings. The image tower is published as open_clip loads it (`image/`), the text tower as
+transformers loads it (`text/`); their embeddings ({info.get('embed_dim', '?')} dimensions) share one space.
+
+- base model: {base_text}
+- exported from: the run's {inputs.checkpoint}
+{wise_line(inputs.wise)}
+{evaluation_section(inputs.metrics, inputs.dataset, inputs.recall_plot)}
+{wise_section(inputs.wise)}
+## Usage
+
+{open_clip_usage(inputs.repo_id, context_length)}
+
+Images go through open_clip's own preprocessing (`preprocess` above, {info.get('image_size', '?')} pixels), as in
+training. Captions were {context_length} tokens long in training (counting [CLS] and [SEP]); keep `max_length`
+at that. cnclip lower-cases captions and turns “ ” into " before tokenising. cnclip's own commands
+(`cnclip evaluate`, `zeroshot`, `search`) take this directory as it is. When it was written, both folders were
+loaded back this way and embedded like the trained run (max abs diff {info.get('round_trip_max_abs_diff', float('nan')):.1e}).
+
+## Files
+
+| file | what |
+|---|---|
+| `image/open_clip_config.json`, `image/open_clip_model.safetensors` | the open_clip model the image tower comes from (its own text tower included), unchanged: `open_clip.create_model_and_transforms("local-dir:image")` |
+| `text/config.json`, `text/model.safetensors` | the trained Chinese text tower, a transformers `BertModel` (LoRA merged in) |
+| `text/tokenizer.json`, `text/tokenizer_config.json`, `text/vocab.txt` | its BERT tokenizer |
+| `text/text_projection.safetensors` | `weight`: the text projection (embedding = [CLS] state @ weight.T); `logit_scale`: the trained log temperature |
+| `configuration.json` | ModelScope task metadata |
+
+## Training recipe
+
+```yaml
+{public_recipe_text(inputs.recipe)}
+```
+"""
+
+
 def render_card(inputs: CardInputs) -> str:
     recipe = inputs.recipe
     model = recipe.get("model", {})
@@ -286,6 +382,8 @@ def render_card(inputs: CardInputs) -> str:
         tuning = "the whole text tower was trained"
     else:
         tuning = f"the text tower was trained with LoRA (r={model.get('lora_r')}, alpha={model.get('lora_alpha')}, on {targets})"
+    if inputs.open_clip is not None:
+        return render_open_clip_card(inputs, front, base_text, tuning, context_length)
     if inputs.format != "transformers":
         usage, files = original_usage(inputs, context_length)
         return f"""---

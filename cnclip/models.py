@@ -89,18 +89,12 @@ class BaseModel:
 
 def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
     """The recipe's base: a ChineseCLIPModel directory / id, an original-format checkpoint (converted
-    in memory, cnclip.original_format), or a model composed from an image tower and a BERT (cnclip.compose)."""
+    in memory, cnclip.original_format), or a model composed from an image tower (a transformers CLIP or an
+    open_clip tower) and a BERT (cnclip.compose)."""
     from .original_format import is_original_format, load_original
 
     if cfg.compose is not None:
-        from .compose import compose_clip
-
-        image_path = resolve_model_path(cfg.compose.image, "model.compose.image")
-        text_path = resolve_model_path(cfg.compose.text, "model.compose.text")
-        with hub_access(parse_model_reference(image_path)), hub_access(parse_model_reference(text_path)):
-            composed = compose_clip(image_path, text_path, seed)
-            preprocess = load_image_preprocess(image_path)
-        return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer, preprocess=preprocess, path=image_path)
+        return _composed_base(cfg.compose, seed)
     path = resolve_model_path(cfg.base, "model.base")
     if is_original_format(path):
         original = load_original(path, cfg.arch)
@@ -114,6 +108,28 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
         clip = load_clip(path, cfg.random_init, seed)
         return BaseModel(clip=clip, tokenizer=load_tokenizer(path), preprocess=load_image_preprocess(path),
                          path=path)
+
+
+def _composed_base(compose, seed: int) -> BaseModel:
+    """model.compose (cnclip.compose): a transformers CLIP image checkpoint (its preprocessor_config.json) or an
+    open_clip tower (cnclip.open_clip_tower: its own preprocessing), with the BERT's text side."""
+    from .compose import compose_clip, compose_open_clip
+    from .open_clip_reference import is_open_clip_reference, parse_open_clip_reference
+
+    text_path = resolve_model_path(compose.text, "model.compose.text")
+    if is_open_clip_reference(compose.image):
+        from .open_clip_tower import load_open_clip_tower
+
+        tower = load_open_clip_tower(parse_open_clip_reference(compose.image))
+        with hub_access(parse_model_reference(text_path)):
+            composed = compose_open_clip(tower, text_path, seed)
+        return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer, preprocess=tower.preprocess,
+                         path=compose.image)
+    image_path = resolve_model_path(compose.image, "model.compose.image")
+    with hub_access(parse_model_reference(image_path)), hub_access(parse_model_reference(text_path)):
+        composed = compose_clip(image_path, text_path, seed)
+        preprocess = load_image_preprocess(image_path)
+    return BaseModel(clip=composed.clip, tokenizer=composed.tokenizer, preprocess=preprocess, path=image_path)
 
 
 def lock_image_tower(clip: nn.Module) -> None:
@@ -132,6 +148,8 @@ def attach_lora(clip: nn.Module, cfg: ModelConfig):
     """
     from peft import LoraConfig, get_peft_model
 
+    from .open_clip_tower import is_open_clip_model
+
     bad = [t for t in cfg.target_modules if t not in {"query", "key", "value", "dense"}]
     if bad:
         raise ModelLoadError(
@@ -144,6 +162,8 @@ def attach_lora(clip: nn.Module, cfg: ModelConfig):
         target_modules=list(cfg.target_modules),
         modules_to_save=["text_projection"] if cfg.train_text_projection else None,
         bias="none",
+        # An open_clip image tower has its own module names: none may ever get a LoRA layer.
+        exclude_modules=r"vision_model\..*" if is_open_clip_model(clip) else None,
     )
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` property while wrapping the model;

@@ -17,13 +17,16 @@ import yaml
 from .data_formats import FORMATS as DATA_FORMATS
 from .errors import ConfigError, UsageError
 from .model_reference import parse_model_reference
+from .open_clip_reference import is_open_clip_reference, parse_open_clip_reference
 from .typed_config import EMPTY, build_config, read_yaml_mapping
 
 
 @dataclass
 class ComposeConfig:
     # A CLIP-family checkpoint (CLIPModel, CLIPVisionModelWithProjection or ChineseCLIPModel; id or
-    # directory): its vision tower, visual projection and image processor are copied exactly.
+    # directory): its vision tower, visual projection and image processor are copied exactly. Or an
+    # open_clip tower, "open_clip:<architecture>@<tag or checkpoint file>", "open_clip:hf-hub:<org>/<repo>"
+    # or "open_clip:local-dir:<dir>" (cnclip/open_clip_tower.py; needs the openclip extra).
     image: str = ""
     # A BERT-family Chinese encoder (id or directory): the text tower and the tokenizer.
     text: str = ""
@@ -302,7 +305,10 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     if check_data:  # a mistyped local path fails here, not after a minute of Hub retries
         for key, spec in _model_references(m):
             try:
-                parse_model_reference(spec, f"recipe key '{key}'")
+                if key == "model.compose.image" and is_open_clip_reference(spec):  # cnclip.open_clip_reference
+                    parse_open_clip_reference(spec, f"recipe key '{key}'")
+                else:
+                    parse_model_reference(spec, f"recipe key '{key}'")
             except UsageError as exc:
                 raise ConfigError(str(exc)) from None
     if m.random_init and not Path(m.base).is_dir():

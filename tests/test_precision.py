@@ -29,6 +29,7 @@ def fake_gpu(monkeypatch, name: str, capability: tuple[int, int], bf16: bool, ar
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch_list)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # pick_runtime makes the GPU current first
 
 
 # ---- which precision

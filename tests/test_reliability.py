@@ -311,6 +311,6 @@ def test_native_bf16_asks_the_gpu_it_is_given_after_set_device(monkeypatch):
     calls = fake_gpus(monkeypatch, [(8, 0), (7, 5)])
     monkeypatch.setenv("LOCAL_RANK", "1")
     runtime = pick_runtime("auto", "auto")
-    assert (str(runtime.device), runtime.precision) == ("cuda:1", "fp32")
+    assert (str(runtime.device), runtime.precision) == ("cuda:1", "fp16")  # fp16 with a loss scaler: a T4 has no native bf16
     assert calls == [("set_device", torch.device("cuda:1")), ("capability", torch.device("cuda:1"))]
     assert native_bf16(torch.device("cuda:0")) and not native_bf16(torch.device("cuda:1"))

@@ -8,6 +8,7 @@ Merges the run's LoRA and writes a model directory (`cnclip.exporter`), then opt
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import EXIT_DATA, EXIT_DISK_FULL, EXIT_MODEL, PublishError, UsageError
 from ..modelscope_upload import check_repo_id, file_table, folder_files, format_size, publish
@@ -35,7 +36,11 @@ def _export_and_publish(args) -> dict:
         raise UsageError("--alpha goes with the transformers, modelscope and cn_clip formats; --format onnx "
                          "exports the alpha the run picked")
     if args.format == ONNX:
+        from ..exporter import check_run_dir_to_export, open_clip_image_of
         from ..onnx_export import export_onnx
+
+        check_run_dir_to_export(Path(args.run_dir))
+        open_clip_image_of(Path(args.run_dir), ONNX)  # an open_clip tower has no ONNX layout: refused by name
 
         report = export_onnx(args.run_dir, args.to, precision=precision)
     else:
