@@ -10,8 +10,13 @@ dropout 0.05 on query/value, text projection trained).
   The image tower is frozen (peft freezes the base) but runs forward every step. Pixels arrive
   already preprocessed, so the baseline is *not* charged for JPEG decoding or resizing.
 * cnclip: image embeddings computed once (encode_images, no grad: the one-time cache cost, in
-  images/s), then the real training step (cnclip.train_step.contrastive_step: text tower + cached
-  embeddings + masked InfoNCE), gradient clipping, fused-where-possible AdamW, logit-scale clamp.
+  images/s), then the trainer's own step: `FinetuneRun._step` (cnclip.trainer), the method every
+  optimizer step of `cnclip finetune` runs, on a FinetuneRun that holds this benchmark's model and
+  data where its setup() would have read them from files: the host copy of the attention mask,
+  the per-step seeding, cnclip.train_step.contrastive_step (text tower + cached embeddings + masked
+  InfoNCE), gradient clipping, the finiteness check, fused-where-possible AdamW, the learning-rate
+  schedule and the logit-scale clamp. The recipe is built by cnclip.recipe.load_recipe from the
+  benchmark's options, so the LoRA settings are the recipe defaults.
 
 Reported per caption-length scenario ("short": 6-24 Chinese characters, like MUGE's shopping
 queries; "max": every caption 52 tokens, the context length, the worst case for cnclip): samples/s of
@@ -19,7 +24,8 @@ both and the ratio (median step; the loops alternate step by step so a busy spel
 memory of the steps and of the cache pass (rise of RSS high-water mark on CPU, of max allocated on
 CUDA, each in a fresh process), the FLOPs of one step counted by torch's FlopCounterMode and the
 achieved FLOP/s as a fraction of the machine's own large-matmul FLOP/s measured in the same run
-(fp32 on CPU, bf16 on GPU; the better of a measurement before and after), the one-time cache cost
+in the dtype the steps compute in (the runtime's autocast dtype, else float32 under the process's
+float32 matmul precision; the best of measurements before, between and after), the one-time cache cost
 in images/s, and the epoch count after which cnclip's total time (cache + training) is below the
 baseline's (for one image per pair, and for MUGE's 0.52 images per pair). Load averages are
 recorded: on a shared machine, compare runs only at similar load.
@@ -44,6 +50,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,17 +59,19 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cnclip.checkpoint import TrainState  # noqa: E402
 from cnclip.data import gather_tokens  # noqa: E402
-from cnclip.distill import frozen_base_teacher  # noqa: E402
-from cnclip.runtime import Runtime, pick_runtime  # noqa: E402
-from cnclip.optim import make_optimizer  # noqa: E402
-from cnclip.models import attach_lora, clamp_logit_scale, encode_images, lock_image_tower  # noqa: E402
-from cnclip.recipe import ModelConfig, Recipe  # noqa: E402
-from cnclip.train_step import contrastive_step  # noqa: E402
+from cnclip.runtime import AUTOCAST_DTYPES, Runtime, float32_matmuls, pick_runtime  # noqa: E402
+from cnclip.models import attach_text_tuning, encode_images, lock_image_tower  # noqa: E402
+from cnclip.recipe import Recipe, load_recipe  # noqa: E402
+from cnclip.train_step import prepare_text_tower  # noqa: E402
+from cnclip.trainer import FinetuneRun, NoMetricsLog, TrainingPairs  # noqa: E402
 
 CONTEXT_LENGTH = 52
 CLS, SEP, FIRST_ORDINARY_ID = 101, 102, 106  # bert-base-chinese's special-token ids
-LORA = dict(r=16, alpha=32, dropout=0.05, target_modules=["query", "value"])
+_MODEL_DEFAULTS = Recipe().model  # the recipe's LoRA settings: what both loops train
+LORA = dict(r=_MODEL_DEFAULTS.lora_r, alpha=_MODEL_DEFAULTS.lora_alpha, dropout=_MODEL_DEFAULTS.lora_dropout,
+            target_modules=list(_MODEL_DEFAULTS.target_modules))
 # MUGE: 250,314 training pairs over 129,380 images, so a pair costs ~0.52 cached images.
 MUGE_IMAGES_PER_PAIR = 129_380 / 250_314
 
@@ -80,14 +89,15 @@ def model_config(small: bool):
     )
 
 
-def make_captions(n: int, scenario: str, gen: torch.Generator,
-                  context_length: int = CONTEXT_LENGTH) -> dict[str, torch.Tensor]:
-    """Token tensors padded to the context length, as cnclip.data.tokenize leaves them."""
+def make_captions(n: int, scenario: str, gen: torch.Generator, context_length: int = CONTEXT_LENGTH,
+                  vocab_size: int = 21128) -> dict[str, torch.Tensor]:
+    """Token tensors padded to the context length, as cnclip.data.tokenize leaves them (ids below `vocab_size`)."""
     if scenario == "max":
         lengths = torch.full((n,), context_length)
     else:
-        lengths = torch.randint(6, 25, (n,), generator=gen) + 2  # characters + [CLS] + [SEP]
-    ids = torch.randint(FIRST_ORDINARY_ID, 21128, (n, context_length), generator=gen)
+        # characters + [CLS] + [SEP], at most the context length (cnclip.data.tokenize truncates)
+        lengths = (torch.randint(6, 25, (n,), generator=gen) + 2).clamp_max(context_length)
+    ids = torch.randint(FIRST_ORDINARY_ID, vocab_size, (n, context_length), generator=gen)
     positions = torch.arange(context_length)[None, :]
     mask = (positions < lengths[:, None]).long()
     ids = ids * mask
@@ -103,10 +113,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops_per_s(device: torch.device, small: bool) -> dict:
-    """The machine's own dense-matmul rate: the ceiling a training step can be compared against."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 8192 if device.type == "cuda" else (2048 if small else 4096)
+def matmul_flops_per_s(runtime: Runtime, small: bool, n: int | None = None) -> dict:
+    """The machine's own dense-matmul rate in the dtype the training steps compute in (the runtime's
+    autocast dtype, else float32, in TF32 where the caller turned it on as training does): the ceiling
+    a training step can be compared against. `n`: the matrix size (default by device)."""
+    device = runtime.device
+    dtype = runtime.autocast_dtype or torch.float32
+    n = n or (8192 if device.type == "cuda" else (2048 if small else 4096))
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -226,36 +239,51 @@ def cnclip_cache(clip, data: dict, runtime: Runtime, cache_batch: int) -> tuple[
     return torch.cat(bank), data["n"] / elapsed
 
 
+def bench_recipe(args, batch: int, distill: bool = False) -> Recipe:
+    """The recipe `cnclip finetune` would run with this benchmark's options (everything else at its
+    default); with `distill`, train.distill's default teacher (the frozen base)."""
+    overrides = ["data.root=in-memory", f"seed={args.seed}", f"train.batch_size={batch}", f"train.grad_cache_chunk={args.grad_cache_chunk}",
+                 f"train.packed_text={'false' if args.no_packing else 'true'}"]
+    if distill:
+        overrides.append("train.distill.weight=1.0")
+    return load_recipe(None, overrides, check_data=False)
+
+
+def trainer_run(clip, data: dict, runtime: Runtime, recipe: Recipe, image_bank: torch.Tensor) -> FinetuneRun:
+    """A FinetuneRun ready for its per-step method `_step`, holding this benchmark's model and data where
+    `FinetuneRun.setup()` would have loaded them from files; the text tuning, teacher, optimizer and
+    schedule are set up by the trainer's own functions from `recipe`. Pair i is caption i with image i."""
+    run = FinetuneRun(recipe, runtime)
+    run.clip = clip
+    run.model = attach_text_tuning(clip, recipe.model).to(runtime.device)
+    run.trainable = [p for p in run.model.parameters() if p.requires_grad]
+    prepare_text_tower(clip, recipe.train.gradient_checkpointing, recipe.train.compile)
+    run.text_encoder = None  # LoRA: no DDP wrapper (FinetuneRun._setup_model makes one for full tuning only)
+    rows = torch.arange(data["n"])
+    run.pairs = TrainingPairs(tokens=data["tokens"], text_rows=rows, image_rows=rows, text_keys=rows)
+    run.image_bank = image_bank
+    run.teacher = run._setup_teacher()
+    run._setup_optimizer()
+    run.state, run.start_step = TrainState(), 0
+    run.run_dir, run.metrics_log = Path(tempfile.gettempdir()), NoMetricsLog()  # written only on a skipped step
+    run.packed = recipe.train.packed_text and not recipe.train.compile
+    run.model.train()
+    lock_image_tower(clip)
+    return run
+
+
 def cnclip_setup(pristine, data: dict, runtime: Runtime, batch: int, args, image_bank=None, distill: bool = False):
-    """cnclip's path: image embeddings from the cache, the text tower trained against them; with
-    `distill`, train.distill's default teacher too (the frozen base: the LoRA adapter switched off)."""
+    """cnclip's path: image embeddings from the cache, then the trainer's step (`FinetuneRun._step`) on
+    batch after batch of the data; with `distill`, train.distill's default teacher too (the frozen base:
+    the LoRA adapter switched off). Returns (step(i), the cache timing, the model)."""
     clip = copy.deepcopy(pristine)
-    mcfg = ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                       target_modules=LORA["target_modules"])
-    model = attach_lora(clip, mcfg).to(runtime.device)
     cache = {}
     if image_bank is None:
         image_bank, cache["images_per_s"] = cnclip_cache(clip, data, runtime, args.cache_batch)
-    recipe = Recipe()
-    optimizer = make_optimizer(model, recipe, runtime)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    lock_image_tower(clip)
-    device = runtime.device
-    keys = torch.arange(data["n"], device=device)
-    teacher = frozen_base_teacher(model, clip, image_bank, 1.0, None) if distill else None
+    run = trainer_run(clip, data, runtime, bench_recipe(args, batch, distill), image_bank)
 
-    def step(i: int) -> None:  # the body of cnclip.finetune's loop
-        rows = torch.arange(i * batch, (i + 1) * batch) % data["n"]
-        tokens = gather_tokens(data["tokens"], rows, device)
-        rows_d = rows.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        contrastive_step(clip, params, tokens, image_bank[rows_d], keys[rows_d], keys[rows_d], runtime,
-                         args.grad_cache_chunk, packed=not args.no_packing, teacher=teacher,
-                         teacher_image_emb=None if teacher is None else image_bank[rows_d])
-        torch.nn.utils.clip_grad_norm_(params, recipe.train.grad_clip)
-        optimizer.step()
-        clamp_logit_scale(clip)
+    def step(i: int) -> None:
+        run._step(torch.arange(i * batch, (i + 1) * batch) % data["n"])
 
     return step, cache, clip
 
@@ -297,14 +325,14 @@ def break_even_epochs(base_sps: float, cn_sps: float, cache_ips: float, images_p
 
 def memory_probe(loop: str, name: str, args) -> dict:
     """Run in a fresh process: peak memory of one loop's steps (and of cnclip's cache pass)."""
-    runtime = pick_runtime(args.device)
+    runtime = pick_runtime(args.device, args.precision)
     cfg = model_config(args.small)
     torch.manual_seed(args.seed)
     from transformers import ChineseCLIPModel
 
     pristine = ChineseCLIPModel(cfg).to(runtime.device)
     data = make_data(name, args.batch * (args.warmup + 1), args.seed, runtime.device)
-    out = {}
+    out: dict = {}
     if loop == "baseline":
         step = baseline_setup(pristine, data, runtime, args.batch)
     else:
@@ -323,7 +351,8 @@ def memory_probe(loop: str, name: str, args) -> dict:
 def start_probe(loop: str, name: str, args) -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", loop, "--scenarios", name,
            "--batch", str(args.batch), "--warmup", str(args.warmup), "--cache-batch", str(args.cache_batch),
-           "--grad-cache-chunk", str(args.grad_cache_chunk), "--device", args.device, "--seed", str(args.seed)]
+           "--grad-cache-chunk", str(args.grad_cache_chunk), "--device", args.device, "--seed", str(args.seed),
+           "--precision", args.precision]
     cmd += ["--small"] if args.small else []
     cmd += ["--no-packing"] if args.no_packing else []
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -435,7 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=None,
                         help="caption lengths, comma-separated: short, max (default both; short with --small)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", *AUTOCAST_DTYPES),
+                        help="train.precision for both loops (auto: as cnclip.runtime.pick_runtime chooses)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help="side of the square matrices the matmul ceiling is measured on (default 8192 on a GPU, "
+                             "4096 on a CPU, 2048 with --small)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted extra steps")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (child processes)")
     parser.add_argument("--no-packing", action="store_true", help="cnclip without train.packed_text")
@@ -451,21 +485,27 @@ def main(argv: list[str] | None = None) -> int:
     args.scenarios = args.scenarios or ("short" if args.small else "short,max")
     lengths = args.context_lengths or "52,128,256"
     args.context_lengths = [] if lengths == "none" else [int(x) for x in lengths.split(",") if x.strip()]
-    if args.probe:
-        print(json.dumps(memory_probe(args.probe, args.scenarios, args)))
-        return 0
+    runtime = pick_runtime(args.device, args.precision)
+    # float32 matmuls as `cnclip finetune` runs them (TF32 on CUDA), for the steps and the ceiling alike
+    with float32_matmuls(runtime.device, deterministic=False) as tf32:
+        if args.probe:
+            print(json.dumps(memory_probe(args.probe, args.scenarios, args)))
+            return 0
+        return run_benchmark(args, parser, runtime, tf32)
 
+
+def run_benchmark(args, parser: argparse.ArgumentParser, runtime: Runtime, tf32: bool) -> int:
+    """Everything the benchmark measures, into one JSON document (stdout, and --out)."""
     from transformers import ChineseCLIPModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    runtime = pick_runtime(args.device)
     cfg = model_config(args.small)
     torch.manual_seed(args.seed)
     tic = time.perf_counter()
     pristine = ChineseCLIPModel(cfg).to(runtime.device)
     build_s = time.perf_counter() - tic
-    matmul = matmul_flops_per_s(runtime.device, args.small)
+    matmul = {**matmul_flops_per_s(runtime, args.small, args.matmul_size), "tf32": tf32}
     result = {
         "benchmark": "train_throughput",
         "small": args.small,
@@ -490,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in ("short", "max"):
             parser.error(f"--scenarios: unknown scenario {name!r}; accepted: short, max")
         result["scenarios"][name] = run_scenario(name, pristine, cfg, runtime, args)
-        rates.append(matmul_flops_per_s(runtime.device, args.small)["flops_per_s"])
+        rates.append(matmul_flops_per_s(runtime, args.small, args.matmul_size)["flops_per_s"])
     if not args.no_distill:
         result["distill"] = distill_cost(pristine, runtime, args)
     if args.context_lengths:

@@ -148,7 +148,7 @@ def encode_texts_packed(clip: nn.Module, input_ids: torch.Tensor, attention_mask
     `host_attention_mask`: the CPU copy of `attention_mask` (the trainer has it before the copy to
     the GPU): with it, no step of the layout waits for the device. `fused`: attention through the
     variable-length kernels (None: on CUDA unless deterministic algorithms are on; see the module).
-    Honours the text tower's gradient checkpointing (transformers' activation_checkpointing_enable).
+    Honours the text tower's gradient checkpointing (train_step.enable_activation_checkpointing).
     Falls back to the plain path when a caption does not start at position 0 (left padding).
     """
     host = attention_mask if host_attention_mask is None else host_attention_mask

@@ -121,6 +121,18 @@ def prepare_text_tower(clip: torch.nn.Module, gradient_checkpointing: bool = Fal
     checkpoints, stay the same); the step then uses that forward instead of the packed path.
     """
     if gradient_checkpointing:
-        clip.text_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(clip.text_model, {"use_reentrant": False})
     if compile:
         clip.text_model.compile()
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, checkpoint_kwargs: dict) -> None:
+    """transformers' activation checkpointing on `model`, under either name: `activation_checkpointing_enable`
+    (so named in transformers 5.25, where `gradient_checkpointing_enable` is a deprecated alias that warns) or
+    `gradient_checkpointing_enable` (transformers 5.17 has only that one). Both set each layer's
+    `gradient_checkpointing` flag, which the packed path reads."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)

@@ -9,6 +9,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from conftest import REPO, load_benchmark, require
 
@@ -24,6 +25,7 @@ def test_train_throughput_small(bench, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result  # the JSON on stdout is the document
     assert result["matmul_ceiling_flops_per_s"] > 0 and result["model"]["attn_implementation"] == "sdpa"
+    assert result["matmul"]["dtype"] == "float32" and result["matmul"]["tf32"] is False  # a CPU: fp32, no TF32
     short = result["scenarios"]["short"]
     assert result["batch"] == 4 and result["steps"] == 3 and result["warmup"] == 1  # --small's work size
     for loop in ("baseline", "cnclip"):
@@ -57,6 +59,48 @@ def test_train_throughput_small(bench, tmp_path, capsys):
                                                               / lengths["52"]["step_s_median"])
 
 
+def test_cnclip_loop_runs_the_trainers_own_step(bench, monkeypatch):
+    """The timed cnclip step is FinetuneRun._step: what cnclip.trainer calls per step (looked up there),
+    with the host copy of the attention mask the packed path needs to skip device syncs, then the update."""
+    import cnclip.trainer
+    from transformers import ChineseCLIPModel
+
+    real, calls = cnclip.trainer.contrastive_step, []
+
+    def recording(clip, params, tokens, *rest, **kwargs):
+        calls.append(sorted(tokens))
+        return real(clip, params, tokens, *rest, **kwargs)
+
+    monkeypatch.setattr(cnclip.trainer, "contrastive_step", recording)
+    args = argparse.Namespace(seed=0, cache_batch=8, grad_cache_chunk=0, no_packing=False)
+    runtime = bench.pick_runtime("cpu")
+    torch.manual_seed(0)
+    pristine = ChineseCLIPModel(tiny_config())
+    data = bench.make_data("short", 8, 0, runtime.device)
+    step, _, clip = bench.cnclip_setup(pristine, data, runtime, 4, args)
+    before = clip.text_projection.weight.detach().clone()
+    step(0)
+    assert calls == [["attention_mask", "host_attention_mask", "input_ids", "token_type_ids"]]
+    assert not torch.equal(before, clip.text_projection.weight)  # the optimizer stepped
+
+
+def tiny_config():
+    from transformers import ChineseCLIPConfig
+
+    return ChineseCLIPConfig(
+        text_config=dict(vocab_size=21128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=224, patch_size=32),
+        projection_dim=16)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_matmul_ceiling_is_taken_in_the_dtype_the_steps_run_in(bench, precision, dtype):
+    matmul = bench.matmul_flops_per_s(bench.pick_runtime("cpu", precision), small=True, n=128)
+    assert matmul["dtype"] == dtype and matmul["size"] == 128 and matmul["flops_per_s"] > 0
+
+
 PEAK_PROBE = """
 import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("tt", sys.argv[1])
@@ -82,7 +126,7 @@ def test_peak_memory_measures_an_allocation():
 
 def test_memory_probes_measure_the_image_tower_where_it_runs(bench):
     """Both probes, as the benchmark runs them on a CPU: two fresh processes at once."""
-    args = argparse.Namespace(device="cpu", small=True, seed=0, batch=8, warmup=1, cache_batch=16,
+    args = argparse.Namespace(device="cpu", precision="auto", small=True, seed=0, batch=8, warmup=1, cache_batch=16,
                               grad_cache_chunk=0, no_packing=False)
     procs = {loop: bench.start_probe(loop, "short", args) for loop in ("baseline", "cnclip")}
     probes = {loop: bench.probe_result(proc) for loop, proc in procs.items()}
