@@ -375,9 +375,8 @@ def _semantic_stage(n: int, dim: int, clock: StageClock) -> int:
     centres = rng.standard_normal((max(1, n // 4), dim)).astype(np.float32)
     vectors = centres[rng.integers(0, len(centres), n)] + 0.05 * rng.standard_normal((n, dim)).astype(np.float32)
     vectors = semantic.normalise(vectors)
-    with clock.measure("semantic_split"):
-        pairs = semantic.similar_pairs(vectors, 0.9)
-    return len(pairs)
+    with clock.measure("semantic_split"):  # pairs come a batch at a time: the search runs as they are counted
+        return sum(len(left) for left, _ in semantic.similar_pairs(vectors, 0.9))
 
 
 def _global_config(hamming: bool) -> Any:
@@ -493,9 +492,9 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
     labels = iter(("cache_train", "cache_valid"))
 
     def image_features(original: Callable[..., Any]) -> Callable[..., Any]:
-        def measured(self: Any, split: Any) -> Any:
+        def measured(self: Any, *args: Any, **kwargs: Any) -> Any:
             with clock.measure(next(labels)):
-                return original(self, split)
+                return original(self, *args, **kwargs)
         return measured
 
     def step(original: Callable[..., Any]) -> Callable[..., Any]:
