@@ -75,6 +75,7 @@ import train_throughput as bench  # noqa: E402
 from cnclip.checkpoint import latest_checkpoint  # noqa: E402
 from cnclip.data import gather_tokens  # noqa: E402
 from cnclip.faults import ENV as CRASH_ENV  # noqa: E402
+from cnclip.global_state import torch_threads  # noqa: E402
 from cnclip.loss import clip_loss  # noqa: E402
 from cnclip.models import attach_text_tuning, encode_texts, lock_image_tower  # noqa: E402
 from cnclip.packed_text import encode_texts_packed, supports_packing  # noqa: E402
@@ -625,13 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown checks {unknown}; known: {', '.join(CHECKS)}")
     cpu = args.cpu or not torch.cuda.is_available()
-    threads = torch.get_num_threads()
-    if cpu:  # small shapes gain nothing from threads, and on a shared (CI) machine waiting threads spin
-        torch.set_num_threads(1)
-    try:
+    # Small shapes gain nothing from threads, and on a shared (CI) machine waiting threads spin.
+    with torch_threads(1) if cpu else contextlib.nullcontext():
         return run_checks(args, names, cpu)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_checks(args: argparse.Namespace, names: list[str], cpu: bool) -> int:

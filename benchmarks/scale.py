@@ -455,21 +455,9 @@ def write_pairs(root: Path, split: str, n: int, first_id: int, seed: int, side: 
             texts.write(json.dumps({"text_id": image_id, "text": text, "image_ids": [image_id]}, ensure_ascii=False) + "\n")
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: cpu seconds then count work, not threads spinning while others hold the cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
     from cnclip import trainer
+    from cnclip.global_state import torch_threads
     from cnclip.commands import search
     from cnclip.recipe import load_recipe
 
@@ -505,7 +493,7 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
             return out
         return measured
 
-    with StageClock() as clock, contextlib.redirect_stdout(io.StringIO()), _one_torch_thread():
+    with StageClock() as clock, contextlib.redirect_stdout(io.StringIO()), torch_threads(1):
         clock.wrap(run, "_read_splits", "read_splits")
         clock.replace(run, "_image_features", image_features)
         clock.wrap(trainer, "build_pairs", "tokenise_pairs")

@@ -1,7 +1,7 @@
 """Process-wide numeric settings changed for one computation and restored after it.
 
-torch's float32 matmul precision (TF32 on NVIDIA GPUs, bf16 passes under "medium") and faiss'
-OpenMP thread count are process globals. A library call that needs a particular value (exact
+torch's float32 matmul precision (TF32 on NVIDIA GPUs, bf16 passes under "medium"), torch's
+intra-op thread count and faiss' OpenMP thread count are process globals. A library call that needs a particular value (exact
 fp32 so scores match between CPU and GPU; one faiss thread so an HNSW graph is built in the same
 order every run) sets it inside one of these context managers, which put back exactly what the
 caller had, also when the computation raises.
@@ -39,6 +39,20 @@ def exact_float32() -> Iterator[None]:
         if legacy is not None:
             torch.set_float32_matmul_precision(legacy)
         matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside. One thread for small products on a small, busy
+    CPU: two BLAS threads then fight for the cores and spin while they wait (several times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

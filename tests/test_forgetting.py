@@ -25,13 +25,14 @@ against forgetting (e.g. a regulariser in train.*) is one more arm measured the 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+
+from cnclip.global_state import torch_threads
 
 # Asserted margins, in points, against what this scenario measured on a 2-core VM: base colour top-1 100
 # and new-task mean recall 30.9; plain fine-tuning drops colours by 76.4 and lifts recall by 27.2; the
@@ -91,23 +92,10 @@ def scenario(tmp_path_factory) -> Scenario:
                 "model.random_init": True, "model.text_tuning": "full", "train.epochs": 3, "train.lr": 5e-3,
                 "eval.before_training": False, "data.valid_split": None, "zeroshot.images": "",
                 "zeroshot.classes": ""}
-    with one_thread():
+    with torch_threads(1):  # one thread: two fight for a small, busy CPU's cores
         train_run(base_run)
         export_run(root / "base_run", root / "base")
     return Scenario(root, root / "base", new_task, *zeroshot)
-
-
-@contextmanager
-def one_thread():
-    """One torch thread: on a small, busy CPU two BLAS threads fight for the cores (several times slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def finetune_new_task(s: Scenario, name: str, **extra) -> dict:
@@ -116,7 +104,7 @@ def finetune_new_task(s: Scenario, name: str, **extra) -> dict:
               "model.base": str(s.base), "model.random_init": False, "model.lora_r": 8, "model.lora_alpha": 16,
               "model.lora_dropout": 0.0, "model.target_modules": "[query,value]", "train.epochs": 30,
               "train.lr": 8e-3, "eval.before_training": True, **extra}
-    with one_thread():
+    with torch_threads(1):  # one thread: two fight for a small, busy CPU's cores
         return train_run(values)
 
 
@@ -172,7 +160,7 @@ def distill_run(scenario) -> dict:
 def test_distillation_keeps_what_plain_finetuning_forgets(wise_run, distill_run):
     rows = {r["alpha"]: table_row(r["valid"]) for r in wise_run["wise"]["metrics"]}
     picked = wise_run["wise"]["picked_alpha"]
-    (base_recall, base_zs), (plain_recall, plain_zs) = rows[0.0], rows[1.0]
+    (base_recall, base_zs), (_, plain_zs) = rows[0.0], rows[1.0]
     distill_recall, distill_zs = table_row(distill_run["best"]["valid"])
     assert table_row(distill_run["before"]) == rows[0.0]  # the same base, measured the same way
     print(f"\n{'':32}{'new-task mean recall':>22}{'colour zero-shot top-1':>24}")

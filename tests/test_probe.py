@@ -17,6 +17,7 @@ import cnclip.image_cache
 from cnclip import linear_probe
 from cnclip.commands.probe import main
 from cnclip.errors import EXIT_DATA, EXIT_USAGE, DataError, UsageError
+from cnclip.global_state import torch_threads
 from cnclip.plots import SERIES_KEY
 
 from conftest import COLORS
@@ -118,12 +119,8 @@ def test_probe_solves_the_stated_objective_as_torch_lbfgs_does(fitted):
         loss.backward()
         return loss
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 120 x 16 products: threads only add start-up cost (10x slower on two busy cores)
-    try:
+    with torch_threads(1):  # 120 x 16 products: threads only add start-up cost (10x slower on two busy cores)
         opt.step(objective)
-    finally:
-        torch.set_num_threads(threads)
     proba = torch.softmax(tx64 @ w + b, dim=1).detach().numpy()
     assert np.abs(result.probabilities - proba).max() < 1e-3  # 0.006 with scikit-learn's default tolerance
     assert (result.probabilities.argmax(1) == proba.argmax(1)).all()
