@@ -127,13 +127,14 @@ def demo_vocabulary() -> list[str]:
     return sorted(chars)
 
 
-# ---------------------------------------------------------------- two families, for measuring forgetting
-# The same drawings captioned two ways. "colour": captions name only the colour (a model trained on them
-# classifies colours zero-shot, knowing nothing of shapes or positions). "shape_position": captions name
-# only the shape and the position, never a colour (fine-tuning on them is a new task that can make the
-# model forget colours). tests/test_forgetting.py trains the first, then fine-tunes on the second.
+# ---------------------------------------------------------------- caption families, for measuring forgetting
+# The same drawings captioned two ways. "colour_shape_position": the demo's own wordings, naming all three
+# (a model trained briefly on them is a generalist: it knows colours well and shapes and positions a little,
+# as a pretrained CLIP knows a little of a user's domain). "shape_position": captions name only the shape and
+# the position, never a colour (fine-tuning on them is a specialist task that can make the model forget
+# colours). tests/test_forgetting.py trains the first, then fine-tunes on the second.
 FAMILY_TEMPLATES = {
-    "colour": (("一个{color}的图形", "{color}", "画着{color}的东西"), ("图片里是{color}",)),
+    "colour_shape_position": (TRAIN_TEMPLATES, VALID_TEMPLATES),
     "shape_position": (("{pos}有一个{shape}", "一个{shape}在{pos}", "{shape}位于图片{pos}"),
                        ("图片的{pos}画着{shape}", "{pos}是一个{shape}")),
 }
@@ -146,8 +147,8 @@ def write_family_dataset(root: str | Path, family: str, seed: int = 0, images_pe
 
     Every colour x shape x position is drawn `images_per_class` times for training and
     `valid_images_per_class` times for validation. A caption names its family's concepts only, so it
-    matches every drawing that shares them (a colour caption: all drawings of that colour): each text
-    record lists all those images. Validation has one caption per group and held-out wording (every
+    matches every drawing that shares them (a shape/position caption: that shape there in every colour):
+    each text record lists all those images. Validation has one caption per group and held-out wording (every
     held-out template), so recall is measured over as many queries as the family allows. Deterministic in
     `seed`; rewritten on every call.
     """
@@ -161,7 +162,8 @@ def write_family_dataset(root: str | Path, family: str, seed: int = 0, images_pe
     groups: dict[str, dict] = {}  # caption words -> {"words", "train": [ids], "valid": [ids]}
     train_imgs, valid_imgs = [], []
     for (cname, color), shape, (pname, pos) in product(COLORS.items(), SHAPES, POSITIONS.items()):
-        words = {"color": cname} if family == "colour" else {"shape": shape, "pos": pname}
+        named = {"color": cname, "shape": shape, "pos": pname}
+        words = {k: v for k, v in named.items() if "{" + k + "}" in train_templates[0]}  # what the family names
         group = groups.setdefault("|".join(words.values()), {"words": words, "train": [], "valid": []})
         for _ in range(images_per_class):
             train_imgs.append((image_id, _draw(color, shape, pos, rng)))

@@ -1,22 +1,21 @@
-"""Forgetting, measured: a tiny model that knows colours is fine-tuned on shapes and positions.
+"""Forgetting, measured: a tiny generalist model is fine-tuned into a shape/position specialist.
 
 The scenario (all in this file, in seconds on a CPU):
 
 1. base: the tiny config of recipes/models/tiny (random weights, locked random image tower), its text
-   tower fully trained on captions that name only colours ("一个红色的图形"): colour zero-shot
-   classification works. Exported (`cnclip export`) as a plain model directory, the base of step 2.
+   tower fully trained for 15 short epochs on the demo's captions, which name a colour, a shape and a
+   position ("左上角有一个红色的圆形"). It learns colours well (colour zero-shot classification near 100%)
+   and shapes and positions a little: a generalist, as a pretrained CLIP knows a little of a user's domain.
+   Exported (`cnclip export`) as a plain model directory, the base of step 2.
 2. new task: LoRA fine-tuning of that base on captions that name only shapes and positions
-   ("左上角有一个圆形"), never a colour. The same drawings, a new family of concepts.
+   ("左上角有一个圆形"), never a colour. The same drawings, a specialist's captions.
 
 Measured on the new task's validation split (mean recall over 30 held-out captions x 180 drawings)
-and the colour zero-shot folder (top-1, 72 drawings): the base model (WiSE-FT alpha 0), plain
-fine-tuning (alpha 1: the best epoch's weights) and the alpha WiSE-FT's balanced rule picks. Plain
-fine-tuning learns the new task and forgets colours; the picked alpha and distillation keep (almost) all
-of the colours. In this tiny, randomly initialised model the new-task gain along alpha is not concave as
-it is for large pretrained models (it comes mostly above alpha 0.5), so the guards keep only a small
-part of the new-task gain: the test asserts the forgetting, the gain of plain fine-tuning, how much less
-the guards forget and that they still beat the base on the new task, not a large gain with the guards.
-The asserted margins (below) sit inside what this scenario measures; the table is printed (pytest -s).
+and the colour zero-shot folder (top-1, 144 drawings): the base model (WiSE-FT alpha 0), plain
+fine-tuning (alpha 1: the best epoch's weights), the alpha WiSE-FT's balanced rule picks, and
+distillation from the frozen base. Plain fine-tuning learns the new task and forgets colours; the
+picked alpha and distillation keep most of the colours and a large part of the new-task gain. The
+asserted margins (below) sit inside what this scenario measures; the table is printed (pytest -s).
 
 `finetune_new_task(scenario, name, **overrides)` runs step 2 with any recipe overrides, so another guard
 against forgetting (e.g. a regulariser in train.*) is one more arm measured the same way.
@@ -35,13 +34,16 @@ from conftest import REPO
 from cnclip.global_state import torch_threads
 
 # Asserted margins, in points, against what this scenario measured on a 2-core VM: base colour top-1 100
-# and new-task mean recall 30.9; plain fine-tuning drops colours by 76.4 and lifts recall by 27.2; the
-# balanced pick (alpha 0.2) drops colours by 0 and lifts recall by 4.5 (sweep: alpha 0.3 +3.4/-4.2,
-# 0.5 +13.3/-25, 0.75 +22.6/-52.8).
+# and new-task mean recall 39.9; plain fine-tuning drops colours by 83.3 and lifts recall by 18.1; the
+# balanced pick (alpha 0.2) drops colours by 1.4 and lifts recall by 9.4, 52% of plain fine-tuning's gain
+# (sweep, recall / top-1: alpha 0.1 44.5/99.3, 0.3 49.4/98.6, 0.4 51.5/88.9, 0.5 51.8/74.3, 0.75 55.4/29.9).
+# Trained from other random starts (base seeds 1 and 2, 15 and 20 base epochs) the pick kept 22-83% of the
+# gain for a drop of at most 3.5 points, where plain fine-tuning dropped 55-83: the margins leave room for that.
 BASE_ZEROSHOT_MIN = 60.0  # the base really knows colours (6 classes: chance is 16.7)
 MIN_FORGETTING = 30.0  # plain fine-tuning loses at least this much colour zero-shot top-1
 WISE_KEEPS = 0.25  # the picked alpha's drop is at most this fraction of plain fine-tuning's drop
-MIN_NEW_TASK_GAIN = 15.0  # plain fine-tuning's new-task mean recall beats the base's by at least this
+MIN_NEW_TASK_GAIN = 8.0  # plain fine-tuning's new-task mean recall beats the base's by at least this
+MIN_GAIN_KEPT = 0.2  # a guard keeps at least this fraction of plain fine-tuning's new-task gain
 MAX_ZEROSHOT_DROP = 5.0  # train.wise.max_zeroshot_drop of the balanced rule
 ALPHAS = "[0,0.1,0.2,0.3,0.5,0.75,1]"
 
@@ -82,14 +84,14 @@ def scenario(tmp_path_factory) -> Scenario:
     from cnclip.exporter import export_run
 
     root = tmp_path_factory.mktemp("forgetting")
-    colours = write_family_dataset(root / "colour", "colour", seed=1)
-    # Two drawings per group and every held-out wording in validation, twelve drawings per colour for
-    # zero-shot: one miss moves recall or top-1 by a point or two, not by five.
+    general = write_family_dataset(root / "general", "colour_shape_position", seed=1)
+    # Two drawings per group and every held-out wording in validation, 24 drawings per colour for
+    # zero-shot: one miss moves recall or top-1 by about a point, not by five.
     new_task = write_family_dataset(root / "shape_position", "shape_position", seed=2, valid_images_per_class=2)
-    zeroshot = write_demo_zeroshot(root / "zeroshot", seed=3, images_per_class=12)
+    zeroshot = write_demo_zeroshot(root / "zeroshot", seed=3, images_per_class=24)
     # No validation: best/ is the last epoch (zero-shot is measured in step 2, as alpha 0 and before training).
-    base_run = {**common(root, "base_run", colours, zeroshot), "model.base": str(REPO / "recipes/models/tiny"),
-                "model.random_init": True, "model.text_tuning": "full", "train.epochs": 3, "train.lr": 5e-3,
+    base_run = {**common(root, "base_run", general, zeroshot), "model.base": str(REPO / "recipes/models/tiny"),
+                "model.random_init": True, "model.text_tuning": "full", "train.epochs": 15, "train.lr": 5e-3,
                 "eval.before_training": False, "data.valid_split": None, "zeroshot.images": "",
                 "zeroshot.classes": ""}
     with torch_threads(1):  # one thread: two fight for a small, busy CPU's cores
@@ -135,7 +137,8 @@ def test_wise_keeps_what_plain_finetuning_forgets(wise_run):
     assert plain_drop >= MIN_FORGETTING, f"plain fine-tuning should forget colours: drop {plain_drop:.2f}"
     assert plain_recall >= base_recall + MIN_NEW_TASK_GAIN, (plain_recall, base_recall)
     assert wise_drop <= MAX_ZEROSHOT_DROP and wise_drop <= WISE_KEEPS * plain_drop, (wise_drop, plain_drop)
-    assert wise_recall > base_recall, (wise_recall, base_recall)
+    assert wise_recall - base_recall >= MIN_GAIN_KEPT * (plain_recall - base_recall), (wise_recall, base_recall,
+                                                                                       plain_recall)
     # The run says what it picked, and best/ holds that model: its metrics are the picked row's.
     assert wise_run["summary"]["wise"]["alpha"] == picked
     assert wise_run["best"]["valid"] == next(r["valid"] for r in wise_run["wise"]["metrics"] if r["alpha"] == picked)
@@ -143,13 +146,13 @@ def test_wise_keeps_what_plain_finetuning_forgets(wise_run):
 
 # ---- the distillation arm (train.distill, the frozen base as teacher)
 
-# Measured on the same 2-core VM: at weight 3 the colour zero-shot drop at the best epoch is 6.9 points
-# (plain fine-tuning: 76.4) and new-task mean recall 34.7 against the base's 30.9 (plain: 58.1). Like
-# WiSE-FT here, distillation with the base as teacher trades most of the new-task gain for what it keeps
-# (the teacher knows nothing of shapes, so its in-batch distribution pulls against the new task); the
-# asserted margins are the forgetting it saves and a recall that stays above the base.
-DISTILL_WEIGHT = 3.0
-DISTILL_KEEPS = 0.3  # distillation's drop is at most this fraction of plain fine-tuning's drop
+# Measured on the same 2-core VM: at weight 2 the colour zero-shot drop at the best epoch is 13.2 points
+# (plain fine-tuning: 83.3) and new-task mean recall 50.1 against the base's 39.9 (plain: 58.0), 56% of the
+# gain. The weight trades one for the other: 0.5: 56.3 / drop 44.4; 1: 56.5 / 34.0; 3: 46.7 / 7.6. From
+# another random base (seed 1) weight 2 kept less (40.2 / drop 20.1; plain 56.9 / 68.8): distillation
+# towards a teacher that knows the new concepts only a little pulls against them.
+DISTILL_WEIGHT = 2.0
+DISTILL_KEEPS = 0.35  # distillation's drop is at most this fraction of plain fine-tuning's drop
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +163,7 @@ def distill_run(scenario) -> dict:
 def test_distillation_keeps_what_plain_finetuning_forgets(wise_run, distill_run):
     rows = {r["alpha"]: table_row(r["valid"]) for r in wise_run["wise"]["metrics"]}
     picked = wise_run["wise"]["picked_alpha"]
-    (base_recall, base_zs), (_, plain_zs) = rows[0.0], rows[1.0]
+    (base_recall, base_zs), (plain_recall, plain_zs) = rows[0.0], rows[1.0]
     distill_recall, distill_zs = table_row(distill_run["best"]["valid"])
     assert table_row(distill_run["before"]) == rows[0.0]  # the same base, measured the same way
     print(f"\n{'':32}{'new-task mean recall':>22}{'colour zero-shot top-1':>24}")
@@ -171,4 +174,5 @@ def test_distillation_keeps_what_plain_finetuning_forgets(wise_run, distill_run)
     plain_drop, distill_drop = base_zs - plain_zs, base_zs - distill_zs
     assert plain_drop >= MIN_FORGETTING, f"plain fine-tuning should forget colours: drop {plain_drop:.2f}"
     assert distill_drop <= DISTILL_KEEPS * plain_drop, (distill_drop, plain_drop)
-    assert distill_recall > base_recall, (distill_recall, base_recall)
+    assert distill_recall - base_recall >= MIN_GAIN_KEPT * (plain_recall - base_recall), (
+        distill_recall, base_recall, plain_recall)
