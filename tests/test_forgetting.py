@@ -45,7 +45,7 @@ WISE_KEEPS = 0.25  # the picked alpha's drop is at most this fraction of plain f
 MIN_NEW_TASK_GAIN = 8.0  # plain fine-tuning's new-task mean recall beats the base's by at least this
 MIN_GAIN_KEPT = 0.2  # a guard keeps at least this fraction of plain fine-tuning's new-task gain
 MAX_ZEROSHOT_DROP = 5.0  # train.wise.max_zeroshot_drop of the balanced rule
-ALPHAS = "[0,0.1,0.2,0.3,0.5,0.75,1]"
+ALPHAS = "[0,0.1,0.2,0.3,0.4,0.5,0.6,0.75,1]"
 
 
 @dataclass
