@@ -424,6 +424,9 @@ class BuildReport:
     kind: str
     seconds: float
     skipped: dict
+    # what a search holds in memory per image, from the written files: the faiss structure, the float32 vector
+    index_bytes_per_image: float = 0.0
+    vector_bytes_per_image: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -499,7 +502,9 @@ def build_index(sources: list[str], out: str | Path, embedder: Embedder, *, spli
     return BuildReport(total=len(rows), kept=kept, embedded=0 if from_cache else len(new_vectors),
                        from_cache=len(new_vectors) if from_cache else 0,
                        removed=(len(old.items) - kept) if old else 0, undecodable=len(bad), kind=chosen,
-                       seconds=round(time.perf_counter() - tic, 3), skipped=skips.summary())
+                       seconds=round(time.perf_counter() - tic, 3), skipped=skips.summary(),
+                       index_bytes_per_image=round((out / FAISS_FILE).stat().st_size / len(rows), 1),
+                       vector_bytes_per_image=round((out / VECTORS).stat().st_size / len(rows), 1))
 
 
 def _whole_tsv(todo: list[Item], items: list[Item]) -> str | None:

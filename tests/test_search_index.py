@@ -274,7 +274,11 @@ def test_cli_index_query_image_json_and_table(tiny_model_dir, tmp_path, capsys):
     # --kind ivf: 17 images make one cell, so the inverted file answers exactly as the flat index does
     assert search_main(["index", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "ivf"),
                         "--cache-dir", str(tmp_path / "cache"), "--kind", "ivf", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["kind"] == "ivf"
+    ivf_report = json.loads(capsys.readouterr().out)
+    assert ivf_report["kind"] == "ivf"
+    for name, key in (("faiss.index", "index_bytes_per_image"), ("vectors.safetensors", "vector_bytes_per_image")):
+        assert ivf_report[key] == round(os.path.getsize(tmp_path / "ivf" / name) / 17, 1)
+    assert ivf_report["vector_bytes_per_image"] >= 4 * 16  # float32 vectors of the tiny model's 16 dimensions
     assert search_main(["query", str(tmp_path / "ivf"), "红色的圆形", "-k", "3", "--json"]) == 0
     ivf = json.loads(capsys.readouterr().out)["results"]
     assert [r["row"] for r in ivf] == [r["row"] for r in out["results"]]

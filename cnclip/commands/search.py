@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _index(args) -> int:
     from ..embedders import model_spec
-    from ..search_index import build_index, open_embedder
+    from ..search_index import FAISS_FILE, VECTORS, build_index, open_embedder
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -101,6 +101,9 @@ def _index(args) -> int:
         print(f"{args.out}: {report.total} images ({report.kind} index): {report.kept} reused from the index, "
               f"{report.from_cache} from the embedding cache, {report.embedded} embedded now; removed "
               f"{report.removed}, undecodable {report.undecodable}; {report.seconds:.1f} s")
+        print(f"  memory per image: {report.index_bytes_per_image:,.0f} bytes of {report.kind} index "
+              f"({FAISS_FILE}) + {report.vector_bytes_per_image:,.0f} bytes of stored vector ({VECTORS}), both "
+              "held by a search")
     return 0
 
 
