@@ -51,22 +51,38 @@ INDEX_KINDS = ("exact", "ivf")
 DATA_KINDS = ("random", "clustered", "images")
 CLUSTERS, INTRINSIC, SPREAD, NOISE = 1000, 24, 0.5, 0.02
 IMAGE_SIZE = 32
+CHUNK = 100_000  # vectors drawn at a time
+
+
+def in_chunks(n: int, draw) -> np.ndarray:
+    """n rows of draw(m), CHUNK at a time, into one array: a million vectors peak near their own 2 GB
+    instead of several temporaries of that size (up to n = CHUNK the draws are those of one call)."""
+    out = np.empty((n, DIM), dtype=np.float32)
+    for start in range(0, n, CHUNK):
+        out[start:start + CHUNK] = draw(min(CHUNK, n - start))
+    return out
 
 
 def unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    x = rng.standard_normal((n, DIM), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    def draw(m: int) -> np.ndarray:
+        x = rng.standard_normal((m, DIM), dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return in_chunks(n, draw)
 
 
 def clustered(rng: np.random.Generator, n: int, model: dict) -> np.ndarray:
     """n draws from the mixture in `model` (centres and per-cluster subspace bases, see mixture())."""
     centres, bases = model["centres"], model["bases"]
-    which = rng.integers(0, len(centres), n)
-    x = centres[which] + NOISE * rng.standard_normal((n, DIM), dtype=np.float32)
-    for c in np.unique(which):
-        rows = np.flatnonzero(which == c)
-        x[rows] += (SPREAD / np.sqrt(INTRINSIC)) * rng.standard_normal((len(rows), INTRINSIC), dtype=np.float32) @ bases[c]
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def draw(m: int) -> np.ndarray:
+        which = rng.integers(0, len(centres), m)
+        x = centres[which] + NOISE * rng.standard_normal((m, DIM), dtype=np.float32)
+        for c in np.unique(which):
+            rows = np.flatnonzero(which == c)
+            x[rows] += (SPREAD / np.sqrt(INTRINSIC)) * rng.standard_normal((len(rows), INTRINSIC),
+                                                                           dtype=np.float32) @ bases[c]
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return in_chunks(n, draw)
 
 
 def mixture(rng: np.random.Generator) -> dict:
