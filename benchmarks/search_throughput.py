@@ -20,8 +20,10 @@ serialised faiss.index over the count; every kind also stores the float32 vector
 vectors.safetensors), and for the approximate kind recall@10 against the exact top 10 (the share of
 the exact ten neighbours it finds) for the queries and for queries near a stored vector (cosine ~0.75
 to it: a similar image is there), with an nprobe sweep. The structures and the search are the ones
-`cnclip search index` and `cnclip search query` use (cnclip.search_index.build_faiss, search_faiss),
-and the result is what cnclip.search_index.APPROXIMATE_FROM and the IVF_* constants are set from.
+`cnclip search index` and `cnclip search query` use (cnclip.search_index.build_structure, search_faiss):
+the ivf build time includes its nprobe check on the data, and its params are what index.json records
+(cells, the nprobe chosen, the check's recall). The result is what cnclip.search_index.APPROXIMATE_FROM
+and the IVF_* constants are set from.
 
     python benchmarks/search_throughput.py --threads 1                                 # 10k and 100k, all kinds
     python benchmarks/search_throughput.py --threads 1 --data clustered --sizes 1000000 --out benchmarks/results/search_ivf_1m.json
@@ -43,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cnclip.search_index import IVF_NPROBE, build_faiss, ivf_cells, search_faiss  # noqa: E402
+from cnclip.search_index import build_faiss, build_structure, search_faiss  # noqa: E402
 
 DIM, K = 512, 10
 NPROBE_SWEEP = (4, 8, 16, 32, 64)
@@ -146,9 +148,15 @@ def sampler(kind: str, rng: np.random.Generator):
 
 
 def bytes_per_vector(index) -> float:
+    """The size of faiss.index as `cnclip search index` writes it, over the count. Written to a file, not
+    serialised in memory: that would hold two more copies of a 2 GB index (peak RSS 8.1 GB at a million)."""
+    import tempfile
+
     import faiss
 
-    return round(len(faiss.serialize_index(index)) / max(index.ntotal, 1), 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        faiss.write_index(index, str(Path(tmp) / "faiss.index"))
+        return round((Path(tmp) / "faiss.index").stat().st_size / max(index.ntotal, 1), 1)
 
 
 def overlap(rows: np.ndarray, exact: np.ndarray) -> float:
@@ -179,14 +187,14 @@ def measure(search, queries: np.ndarray) -> tuple[dict, np.ndarray]:
 
 def nprobe_sweep(index, data, queries, near, exact_rows, exact_near, sweep) -> list[dict]:
     """Recall and single-query time at each nprobe (the same trained and filled index; search-time only)."""
-    out = []
+    out, tuned = [], index.nprobe
     for nprobe in sweep:
         index.nprobe = min(nprobe, index.nlist)
         timing, rows = measure(lambda q: search_faiss(index, "ivf", data, q, K), queries)
         _, near_rows = search_faiss(index, "ivf", data, near, K)
         out.append({"nprobe": index.nprobe, **timing, "recall_at_10_vs_exact": overlap(rows, exact_rows),
                     "recall_at_10_vs_exact_near_queries": overlap(near_rows, exact_near)})
-    index.nprobe = min(IVF_NPROBE, index.nlist)
+    index.nprobe = tuned
     return out
 
 
@@ -209,12 +217,12 @@ def one_size(data_kind: str, data: np.ndarray, queries: np.ndarray, rng: np.rand
     del exact
     if "ivf" in kinds:
         tic = time.perf_counter()
-        index = build_faiss(data, "ivf")
+        _, index, structure = build_structure(data, "ivf")  # the nprobe cnclip's check on the data chooses
         build = time.perf_counter() - tic
         timing, rows = measure(lambda q: search_faiss(index, "ivf", data, q, K), queries)
         _, near_rows = search_faiss(index, "ivf", data, near, K)
         row["ivf"] = {"build_s": round(build, 2), **timing, "bytes_per_vector": bytes_per_vector(index),
-                      "params": {"nlist": index.nlist, "nprobe": index.nprobe, "cells_for_count": ivf_cells(n)},
+                      "params": structure,
                       "recall_at_10_vs_exact": overlap(rows, exact_rows),
                       "recall_at_10_vs_exact_near_queries": overlap(near_rows, exact_near),
                       "nprobe_sweep": nprobe_sweep(index, data, queries, near, exact_rows, exact_near, sweep)}

@@ -68,10 +68,15 @@ KINDS = ("auto", "exact", "ivf")
 # index. PLACEHOLDER_RATIONALE
 APPROXIMATE_FROM = 250_000
 # The inverted file: k-means splits the vectors into about IVF_CELLS_PER_ROOT * sqrt(count) cells; a
-# query scans the IVF_NPROBE cells whose centres are nearest to it, over 8-bit codes of the vectors (a
+# query scans the nprobe cells whose centres are nearest to it, over 8-bit codes of the vectors (a
 # quarter of their float32 size), and the IVF_REFINE * k best candidates are re-ranked by their exact
 # cosine with the float32 vectors the index stores anyway, so the scores returned are exact.
-IVF_CELLS_PER_ROOT, IVF_NPROBE, IVF_REFINE = 4, 16, 4
+IVF_CELLS_PER_ROOT, IVF_REFINE = 4, 4
+# nprobe is checked on the data at build time (tune_ivf): IVF_CHECK_QUERIES queries near stored vectors
+# (cosine about 0.9 to one) must find IVF_TARGET_RECALL of their exact top 10; nprobe starts at
+# IVF_NPROBE and doubles up to IVF_NPROBE_MAX (a few ms a query at a million vectors) until they do.
+IVF_NPROBE, IVF_NPROBE_MAX, IVF_TARGET_RECALL, IVF_CHECK_QUERIES = 16, 128, 0.95, 200
+IVF_CHECK_NOISE = 0.02  # per dimension: |noise| ~ 0.45 at 512 dimensions, cosine ~0.9 to the stored vector
 # k-means runs IVF_TRAIN_ITERATIONS rounds on a sample of IVF_TRAIN_PER_CELL vectors a cell: faiss
 # asks for at least 39 a cell, and a larger sample only slows the build.
 IVF_TRAIN_PER_CELL, IVF_TRAIN_ITERATIONS = 40, 10
@@ -109,6 +114,7 @@ def build_faiss(vectors: np.ndarray, kind: str):
         index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, cells, faiss.ScalarQuantizer.QT_8bit,
                                               faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = IVF_TRAIN_ITERATIONS
+        index.cp.min_points_per_centroid = 1  # ivf_cells gives every cell IVF_TRAIN_PER_CELL but in a tiny index
         sample = min(count, IVF_TRAIN_PER_CELL * cells)
         rows = np.sort(np.random.default_rng(0).choice(count, sample, replace=False)) if sample < count else slice(None)
         index.train(vectors[rows])
@@ -118,6 +124,54 @@ def build_faiss(vectors: np.ndarray, kind: str):
     if count:
         index.add(vectors)
     return index
+
+
+def tune_ivf(index, vectors: np.ndarray) -> float:
+    """Set the inverted file's nprobe to the smallest of IVF_NPROBE, 2 * IVF_NPROBE, ... IVF_NPROBE_MAX (or
+    every cell) at which IVF_CHECK_QUERIES queries near stored vectors find IVF_TARGET_RECALL of their exact
+    top 10; return the recall@10 measured at the nprobe set (below the target when no nprobe reaches it)."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    count, dim = vectors.shape
+    queries = vectors[rng.choice(count, min(count, IVF_CHECK_QUERIES), replace=False)]
+    queries = queries + IVF_CHECK_NOISE * rng.standard_normal(queries.shape, dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    k = min(10, count)
+    _, truth = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    nprobe, last = min(IVF_NPROBE, index.nlist), min(IVF_NPROBE_MAX, index.nlist)
+    while True:
+        index.nprobe = nprobe
+        _, rows = search_faiss(index, "ivf", vectors, queries, k)
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(rows.tolist(), truth.tolist())]))
+        if recall >= IVF_TARGET_RECALL or nprobe >= last:
+            return recall
+        nprobe = min(2 * nprobe, last)
+
+
+def build_structure(vectors: np.ndarray, requested: str = "auto") -> tuple[str, object, dict]:
+    """(kind, faiss index, what index.json records about it) for `requested` over `vectors`.
+
+    An inverted file gets the nprobe tune_ivf finds. When no nprobe up to IVF_NPROBE_MAX finds
+    IVF_TARGET_RECALL of the exact top 10 (vectors without cluster structure: uniformly random ones
+    find under a third), "auto" builds the exact index instead and says so; an explicit "ivf" is kept,
+    with a warning that names the recall."""
+    kind = choose_kind(len(vectors), requested)
+    index = build_faiss(vectors, kind)
+    if kind != "ivf":
+        return kind, index, {}
+    recall = tune_ivf(index, vectors)
+    info = {"cells": int(index.nlist), "nprobe": int(index.nprobe), "check_recall_at_10": round(recall, 4)}
+    if recall >= IVF_TARGET_RECALL:
+        return kind, index, info
+    why = (f"the inverted file over {len(vectors):,} vectors finds {recall:.0%} of the exact top 10 for queries near "
+           f"stored vectors even scanning {index.nprobe} of {index.nlist} cells (the target is "
+           f"{IVF_TARGET_RECALL:.0%}): these embeddings do not cluster")
+    if requested == "auto":
+        log.warning("%s; building the exact index instead", why)
+        return "exact", build_faiss(vectors, "exact"), {"ivf_rejected": info}
+    log.warning("%s; --kind exact would always find the true top k", why)
+    return kind, index, info
 
 
 def search_faiss(index, kind: str, vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -374,10 +428,7 @@ class SearchIndex:
         with open(path / ITEMS, encoding="utf-8") as fh:
             items = [Item(**json.loads(line)) for line in fh if line.strip()]
         vectors = load_file(str(path / VECTORS))["vectors"]
-        index = faiss.read_index(str(path / FAISS_FILE))
-        if manifest.get("kind") == "ivf":
-            index.nprobe = min(IVF_NPROBE, index.nlist)  # this version's setting, whatever the file recorded
-        return cls(path, manifest, items, vectors, index)
+        return cls(path, manifest, items, vectors, faiss.read_index(str(path / FAISS_FILE)))  # nprobe included
 
     @property
     def backend(self) -> str:
@@ -427,6 +478,7 @@ class BuildReport:
     # what a search holds in memory per image, from the written files: the faiss structure, the float32 vector
     index_bytes_per_image: float = 0.0
     vector_bytes_per_image: float = 0.0
+    structure: dict = field(default_factory=dict)  # an inverted file's cells, nprobe and checked recall
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -486,23 +538,24 @@ def build_index(sources: list[str], out: str | Path, embedder: Embedder, *, spli
     if not rows:
         raise DataError(f"none of the {len(items)} images in {', '.join(map(str, sources))} could be decoded")
     matrix = np.stack(vectors).astype(np.float32)
-    chosen = choose_kind(len(rows), kind)
-    log.info("building the %s index over %d vectors", chosen, len(rows))
+    log.info("building the %s index over %d vectors", choose_kind(len(rows), kind), len(rows))
+    chosen, structure, structure_info = build_structure(matrix, kind)
     manifest = {
         "version": INDEX_VERSION,
         "model": {"spec": embedder.spec, "fingerprint": embedder.fingerprint, "backend": embedder.backend,
                   "precision": embedder.precision},
         "context_length": embedder.context_length,
-        "kind": chosen, "dim": int(matrix.shape[1]), "count": len(rows),
+        "kind": chosen, **({"structure": structure_info} if structure_info else {}),
+        "dim": int(matrix.shape[1]), "count": len(rows),
         "roots": sorted({i.root for i in rows}),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    SearchIndex(out, manifest, rows, matrix, build_faiss(matrix, chosen)).write()
+    SearchIndex(out, manifest, rows, matrix, structure).write()
     kept = sum(r is not None for r in keep_rows)
     return BuildReport(total=len(rows), kept=kept, embedded=0 if from_cache else len(new_vectors),
                        from_cache=len(new_vectors) if from_cache else 0,
                        removed=(len(old.items) - kept) if old else 0, undecodable=len(bad), kind=chosen,
-                       seconds=round(time.perf_counter() - tic, 3), skipped=skips.summary(),
+                       seconds=round(time.perf_counter() - tic, 3), skipped=skips.summary(), structure=structure_info,
                        index_bytes_per_image=round((out / FAISS_FILE).stat().st_size / len(rows), 1),
                        vector_bytes_per_image=round((out / VECTORS).stat().st_size / len(rows), 1))
 

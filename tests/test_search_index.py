@@ -228,6 +228,30 @@ def test_auto_picks_the_kind_by_count_and_a_tiny_ivf_still_works():
     assert np.array_equal(rows[:, 0], np.arange(5)) and np.allclose(scores[:, 0], 1, atol=1e-5)
 
 
+def test_the_build_checks_nprobe_on_the_data_and_auto_builds_exact_for_vectors_that_do_not_cluster(
+        monkeypatch, caplog):
+    import faiss
+
+    import cnclip.search_index as search_index
+
+    clustered = mixture(np.random.default_rng(5), 8000, dim=256)
+    flat = np.random.default_rng(6).standard_normal((8000, 256)).astype(np.float32)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True)  # uniformly random: no cells to find
+    kind, index, info = search_index.build_structure(clustered, "ivf")
+    assert kind == "ivf" and info["cells"] == index.nlist == 200 and info["nprobe"] == index.nprobe == IVF_NPROBE
+    assert info["check_recall_at_10"] >= 0.95
+    kind, index, info = search_index.build_structure(flat, "ivf")  # asked for: kept, at the widest nprobe, with a warning
+    assert kind == "ivf" and index.nprobe == info["nprobe"] == search_index.IVF_NPROBE_MAX
+    assert info["check_recall_at_10"] < 0.95
+    assert f"finds {info['check_recall_at_10']:.0%} of the exact top 10" in caplog.text
+    assert "--kind exact would always find the true top k" in caplog.text
+    monkeypatch.setattr(search_index, "APPROXIMATE_FROM", 1000)
+    kind, index, info = search_index.build_structure(flat, "auto")
+    assert kind == "exact" and isinstance(index, faiss.IndexFlatIP) and index.ntotal == 8000
+    assert info["ivf_rejected"]["check_recall_at_10"] < 0.95 and "building the exact index instead" in caplog.text
+    assert search_index.build_structure(clustered, "auto")[0] == "ivf"
+
+
 def _synthetic_index(path, vectors, kind, faiss_index):
     from cnclip.search_index import INDEX_VERSION, Item
 
@@ -244,11 +268,10 @@ def test_an_ivf_index_round_trips_and_an_hnsw_index_of_earlier_versions_still_an
     data, queries = np.split(mixture(rng, 3050), [3000])
     truth = np.argsort(-(queries @ data.T), axis=1, kind="stable")[:, :10]
     written = _synthetic_index(tmp_path / "ivf", data, "ivf", build_faiss(data, "ivf"))
-    written.faiss_index.nprobe = 1  # not what this version searches with: load sets IVF_NPROBE
+    written.faiss_index.nprobe = 23  # the nprobe a build's check chose is kept in faiss.index
     written.write()
     loaded = SearchIndex.load(tmp_path / "ivf")
-    assert isinstance(loaded.faiss_index, faiss.IndexIVFScalarQuantizer) and loaded.faiss_index.nprobe == IVF_NPROBE
-    written.faiss_index.nprobe = IVF_NPROBE
+    assert isinstance(loaded.faiss_index, faiss.IndexIVFScalarQuantizer) and loaded.faiss_index.nprobe == 23
     assert np.array_equal(loaded.search(queries, 10)[1], written.search(queries, 10)[1])
     assert recall_at_10(loaded.search(queries, 10)[1], truth) >= 0.95
     # an index directory holding an HNSW graph, as `--kind hnsw` wrote before "ivf" replaced it
@@ -276,6 +299,13 @@ def test_cli_index_query_image_json_and_table(tiny_model_dir, tmp_path, capsys):
                         "--cache-dir", str(tmp_path / "cache"), "--kind", "ivf", "--json"]) == 0
     ivf_report = json.loads(capsys.readouterr().out)
     assert ivf_report["kind"] == "ivf"
+    assert ivf_report["structure"] == {"cells": 1, "nprobe": 1, "check_recall_at_10": 1.0}  # 17 images: one cell
+    assert json.loads((tmp_path / "ivf" / "index.json").read_text())["structure"] == ivf_report["structure"]
+    assert search_main(["index", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "ivf"),
+                        "--cache-dir", str(tmp_path / "cache"), "--kind", "ivf"]) == 0  # an update: all 17 kept
+    text = capsys.readouterr().out
+    assert "17 images (ivf index): 17 reused from the index" in text and "memory per image: " in text
+    assert "inverted file: 1 cells, 1 scanned a query; queries near stored images found 100.0% of their exact" in text
     for name, key in (("faiss.index", "index_bytes_per_image"), ("vectors.safetensors", "vector_bytes_per_image")):
         assert ivf_report[key] == round(os.path.getsize(tmp_path / "ivf" / name) / 17, 1)
     assert ivf_report["vector_bytes_per_image"] >= 4 * 16  # float32 vectors of the tiny model's 16 dimensions
@@ -327,16 +357,18 @@ def test_search_benchmark_prints_json(tmp_path):
     assert result["vectors"] == 2000 and result["exact"]["query_ms_median"] > 0
     assert result["exact"]["bytes_per_vector"] >= 4 * 512  # the float32 vectors themselves
     ivf = result["ivf"]
-    assert ivf["params"] == {"nlist": 50, "nprobe": IVF_NPROBE, "cells_for_count": ivf_cells(2000)} and IVF_NPROBE == 16
+    assert ivf["params"]["cells"] == ivf_cells(2000) == 50 and IVF_NPROBE == 16
+    assert ivf["params"]["nprobe"] in (16, 32, 50)  # what the check on the data chose, and index.json records
     assert 512 <= ivf["bytes_per_vector"] < 2 * 512  # 8-bit codes: a quarter of the float32 size, plus ids
     sweep = {e["nprobe"]: e for e in ivf["nprobe_sweep"]}
     assert list(sweep) == [4, 8, 16, 32, 50]  # 64 is capped at the 50 cells there are
     # probing every cell finds the exact ten (candidates from the codes, ranked by the stored vectors)
     assert sweep[50]["recall_at_10_vs_exact"] >= 0.99, sweep
     assert sweep[50]["recall_at_10_vs_exact_near_queries"] >= 0.99, sweep
-    # the sweep's run at the default nprobe searches the same 20 queries on the same index: the same answer
-    assert sweep[IVF_NPROBE]["recall_at_10_vs_exact"] == ivf["recall_at_10_vs_exact"]
-    assert sweep[IVF_NPROBE]["recall_at_10_vs_exact_near_queries"] == ivf["recall_at_10_vs_exact_near_queries"]
+    # the sweep's run at the chosen nprobe searches the same 20 queries on the same index: the same answer
+    chosen = sweep[ivf["params"]["nprobe"]]
+    assert chosen["recall_at_10_vs_exact"] == ivf["recall_at_10_vs_exact"]
+    assert chosen["recall_at_10_vs_exact_near_queries"] == ivf["recall_at_10_vs_exact_near_queries"]
 
     # the recall measure itself, on rankings whose overlap is known
     bench = load_benchmark("search_throughput")

@@ -104,6 +104,10 @@ def _index(args) -> int:
         print(f"  memory per image: {report.index_bytes_per_image:,.0f} bytes of {report.kind} index "
               f"({FAISS_FILE}) + {report.vector_bytes_per_image:,.0f} bytes of stored vector ({VECTORS}), both "
               "held by a search")
+        if "cells" in report.structure:
+            ivf = report.structure
+            print(f"  inverted file: {ivf['cells']:,} cells, {ivf['nprobe']} scanned a query; queries near stored "
+                  f"images found {ivf['check_recall_at_10']:.1%} of their exact top 10 at build time")
     return 0
 
 
