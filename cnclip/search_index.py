@@ -66,7 +66,7 @@ MANIFEST, ITEMS, VECTORS, FAISS_FILE = "index.json", "items.jsonl", "vectors.saf
 KINDS = ("auto", "exact", "ivf")
 # From this many vectors on, "auto" builds the inverted-file index ("ivf") instead of the exact flat
 # index. PLACEHOLDER_RATIONALE
-APPROXIMATE_FROM = 250_000
+APPROXIMATE_FROM = 40_000
 # The inverted file: k-means splits the vectors into about IVF_CELLS_PER_ROOT * sqrt(count) cells; a
 # query scans the nprobe cells whose centres are nearest to it, over 8-bit codes of the vectors (a
 # quarter of their float32 size), and the IVF_REFINE * k best candidates are re-ranked by their exact
@@ -174,15 +174,16 @@ def build_structure(vectors: np.ndarray, requested: str = "auto") -> tuple[str, 
     return kind, index, info
 
 
-def search_faiss(index, kind: str, vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_faiss(index, kind: str, vectors: np.ndarray, queries: np.ndarray, k: int,
+                 refine: int = IVF_REFINE) -> tuple[np.ndarray, np.ndarray]:
     """(scores, rows) of the k nearest stored vectors, each queries x k; a row of -1 where there are
-    fewer than k. For "ivf" the index proposes IVF_REFINE * k candidates from its 8-bit codes and the
+    fewer than k. For "ivf" the index proposes `refine` * k candidates from its 8-bit codes and the
     stored float32 `vectors` rank them, so scores are exact cosines; other kinds answer directly
     (indexes built before "ivf" existed hold an HNSW graph and still load and search)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if kind != "ivf":
         return index.search(queries, k)
-    _, candidates = index.search(queries, min(IVF_REFINE * k, len(vectors)))
+    _, candidates = index.search(queries, min(refine * k, len(vectors)))
     scores = np.einsum("qcd,qd->qc", vectors[np.maximum(candidates, 0)], queries)
     scores[candidates < 0] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -365,6 +365,8 @@ def test_search_benchmark_prints_json(tmp_path):
     # probing every cell finds the exact ten (candidates from the codes, ranked by the stored vectors)
     assert sweep[50]["recall_at_10_vs_exact"] >= 0.99, sweep
     assert sweep[50]["recall_at_10_vs_exact_near_queries"] >= 0.99, sweep
+    # re-ranking 4 * k candidates with the stored vectors never does worse than the 8-bit codes alone
+    assert all(e["recall_at_10_vs_exact"] >= e["codes_only_recall_at_10_vs_exact"] for e in sweep.values()), sweep
     # the sweep's run at the chosen nprobe searches the same 20 queries on the same index: the same answer
     chosen = sweep[ivf["params"]["nprobe"]]
     assert chosen["recall_at_10_vs_exact"] == ivf["recall_at_10_vs_exact"]

@@ -21,7 +21,7 @@ EXITS = tuple(sorted({*INDEX_EXITS, *QUERY_EXITS}))
 # cnclip.search_index.KINDS and APPROXIMATE_FROM, written out so that --help imports neither faiss nor torch
 # (tests/test_cli_help.py compares them).
 KINDS = ("auto", "exact", "ivf")
-APPROXIMATE_FROM = 250_000
+APPROXIMATE_FROM = 40_000
 DEVICE_HELP = "torch device: auto (cuda when available), cpu, cuda, cuda:1, ... (the onnx backend: cpu)"
 BACKEND_HELP = ("torch: --model is a run, model directory or hub id (transformers); onnx: --model is a directory "
                 "written by `cnclip export RUN --format onnx` (onnxruntime, no torch needed: pip install "
