@@ -234,8 +234,8 @@ def test_the_build_checks_nprobe_on_the_data_and_auto_builds_exact_for_vectors_t
 
     import cnclip.search_index as search_index
 
-    clustered = mixture(np.random.default_rng(5), 8000, dim=256)
-    flat = np.random.default_rng(6).standard_normal((8000, 256)).astype(np.float32)
+    clustered = mixture(np.random.default_rng(5), 8000, dim=512)
+    flat = np.random.default_rng(6).standard_normal((8000, 512)).astype(np.float32)
     flat /= np.linalg.norm(flat, axis=1, keepdims=True)  # uniformly random: no cells to find
     kind, index, info = search_index.build_structure(clustered, "ivf")
     assert kind == "ivf" and info["cells"] == index.nlist == 200 and info["nprobe"] == index.nprobe == IVF_NPROBE
