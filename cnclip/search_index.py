@@ -64,8 +64,15 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature p
 INDEX_VERSION = 1
 MANIFEST, ITEMS, VECTORS, FAISS_FILE = "index.json", "items.jsonl", "vectors.safetensors", "faiss.index"
 KINDS = ("auto", "exact", "ivf")
-# From this many vectors on, "auto" builds the inverted-file index ("ivf") instead of the exact flat
-# index. PLACEHOLDER_RATIONALE
+# From this many vectors on, "auto" builds the inverted file ("ivf") instead of the exact flat index.
+# Measured with benchmarks/search_throughput.py --threads 1 (benchmarks/results/search_ivf_*.json, the
+# table in docs/search.md "Exact or approximate": one faiss thread's CPU time for single queries, dim 512,
+# a busy 2-core CPU): an exact query's p95 grows linearly with the count, 1.0 ms at 10k, 6.6 ms at 40k,
+# 19 ms at 100k and 173 ms at 1M on clustered vectors (8.1 ms at 40k on random ones), so past about
+# 40k it breaks the 10 ms a query that search at a million images keeps to. The inverted file at nprobe 16
+# takes 1.1 ms p95 at 1M and finds the whole exact top 10 of clustered vectors from 40k on; below 40k the
+# exact index is fast enough, builds at once and is never wrong, and it is where the inverted file has
+# least to work with (94.5% at 10k clustered vectors, 10 a cluster).
 APPROXIMATE_FROM = 40_000
 # The inverted file: k-means splits the vectors into about IVF_CELLS_PER_ROOT * sqrt(count) cells; a
 # query scans the nprobe cells whose centres are nearest to it, over 8-bit codes of the vectors (a
@@ -74,13 +81,14 @@ APPROXIMATE_FROM = 40_000
 IVF_CELLS_PER_ROOT, IVF_REFINE = 4, 4
 # nprobe is checked on the data at build time (tune_ivf): IVF_CHECK_QUERIES queries near stored vectors
 # (cosine about 0.75 to one) must find IVF_TARGET_RECALL of their exact top 10; nprobe starts at
-# IVF_NPROBE and doubles up to IVF_NPROBE_MAX (a few ms a query at a million vectors) until they do.
+# IVF_NPROBE and doubles up to IVF_NPROBE_MAX until they do (at a million vectors nprobe 64 took 2.7 ms p95;
+# 128, not measured there, costs about twice that: still under 10 ms).
 IVF_NPROBE, IVF_NPROBE_MAX, IVF_TARGET_RECALL, IVF_CHECK_QUERIES = 16, 128, 0.95, 200
 # The length of a check query's random offset from its stored vector: cosine ~0.75 to it, as the benchmark's
 # near queries (a closer query finds its own neighbourhood too easily to check anything).
 IVF_CHECK_OFFSET = 0.9
-# k-means runs IVF_TRAIN_ITERATIONS rounds on a sample of IVF_TRAIN_PER_CELL vectors a cell: faiss
-# asks for at least 39 a cell, and a larger sample only slows the build.
+# k-means runs IVF_TRAIN_ITERATIONS rounds on a sample of IVF_TRAIN_PER_CELL vectors a cell: faiss asks
+# for at least 39 a cell, and k-means time grows with the sample (160,000 vectors at a million).
 IVF_TRAIN_PER_CELL, IVF_TRAIN_ITERATIONS = 40, 10
 
 
