@@ -250,6 +250,10 @@ def test_the_build_checks_nprobe_on_the_data_and_auto_builds_exact_for_vectors_t
     assert kind == "exact" and isinstance(index, faiss.IndexFlatIP) and index.ntotal == 8000
     assert info["ivf_rejected"]["check_recall_at_10"] < 0.95 and "building the exact index instead" in caplog.text
     assert search_index.build_structure(clustered, "auto")[0] == "ivf"
+    # duplicate images: which of the equal copies comes back does not count against the check
+    copies = np.repeat(clustered[:2000], 4, axis=0)
+    kind, index, info = search_index.build_structure(copies, "auto")
+    assert kind == "ivf" and info["nprobe"] == IVF_NPROBE and info["check_recall_at_10"] >= 0.95
 
 
 def _synthetic_index(path, vectors, kind, faiss_index):
