@@ -67,10 +67,10 @@ KINDS = ("auto", "exact", "ivf")
 # From this many vectors on, "auto" builds the inverted file ("ivf") instead of the exact flat index.
 # Measured with benchmarks/search_throughput.py --threads 1 (benchmarks/results/search_ivf_*.json, the
 # table in docs/search.md "Exact or approximate": one faiss thread's CPU time for single queries, dim 512,
-# a busy 2-core CPU): an exact query's p95 grows linearly with the count, 1.0 ms at 10k, 6.6 ms at 40k,
-# 19 ms at 100k and 173 ms at 1M on clustered vectors (8.1 ms at 40k on random ones), so past about
+# a busy 2-core CPU): an exact query's p95 grows linearly with the count, 0.8 ms at 10k, 8.6 ms at 40k,
+# 20 ms at 100k and 200 ms at 1M on clustered vectors (7.7 ms at 40k on random ones), so past about
 # 40k it breaks the 10 ms a query that search at a million images keeps to. The inverted file at nprobe 16
-# takes 1.1 ms p95 at 1M and finds the whole exact top 10 of clustered vectors from 40k on; below 40k the
+# takes 1.05 ms p95 at 1M and finds the whole exact top 10 of clustered vectors from 40k on; below 40k the
 # exact index is fast enough, builds at once and is never wrong, and it is where the inverted file has
 # least to work with (94.5% at 10k clustered vectors, 10 a cluster).
 APPROXIMATE_FROM = 40_000
@@ -81,7 +81,7 @@ APPROXIMATE_FROM = 40_000
 IVF_CELLS_PER_ROOT, IVF_REFINE = 4, 4
 # nprobe is checked on the data at build time (tune_ivf): IVF_CHECK_QUERIES queries near stored vectors
 # (cosine about 0.75 to one) must find IVF_TARGET_RECALL of their exact top 10; nprobe starts at
-# IVF_NPROBE and doubles up to IVF_NPROBE_MAX until they do (at a million vectors nprobe 64 took 2.7 ms p95;
+# IVF_NPROBE and doubles up to IVF_NPROBE_MAX until they do (at a million vectors nprobe 64 took 2.6 ms p95;
 # 128, not measured there, costs about twice that: still under 10 ms).
 IVF_NPROBE, IVF_NPROBE_MAX, IVF_TARGET_RECALL, IVF_CHECK_QUERIES = 16, 128, 0.95, 200
 # The length of a check query's random offset from its stored vector: cosine ~0.75 to it, as the benchmark's
