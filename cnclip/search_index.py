@@ -19,8 +19,11 @@ Guarantees:
 * Incremental: building into an existing index keeps every row whose key and content digest are
   unchanged (its stored vector is reused, never re-embedded), embeds only new or changed images, and
   drops rows whose image is gone. The faiss structure is rebuilt from the stored vectors.
-* Exact below APPROXIMATE_FROM vectors (faiss IndexFlatIP), HNSW from there on (measured with
-  benchmarks/search_throughput.py; see docs/search.md).
+* Exact below APPROXIMATE_FROM vectors (faiss IndexFlatIP), an inverted file from there on
+  (IndexIVFScalarQuantizer: 8-bit codes in k-means cells, its candidates re-ranked with the stored
+  float32 vectors, so every score returned is the exact cosine); measured with
+  benchmarks/search_throughput.py, see docs/search.md. Indexes with an HNSW graph, which earlier
+  versions built, still load and answer; updating one builds the kind `auto` picks.
 * The index records the backend (torch or onnx, cnclip.embedders), the model and its weight
   fingerprint; a query with other weights is refused with a message saying which model built it. A
   torch model and an ONNX export of the same weights are interchangeable when the export records the
@@ -36,7 +39,6 @@ Guarantees:
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -61,18 +63,33 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature p
 
 INDEX_VERSION = 1
 MANIFEST, ITEMS, VECTORS, FAISS_FILE = "index.json", "items.jsonl", "vectors.safetensors", "faiss.index"
-KINDS = ("auto", "exact", "hnsw")
-# From this many vectors on, "auto" builds HNSW instead of the exact flat index. Measured with
-# `benchmarks/search_throughput.py --threads 1 --exact-sizes 1000000` (the table in README "Search your
-# images": one faiss thread on a 2-core CPU that other jobs kept busy, load average 6-10; dim 512, random
-# unit vectors; median of single queries): one exact query takes 1.8 ms at 10k vectors, 52 ms at 100k and
-# 272 ms at 1M. Re-measured exact-only (`--exact-sizes 10000,100000,250000,1000000`, 20 queries each, load
-# average 5): 0.9, 38, 106 (p95 129) and 324 ms. HNSW (efSearch 512) takes 5 minutes to build at 100k and
-# finds 58-67% of the exact top 10 there on such structureless vectors (real embeddings cluster and fare
-# better); efSearch 2048 finds 91-95%, at 42 ms a query. So exact up to 250k, where a query takes about
-# 0.1 s (p95 near 150 ms), HNSW past it.
-APPROXIMATE_FROM = 250_000
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 512
+KINDS = ("auto", "exact", "ivf")
+# From this many vectors on, "auto" builds the inverted file ("ivf") instead of the exact flat index.
+# Measured with benchmarks/search_throughput.py --threads 1 (benchmarks/results/search_ivf_*.json, the
+# table in docs/search.md "Exact or approximate": one faiss thread's CPU time for single queries, dim 512,
+# a busy 2-core CPU): an exact query's p95 grows linearly with the count, 0.8 ms at 10k, 8.6 ms at 40k,
+# 20 ms at 100k and 200 ms at 1M on clustered vectors (7.7 ms at 40k on random ones), so past about
+# 40k it breaks the 10 ms a query that search at a million images keeps to. The inverted file at nprobe 16
+# takes 1.05 ms p95 at 1M and finds the whole exact top 10 of clustered vectors from 40k on; below 40k the
+# exact index is fast enough, builds at once and is never wrong, and it is where the inverted file has
+# least to work with (94.5% at 10k clustered vectors, 10 a cluster).
+APPROXIMATE_FROM = 40_000
+# The inverted file: k-means splits the vectors into about IVF_CELLS_PER_ROOT * sqrt(count) cells; a
+# query scans the nprobe cells whose centres are nearest to it, over 8-bit codes of the vectors (a
+# quarter of their float32 size), and the IVF_REFINE * k best candidates are re-ranked by their exact
+# cosine with the float32 vectors the index stores anyway, so the scores returned are exact.
+IVF_CELLS_PER_ROOT, IVF_REFINE = 4, 4
+# nprobe is checked on the data at build time (tune_ivf): IVF_CHECK_QUERIES queries near stored vectors
+# (cosine about 0.75 to one) must find IVF_TARGET_RECALL of their exact top 10; nprobe starts at
+# IVF_NPROBE and doubles up to IVF_NPROBE_MAX until they do (at a million vectors nprobe 64 took 2.6 ms p95;
+# 128, not measured there, costs about twice that: still under 10 ms).
+IVF_NPROBE, IVF_NPROBE_MAX, IVF_TARGET_RECALL, IVF_CHECK_QUERIES = 16, 128, 0.95, 200
+# The length of a check query's random offset from its stored vector: cosine ~0.75 to it, as the benchmark's
+# near queries (a closer query finds its own neighbourhood too easily to check anything).
+IVF_CHECK_OFFSET = 0.9
+# k-means runs IVF_TRAIN_ITERATIONS rounds on a sample of IVF_TRAIN_PER_CELL vectors a cell: faiss asks
+# for at least 39 a cell, and k-means time grows with the sample (160,000 vectors at a million).
+IVF_TRAIN_PER_CELL, IVF_TRAIN_ITERATIONS = 40, 10
 
 
 # ---------------------------------------------------------------- the nearest-neighbour structure
@@ -83,25 +100,112 @@ def choose_kind(count: int, requested: str = "auto") -> str:
         raise UsageError(f"index kind {requested!r}: choose from {', '.join(KINDS)}")
     if requested != "auto":
         return requested
-    return "hnsw" if count >= APPROXIMATE_FROM else "exact"
+    return "ivf" if count >= APPROXIMATE_FROM else "exact"
+
+
+def ivf_cells(count: int) -> int:
+    """How many k-means cells an inverted file over `count` vectors gets: IVF_CELLS_PER_ROOT * sqrt(count),
+    but never fewer than IVF_TRAIN_PER_CELL vectors a cell (a tiny index is one cell: an exact scan)."""
+    return max(1, min(round(IVF_CELLS_PER_ROOT * count ** 0.5), count // IVF_TRAIN_PER_CELL))
 
 
 def build_faiss(vectors: np.ndarray, kind: str):
-    """A faiss index over unit vectors where inner product is cosine similarity; row i keeps id i."""
+    """A faiss index over unit vectors where inner product is cosine similarity; row i keeps id i.
+
+    Search it with search_faiss, which re-ranks an inverted file's candidates exactly."""
     import faiss
 
-    dim = vectors.shape[1]
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    count, dim = vectors.shape
     if kind == "exact":
         index = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index.hnsw.efSearch = HNSW_EF_SEARCH
+    elif kind == "ivf":
+        cells = ivf_cells(count)
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, cells, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = IVF_TRAIN_ITERATIONS
+        index.cp.min_points_per_centroid = 1  # ivf_cells gives every cell IVF_TRAIN_PER_CELL but in a tiny index
+        sample = min(count, IVF_TRAIN_PER_CELL * cells)
+        rows = np.sort(np.random.default_rng(0).choice(count, sample, replace=False)) if sample < count else slice(None)
+        index.train(vectors[rows])
+        index.nprobe = min(IVF_NPROBE, cells)
     else:
-        raise UsageError(f"index kind {kind!r}: choose from exact, hnsw")
-    if len(vectors):
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        raise UsageError(f"index kind {kind!r}: choose from exact, ivf")
+    if count:
+        index.add(vectors)
     return index
+
+
+def tune_ivf(index, vectors: np.ndarray) -> float:
+    """Set the inverted file's nprobe to the smallest of IVF_NPROBE, 2 * IVF_NPROBE, ... IVF_NPROBE_MAX (or
+    every cell) at which IVF_CHECK_QUERIES queries near stored vectors find IVF_TARGET_RECALL of their exact
+    top 10; return the recall@10 measured at the nprobe set (below the target when no nprobe reaches it).
+    A result counts as found when its cosine reaches the exact 10th one: among duplicate images, which of
+    the equal copies comes back does not matter."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    count, dim = vectors.shape
+    queries = vectors[rng.choice(count, min(count, IVF_CHECK_QUERIES), replace=False)]
+    queries = queries + IVF_CHECK_OFFSET / np.sqrt(dim) * rng.standard_normal(queries.shape, dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    k = min(10, count)
+    exact, _ = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    kth = exact[:, -1:] - 1e-5  # float32 sums in another order (BLAS vs numpy) may differ in the last digits
+    nprobe, last = min(IVF_NPROBE, index.nlist), min(IVF_NPROBE_MAX, index.nlist)
+    while True:
+        index.nprobe = nprobe
+        scores, _ = search_faiss(index, "ivf", vectors, queries, k)
+        recall = float(np.mean(np.sum(scores >= kth, axis=1) / k))
+        if recall >= IVF_TARGET_RECALL or nprobe >= last:
+            return recall
+        nprobe = min(2 * nprobe, last)
+
+
+def build_structure(vectors: np.ndarray, requested: str = "auto") -> tuple[str, object, dict]:
+    """(kind, faiss index, what index.json records about it) for `requested` over `vectors`.
+
+    An inverted file gets the nprobe tune_ivf finds. When no nprobe up to IVF_NPROBE_MAX finds
+    IVF_TARGET_RECALL of the exact top 10 (vectors without cluster structure: uniformly random ones of
+    dimension 512 found 80% at 10,000 and 35% at 100,000), "auto" builds the exact index instead and says
+    so; an explicit "ivf" is kept, with a warning that names the recall."""
+    kind = choose_kind(len(vectors), requested)
+    index = build_faiss(vectors, kind)
+    if kind != "ivf":
+        return kind, index, {}
+    recall = tune_ivf(index, vectors)
+    info = {"cells": int(index.nlist), "nprobe": int(index.nprobe), "check_recall_at_10": round(recall, 4)}
+    if recall >= IVF_TARGET_RECALL:
+        return kind, index, info
+    why = (f"the inverted file over {len(vectors):,} vectors finds {recall:.0%} of the exact top 10 for queries near "
+           f"stored vectors even scanning {index.nprobe} of {index.nlist} cells (the target is "
+           f"{IVF_TARGET_RECALL:.0%}): these embeddings do not cluster")
+    if requested == "auto":
+        log.warning("%s; building the exact index instead", why)
+        return "exact", build_faiss(vectors, "exact"), {"ivf_rejected": info}
+    log.warning("%s; --kind exact would always find the true top k", why)
+    return kind, index, info
+
+
+def search_faiss(index, kind: str, vectors: np.ndarray, queries: np.ndarray, k: int,
+                 refine: int = IVF_REFINE) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of the k nearest stored vectors, each queries x k; a row of -1 where there are
+    fewer than k. For "ivf" the index proposes `refine` * k candidates from its 8-bit codes and the
+    stored float32 `vectors` rank them, so scores are exact cosines; other kinds answer directly
+    (indexes built before "ivf" existed hold an HNSW graph and still load and search)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if kind != "ivf":
+        return index.search(queries, k)
+    _, candidates = index.search(queries, min(refine * k, len(vectors)))
+    scores = np.einsum("qcd,qd->qc", vectors[np.maximum(candidates, 0)], queries)
+    scores[candidates < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
+    if rows.shape[1] < k:  # fewer candidates than k: pad as faiss does
+        pad = k - rows.shape[1]
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return scores, rows
 
 
 # ---------------------------------------------------------------- what gets indexed
@@ -338,7 +442,7 @@ class SearchIndex:
         with open(path / ITEMS, encoding="utf-8") as fh:
             items = [Item(**json.loads(line)) for line in fh if line.strip()]
         vectors = load_file(str(path / VECTORS))["vectors"]
-        return cls(path, manifest, items, vectors, faiss.read_index(str(path / FAISS_FILE)))
+        return cls(path, manifest, items, vectors, faiss.read_index(str(path / FAISS_FILE)))  # nprobe included
 
     @property
     def backend(self) -> str:
@@ -358,8 +462,7 @@ class SearchIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each queries x min(k, len); queries must be unit rows."""
         k = max(1, min(k, len(self.items)))
-        scores, rows = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, rows
+        return search_faiss(self.faiss_index, self.manifest["kind"], self.vectors, queries, k)
 
     def write(self) -> None:
         from safetensors.numpy import save_file
@@ -386,6 +489,10 @@ class BuildReport:
     kind: str
     seconds: float
     skipped: dict
+    # what a search holds in memory per image, from the written files: the faiss structure, the float32 vector
+    index_bytes_per_image: float = 0.0
+    vector_bytes_per_image: float = 0.0
+    structure: dict = field(default_factory=dict)  # an inverted file's cells, nprobe and checked recall
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -445,23 +552,26 @@ def build_index(sources: list[str], out: str | Path, embedder: Embedder, *, spli
     if not rows:
         raise DataError(f"none of the {len(items)} images in {', '.join(map(str, sources))} could be decoded")
     matrix = np.stack(vectors).astype(np.float32)
-    chosen = choose_kind(len(rows), kind)
-    log.info("building the %s index over %d vectors", chosen, len(rows))
+    log.info("building the %s index over %d vectors", choose_kind(len(rows), kind), len(rows))
+    chosen, structure, structure_info = build_structure(matrix, kind)
     manifest = {
         "version": INDEX_VERSION,
         "model": {"spec": embedder.spec, "fingerprint": embedder.fingerprint, "backend": embedder.backend,
                   "precision": embedder.precision},
         "context_length": embedder.context_length,
-        "kind": chosen, "dim": int(matrix.shape[1]), "count": len(rows),
+        "kind": chosen, **({"structure": structure_info} if structure_info else {}),
+        "dim": int(matrix.shape[1]), "count": len(rows),
         "roots": sorted({i.root for i in rows}),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    SearchIndex(out, manifest, rows, matrix, build_faiss(matrix, chosen)).write()
+    SearchIndex(out, manifest, rows, matrix, structure).write()
     kept = sum(r is not None for r in keep_rows)
     return BuildReport(total=len(rows), kept=kept, embedded=0 if from_cache else len(new_vectors),
                        from_cache=len(new_vectors) if from_cache else 0,
                        removed=(len(old.items) - kept) if old else 0, undecodable=len(bad), kind=chosen,
-                       seconds=round(time.perf_counter() - tic, 3), skipped=skips.summary())
+                       seconds=round(time.perf_counter() - tic, 3), skipped=skips.summary(), structure=structure_info,
+                       index_bytes_per_image=round((out / FAISS_FILE).stat().st_size / len(rows), 1),
+                       vector_bytes_per_image=round((out / VECTORS).stat().st_size / len(rows), 1))
 
 
 def _whole_tsv(todo: list[Item], items: list[Item]) -> str | None:
@@ -521,10 +631,6 @@ class Searcher:
     def __init__(self, index: SearchIndex, embedder: Embedder):
         index.check_model(embedder)
         self.index, self.embedder = index, embedder
-        # One query at a time over at most APPROXIMATE_FROM vectors: one thread is faster than several
-        # contending for busy cores (benchmarks/search_throughput.py: 2.1 vs 37 ms at 10k on a loaded 2-core CPU).
-        # Set around each search only: the process' faiss thread count is the caller's.
-        self._search_threads = 1 if index.manifest["kind"] == "exact" else None
         self._class_cache: dict[tuple, np.ndarray] = {}
         self._class_lock = threading.Lock()
 
@@ -540,11 +646,14 @@ class Searcher:
         return cls(index, open_embedder(backend or index.backend, spec, device, threads))
 
     def _hits(self, query: np.ndarray, k: int) -> list[Hit]:
-        with faiss_threads(self._search_threads) if self._search_threads else contextlib.nullcontext():
+        # One query is one thread's work for every kind, and one thread is faster than several contending for
+        # busy cores (benchmarks/search_throughput.py: 2.1 vs 37 ms exact at 10k on a loaded 2-core CPU).
+        # Set around each search only: the process' faiss thread count is the caller's.
+        with faiss_threads(1):
             scores, rows = self.index.search(query[None, :], k)
         hits = []
         for rank, (score, row) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), start=1):
-            if row < 0:  # HNSW can return fewer than k
+            if row < 0:  # an approximate index can return fewer than k
                 continue
             item = self.index.items[row]
             hits.append(Hit(rank, row, float(score), item.key, item.ref, item.caption, item.root))

@@ -89,7 +89,7 @@ def test_values_written_out_for_help_match_the_library():
     assert export.FORMATS == exporter.FORMATS
     assert zeroshot.TOP_K == classifier.TOP_K
     assert (probe.HELD_OUT, probe.MAX_ITER) == (linear_probe.HELD_OUT, linear_probe.MAX_ITER)
-    assert search.APPROXIMATE_FROM == search_index.APPROXIMATE_FROM
+    assert (search.APPROXIMATE_FROM, search.KINDS) == (search_index.APPROXIMATE_FROM, search_index.KINDS)
     assert serve.DEFAULT_MAX_UPLOAD_MB == search_app.DEFAULT_MAX_UPLOAD_MB
     assert ORIGINAL_ARCHS == tuple(original_format.ARCHS)
     import data_tools.cli

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -136,8 +137,10 @@ def test_search_index_counts_cache_hits_apart_from_embeddings(tmp_path, tiny_mod
         (photos / f"{i}.png").write_bytes(image_bytes(color))
     common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
     assert search_main(["index", str(photos), "--out", str(tmp_path / "a"), *common]) == 0
-    assert "3 images (exact index): 0 reused from the index, 0 from the embedding cache, 3 embedded now" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 images (exact index): 0 reused from the index, 0 from the embedding cache, 3 embedded now" in out
+    assert re.search(r"memory per image: [\d,]+ bytes of exact index \(faiss.index\) \+ [\d,]+ bytes of stored "
+                     r"vector \(vectors.safetensors\)", out), out
     assert search_main(["index", str(photos), "--out", str(tmp_path / "b"), *common, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["embedded"], report["from_cache"], report["kept"], report["total"]) == (0, 3, 0, 3)

@@ -11,8 +11,8 @@ from cnclip.commands.search import main as search_main
 from cnclip.errors import DataError, UsageError
 from cnclip.images import decode_rgb
 from cnclip.embedders import TorchEmbedder
-from cnclip.search_index import (Searcher, SearchIndex, build_faiss, build_index, choose_kind, read_payload,
-                                 APPROXIMATE_FROM)
+from cnclip.search_index import (Searcher, SearchIndex, build_faiss, build_index, choose_kind, ivf_cells, read_payload,
+                                 search_faiss, APPROXIMATE_FROM, IVF_NPROBE)
 
 from conftest import COLORS, image_bytes, load_benchmark, make_tiny_model, write_split
 
@@ -67,18 +67,20 @@ def test_build_walks_the_folder_and_answers_like_brute_force(tiny_model_dir, tmp
     assert hits[0].row == 3 and hits[0].score == pytest.approx(1.0, abs=1e-4)
 
 
-def test_incremental_update_embeds_only_new_images_and_drops_removed_ones(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["auto", "ivf"])
+def test_incremental_update_embeds_only_new_images_and_drops_removed_ones(tiny_model_dir, tmp_path, kind):
     src = make_photos(tmp_path / "photos")
-    build(src, tmp_path / "idx", tiny_model_dir)
+    build(src, tmp_path / "idx", tiny_model_dir, kind=kind)
     before = SearchIndex.load(tmp_path / "idx")
     vec_before = {i.key: before.vectors[r] for r, i in enumerate(before.items)}
     (src / "red" / "circle_0.png").unlink()
     (src / "new").mkdir()
     (src / "new" / "purple.png").write_bytes(image_bytes((150, 40, 200), (44, 30), "circle"))
     (src / "green" / "square_1.png").write_bytes(image_bytes((10, 90, 10), (50, 30), "square"))  # changed content
-    report = build(src, tmp_path / "idx", tiny_model_dir)
+    report = build(src, tmp_path / "idx", tiny_model_dir, kind=kind)
     after = SearchIndex.load(tmp_path / "idx")
     assert (report.embedded, report.kept, report.removed, report.total) == (2, 15, 2, 17)
+    assert after.manifest["kind"] == report.kind == ("exact" if kind == "auto" else kind)
     refs = {i.ref for i in after.items}
     assert "red/circle_0.png" not in refs and "new/purple.png" in refs
     for r, item in enumerate(after.items):  # reused rows carry the stored vector, bit for bit
@@ -88,6 +90,10 @@ def test_incremental_update_embeds_only_new_images_and_drops_removed_ones(tiny_m
     q = after.vectors[0]
     _, rows = after.search(q[None, :], 17)
     assert sorted(rows[0].tolist()) == list(range(17))
+    searcher = Searcher.open(tmp_path / "idx")
+    for text in ("一个红色的圆形", "紫色"):  # the loaded index answers like brute force over the stored vectors
+        hits = searcher.by_text(text, 5)
+        assert [h.row for h in hits] == brute_force(after, searcher.text_embedding(text), 5)[0]
 
 
 def test_split_source_has_captions_and_bad_images_are_counted(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -178,18 +184,108 @@ def test_thumbnails_never_leave_the_indexed_folder(tiny_model_dir, tmp_path):
         read_payload(item)
 
 
-def test_hnsw_finds_nearly_what_exact_finds_and_auto_picks_by_size():
+def mixture(rng, n, dim=32, clusters=40, spread=0.35):
+    """n unit vectors around `clusters` random centres (cosine ~0.9 inside a cluster): clustered, as embeddings are."""
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, clusters, n)] + spread / np.sqrt(dim) * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def recall_at_10(rows, exact):
+    return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), exact.tolist())])
+
+
+def test_ivf_is_exact_when_it_probes_every_cell_and_finds_nearly_all_at_the_default():
     rng = np.random.default_rng(0)
-    data = rng.standard_normal((3000, 32)).astype(np.float32)
-    data /= np.linalg.norm(data, axis=1, keepdims=True)
-    queries = data[:50] + 0.1 * rng.standard_normal((50, 32)).astype(np.float32)
-    _, exact = build_faiss(data, "exact").search(queries, 10)
-    _, approx = build_faiss(data, "hnsw").search(queries, 10)
-    truth = np.argsort(-(queries @ data.T), axis=1)[:, :10]
-    assert np.array_equal(exact, truth)
-    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.tolist(), exact.tolist())]) > 0.9
-    assert choose_kind(APPROXIMATE_FROM - 1) == "exact" and choose_kind(APPROXIMATE_FROM) == "hnsw"
-    assert choose_kind(10, "hnsw") == "hnsw"
+    data, queries = np.split(mixture(rng, 4100), [4000])  # queries: fresh draws from the same mixture
+    exact_scores, exact = build_faiss(data, "exact").search(queries, 10)
+    assert np.array_equal(exact, np.argsort(-(queries @ data.T), axis=1, kind="stable")[:, :10])
+    index = build_faiss(data, "ivf")
+    assert index.nlist == ivf_cells(4000) == 100 and index.nprobe == IVF_NPROBE < index.nlist
+    index.nprobe = index.nlist  # every cell: the 8-bit codes only choose candidates, the stored vectors rank them
+    scores, rows = search_faiss(index, "ivf", data, queries, 10)
+    assert np.array_equal(rows, exact)
+    assert np.allclose(scores, exact_scores, atol=1e-5)  # exact cosines, not the codes' approximations
+    index.nprobe = IVF_NPROBE
+    _, rows = search_faiss(index, "ivf", data, queries, 10)
+    assert recall_at_10(rows, exact) >= 0.95
+    index.nprobe = 1  # the bound above is not vacuous: one cell of 100 misses neighbours in the next cells
+    assert recall_at_10(search_faiss(index, "ivf", data, queries, 10)[1], exact) < 0.95
+
+
+def test_auto_picks_the_kind_by_count_and_a_tiny_ivf_still_works():
+    assert choose_kind(APPROXIMATE_FROM - 1) == "exact" and choose_kind(APPROXIMATE_FROM) == "ivf"
+    assert choose_kind(10, "ivf") == "ivf" and choose_kind(10**7, "exact") == "exact"
+    with pytest.raises(UsageError, match="choose from auto, exact, ivf"):
+        choose_kind(10, "hnsw")
+    # cells grow like the square root of the count, each with enough vectors to train k-means on
+    assert [ivf_cells(n) for n in (1, 79, 80, 10_000, 1_000_000)] == [1, 1, 2, 250, 4000]
+    data = mixture(np.random.default_rng(2), 5)
+    index = build_faiss(data, "ivf")  # five vectors: one cell, an exact scan
+    scores, rows = search_faiss(index, "ivf", data, data, 10)
+    assert index.nlist == 1 and rows.shape == (5, 10) and (rows[:, 5:] == -1).all()
+    assert np.array_equal(rows[:, 0], np.arange(5)) and np.allclose(scores[:, 0], 1, atol=1e-5)
+
+
+def test_the_build_checks_nprobe_on_the_data_and_auto_builds_exact_for_vectors_that_do_not_cluster(
+        monkeypatch, caplog):
+    import faiss
+
+    import cnclip.search_index as search_index
+
+    clustered = mixture(np.random.default_rng(5), 8000, dim=512)
+    flat = np.random.default_rng(6).standard_normal((8000, 512)).astype(np.float32)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True)  # uniformly random: no cells to find
+    kind, index, info = search_index.build_structure(clustered, "ivf")
+    assert kind == "ivf" and info["cells"] == index.nlist == 200 and info["nprobe"] == index.nprobe == IVF_NPROBE
+    assert info["check_recall_at_10"] >= 0.95
+    kind, index, info = search_index.build_structure(flat, "ivf")  # asked for: kept, at the widest nprobe, with a warning
+    assert kind == "ivf" and index.nprobe == info["nprobe"] == search_index.IVF_NPROBE_MAX
+    assert info["check_recall_at_10"] < 0.95
+    assert f"finds {info['check_recall_at_10']:.0%} of the exact top 10" in caplog.text
+    assert "--kind exact would always find the true top k" in caplog.text
+    monkeypatch.setattr(search_index, "APPROXIMATE_FROM", 1000)
+    kind, index, info = search_index.build_structure(flat, "auto")
+    assert kind == "exact" and isinstance(index, faiss.IndexFlatIP) and index.ntotal == 8000
+    assert info["ivf_rejected"]["check_recall_at_10"] < 0.95 and "building the exact index instead" in caplog.text
+    assert search_index.build_structure(clustered, "auto")[0] == "ivf"
+    # duplicate images: which of the equal copies comes back does not count against the check
+    copies = np.repeat(clustered[:2000], 4, axis=0)
+    kind, index, info = search_index.build_structure(copies, "auto")
+    assert kind == "ivf" and info["nprobe"] == IVF_NPROBE and info["check_recall_at_10"] >= 0.95
+
+
+def _synthetic_index(path, vectors, kind, faiss_index):
+    from cnclip.search_index import INDEX_VERSION, Item
+
+    items = [Item(f"file:/x:{i}.png", "file", "/x", f"{i}.png", "", f"{i:032x}") for i in range(len(vectors))]
+    manifest = {"version": INDEX_VERSION, "kind": kind, "count": len(vectors),
+                "model": {"spec": "m", "fingerprint": "f", "backend": "torch"}}
+    return SearchIndex(path, manifest, items, vectors, faiss_index)
+
+
+def test_an_ivf_index_round_trips_and_an_hnsw_index_of_earlier_versions_still_answers(tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(3)
+    data, queries = np.split(mixture(rng, 3050), [3000])
+    truth = np.argsort(-(queries @ data.T), axis=1, kind="stable")[:, :10]
+    written = _synthetic_index(tmp_path / "ivf", data, "ivf", build_faiss(data, "ivf"))
+    written.faiss_index.nprobe = 23  # the nprobe a build's check chose is kept in faiss.index
+    written.write()
+    loaded = SearchIndex.load(tmp_path / "ivf")
+    assert isinstance(loaded.faiss_index, faiss.IndexIVFScalarQuantizer) and loaded.faiss_index.nprobe == 23
+    assert np.array_equal(loaded.search(queries, 10)[1], written.search(queries, 10)[1])
+    assert recall_at_10(loaded.search(queries, 10)[1], truth) >= 0.95
+    # an index directory holding an HNSW graph, as `--kind hnsw` wrote before "ivf" replaced it
+    graph = faiss.IndexHNSWFlat(32, 16, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efSearch = 256
+    graph.add(data)
+    _synthetic_index(tmp_path / "hnsw", data, "hnsw", graph).write()
+    old = SearchIndex.load(tmp_path / "hnsw")
+    assert isinstance(old.faiss_index, faiss.IndexHNSWFlat)
+    assert recall_at_10(old.search(queries, 10)[1], truth) >= 0.95
 
 
 def test_cli_index_query_image_json_and_table(tiny_model_dir, tmp_path, capsys):
@@ -202,6 +298,25 @@ def test_cli_index_query_image_json_and_table(tiny_model_dir, tmp_path, capsys):
     assert search_main(["query", str(idx), "红色的圆形", "-k", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in out["results"]] == [1, 2, 3] and out["query"] == "红色的圆形"
+    # --kind ivf: 17 images make one cell, so the inverted file answers exactly as the flat index does
+    assert search_main(["index", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "ivf"),
+                        "--cache-dir", str(tmp_path / "cache"), "--kind", "ivf", "--json"]) == 0
+    ivf_report = json.loads(capsys.readouterr().out)
+    assert ivf_report["kind"] == "ivf"
+    assert ivf_report["structure"] == {"cells": 1, "nprobe": 1, "check_recall_at_10": 1.0}  # 17 images: one cell
+    assert json.loads((tmp_path / "ivf" / "index.json").read_text())["structure"] == ivf_report["structure"]
+    assert search_main(["index", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "ivf"),
+                        "--cache-dir", str(tmp_path / "cache"), "--kind", "ivf"]) == 0  # an update: all 17 kept
+    text = capsys.readouterr().out
+    assert "17 images (ivf index): 17 reused from the index" in text and "memory per image: " in text
+    assert "inverted file: 1 cells, 1 scanned a query; queries near stored images found 100.0% of their exact" in text
+    for name, key in (("faiss.index", "index_bytes_per_image"), ("vectors.safetensors", "vector_bytes_per_image")):
+        assert ivf_report[key] == round(os.path.getsize(tmp_path / "ivf" / name) / 17, 1)
+    assert ivf_report["vector_bytes_per_image"] >= 4 * 16  # float32 vectors of the tiny model's 16 dimensions
+    assert search_main(["query", str(tmp_path / "ivf"), "红色的圆形", "-k", "3", "--json"]) == 0
+    ivf = json.loads(capsys.readouterr().out)["results"]
+    assert [r["row"] for r in ivf] == [r["row"] for r in out["results"]]
+    assert np.allclose([r["score"] for r in ivf], [r["score"] for r in out["results"]], atol=1e-5)
     assert search_main(["query", str(idx), "红色的圆形", "-k", "3"]) == 0
     table = capsys.readouterr().out
     assert "rank" in table and out["results"][0]["ref"] in table
@@ -237,22 +352,29 @@ def test_search_benchmark_prints_json(tmp_path):
 
     from conftest import REPO
 
-    from cnclip.search_index import HNSW_EF_SEARCH, HNSW_M
-
     script = REPO / "benchmarks" / "search_throughput.py"
-    out = subprocess.run([sys.executable, str(script), "--sizes", "600", "--queries", "20", "--threads", "1"],
+    out = subprocess.run([sys.executable, str(script), "--sizes", "2000", "--queries", "20", "--threads", "1",
+                          "--data", "clustered", "--out", str(tmp_path / "r.json")],
                          capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout) == json.loads((tmp_path / "r.json").read_text())
     result = json.loads(out.stdout)["results"][0]
-    assert result["vectors"] == 600 and result["exact"]["query_ms_median"] > 0
-    hnsw = result["hnsw"]
-    assert hnsw["params"] == {"M": HNSW_M, "efSearch": HNSW_EF_SEARCH}  # the index cnclip builds
-    # efSearch 512 over 600 vectors searches nearly all of them: HNSW must find (almost) the exact ten.
-    assert hnsw["recall_at_10_vs_exact"] >= 0.97 and hnsw["recall_at_10_vs_exact_near_queries"] >= 0.97, hnsw
-    sweep = {e["efSearch"]: e for e in hnsw["ef_sweep"]}
-    assert list(sweep) == [32, 128, 512, 2048]
-    # the sweep's run at the default efSearch searches the same 20 queries on the same graph: the same answer
-    assert sweep[HNSW_EF_SEARCH]["recall_at_10_vs_exact"] == hnsw["recall_at_10_vs_exact"]
-    assert sweep[HNSW_EF_SEARCH]["recall_at_10_vs_exact_near_queries"] == hnsw["recall_at_10_vs_exact_near_queries"]
+    assert result["vectors"] == 2000 and result["exact"]["query_ms_median"] > 0
+    assert result["exact"]["bytes_per_vector"] >= 4 * 512  # the float32 vectors themselves
+    ivf = result["ivf"]
+    assert ivf["params"]["cells"] == ivf_cells(2000) == 50 and IVF_NPROBE == 16
+    assert ivf["params"]["nprobe"] in (16, 32, 50)  # what the check on the data chose, and index.json records
+    assert 512 <= ivf["bytes_per_vector"] < 2 * 512  # 8-bit codes: a quarter of the float32 size, plus ids
+    sweep = {e["nprobe"]: e for e in ivf["nprobe_sweep"]}
+    assert list(sweep) == [4, 8, 16, 32, 50]  # 64 is capped at the 50 cells there are
+    # probing every cell finds the exact ten (candidates from the codes, ranked by the stored vectors)
+    assert sweep[50]["recall_at_10_vs_exact"] >= 0.99, sweep
+    assert sweep[50]["recall_at_10_vs_exact_near_queries"] >= 0.99, sweep
+    # re-ranking 4 * k candidates with the stored vectors never does worse than the 8-bit codes alone
+    assert all(e["recall_at_10_vs_exact"] >= e["codes_only_recall_at_10_vs_exact"] for e in sweep.values()), sweep
+    # the sweep's run at the chosen nprobe searches the same 20 queries on the same index: the same answer
+    chosen = sweep[ivf["params"]["nprobe"]]
+    assert chosen["recall_at_10_vs_exact"] == ivf["recall_at_10_vs_exact"]
+    assert chosen["recall_at_10_vs_exact_near_queries"] == ivf["recall_at_10_vs_exact_near_queries"]
 
     # the recall measure itself, on rankings whose overlap is known
     bench = load_benchmark("search_throughput")
