@@ -28,6 +28,7 @@ from .optim import make_optimizer, warmup_cosine
 from .runtime import Runtime, float32_matmuls, pick_runtime
 from .retrieval import evaluate_split, format_metrics, scorable_texts
 from .faults import crash_point
+from .host_memory import bound_cpu_kernel_cache
 from .determinism import attention_kernels, deterministic_algorithms, seed_step
 from .image_cache import HOST_FLOAT32, EmbeddingLayout, ImageFeatures, bank_layout, split_image_features
 from .atomic import write_json
@@ -210,6 +211,8 @@ def train(recipe: Recipe) -> dict:
     number of processes.
     """
     runtime = pick_runtime(recipe.train.device, recipe.train.precision)
+    if runtime.device.type == "cpu" and recipe.train.packed_text and not recipe.train.compile:
+        bound_cpu_kernel_cache()  # before any CPU operator: packed batches' new shapes would grow it each step
     owns_group = not distributed.is_distributed()
     distributed.init_distributed(runtime.device)
     try:
