@@ -5,8 +5,8 @@ to the operand shapes) per shape and keeps up to 1024 of them in a process-wide 
 text tower (`cnclip.packed_text`) gives its linear layers one row per real token, so nearly every
 batch has a new shape: each step adds primitives, evicted ones leave holes in the C heap that the next
 step's activations do not fit, and the process' resident memory climbs step after step although its
-live data does not (measured with benchmarks/scale.py, tiny model, batch 256: about 1.7 MB per step,
-4-6 GB over a 1M-pair epoch; `tests/test_host_memory.py` shows the climb on a few hundred steps).
+live data does not (measured with benchmarks/scale.py, tiny model, batch 256, one thread: 0.7-1.7 MB
+per step, 286 MB over the 390 steps of 100k pairs; `tests/test_host_memory.py` shows the climb).
 
 `bound_cpu_kernel_cache()` turns that cache off (`ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`) for the process:
 each primitive is then built for its call and freed after it, and the loop's memory stays flat. The
