@@ -26,9 +26,12 @@ inflates the next one's peak):
 
 For every stage: seconds (wall), cpu_seconds (this process and its children), items (the
 size the stage's cost is divided by: input records, images, pairs), per_item_us (cpu seconds per
-item), items_per_s_per_core and peak_rss_mib: the process' peak RSS during that stage alone
+item), items_per_s_per_core, peak_rss_mib: the process' peak RSS during that stage alone
 (Linux: VmHWM is reset through /proc/self/clear_refs before each stage; where that is refused
-the figure is the peak so far, flagged by "peak_rss_is_cumulative"). `growth` compares the largest
+the figure is the peak so far, flagged by "peak_rss_is_cumulative"), and end_rss_mib: what is
+resident when the stage returns (VmRSS), so the differences between stages say what each keeps.
+The train part also gives the largest resident size after a step in the epoch's first and last
+tenth (step_rss_mib_max_*): equal if the loop keeps nothing per step. `growth` compares the largest
 size's per-item cpu cost with the smallest's, per stage.
 
     python benchmarks/scale.py                               # seconds: small sizes
@@ -90,6 +93,15 @@ def _peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mib() -> float:
+    """This process' resident memory now (VmRSS; Linux), 0 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return 0.0
+
+
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -136,6 +148,7 @@ class StageClock:
             entry["seconds"] += time.perf_counter() - wall
             entry["cpu_seconds"] += _cpu_seconds() - cpu
             entry["peak_rss_mib"] = max(entry["peak_rss_mib"], peak)
+            entry["end_rss_mib"] = _rss_mib()  # what the stage leaves resident (its last call's)
             entry["calls"] += 1
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
@@ -159,7 +172,7 @@ class StageClock:
         for label, entry in self.stages.items():
             n = items.get(label, 0)
             row = {"items": n, "seconds": round(entry["seconds"], 3), "cpu_seconds": round(entry["cpu_seconds"], 3),
-                   "peak_rss_mib": round(entry["peak_rss_mib"], 1)}
+                   "peak_rss_mib": round(entry["peak_rss_mib"], 1), "end_rss_mib": round(entry["end_rss_mib"], 1)}
             if n:
                 row["per_item_us"] = round(entry["cpu_seconds"] / n * 1e6, 2)
                 row["items_per_s_per_core"] = round(n / max(entry["cpu_seconds"], 1e-9), 1)
@@ -477,6 +490,7 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
                          [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
     run = trainer.FinetuneRun
     steps: list[float] = []  # cpu seconds of each optimizer step (robust to other processes on the machine)
+    step_rss: list[float] = []  # resident MiB right after each step (before anything the loop frees after it)
     labels = iter(("cache_train", "cache_valid"))
 
     def image_features(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -490,6 +504,7 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
             cpu = _cpu_seconds()
             out = original(self, idx)
             steps.append(_cpu_seconds() - cpu)
+            step_rss.append(_rss_mib())
             return out
         return measured
 
@@ -515,6 +530,9 @@ def run_train(n: int, work: Path, side: int, batch: int) -> dict[str, Any]:
         "pairs": n, "valid_pairs": valid, "image_side": side, "batch": batch, "generate_seconds": round(generate_s, 1),
         "steps": len(steps), "step_cpu_ms_median_first_tenth": round(first[len(first) // 2] * 1e3, 2),
         "step_cpu_ms_median_last_tenth": round(last[len(last) // 2] * 1e3, 2),
+        # flat if the loop keeps no more memory as it goes: the largest resident size after a step, per tenth
+        "step_rss_mib_max_first_tenth": round(max(step_rss[:tenth]), 1),
+        "step_rss_mib_max_last_tenth": round(max(step_rss[-tenth:]), 1),
         "stages": stages, "peak_rss_is_cumulative": clock.cumulative_peak,
         "peak_rss_mib": max(row["peak_rss_mib"] for row in stages.values()),
     }

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from array import array
 import os
 import re
 from pathlib import Path
-from typing import Hashable, Protocol, Sequence
+from typing import Hashable, Iterator, Mapping, Protocol, Sequence
 
 from .errors import DataError
 from .prompts import ClassList
@@ -105,18 +106,46 @@ class ImageSource(Protocol):
         ...
 
 
+class PayloadSpans(Mapping[int, tuple[int, int]]):
+    """image id -> (byte offset, length) of its payload in a TSV, held compactly: the offsets and lengths
+    in two int64 arrays (8 bytes each per image), the id -> row dict the only per-image Python entry. A dict
+    of (offset, length) tuples held a tuple and two int objects more per image (~90 bytes)."""
+
+    def __init__(self) -> None:
+        self.row: dict[int, int] = {}
+        self.starts, self.lengths = array("q"), array("q")
+
+    def add(self, image_id: int, start: int, length: int) -> None:
+        self.row[image_id] = len(self.starts)
+        self.starts.append(start)
+        self.lengths.append(length)
+
+    def __getitem__(self, image_id: int) -> tuple[int, int]:
+        row = self.row[image_id]
+        return self.starts[row], self.lengths[row]
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self.row
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.row)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
 class ImageTSV:
     """Random access into a `{split}_imgs.tsv` without holding the images in memory.
 
-    One pass records each image's byte range and hashes the content, so the cache key
-    changes whenever any image (or the id set) changes.
+    One pass records each image's byte range (`offsets`, compact: PayloadSpans) and hashes the content,
+    so the cache key changes whenever any image (or the id set) changes.
     """
 
     def __init__(self, path: str | Path, skips: SkipLog):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"image file not found: {self.path}")
-        self.offsets: dict[int, tuple[int, int]] = {}
+        self.offsets = PayloadSpans()
         digest = hashlib.blake2b(digest_size=16)
         with open(self.path, "rb") as fh:
             offset = 0
@@ -139,7 +168,7 @@ class ImageTSV:
                 if image_id in self.offsets:
                     skips.skip("duplicate image id", where, f"id {image_id} seen before; first kept")
                     continue
-                self.offsets[image_id] = (start + len(key) + 1, len(payload))
+                self.offsets.add(image_id, start + len(key) + 1, len(payload))
                 digest.update(body)
                 digest.update(b"\n")
         self.ids = list(self.offsets)

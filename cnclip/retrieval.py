@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -94,20 +97,78 @@ def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int,
 def recall_at(topk: torch.Tensor, positives: list[set[int]]) -> dict[str, float]:
     """Percent of queries with at least one positive in their top k, for k in 1/5/10; queries
     without positives are left out (they cannot be scored)."""
-    scored = [(row, pos) for row, pos in zip(topk.tolist(), positives) if pos]
+    queries, targets = _positive_pairs(positives)
+    scored = torch.bincount(queries, minlength=topk.shape[0]).to(topk.device) > 0
+    return _recall(_hits(topk, queries, targets), scored)
+
+
+def _positive_pairs(positives: list[set[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, gallery row) of every positive pair, as two int64 tensors: 8 bytes a pair each."""
+    queries, targets = array("q"), array("q")
+    for query, rows in enumerate(positives):
+        for row in rows:
+            queries.append(query)
+            targets.append(row)
+    return _int64(queries), _int64(targets)
+
+
+def _int64(values: array) -> torch.Tensor:
+    """An int64 tensor over the array's own buffer (no copy; the tensor keeps the array alive)."""
+    return torch.from_numpy(np.frombuffer(values, dtype=np.int64))
+
+
+def _hits(topk: torch.Tensor, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """hits[q, j]: whether topk[q, j] is a positive of query q, the positive pairs being (queries[p],
+    targets[p]). One int64 key per pair and per top-k entry: no Python object per query."""
+    queries, targets = queries.to(topk.device), targets.to(topk.device)  # computed where the ranking is
+    width = 1 + max(int(topk.max()) if topk.numel() else 0, int(targets.max()) if targets.numel() else 0)
+    found = topk + torch.arange(topk.shape[0], device=topk.device).unsqueeze(1) * width
+    return torch.isin(found, queries * width + targets)
+
+
+def _recall(hits: torch.Tensor, scored: torch.Tensor) -> dict[str, float]:
+    """R@1/5/10 and their mean over the `scored` queries (a query hits at k if any of its first k does)."""
+    count = int(scored.sum())
     result = {}
     for k in KS:
-        hits = sum(1 for row, pos in scored if pos.intersection(row[:k]))
-        result[f"r{k}"] = 100.0 * hits / len(scored) if scored else 0.0
+        found = int((hits[:, :k].any(1) & scored).sum())
+        result[f"r{k}"] = 100.0 * found / count if count else 0.0
     result["mean_recall"] = sum(result[f"r{k}"] for k in KS) / len(KS)
     return result
 
 
 @dataclass
 class RetrievalResult:
+    """Scores and rankings of one evaluation. The rankings stay tensors (ten int64 rows per query); the
+    prediction rows Chinese-CLIP's tools read are made from them when asked for, a query at a time."""
+
     metrics: dict | None  # None when the split has no labels
-    text_predictions: list[dict]
-    image_predictions: list[dict]
+    t2i: torch.Tensor  # per text: its top-k rows of the image gallery
+    i2t: torch.Tensor  # per image: its top-k rows of the texts
+    text_ids: list[int]
+    image_ids: list[int]
+
+    def iter_text_predictions(self) -> Iterator[dict]:
+        for tid, row in zip(self.text_ids, _rows(self.t2i)):
+            yield {"text_id": tid, "image_ids": [self.image_ids[j] for j in row]}
+
+    def iter_image_predictions(self) -> Iterator[dict]:
+        for iid, row in zip(self.image_ids, _rows(self.i2t)):
+            yield {"image_id": iid, "text_ids": [self.text_ids[j] for j in row]}
+
+    @property
+    def text_predictions(self) -> list[dict]:
+        return list(self.iter_text_predictions())
+
+    @property
+    def image_predictions(self) -> list[dict]:
+        return list(self.iter_image_predictions())
+
+
+def _rows(topk: torch.Tensor, block: int = 4096) -> Iterator[list[int]]:
+    """The ranking's rows as lists, a block of rows brought to the host at a time."""
+    for start in range(0, topk.shape[0], block):
+        yield from topk[start:start + block].tolist()
 
 
 def retrieve(text_emb: torch.Tensor, image_emb: torch.Tensor, text_ids: list[int], image_ids: list[int],
@@ -118,26 +179,22 @@ def retrieve(text_emb: torch.Tensor, image_emb: torch.Tensor, text_ids: list[int
     """
     t2i = topk_indices(text_emb, image_emb, max(KS))
     i2t = topk_indices(image_emb, text_emb, max(KS))
-    text_predictions = [{"text_id": tid, "image_ids": [image_ids[j] for j in row]}
-                        for tid, row in zip(text_ids, t2i.tolist())]
-    image_predictions = [{"image_id": iid, "text_ids": [text_ids[j] for j in row]}
-                         for iid, row in zip(image_ids, i2t.tolist())]
-    if not any(text_positives):
-        return RetrievalResult(None, text_predictions, image_predictions)
-    image_positives: list[set[int]] = [set() for _ in image_ids]
-    for t, rows in enumerate(text_positives):
-        for r in rows:
-            image_positives[r].add(t)
-    t2i_metrics, i2t_metrics = recall_at(t2i, text_positives), recall_at(i2t, image_positives)
+    texts, images = _positive_pairs(text_positives)
+    if not texts.numel():
+        return RetrievalResult(None, t2i, i2t, text_ids, image_ids)
+    scored_texts = torch.bincount(texts, minlength=len(text_ids)).to(t2i.device) > 0
+    scored_images = torch.bincount(images, minlength=len(image_ids)).to(t2i.device) > 0
+    t2i_metrics = _recall(_hits(t2i, texts, images), scored_texts)
+    i2t_metrics = _recall(_hits(i2t, images, texts), scored_images)
     metrics = {
         "text_to_image": t2i_metrics,
         "image_to_text": i2t_metrics,
         # Chinese-CLIP's overall "MR": the mean of all six recalls.
         "mean_recall": (t2i_metrics["mean_recall"] + i2t_metrics["mean_recall"]) / 2,
-        "num_texts": sum(1 for p in text_positives if p),
-        "num_images": sum(1 for p in image_positives if p),
+        "num_texts": int(scored_texts.sum()),
+        "num_images": int(scored_images.sum()),
     }
-    return RetrievalResult(metrics, text_predictions, image_predictions)
+    return RetrievalResult(metrics, t2i, i2t, text_ids, image_ids)
 
 
 def scorable_texts(split: Split, features, skips: SkipLog | None = None) -> list:
@@ -159,7 +216,7 @@ def evaluate_split(clip, tokenizer, split: Split, features, runtime, context_len
                    batch_size: int, skips: SkipLog | None = None) -> RetrievalResult:
     """Score one split against its cached image embeddings (undecodable images are left out)."""
     texts = scorable_texts(split, features, skips)
-    tokens = tokenize(tokenizer, [t.text for t in texts], context_length)
+    tokens = tokenize(tokenizer, [t.text for t in texts], context_length, compact=True)  # widened per batch
     text_emb = embed_texts(clip, tokens, runtime, batch_size)
     image_emb = F.normalize(features.embeddings.to(text_emb.device).float(), dim=-1)
     positives = [{features.row[i] for i in t.image_ids if i in features.row} for t in texts]
@@ -191,8 +248,8 @@ def write_outputs(result: RetrievalResult, out_dir: Path, split: str) -> list[Pa
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, rows in ((f"{split}_predictions.jsonl", result.text_predictions),
-                       (f"{split}_image_predictions.jsonl", result.image_predictions)):
+    for name, rows in ((f"{split}_predictions.jsonl", result.iter_text_predictions()),
+                       (f"{split}_image_predictions.jsonl", result.iter_image_predictions())):
         with atomic_file(out_dir / name, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")

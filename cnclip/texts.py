@@ -14,7 +14,7 @@ from .errors import DataError
 from .skiplog import SkipLog
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no per-record __dict__: a split holds one per caption
 class TextRecord:
     text_id: int
     text: str

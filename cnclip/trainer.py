@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,6 +30,7 @@ from .optim import make_optimizer, warmup_cosine
 from .runtime import Runtime, float32_matmuls, pick_runtime
 from .retrieval import evaluate_split, format_metrics, scorable_texts
 from .faults import crash_point
+from .host_memory import bound_cpu_kernel_cache
 from .determinism import attention_kernels, deterministic_algorithms, seed_step
 from .image_cache import HOST_FLOAT32, EmbeddingLayout, ImageFeatures, bank_layout, split_image_features
 from .atomic import write_json
@@ -60,25 +63,34 @@ class TrainingPairs:
 
 def build_pairs(split: Split, features: ImageFeatures, tokenizer, context_length: int,
                 skips: SkipLog) -> TrainingPairs:
-    text_rows, image_rows = [], []
-    for t, image_id in split.pairs():
-        if image_id in features.row:
-            text_rows.append(t)
-            image_rows.append(features.row[image_id])
-        else:
-            skips.skip("pair with undecodable image", f"{split.images.path} image_id {image_id}",
-                       f"text_id {split.texts[t].text_id}")
+    """The split's pairs as tensors. Built in int64 arrays (8 bytes a pair), never a Python tuple or int
+    per pair: at a million pairs those cost ~100 bytes each, held until the tensors exist."""
+    text_rows, image_rows = array("q"), array("q")
+    for t, rec in enumerate(split.texts):
+        for image_id in rec.image_ids:
+            row = features.row.get(image_id)
+            if row is not None:
+                text_rows.append(t)
+                image_rows.append(row)
+            else:
+                skips.skip("pair with undecodable image", f"{split.images.path} image_id {image_id}",
+                           f"text_id {rec.text_id}")
     if len(text_rows) < 2:
         raise DataError(f"split '{split.name}' has {len(text_rows)} usable image-text pairs; at least 2 are needed")
     string_ids: dict[str, int] = {}
-    keys = [string_ids.setdefault(rec.text, len(string_ids)) for rec in split.texts]
-    text_rows_t = torch.tensor(text_rows)
+    keys = array("q", (string_ids.setdefault(rec.text, len(string_ids)) for rec in split.texts))
+    text_rows_t = _tensor(text_rows)
     return TrainingPairs(
         tokens=tokenize(tokenizer, [rec.text for rec in split.texts], context_length, compact=True),
         text_rows=text_rows_t,
-        image_rows=torch.tensor(image_rows),
-        text_keys=torch.tensor(keys)[text_rows_t],
+        image_rows=_tensor(image_rows),
+        text_keys=_tensor(keys)[text_rows_t],
     )
+
+
+def _tensor(values: array) -> torch.Tensor:
+    """An int64 tensor over the array's own buffer (no copy; the tensor keeps the array alive)."""
+    return torch.from_numpy(np.frombuffer(values, dtype=np.int64))
 
 
 def report_epoch(title: str, metrics: dict) -> None:
@@ -210,6 +222,8 @@ def train(recipe: Recipe) -> dict:
     number of processes.
     """
     runtime = pick_runtime(recipe.train.device, recipe.train.precision)
+    if runtime.device.type == "cpu" and recipe.train.packed_text and not recipe.train.compile:
+        bound_cpu_kernel_cache()  # before any CPU operator: packed batches' new shapes would grow it each step
     owns_group = not distributed.is_distributed()
     distributed.init_distributed(runtime.device)
     try:

@@ -236,4 +236,6 @@ def test_scale_training_stages(scale, tmp_path, monkeypatch):
     assert list(run["stages"]) == ["read_splits", "cache_train", "tokenise_pairs", "cache_valid", "epoch",
                                    "evaluate", "search_index"]
     assert run["steps"] == 4 and run["valid_pairs"] == 16
+    assert run["step_rss_mib_max_first_tenth"] > 100 and run["step_rss_mib_max_last_tenth"] > 100  # torch alone
+    assert all(row["end_rss_mib"] > 100 for row in run["stages"].values())
     assert run["stages"]["cache_train"]["items"] == 64 and run["stages"]["evaluate"]["items"] == 16
