@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import binascii
 import logging
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,3 +229,9 @@ def gather_tokens(tokens: dict[str, torch.Tensor], rows: torch.Tensor, device) -
         torch.index_select(v[:, :length], 0, rows, out=pinned)
         out[k] = pinned.to(device, non_blocking=True).to(torch.int64)  # widened on the device: fewer bytes copied
     return out
+
+
+def int64_tensor(values: array) -> torch.Tensor:
+    """An int64 tensor over an `array("q")`'s own buffer (no copy; the tensor keeps the array alive):
+    indices collected 8 bytes each instead of a Python int each."""
+    return torch.from_numpy(np.frombuffer(values, dtype=np.int64))

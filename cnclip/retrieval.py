@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import Split, gather_tokens, tokenize
+from .data import Split, gather_tokens, int64_tensor, tokenize
 from .skiplog import SkipLog
 from .models import encode_texts
 
@@ -109,12 +108,7 @@ def _positive_pairs(positives: list[set[int]]) -> tuple[torch.Tensor, torch.Tens
         for row in rows:
             queries.append(query)
             targets.append(row)
-    return _int64(queries), _int64(targets)
-
-
-def _int64(values: array) -> torch.Tensor:
-    """An int64 tensor over the array's own buffer (no copy; the tensor keeps the array alive)."""
-    return torch.from_numpy(np.frombuffer(values, dtype=np.int64))
+    return int64_tensor(queries), int64_tensor(targets)
 
 
 def _hits(topk: torch.Tensor, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,7 +23,8 @@ from . import distributed
 from .checkpoint import TRAINABLE, TrainState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
 from .errors import ConfigError, DataError, TrainingDiverged
 from .log_setup import FILE_ONLY, setup_logging
-from .data import ImageTransform, Split, check_context_length, gather_tokens, load_data_split, tokenize
+from .data import (ImageTransform, Split, check_context_length, gather_tokens, int64_tensor, load_data_split,
+                   tokenize)
 from .skiplog import SkipLog
 from .optim import make_optimizer, warmup_cosine
 from .runtime import Runtime, float32_matmuls, pick_runtime
@@ -79,18 +79,13 @@ def build_pairs(split: Split, features: ImageFeatures, tokenizer, context_length
         raise DataError(f"split '{split.name}' has {len(text_rows)} usable image-text pairs; at least 2 are needed")
     string_ids: dict[str, int] = {}
     keys = array("q", (string_ids.setdefault(rec.text, len(string_ids)) for rec in split.texts))
-    text_rows_t = _tensor(text_rows)
+    text_rows_t = int64_tensor(text_rows)
     return TrainingPairs(
         tokens=tokenize(tokenizer, [rec.text for rec in split.texts], context_length, compact=True),
         text_rows=text_rows_t,
-        image_rows=_tensor(image_rows),
-        text_keys=_tensor(keys)[text_rows_t],
+        image_rows=int64_tensor(image_rows),
+        text_keys=int64_tensor(keys)[text_rows_t],
     )
-
-
-def _tensor(values: array) -> torch.Tensor:
-    """An int64 tensor over the array's own buffer (no copy; the tensor keeps the array alive)."""
-    return torch.from_numpy(np.frombuffer(values, dtype=np.int64))
 
 
 def report_epoch(title: str, metrics: dict) -> None:
