@@ -56,10 +56,6 @@ class Split:
     texts: list[TextRecord]
     labelled: bool
 
-    def pairs(self) -> list[tuple[int, int]]:
-        """(text index, image id) for every positive pair: the training examples."""
-        return [(t, image_id) for t, rec in enumerate(self.texts) for image_id in rec.image_ids]
-
 
 def load_split(root: str | Path, split: str, skips: SkipLog, fmt: str = "cnclip", image_column: str = "image",
                text_column: str = "text") -> Split:

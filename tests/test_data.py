@@ -25,7 +25,7 @@ def test_reads_chinese_clip_layout_with_urlsafe_base64(tmp_path):
     split = load_split(tmp_path, "train", skips)
     assert split.images.read(1) == encoded
     assert decode_base64_image(split.images.read(1)).size == (40, 30)
-    assert split.pairs() == [(0, 1), (0, 2)]
+    assert [rec.image_ids for rec in split.texts] == [(1, 2)]
     assert split.labelled and skips.total == 0
 
 
@@ -74,7 +74,7 @@ def test_missing_file_names_it(tmp_path):
 def test_unlabelled_split_is_accepted(tmp_path):
     write_split(tmp_path, "test", {1: image_bytes()}, [{"text_id": 5, "text": "红色", "image_ids": []}])
     split = load_split(tmp_path, "test", SkipLog())
-    assert not split.labelled and split.pairs() == []
+    assert not split.labelled and [rec.image_ids for rec in split.texts] == [()]
 
 
 def test_truncated_image_is_a_clear_error():
