@@ -38,7 +38,7 @@ from cnclip.global_state import torch_threads
 # balanced pick (alpha 0.2) drops colours by 1.4 and lifts recall by 9.4, 52% of plain fine-tuning's gain
 # (sweep, recall / top-1: alpha 0.1 44.5/99.3, 0.3 49.4/98.6, 0.4 51.5/88.9, 0.5 51.8/74.3, 0.75 55.4/29.9).
 # Trained from other random starts (base seeds 1 and 2, 15 and 20 base epochs) the pick kept 22-83% of the
-# gain for a drop of at most 3.5 points, where plain fine-tuning dropped 55-83: the margins leave room for that.
+# gain for a drop of at most 3.5 points, where plain fine-tuning dropped 64-83: the margins leave room for that.
 BASE_ZEROSHOT_MIN = 60.0  # the base really knows colours (6 classes: chance is 16.7)
 MIN_FORGETTING = 30.0  # plain fine-tuning loses at least this much colour zero-shot top-1
 WISE_KEEPS = 0.25  # the picked alpha's drop is at most this fraction of plain fine-tuning's drop
