@@ -22,7 +22,6 @@ N x chunk. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -37,8 +36,10 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # peak_memory, however this file is loaded
 
 from cnclip.loss import clip_loss, false_negative_mask  # noqa: E402
+from peak_memory import PeakMemory  # noqa: E402
 
 
 
@@ -51,41 +52,6 @@ def plain_clip_loss(img, txt, logit_scale, image_keys, text_keys):
     logits_i2t = (scale * img @ txt.t()).masked_fill(same, float("-inf"))
     logits_t2i = (scale * txt @ img.t()).masked_fill(same, float("-inf"))
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class Peak:
-    """The rise of peak memory inside the block: CUDA max allocated, or the RSS high-water mark."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # VmHWM := the current RSS
-            self.start = _status_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.peak = _status_bytes("VmHWM")
-        self.growth = self.peak - self.start
-        return False
 
 
 def measure(n: int, mode: str, device: torch.device, repeats: int, dim: int) -> dict:
@@ -110,7 +76,7 @@ def measure(n: int, mode: str, device: torch.device, repeats: int, dim: int) -> 
         img.grad = txt.grad = scale.grad = None
         return time.perf_counter() - start
 
-    with Peak(device) as peak:
+    with PeakMemory(device) as peak:
         first = run()
     times = [run() for _ in range(repeats - 1)] or [first]
     return {"n": n, "mode": mode, "peak_growth_bytes": peak.growth, "seconds": statistics.median(times)}

@@ -58,7 +58,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # peak_memory, however this file is loaded
 
+from peak_memory import PeakMemory  # noqa: E402
 from cnclip.checkpoint import TrainState  # noqa: E402
 from cnclip.data import gather_tokens  # noqa: E402
 from cnclip.runtime import AUTOCAST_DTYPES, Runtime, float32_matmuls, pick_runtime  # noqa: E402
@@ -132,47 +134,6 @@ def matmul_flops_per_s(runtime: Runtime, small: bool, n: int | None = None) -> d
         sync(device)
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - tic))
     return {"flops_per_s": best, "size": n, "dtype": str(dtype).replace("torch.", "")}
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-class PeakMemory:
-    """Peak memory of a phase as the rise over its start: CUDA max allocated, or RSS high-water mark.
-
-    On Linux the RSS high-water mark (VmHWM) is reset through /proc/self/clear_refs, so the peak
-    is the phase's own; the phase runs in a fresh process (see --probe) so no other phase's freed
-    heap hides its needs.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device) / 2 ** 20
-        else:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # reset VmHWM to the current RSS
-            self.start = _status_mb("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        else:
-            self.peak = _status_mb("VmHWM")
-        self.rise_mb = self.peak - self.start
-        return False
 
 
 def count_flops(fn) -> int:
