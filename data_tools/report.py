@@ -62,6 +62,10 @@ class Tally:
         if example is not None and example in self.examples.get(reason.value, []):
             self.examples[reason.value].remove(example)
 
+    def wants_example(self, reason: Reason) -> bool:
+        """Whether a rejection for `reason` would still be kept as an example (a caller can skip building it)."""
+        return len(self.examples.get(reason.value, ())) < MAX_EXAMPLES
+
     def add_example(self, reason: Reason, example: str) -> None:
         examples = self.examples.setdefault(reason.value, [])
         if len(examples) < MAX_EXAMPLES:

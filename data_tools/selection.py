@@ -12,19 +12,20 @@
 5. split    leak-free groups (shared caption, pHash-and-colour and semantic neighbourhoods) go whole to
             one split (data_tools.split)
 
-Memory: a few small fields per accepted record (hashes, query, caption) and, with --model, its
-image embedding; never the images.
+Memory: a few small fields per accepted record (hashes, query, caption), held in arrays, and, with
+--model, its image embedding; never the images.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from data_tools.cap import CapGroup, cap_groups, pair_priority
@@ -61,18 +62,87 @@ class Selection:
     report: dict[str, Any] = field(default_factory=dict)  # extra report.json sections
 
 
+class _Column(Sequence):
+    """One string or bytes column of every accepted record, kept in Arrow's buffers: a value costs its
+    bytes and an 8-byte offset, where a Python str or bytes object costs 33-74 bytes more. Python
+    objects are made only for the values asked for, a batch at a time (`take`, slices)."""
+
+    def __init__(self, pieces: list[pa.Array], kind: pa.DataType) -> None:
+        # 64-bit offsets: a 100M-record crawl's captions pass 2 GiB
+        self._array = pa.concat_arrays([piece.cast(kind) for piece in pieces]) if pieces else pa.array([], type=kind)
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, number):
+        if isinstance(number, slice):
+            return self._array[number].to_pylist()
+        return self._array[number].as_py()
+
+    def __iter__(self) -> Iterator[Any]:
+        for start in range(0, len(self._array), 65536):
+            yield from self._array[start:start + 65536].to_pylist()
+
+    def take(self, numbers: Sequence[int] | np.ndarray) -> list[Any]:
+        return self._array.take(pa.array(numbers, type=pa.int64())).to_pylist()
+
+
+class _Queries(Sequence):
+    """Each record's query as a code into the distinct queries (4 bytes a record; crawls repeat a query
+    thousands of times)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._code: dict[str, int] = {}
+        self._codes: list[np.ndarray] = []
+        self.codes = np.empty(0, dtype=np.int32)
+
+    def extend(self, column: pa.ChunkedArray) -> None:
+        encoded = column.combine_chunks().dictionary_encode()
+        mapping = np.array([self._code.setdefault(name, len(self._code)) for name in encoded.dictionary.to_pylist()],
+                           dtype=np.int32)
+        self.names = list(self._code)
+        self._codes.append(mapping[encoded.indices.to_numpy(zero_copy_only=False)] if len(mapping) else
+                           np.empty(0, dtype=np.int32))
+
+    def finish(self) -> None:
+        self.codes = np.concatenate(self._codes) if self._codes else np.empty(0, dtype=np.int32)
+        self._codes = []
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, number):
+        if isinstance(number, slice):
+            return [self.names[code] for code in self.codes[number].tolist()]
+        return self.names[self.codes[number]]
+
+    def take(self, numbers: Sequence[int] | np.ndarray) -> list[str]:
+        return np.array(self.names, dtype=object)[self.codes[numbers]].tolist()
+
+    def tolist(self) -> list[str]:
+        """Every record's query: a list of references to the distinct query strings (8 bytes a record)."""
+        return np.array(self.names, dtype=object)[self.codes].tolist()
+
+    def __iter__(self) -> Iterator[str]:
+        names = self.names
+        return (names[code] for code in self.codes.tolist())
+
+
 @dataclass
 class _Records:
-    """The light columns of every accepted record, in input order."""
+    """The light columns of every accepted record, in input order, as arrays: about 190 bytes a record
+    (benchmarks/scale.py's captions), where a Python object per value took about 450 at 1M records
+    (tests/test_scale_costs.py bounds it)."""
 
-    shard: list[int] = field(default_factory=list)
-    row: list[int] = field(default_factory=list)
-    location: list[str] = field(default_factory=list)
-    query: list[str] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    sha: list[bytes] = field(default_factory=list)
-    phash: list[int] = field(default_factory=list)
-    colour: list[bytes] = field(default_factory=list)
+    shard: np.ndarray  # int32: the record's shard file
+    row: np.ndarray  # int32: its row there
+    location: _Column
+    query: _Queries
+    text: _Column
+    sha: _Column
+    phash: np.ndarray  # uint64
+    colour: _Column
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -96,7 +166,10 @@ def select(shard_paths: list[Path], shard_files: list[str], work_identity: str, 
         }
 
     members, reasons = _group(records, passed, embeddings, config.dedup)
-    groups = [CapGroup(pair_priority(seed, records.sha[m[0]]), tuple(records.query[i] for i in m)) for m in members]
+    query_of = records.query.tolist()
+    groups = [CapGroup(pair_priority(seed, sha), tuple(query_of[i] for i in m))
+              for m, sha in zip(members, records.sha.take([m[0] for m in members]))]
+    del query_of
     chosen = cap_groups(groups, per_query_cap)
     fate: list[Reason | None] = [Reason.LOW_SIMILARITY] * len(records)
     kept_copy: dict[int, int] = {}  # a dropped duplicate -> the copy of its group that is kept
@@ -106,7 +179,7 @@ def select(shard_paths: list[Path], shard_files: list[str], work_identity: str, 
         for position, number in enumerate(group):
             if position == keep:
                 fate[number] = KEPT
-            elif records.query[number] in refused:
+            elif groups[g].queries[position] in refused:
                 fate[number] = Reason.QUERY_CAP  # the representative, when not kept, is always here
             else:
                 fate[number] = reasons[number]
@@ -115,31 +188,32 @@ def select(shard_paths: list[Path], shard_files: list[str], work_identity: str, 
 
     selection = Selection({}, {name: 0 for name, fraction in splits if fraction > 0}, report)
     split_of = _leak_free_splits(records, kept, embeddings, config.split, splits, seed, report)
-    for pair_id, (number, split) in enumerate(zip(kept, split_of), start=1):
+    rows = zip(kept, records.shard[kept].tolist(), records.row[kept].tolist(), split_of)
+    for pair_id, (number, shard, row, split) in enumerate(rows, start=1):
         similarity = float(embeddings.similarity[number]) if embeddings is not None else None
-        selection.plan.setdefault(records.shard[number], []).append(Choice(records.row[number], split, pair_id, similarity))
+        selection.plan.setdefault(shard, []).append(Choice(row, split, pair_id, similarity))
         selection.split_counts[split] += 1
     return selection
 
 
 def _read_records(shard_paths: list[Path], progress: bool) -> tuple[_Records, list[int]]:
-    records = _Records()
-    queries: dict[str, str] = {}  # one string object per distinct query
-    counts = []
-    for index, path in enumerate(tqdm(shard_paths, desc="dedup", unit="shard", file=sys.stderr, disable=not progress)):
-        columns = read_light(path)
-        counts.append(len(columns["sha"]))
-        for row, (location, query, text, sha, phash, colour) in enumerate(zip(
-                columns["location"], columns["query"], columns["text"], columns["sha"], columns["phash"],
-                columns["colour"])):
-            records.shard.append(index)
-            records.row.append(row)
-            records.location.append(location)
-            records.query.append(queries.setdefault(query, query))
-            records.text.append(text)
-            records.sha.append(sha)
-            records.phash.append(phash)
-            records.colour.append(colour)
+    columns: dict[str, list[pa.Array]] = {"location": [], "text": [], "sha": [], "colour": []}
+    queries, phashes, counts = _Queries(), [], []
+    for path in tqdm(shard_paths, desc="dedup", unit="shard", file=sys.stderr, disable=not progress):
+        table = read_light(path)
+        counts.append(table.num_rows)
+        for name, pieces in columns.items():
+            pieces.append(table.column(name).combine_chunks())
+        queries.extend(table.column("query"))
+        phashes.append(table.column("phash").to_numpy())
+    queries.finish()
+    records = _Records(
+        shard=np.repeat(np.arange(len(counts), dtype=np.int32), counts),
+        row=np.concatenate([np.arange(count, dtype=np.int32) for count in counts]) if counts else np.empty(0, np.int32),
+        location=_Column(columns["location"], pa.large_string()), query=queries,
+        text=_Column(columns["text"], pa.large_string()), sha=_Column(columns["sha"], pa.large_binary()),
+        phash=np.concatenate(phashes).astype(np.uint64) if phashes else np.empty(0, np.uint64),
+        colour=_Column(columns["colour"], pa.large_binary()))
     return records, counts
 
 
@@ -155,10 +229,10 @@ def _group(records: _Records, passed: np.ndarray, embeddings: Embeddings | None,
     numbers = np.flatnonzero(passed).tolist()
     for start in range(0, len(numbers), DEDUP_BATCH):
         batch = numbers[start:start + DEDUP_BATCH]
-        duplicates = dedup.check_many(batch, [records.sha[n] for n in batch], [records.phash[n] for n in batch],
-                                      [records.query[n] for n in batch], [records.text[n] for n in batch],
+        duplicates = dedup.check_many(batch, records.sha.take(batch), records.phash[batch].tolist(),
+                                      records.query.take(batch), records.text.take(batch),
                                       embeddings.images[batch] if embeddings is not None else None,
-                                      [records.colour[n] for n in batch])
+                                      records.colour.take(batch))
         for number, duplicate in zip(batch, duplicates):
             if duplicate is None:
                 group_of[number] = len(members)
@@ -174,18 +248,19 @@ def _account(records: _Records, fate: list[Reason | None], kept_copy: dict[int, 
     """Count every record's fate in input order (so the examples are the first ones); returns the kept."""
     kept = []
     capped: dict[str, int] = {}
-    for number, reason in enumerate(fate):
-        file, query = shard_files[records.shard[number]], records.query[number]
+    files = [shard_files[shard] for shard in records.shard.tolist()]
+    for number, (reason, file, query) in enumerate(zip(fate, files, records.query.tolist())):
         if reason is KEPT:
             tally.add_kept(file, query)
             kept.append(number)
             continue
-        example: str | None = records.location[number]
-        if number in kept_copy:
-            example = f"{example}: repeats {records.location[kept_copy[number]]}"
-        elif reason is Reason.QUERY_CAP:
+        example = None
+        if reason is Reason.QUERY_CAP:
             capped[query] = capped.get(query, 0) + 1
-            example = None
+        elif tally.wants_example(reason):  # locations are looked up for the few examples a report shows
+            example = records.location[number]
+            if number in kept_copy:
+                example = f"{example}: repeats {records.location[kept_copy[number]]}"
         tally.add_rejected(file, query, reason, example)
     for query, count in capped.items():
         tally.add_example(Reason.QUERY_CAP, f"query {query!r}: {count} pairs over the cap of {cap}")
@@ -198,9 +273,8 @@ def _leak_free_splits(records: _Records, kept: list[int], embeddings: Embeddings
     semantic_pairs: Iterable[tuple[np.ndarray, np.ndarray]] = ()
     if embeddings is not None and split_config.semantic_threshold is not None and kept:
         semantic_pairs = similar_pairs(embeddings.images[kept], split_config.semantic_threshold)
-    groups = leak_free_groups([records.text[n] for n in kept], np.array([records.phash[n] for n in kept], dtype=np.uint64),
-                              split_config.phash_max_distance, semantic_pairs,
-                              colours=colour_array([records.colour[n] for n in kept]),
+    groups = leak_free_groups(records.text.take(kept), records.phash[kept], split_config.phash_max_distance,
+                              semantic_pairs, colours=colour_array(records.colour.take(kept)),
                               colour_max_distance=split_config.colour_max_distance)
     roots = [groups.find(i) for i in range(len(kept))]
     sizes: dict[int, int] = {}
@@ -208,4 +282,5 @@ def _leak_free_splits(records: _Records, kept: list[int], embeddings: Embeddings
         sizes[root] = sizes.get(root, 0) + 1
     report["split_groups"] = {"groups": len(sizes), "largest": max(sizes.values(), default=0),
                               "pairs_in_shared_groups": sum(n for n in sizes.values() if n > 1)}
-    return [assign_split(records.sha[kept[root]], splits, seed) for root in roots]
+    shas = records.sha.take(kept)
+    return [assign_split(shas[root], splits, seed) for root in roots]

@@ -290,9 +290,9 @@ def read_retryable(path: Path) -> list[dict[str, Any]]:
     return json.loads(pq.read_schema(path).metadata[_RETRY_KEY])
 
 
-def read_light(path: Path) -> dict[str, list[Any]]:
+def read_light(path: Path) -> pa.Table:
     """The columns dedup and the cap need; images stay on disk."""
-    return pq.read_table(path, columns=LIGHT_COLUMNS).to_pydict()
+    return pq.read_table(path, columns=LIGHT_COLUMNS)
 
 
 def read_rows(path: Path, rows: list[int]) -> list[dict[str, Any]]:
