@@ -62,6 +62,20 @@ class Tally:
         if example is not None and example in self.examples.get(reason.value, []):
             self.examples[reason.value].remove(example)
 
+    def add_counts(self, file: str, kept: int, rejected: dict[Reason, int]) -> None:
+        """add_kept and add_rejected (without examples) for many of one file's records at once; queries
+        are counted by add_query_counts."""
+        counts = self._file(file)
+        counts["kept"] += kept
+        for reason, n in rejected.items():
+            counts["rejected"][reason.value] = counts["rejected"].get(reason.value, 0) + n
+
+    def add_query_counts(self, query: str, kept: int, rejected: int, capped: int) -> None:
+        counts = self._query(query)
+        counts["kept"] += kept
+        counts["rejected"] += rejected
+        counts["capped"] += capped
+
     def wants_example(self, reason: Reason) -> bool:
         """Whether a rejection for `reason` would still be kept as an example (a caller can skip building it)."""
         return len(self.examples.get(reason.value, ())) < MAX_EXAMPLES

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from data_tools.cap import CapGroup, cap_groups, pair_priority
 from data_tools.dedup import DEDUP_BATCH, Deduplicator
 from data_tools.records import Reason
-from data_tools.report import Tally
+from data_tools.report import MAX_EXAMPLES, Tally
 from data_tools.scoring import (
     Embeddings,
     ScoringOptions,
@@ -44,7 +44,8 @@ from data_tools.semantic import SemanticIndex, similar_pairs
 from data_tools.shards import read_light
 from data_tools.split import assign_split, colour_array, leak_free_groups
 
-KEPT = None
+_FATES = (None, *Reason)  # a record's fate as a small integer: its index here (0: kept)
+_KEPT, _QUERY_CAP = 0, _FATES.index(Reason.QUERY_CAP)
 
 
 @dataclass(frozen=True)
@@ -171,24 +172,24 @@ def select(shard_paths: list[Path], shard_files: list[str], work_identity: str, 
               for m, sha in zip(members, records.sha.take([m[0] for m in members]))]
     del query_of
     chosen = cap_groups(groups, per_query_cap)
-    fate: list[Reason | None] = [Reason.LOW_SIMILARITY] * len(records)
+    fate = np.full(len(records), _FATES.index(Reason.LOW_SIMILARITY), dtype=np.int8)
     kept_copy: dict[int, int] = {}  # a dropped duplicate -> the copy of its group that is kept
     for g, group in enumerate(members):
         keep = chosen.get(g)
         refused = {groups[g].queries[p] for p in range(len(group) if keep is None else keep)}
         for position, number in enumerate(group):
             if position == keep:
-                fate[number] = KEPT
+                fate[number] = _KEPT
             elif groups[g].queries[position] in refused:
-                fate[number] = Reason.QUERY_CAP  # the representative, when not kept, is always here
+                fate[number] = _QUERY_CAP  # the representative, when not kept, is always here
             else:
-                fate[number] = reasons[number]
+                fate[number] = _FATES.index(reasons[number])
                 kept_copy[number] = group[keep]
     kept = _account(records, fate, kept_copy, shard_files, tally, per_query_cap)
 
     selection = Selection({}, {name: 0 for name, fraction in splits if fraction > 0}, report)
     split_of = _leak_free_splits(records, kept, embeddings, config.split, splits, seed, report)
-    rows = zip(kept, records.shard[kept].tolist(), records.row[kept].tolist(), split_of)
+    rows = zip(kept.tolist(), records.shard[kept].tolist(), records.row[kept].tolist(), split_of)
     for pair_id, (number, shard, row, split) in enumerate(rows, start=1):
         similarity = float(embeddings.similarity[number]) if embeddings is not None else None
         selection.plan.setdefault(shard, []).append(Choice(row, split, pair_id, similarity))
@@ -243,35 +244,44 @@ def _group(records: _Records, passed: np.ndarray, embeddings: Embeddings | None,
     return members, reasons
 
 
-def _account(records: _Records, fate: list[Reason | None], kept_copy: dict[int, int], shard_files: list[str],
-             tally: Tally, cap: int) -> list[int]:
-    """Count every record's fate in input order (so the examples are the first ones); returns the kept."""
-    kept = []
-    capped: dict[str, int] = {}
-    files = [shard_files[shard] for shard in records.shard.tolist()]
-    for number, (reason, file, query) in enumerate(zip(fate, files, records.query.tolist())):
-        if reason is KEPT:
-            tally.add_kept(file, query)
-            kept.append(number)
+def _account(records: _Records, fate: np.ndarray, kept_copy: dict[int, int], shard_files: list[str], tally: Tally,
+             cap: int) -> np.ndarray:
+    """Count every record's fate (`fate`: indices into _FATES) per file and per query, with the first
+    examples of each reason in input order; returns the kept record numbers. Counted with bincount, not
+    a Python step per record."""
+    files = list(dict.fromkeys(shard_files))
+    file_of = np.array([files.index(name) for name in shard_files], dtype=np.int64)[records.shard]
+    per_file = np.bincount(file_of * len(_FATES) + fate, minlength=len(files) * len(_FATES)).reshape(len(files), len(_FATES))
+    for file, counts in zip(files, per_file.tolist()):
+        tally.add_counts(file, counts[_KEPT], {_FATES[f]: n for f, n in enumerate(counts) if f != _KEPT and n})
+    query_of, names = records.query.codes, records.query.names
+    kept_q, rejected_q, capped_q = (np.bincount(query_of[mask], minlength=len(names)).tolist()
+                                    for mask in (fate == _KEPT, fate != _KEPT, fate == _QUERY_CAP))
+    for name, kept_n, rejected_n, capped_n in zip(names, kept_q, rejected_q, capped_q):
+        if kept_n or rejected_n:
+            tally.add_query_counts(name, kept_n, rejected_n, capped_n)
+    for f in np.unique(fate).tolist():
+        if f in (_KEPT, _QUERY_CAP):
             continue
-        example = None
-        if reason is Reason.QUERY_CAP:
-            capped[query] = capped.get(query, 0) + 1
-        elif tally.wants_example(reason):  # locations are looked up for the few examples a report shows
+        for number in np.flatnonzero(fate == f)[:MAX_EXAMPLES].tolist():
+            if not tally.wants_example(_FATES[f]):
+                break
             example = records.location[number]
             if number in kept_copy:
                 example = f"{example}: repeats {records.location[kept_copy[number]]}"
-        tally.add_rejected(file, query, reason, example)
-    for query, count in capped.items():
-        tally.add_example(Reason.QUERY_CAP, f"query {query!r}: {count} pairs over the cap of {cap}")
-    return kept
+            tally.add_example(_FATES[f], example)
+    capped = np.flatnonzero(fate == _QUERY_CAP)
+    codes, first = np.unique(query_of[capped], return_index=True)
+    for code in codes[np.argsort(first)][:MAX_EXAMPLES].tolist():  # queries in the order they were first capped
+        tally.add_example(Reason.QUERY_CAP, f"query {names[code]!r}: {capped_q[code]} pairs over the cap of {cap}")
+    return np.flatnonzero(fate == _KEPT)
 
 
-def _leak_free_splits(records: _Records, kept: list[int], embeddings: Embeddings | None, split_config, splits, seed: int,
+def _leak_free_splits(records: _Records, kept: np.ndarray, embeddings: Embeddings | None, split_config, splits, seed: int,
                       report: dict[str, Any]) -> list[str]:
     """The split of each kept record: its leak-free group's, decided by the group's first image."""
     semantic_pairs: Iterable[tuple[np.ndarray, np.ndarray]] = ()
-    if embeddings is not None and split_config.semantic_threshold is not None and kept:
+    if embeddings is not None and split_config.semantic_threshold is not None and len(kept):
         semantic_pairs = similar_pairs(embeddings.images[kept], split_config.semantic_threshold)
     groups = leak_free_groups(records.text.take(kept), records.phash[kept], split_config.phash_max_distance,
                               semantic_pairs, colours=colour_array(records.colour.take(kept)),
