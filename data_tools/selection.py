@@ -95,39 +95,40 @@ class _Queries(Sequence):
     def __init__(self) -> None:
         self.names: list[str] = []
         self._code: dict[str, int] = {}
-        self._codes: list[np.ndarray] = []
+        self._pieces: list[np.ndarray] = []
         self.codes = np.empty(0, dtype=np.int32)
+        self._objects = np.empty(0, dtype=object)  # the names, indexable by an array of codes
 
     def extend(self, column: pa.ChunkedArray) -> None:
         encoded = column.combine_chunks().dictionary_encode()
         mapping = np.array([self._code.setdefault(name, len(self._code)) for name in encoded.dictionary.to_pylist()],
                            dtype=np.int32)
-        self.names = list(self._code)
-        self._codes.append(mapping[encoded.indices.to_numpy(zero_copy_only=False)] if len(mapping) else
-                           np.empty(0, dtype=np.int32))
+        self._pieces.append(mapping[encoded.indices.to_numpy(zero_copy_only=False)] if len(mapping) else
+                            np.empty(0, dtype=np.int32))
 
     def finish(self) -> None:
-        self.codes = np.concatenate(self._codes) if self._codes else np.empty(0, dtype=np.int32)
-        self._codes = []
+        self.names = list(self._code)
+        self._objects = np.array(self.names, dtype=object)
+        self.codes = np.concatenate(self._pieces) if self._pieces else np.empty(0, dtype=np.int32)
+        self._pieces = []
 
     def __len__(self) -> int:
         return len(self.codes)
 
     def __getitem__(self, number):
         if isinstance(number, slice):
-            return [self.names[code] for code in self.codes[number].tolist()]
+            return self._objects[self.codes[number]].tolist()
         return self.names[self.codes[number]]
 
     def take(self, numbers: Sequence[int] | np.ndarray) -> list[str]:
-        return np.array(self.names, dtype=object)[self.codes[numbers]].tolist()
+        return self._objects[self.codes[numbers]].tolist()
 
     def tolist(self) -> list[str]:
         """Every record's query: a list of references to the distinct query strings (8 bytes a record)."""
-        return np.array(self.names, dtype=object)[self.codes].tolist()
+        return self._objects[self.codes].tolist()
 
     def __iter__(self) -> Iterator[str]:
-        names = self.names
-        return (names[code] for code in self.codes.tolist())
+        return iter(self.tolist())
 
 
 @dataclass
