@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from data_tools.cap import CapGroup, cap_groups, pair_priority
+from data_tools.cap import CapGroups, cap_groups, pair_priority
 from data_tools.dedup import DEDUP_BATCH, Deduplicator
 from data_tools.records import Reason
 from data_tools.report import MAX_EXAMPLES, Tally
@@ -45,7 +45,8 @@ from data_tools.shards import read_light
 from data_tools.split import assign_split, colour_array, leak_free_groups
 
 _FATES = (None, *Reason)  # a record's fate as a small integer: its index here (0: kept)
-_KEPT, _QUERY_CAP = 0, _FATES.index(Reason.QUERY_CAP)
+_FATE_CODE = {fate: code for code, fate in enumerate(_FATES)}
+_KEPT, _QUERY_CAP, _LOW_SIMILARITY = 0, _FATE_CODE[Reason.QUERY_CAP], _FATE_CODE[Reason.LOW_SIMILARITY]
 
 
 @dataclass(frozen=True)
@@ -167,25 +168,11 @@ def select(shard_paths: list[Path], shard_files: list[str], work_identity: str, 
             "histogram": histogram(embeddings.similarity),
         }
 
-    members, reasons = _group(records, passed, embeddings, config.dedup)
-    query_of = records.query.tolist()
-    groups = [CapGroup(pair_priority(seed, sha), tuple(query_of[i] for i in m))
-              for m, sha in zip(members, records.sha.take([m[0] for m in members]))]
-    del query_of
-    chosen = cap_groups(groups, per_query_cap)
-    fate = np.full(len(records), _FATES.index(Reason.LOW_SIMILARITY), dtype=np.int8)
-    kept_copy: dict[int, int] = {}  # a dropped duplicate -> the copy of its group that is kept
-    for g, group in enumerate(members):
-        keep = chosen.get(g)
-        refused = {groups[g].queries[p] for p in range(len(group) if keep is None else keep)}
-        for position, number in enumerate(group):
-            if position == keep:
-                fate[number] = _KEPT
-            elif groups[g].queries[position] in refused:
-                fate[number] = _QUERY_CAP  # the representative, when not kept, is always here
-            else:
-                fate[number] = _FATES.index(reasons[number])
-                kept_copy[number] = group[keep]
+    group_of, duplicate_reason = _group(records, passed, embeddings, config.dedup)
+    groups, members = _cap_groups(records, group_of, seed)
+    keep = cap_groups(groups, per_query_cap)
+    fate, kept_copy = _fates(groups, members, keep, duplicate_reason, len(records))
+    del group_of, duplicate_reason, groups, members, keep
     kept = _account(records, fate, kept_copy, shard_files, tally, per_query_cap)
 
     selection = Selection({}, {name: 0 for name, fraction in splits if fraction > 0}, report)
@@ -219,15 +206,17 @@ def _read_records(shard_paths: list[Path], progress: bool) -> tuple[_Records, li
     return records, counts
 
 
-def _group(records: _Records, passed: np.ndarray, embeddings: Embeddings | None, dedup_config):
-    """Duplicate groups (record numbers, representative first) and each member's duplicate reason."""
+def _group(records: _Records, passed: np.ndarray, embeddings: Embeddings | None, dedup_config) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's duplicate group (-1: it did not pass scoring; groups are numbered in the order of
+    their representatives, the first record of each) and, for the other members, the duplicate reason
+    (a _FATES code)."""
     semantic = None
     if embeddings is not None and dedup_config.semantic_threshold is not None:
         semantic = SemanticIndex(embeddings.images.shape[1], dedup_config.semantic_threshold)
     dedup = Deduplicator(dedup_config.phash_max_distance, semantic, dedup_config.colour_max_distance)
-    group_of: dict[int, int] = {}  # representative -> group index
-    members: list[list[int]] = []
-    reasons: dict[int, Reason] = {}
+    group_of = np.full(len(records), -1, dtype=np.int64)
+    reason = np.zeros(len(records), dtype=np.int8)
+    groups = 0
     numbers = np.flatnonzero(passed).tolist()
     for start in range(0, len(numbers), DEDUP_BATCH):
         batch = numbers[start:start + DEDUP_BATCH]
@@ -237,15 +226,50 @@ def _group(records: _Records, passed: np.ndarray, embeddings: Embeddings | None,
                                       records.colour.take(batch))
         for number, duplicate in zip(batch, duplicates):
             if duplicate is None:
-                group_of[number] = len(members)
-                members.append([number])
+                group_of[number] = groups
+                groups += 1
             else:
-                members[group_of[duplicate.of]].append(number)
-                reasons[number] = duplicate.reason
-    return members, reasons
+                group_of[number] = group_of[duplicate.of]
+                reason[number] = _FATE_CODE[duplicate.reason]
+    return group_of, reason
 
 
-def _account(records: _Records, fate: np.ndarray, kept_copy: dict[int, int], shard_files: list[str], tally: Tally,
+def _cap_groups(records: _Records, group_of: np.ndarray, seed: int) -> tuple[CapGroups, np.ndarray]:
+    """The groups as the cap needs them (each member's query, the representative's rank) and their
+    members' record numbers in the same order: group after group, each group's in input order."""
+    members = np.flatnonzero(group_of >= 0)
+    members = members[np.argsort(group_of[members], kind="stable")]
+    starts = np.searchsorted(group_of[members], np.arange(int(group_of.max(initial=-1)) + 2))
+    representatives = members[starts[:-1]]
+    priority = np.empty(len(representatives), dtype=np.uint64)
+    for lo in range(0, len(representatives), 65536):  # a batch of image digests as bytes objects at a time
+        shas = records.sha.take(representatives[lo:lo + 65536])
+        priority[lo:lo + len(shas)] = [pair_priority(seed, sha) for sha in shas]
+    return CapGroups(priority, records.query.codes[members].astype(np.int64), starts), members
+
+
+def _fates(groups: CapGroups, members: np.ndarray, keep: np.ndarray, duplicate_reason: np.ndarray,
+           n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every record's fate (a _FATES code) and, for a duplicate dropped in favour of its group's kept
+    copy, that copy's record number (-1 elsewhere). In a group the cap kept through member k, the
+    members before k were refused by their queries, so every member sharing one of those queries is
+    `query_cap` (the representative, when not kept, always is); the others are duplicates of the kept
+    copy. A group the cap dropped is `query_cap` throughout. Records that never reached dedup keep
+    `low_similarity`."""
+    group, position, first_position = groups.layout()
+    kept_at = keep[group]
+    limit = np.where(kept_at >= 0, kept_at, np.diff(groups.starts)[group])  # the positions that refused the group
+    refused = first_position < limit  # the member's query is one of theirs
+    kept = position == kept_at
+    fate = np.full(n, _LOW_SIMILARITY, dtype=np.int8)
+    fate[members] = np.where(kept, _KEPT, np.where(refused, _QUERY_CAP, duplicate_reason[members]))
+    kept_copy = np.full(n, -1, dtype=np.int64)
+    duplicate = ~kept & ~refused
+    kept_copy[members[duplicate]] = members[groups.starts[group[duplicate]] + kept_at[duplicate]]
+    return fate, kept_copy
+
+
+def _account(records: _Records, fate: np.ndarray, kept_copy: np.ndarray, shard_files: list[str], tally: Tally,
              cap: int) -> np.ndarray:
     """Count every record's fate (`fate`: indices into _FATES) per file and per query, with the first
     examples of each reason in input order; returns the kept record numbers. Counted with bincount, not
@@ -268,8 +292,8 @@ def _account(records: _Records, fate: np.ndarray, kept_copy: dict[int, int], sha
             if not tally.wants_example(_FATES[f]):
                 break
             example = records.location[number]
-            if number in kept_copy:
-                example = f"{example}: repeats {records.location[kept_copy[number]]}"
+            if kept_copy[number] >= 0:
+                example = f"{example}: repeats {records.location[int(kept_copy[number])]}"
             tally.add_example(_FATES[f], example)
     capped = np.flatnonzero(fate == _QUERY_CAP)
     codes, first = np.unique(query_of[capped], return_index=True)
