@@ -109,11 +109,11 @@ def cap_groups(groups: CapGroups, cap: int) -> np.ndarray:
         g = waiting.popleft()
         if cursor[g] == offers[g + 1]:
             continue  # every query that found it is full of pictures ranked above it: capped
-        offer = int(cursor[g])
+        at = int(cursor[g])  # its next proposal
         cursor[g] += 1
-        heap = heap_of(int(offer_query[offer]))
+        heap = heap_of(int(offer_query[at]))
         entry = (-int(groups.priority[g]), -g)
-        keep[g] = offer_position[offer]
+        keep[g] = offer_position[at]
         if len(heap) < cap:
             heapq.heappush(heap, entry)
             continue
