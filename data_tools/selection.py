@@ -274,8 +274,9 @@ def _account(records: _Records, fate: np.ndarray, kept_copy: np.ndarray, shard_f
     """Count every record's fate (`fate`: indices into _FATES) per file and per query, with the first
     examples of each reason in input order; returns the kept record numbers. Counted with bincount, not
     a Python step per record."""
-    files = list(dict.fromkeys(shard_files))
-    file_of = np.array([files.index(name) for name in shard_files], dtype=np.int64)[records.shard]
+    code = {name: at for at, name in enumerate(dict.fromkeys(shard_files))}  # input files, in input order
+    files = list(code)
+    file_of = np.array([code[name] for name in shard_files], dtype=np.int64)[records.shard]
     per_file = np.bincount(file_of * len(_FATES) + fate, minlength=len(files) * len(_FATES)).reshape(len(files), len(_FATES))
     for file, counts in zip(files, per_file.tolist()):
         tally.add_counts(file, counts[_KEPT], {_FATES[f]: n for f, n in enumerate(counts) if f != _KEPT and n})
