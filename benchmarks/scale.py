@@ -265,7 +265,7 @@ def write_crawl(path: Path, n: int, seed: int, with_images: bool) -> None:
 def _wrap_global_stages(clock: StageClock) -> None:
     from data_tools import selection
 
-    for name, label in (("_read_records", "read"), ("_group", "dedup"), ("cap_groups", "cap"),
+    for name, label in (("read_accepted", "read"), ("_group", "dedup"), ("cap_groups", "cap"),
                         ("_account", "account"), ("_leak_free_splits", "split")):
         clock.wrap(selection, name, label)
 

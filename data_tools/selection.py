@@ -18,16 +18,14 @@ Memory: a few small fields per accepted record (hashes, query, caption), held in
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-from tqdm import tqdm
 
+from data_tools.accepted import AcceptedRecords, read_accepted
 from data_tools.cap import CapGroups, cap_groups, pair_priority
 from data_tools.dedup import DEDUP_BATCH, Deduplicator
 from data_tools.records import Reason
@@ -41,7 +39,6 @@ from data_tools.scoring import (
     select_by_similarity,
 )
 from data_tools.semantic import SemanticIndex, similar_pairs
-from data_tools.shards import read_light
 from data_tools.split import assign_split, colour_array, leak_free_groups
 
 _FATES = (None, *Reason)  # a record's fate as a small integer: its index here (0: kept)
@@ -64,96 +61,9 @@ class Selection:
     report: dict[str, Any] = field(default_factory=dict)  # extra report.json sections
 
 
-class _Column(Sequence):
-    """One string or bytes column of every accepted record, kept in Arrow's buffers: a value costs its
-    bytes and an 8-byte offset, where a Python str or bytes object costs 33-74 bytes more. Python
-    objects are made only for the values asked for, a batch at a time (`take`, slices)."""
-
-    def __init__(self, pieces: list[pa.Array], kind: pa.DataType) -> None:
-        # 64-bit offsets: a 100M-record crawl's captions pass 2 GiB
-        self._array = pa.concat_arrays([piece.cast(kind) for piece in pieces]) if pieces else pa.array([], type=kind)
-
-    def __len__(self) -> int:
-        return len(self._array)
-
-    def __getitem__(self, number):
-        if isinstance(number, slice):
-            return self._array[number].to_pylist()
-        return self._array[number].as_py()
-
-    def __iter__(self) -> Iterator[Any]:
-        for start in range(0, len(self._array), 65536):
-            yield from self._array[start:start + 65536].to_pylist()
-
-    def take(self, numbers: Sequence[int] | np.ndarray) -> list[Any]:
-        return self._array.take(pa.array(numbers, type=pa.int64())).to_pylist()
-
-
-class _Queries(Sequence):
-    """Each record's query as a code into the distinct queries (4 bytes a record; crawls repeat a query
-    thousands of times)."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self._code: dict[str, int] = {}
-        self._pieces: list[np.ndarray] = []
-        self.codes = np.empty(0, dtype=np.int32)
-        self._objects = np.empty(0, dtype=object)  # the names, indexable by an array of codes
-
-    def extend(self, column: pa.ChunkedArray) -> None:
-        encoded = column.combine_chunks().dictionary_encode()
-        mapping = np.array([self._code.setdefault(name, len(self._code)) for name in encoded.dictionary.to_pylist()],
-                           dtype=np.int32)
-        self._pieces.append(mapping[encoded.indices.to_numpy(zero_copy_only=False)] if len(mapping) else
-                            np.empty(0, dtype=np.int32))
-
-    def finish(self) -> None:
-        self.names = list(self._code)
-        self._objects = np.array(self.names, dtype=object)
-        self.codes = np.concatenate(self._pieces) if self._pieces else np.empty(0, dtype=np.int32)
-        self._pieces = []
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-    def __getitem__(self, number):
-        if isinstance(number, slice):
-            return self._objects[self.codes[number]].tolist()
-        return self.names[self.codes[number]]
-
-    def take(self, numbers: Sequence[int] | np.ndarray) -> list[str]:
-        return self._objects[self.codes[numbers]].tolist()
-
-    def tolist(self) -> list[str]:
-        """Every record's query: a list of references to the distinct query strings (8 bytes a record)."""
-        return self._objects[self.codes].tolist()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tolist())
-
-
-@dataclass
-class _Records:
-    """The light columns of every accepted record, in input order, as arrays: about 190 bytes a record
-    (benchmarks/scale.py's captions), where a Python object per value took about 450 at 1M records
-    (tests/test_scale_costs.py bounds it)."""
-
-    shard: np.ndarray  # int32: the record's shard file
-    row: np.ndarray  # int32: its row there
-    location: _Column
-    query: _Queries
-    text: _Column
-    sha: _Column
-    phash: np.ndarray  # uint64
-    colour: _Column
-
-    def __len__(self) -> int:
-        return len(self.shard)
-
-
 def select(shard_paths: list[Path], shard_files: list[str], work_identity: str, *, config, splits, seed: int,
            per_query_cap: int, scoring: ScoringOptions | None, tally: Tally, progress: bool) -> Selection:
-    records, counts = _read_records(shard_paths, progress)
+    records, counts = read_accepted(shard_paths, progress)
     report: dict[str, Any] = {}
     embeddings: Embeddings | None = None
     passed = np.ones(len(records), dtype=bool)
@@ -185,28 +95,7 @@ def select(shard_paths: list[Path], shard_files: list[str], work_identity: str, 
     return selection
 
 
-def _read_records(shard_paths: list[Path], progress: bool) -> tuple[_Records, list[int]]:
-    columns: dict[str, list[pa.Array]] = {"location": [], "text": [], "sha": [], "colour": []}
-    queries, phashes, counts = _Queries(), [], []
-    for path in tqdm(shard_paths, desc="dedup", unit="shard", file=sys.stderr, disable=not progress):
-        table = read_light(path)
-        counts.append(table.num_rows)
-        for name, pieces in columns.items():
-            pieces.append(table.column(name).combine_chunks())
-        queries.extend(table.column("query"))
-        phashes.append(table.column("phash").to_numpy())
-    queries.finish()
-    records = _Records(
-        shard=np.repeat(np.arange(len(counts), dtype=np.int32), counts),
-        row=np.concatenate([np.arange(count, dtype=np.int32) for count in counts]) if counts else np.empty(0, np.int32),
-        location=_Column(columns["location"], pa.large_string()), query=queries,
-        text=_Column(columns["text"], pa.large_string()), sha=_Column(columns["sha"], pa.large_binary()),
-        phash=np.concatenate(phashes).astype(np.uint64) if phashes else np.empty(0, np.uint64),
-        colour=_Column(columns["colour"], pa.large_binary()))
-    return records, counts
-
-
-def _group(records: _Records, passed: np.ndarray, embeddings: Embeddings | None, dedup_config) -> tuple[np.ndarray, np.ndarray]:
+def _group(records: AcceptedRecords, passed: np.ndarray, embeddings: Embeddings | None, dedup_config) -> tuple[np.ndarray, np.ndarray]:
     """Each record's duplicate group (-1: it did not pass scoring; groups are numbered in the order of
     their representatives, the first record of each) and, for the other members, the duplicate reason
     (a _FATES code)."""
@@ -234,7 +123,7 @@ def _group(records: _Records, passed: np.ndarray, embeddings: Embeddings | None,
     return group_of, reason
 
 
-def _cap_groups(records: _Records, group_of: np.ndarray, seed: int) -> tuple[CapGroups, np.ndarray]:
+def _cap_groups(records: AcceptedRecords, group_of: np.ndarray, seed: int) -> tuple[CapGroups, np.ndarray]:
     """The groups as the cap needs them (each member's query, the representative's rank) and their
     members' record numbers in the same order: group after group, each group's in input order."""
     members = np.flatnonzero(group_of >= 0)
@@ -269,7 +158,7 @@ def _fates(groups: CapGroups, members: np.ndarray, keep: np.ndarray, duplicate_r
     return fate, kept_copy
 
 
-def _account(records: _Records, fate: np.ndarray, kept_copy: np.ndarray, shard_files: list[str], tally: Tally,
+def _account(records: AcceptedRecords, fate: np.ndarray, kept_copy: np.ndarray, shard_files: list[str], tally: Tally,
              cap: int) -> np.ndarray:
     """Count every record's fate (`fate`: indices into _FATES) per file and per query, with the first
     examples of each reason in input order; returns the kept record numbers. Counted with bincount, not
@@ -303,7 +192,7 @@ def _account(records: _Records, fate: np.ndarray, kept_copy: np.ndarray, shard_f
     return np.flatnonzero(fate == _KEPT)
 
 
-def _leak_free_splits(records: _Records, kept: np.ndarray, embeddings: Embeddings | None, split_config, splits, seed: int,
+def _leak_free_splits(records: AcceptedRecords, kept: np.ndarray, embeddings: Embeddings | None, split_config, splits, seed: int,
                       report: dict[str, Any]) -> list[str]:
     """The split of each kept record: its leak-free group's, decided by the group's first image."""
     semantic_pairs: Iterable[tuple[np.ndarray, np.ndarray]] = ()

@@ -199,13 +199,13 @@ def test_build_pairs_holds_its_accepted_records_in_arrays(tmp_path):
     import pyarrow.parquet as pq
 
     from benchmarks.scale import write_light_shards
-    from data_tools.selection import _read_records
+    from data_tools.accepted import read_accepted
     from data_tools.shards import LIGHT_COLUMNS
 
     def held(n):
         paths = write_light_shards(tmp_path / str(n), n, seed=2, shard_size=3000)
         arrow_before = pa.total_allocated_bytes()
-        (records, counts), python_bytes, _ = traced(lambda: _read_records(paths, progress=False))
+        (records, counts), python_bytes, _ = traced(lambda: read_accepted(paths, progress=False))
         expected = {name: [] for name in LIGHT_COLUMNS}
         for path in paths:
             for name, values in pq.read_table(path, columns=LIGHT_COLUMNS).to_pydict().items():
