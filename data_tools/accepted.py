@@ -49,11 +49,10 @@ class _Queries(Sequence):
     thousands of times)."""
 
     def __init__(self) -> None:
-        self.names: list[str] = []
-        self._code: dict[str, int] = {}
+        self._code: dict[str, int] = {}  # while reading: each distinct query's code
         self._pieces: list[np.ndarray] = []
         self.codes = np.empty(0, dtype=np.int32)
-        self._objects = np.empty(0, dtype=object)  # the names, indexable by an array of codes
+        self.names = np.empty(0, dtype=object)  # the distinct queries, indexable by an array of codes
 
     def extend(self, column: pa.ChunkedArray) -> None:
         encoded = column.combine_chunks().dictionary_encode()
@@ -63,28 +62,22 @@ class _Queries(Sequence):
                             np.empty(0, dtype=np.int32))
 
     def finish(self) -> None:
-        self.names = list(self._code)
-        self._objects = np.array(self.names, dtype=object)
+        self.names = np.array(list(self._code), dtype=object)
         self.codes = np.concatenate(self._pieces) if self._pieces else np.empty(0, dtype=np.int32)
-        self._pieces = []
+        self._code, self._pieces = {}, []
 
     def __len__(self) -> int:
         return len(self.codes)
 
     def __getitem__(self, number):
-        if isinstance(number, slice):
-            return self._objects[self.codes[number]].tolist()
-        return self.names[self.codes[number]]
+        return self.take(number) if isinstance(number, slice) else self.names[self.codes[number]]
 
-    def take(self, numbers: Sequence[int] | np.ndarray) -> list[str]:
-        return self._objects[self.codes[numbers]].tolist()
-
-    def tolist(self) -> list[str]:
-        """Every record's query: a list of references to the distinct query strings (8 bytes a record)."""
-        return self._objects[self.codes].tolist()
+    def take(self, numbers: Sequence[int] | np.ndarray | slice) -> list[str]:
+        """The queries of these records: references to the distinct query strings, no copies."""
+        return self.names[self.codes[numbers]].tolist()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.tolist())
+        return iter(self.take(slice(None)))
 
 
 @dataclass
@@ -123,6 +116,6 @@ def read_accepted(shard_paths: list[Path], progress: bool) -> tuple[AcceptedReco
         row=np.concatenate([np.arange(count, dtype=np.int32) for count in counts]) if counts else np.empty(0, np.int32),
         location=_Column(columns["location"], pa.large_string()), query=queries,
         text=_Column(columns["text"], pa.large_string()), sha=_Column(columns["sha"], pa.large_binary()),
-        phash=np.concatenate(phashes).astype(np.uint64) if phashes else np.empty(0, np.uint64),
+        phash=np.concatenate(phashes).astype(np.uint64, copy=False) if phashes else np.empty(0, np.uint64),
         colour=_Column(columns["colour"], pa.large_binary()))
     return records, counts

@@ -17,6 +17,7 @@ import heapq
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from hashlib import blake2b
 
 import numpy as np
@@ -45,6 +46,7 @@ class CapGroups:
     def __len__(self) -> int:
         return len(self.priority)
 
+    @cached_property  # the cap and then each member's fate read it: one sort of the members, not two
     def layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per member: its group, its position in the group, and the position of the group's first member
         with the same query (its own position when its query is new to the group)."""
@@ -76,7 +78,7 @@ def cap_groups(groups: CapGroups, cap: int) -> np.ndarray:
     n = len(groups)
     if cap <= 0:
         return np.zeros(n, dtype=np.int64)
-    group, position, first_position = groups.layout()
+    group, position, first_position = groups.layout
     offer = np.flatnonzero(position == first_position)  # members whose query is new to their group, group after group
     offer_query, offer_position = groups.queries[offer], position[offer]
     offers = np.searchsorted(group[offer], np.arange(n + 1))  # group g's proposals: offers[g]:offers[g + 1]

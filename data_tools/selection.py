@@ -145,7 +145,7 @@ def _fates(groups: CapGroups, members: np.ndarray, keep: np.ndarray, duplicate_r
     `query_cap` (the representative, when not kept, always is); the others are duplicates of the kept
     copy. A group the cap dropped is `query_cap` throughout. Records that never reached dedup keep
     `low_similarity`."""
-    group, position, first_position = groups.layout()
+    group, position, first_position = groups.layout
     kept_at = keep[group]
     limit = np.where(kept_at >= 0, kept_at, np.diff(groups.starts)[group])  # the positions that refused the group
     refused = first_position < limit  # the member's query is one of theirs
